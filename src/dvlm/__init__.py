@@ -1,0 +1,13 @@
+"""dvlm: turn autoregressive vision-language models into fast block-diffusion VLMs.
+
+    import dvlm
+    model = dvlm.load("path/to/checkpoint")
+    out = model.generate("What colour is the circle?", images=[image], decoder="block")
+"""
+
+from dvlm.config import DecodeConfig, DiffusionConfig, TrainConfig
+from dvlm.decode.output import GenerationOutput
+from dvlm.model.wrapper import DVLM, load
+
+__all__ = ["DVLM", "DecodeConfig", "DiffusionConfig", "GenerationOutput", "TrainConfig", "load"]
+__version__ = "0.1.0"

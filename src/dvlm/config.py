@@ -1,0 +1,283 @@
+"""Typed configuration: the diffusion recipe, decoding and training settings.
+
+Every recipe element of DiffusionVL and Fast-dVLM is its own field, so an ablation is a flag, not
+a fork. The presets (`fast-dvlm`, `diffusionvl`) only choose defaults. Configs are validated when
+they are built: an invalid or unknown setting is an error that says what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+BLOCK_LAYOUTS = ("response", "absolute")
+CLEAN_ATTENTIONS = ("causal", "block_causal")
+NOISY_STREAMS = ("response", "text", "all")
+T_SAMPLINGS = ("uniform", "antithetic")
+LOSS_WEIGHTINGS = ("none", "inverse_t")
+DECODERS = ("ar", "block", "hf")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value, with a message saying what to change."""
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not valid; choose one of {', '.join(choices)}")
+
+
+@dataclass
+class DiffusionConfig:
+    """The block-diffusion recipe of a converted model, stored in its `config.json` under `dvlm`."""
+
+    preset: str = "fast-dvlm"
+    """Name of the preset these defaults came from (informational once built)."""
+    block_size: int = 16
+    """B: tokens per diffusion block, the largest block used in training and the decoding default."""
+    block_layout: str = "response"
+    """`response`: blocks start at each response's first token and the last block of a response is
+    truncated at its end (Fast-dVLM auto-truncation). `absolute`: block = position // B over the
+    whole sequence (DiffusionVL)."""
+    clean_attention: str = "causal"
+    """Clean-stream (and KV-cache) attention: `causal` keeps the AR model's token-causal mask
+    (Fast-dVLM); `block_causal` is bidirectional inside a block (BD3-LM, DiffusionVL)."""
+    noisy_stream: str = "response"
+    """What the noisy stream copies: `response` tokens only (vision-efficient concatenation),
+    all `text` tokens, or `all` tokens including vision (DiffusionVL's duplication)."""
+    token_shift: bool = True
+    """Output i predicts token i+1 (the AR convention, Fast-dLLM v2); the first token of a block
+    is then never masked: it is the seed produced by the previous commit."""
+    t_sampling: str = "uniform"
+    """Per-block masking rate t: independent `uniform` draws or stratified `antithetic` ones."""
+    eps_min: float = 1e-3
+    """Lower bound of t (masking probability = eps_min + (eps_max - eps_min) * u)."""
+    eps_max: float = 1.0
+    """Upper bound of t."""
+    complementary_mask: bool = True
+    """Add a second noisy copy with the opposite mask, so every maskable token is masked once."""
+    loss_weighting: str = "none"
+    """`inverse_t` weights each masked token's CE by 1/t (BD3-LM ELBO weight, DiffusionVL)."""
+    diffusion_loss_weight: float = 0.5
+    """alpha: weight of the masked-diffusion CE on the noisy stream."""
+    ar_loss_weight: float = 0.5
+    """beta: weight of the next-token CE on the clean stream (needs causal clean attention)."""
+    anneal_block_size: bool = True
+    """Grow the training block size over {2, 4, ..., block_size} with training progress."""
+    anneal_fraction: float = 0.5
+    """Fraction of training over which the block size anneals (the rest uses block_size)."""
+    decode_threshold: float | None = 0.9
+    """Default confidence threshold tau of block decoding (None: use decode_steps)."""
+    decode_steps: int | None = None
+    """Default fixed number of denoising steps per block (DiffusionVL's static schedule)."""
+    mask_token: str = "<|mask|>"
+    """The mask token's string, added to the tokenizer at conversion when absent."""
+    mask_token_id: int = -1
+    """Filled in by `dvlm convert` from the tokenizer; -1 until then."""
+    eos_token_ids: list[int] = field(default_factory=list)
+    """End-of-answer ids, filled in by `dvlm convert` from the tokenizer."""
+    pad_token_id: int = -1
+    """Padding id, filled in by `dvlm convert` from the tokenizer."""
+
+    def __post_init__(self) -> None:
+        _check_choice("block_layout", self.block_layout, BLOCK_LAYOUTS)
+        _check_choice("clean_attention", self.clean_attention, CLEAN_ATTENTIONS)
+        _check_choice("noisy_stream", self.noisy_stream, NOISY_STREAMS)
+        _check_choice("t_sampling", self.t_sampling, T_SAMPLINGS)
+        _check_choice("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
+        if self.block_size < 1:
+            raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
+        if not 0.0 < self.eps_min < self.eps_max <= 1.0:
+            raise ConfigError(f"need 0 < eps_min < eps_max <= 1, got {self.eps_min}, {self.eps_max}")
+        if self.diffusion_loss_weight < 0 or self.ar_loss_weight < 0:
+            raise ConfigError("loss weights must be >= 0")
+        if self.diffusion_loss_weight + self.ar_loss_weight == 0:
+            raise ConfigError("diffusion_loss_weight + ar_loss_weight must be > 0")
+        if self.ar_loss_weight > 0 and self.clean_attention != "causal":
+            raise ConfigError(
+                "ar_loss_weight > 0 needs clean_attention='causal': with a block-causal clean stream "
+                "a token sees the tokens it should predict. Set ar_loss_weight=0 or clean_attention=causal."
+            )
+        if self.block_layout == "absolute" and self.noisy_stream != "all":
+            raise ConfigError(
+                "block_layout='absolute' needs noisy_stream='all': an absolute block can hold prompt or "
+                "vision tokens next to response tokens, and the noisy block must see them as decoding does."
+            )
+        if self.block_layout == "absolute" and self.token_shift:
+            raise ConfigError(
+                "block_layout='absolute' needs token_shift=False: with token shift each block's first "
+                "token is an AR step from the previous block, which only the response layout decodes."
+            )
+        if not 0.0 <= self.anneal_fraction <= 1.0:
+            raise ConfigError(f"anneal_fraction must be in [0, 1], got {self.anneal_fraction}")
+        if self.decode_threshold is not None and not 0.0 <= self.decode_threshold <= 1.0:
+            raise ConfigError(f"decode_threshold must be in [0, 1], got {self.decode_threshold}")
+        if self.decode_steps is not None and self.decode_steps < 1:
+            raise ConfigError(f"decode_steps must be >= 1, got {self.decode_steps}")
+
+    @classmethod
+    def from_preset(cls, preset: str = "fast-dvlm", **overrides: Any) -> "DiffusionConfig":
+        """The preset's defaults with `overrides` applied (unknown keys are errors)."""
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        return from_dict(cls, {"preset": preset, **PRESETS[preset], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "fast-dvlm": {},  # the dataclass defaults are the Fast-dVLM recipe
+    "diffusionvl": dict(
+        block_size=8,
+        block_layout="absolute",
+        clean_attention="block_causal",
+        noisy_stream="all",
+        token_shift=False,
+        t_sampling="antithetic",
+        complementary_mask=False,
+        loss_weighting="inverse_t",
+        diffusion_loss_weight=1.0,
+        ar_loss_weight=0.0,
+        anneal_block_size=False,
+        decode_threshold=None,
+        decode_steps=8,
+    ),
+}
+
+
+@dataclass
+class DecodeConfig:
+    """How to decode; `None` fields fall back to the model's DiffusionConfig defaults."""
+
+    decoder: str = "block"
+    """`ar` (our KV-cached loop), `block` (block diffusion) or `hf` (transformers `generate`)."""
+    max_new_tokens: int = 128
+    """Upper bound on generated tokens per row (EOS stops a row earlier)."""
+    block_size: int | None = None
+    """Block size B for block decoding (default: the model's block_size)."""
+    threshold: float | None = None
+    """Unmask every position whose confidence >= threshold (at least one per step)."""
+    steps: int | None = None
+    """Instead of a threshold: a fixed number of denoising steps per block."""
+    temperature: float = 0.0
+    """0 = greedy; > 0 samples from softmax(logits / temperature)."""
+    top_k: int | None = None
+    """Sample from the k most likely tokens only."""
+    top_p: float | None = None
+    """Nucleus sampling: the smallest set of tokens with cumulative probability >= top_p."""
+    seed: int | None = None
+    """Seed of the sampling generator (for reproducible sampling)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("decoder", self.decoder, DECODERS)
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.block_size is not None and self.block_size < 1:
+            raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
+        if self.threshold is not None and self.steps is not None:
+            raise ConfigError("give either threshold or steps, not both")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class TrainConfig:
+    """Diffusion fine-tuning settings (the recipe itself lives in the model's DiffusionConfig)."""
+
+    learning_rate: float = 1e-4
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_ratio: float = 0.03
+    """Fraction of optimizer steps with linear warmup, followed by cosine decay."""
+    min_lr_ratio: float = 0.0
+    """Cosine decays to learning_rate * min_lr_ratio."""
+    epochs: int = 1
+    """Passes over the data (ignored when max_steps is set)."""
+    max_steps: int | None = None
+    """Total optimizer steps; overrides epochs."""
+    batch_size: int = 4
+    """Samples per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    dtype: str = "float32"
+    """Training compute dtype: float32 or bfloat16 (autocast; master weights stay fp32)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    max_length: int = 2048
+    """Samples longer than this (in tokens) are skipped and reported."""
+    seed: int = 0
+    """Seed of data order, noise and initialisation of anything random."""
+    log_every: int = 1
+    """Optimizer steps between metric lines in metrics.jsonl."""
+    save_every: int = 0
+    """Optimizer steps between checkpoints (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """How many step checkpoints to keep (older ones are deleted)."""
+    ar_loss: bool = False
+    """Train the model purely autoregressively (next-token CE, causal mask, no noise): how the
+    built-in AR model is made before conversion."""
+
+    def __post_init__(self) -> None:
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        for name in ("epochs", "batch_size", "grad_accum", "max_length", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.save_every < 0:
+            raise ConfigError(f"save_every must be >= 0, got {self.save_every}")
+        _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
+
+
+C = TypeVar("C")
+
+
+def from_dict(cls: type[C], values: dict[str, Any]) -> C:
+    """Build a config dataclass from a dict, rejecting unknown keys with the list of valid ones."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} keys {unknown}; valid keys: {', '.join(sorted(names))}")
+    return cls(**values)
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """Parse `key=value` strings (values are YAML scalars: 16, 0.9, true, null, [2, 4])."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        out[key.strip()] = yaml.safe_load(raw)
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping from a file, with a clear error for a missing or malformed file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping, got {type(data).__name__}")
+    return data

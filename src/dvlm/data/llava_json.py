@@ -1,0 +1,156 @@
+"""LLaVA-format training data (a JSON list or JSONL of conversations) as a torch Dataset.
+
+One record::
+
+    {"id": "0001", "image": "a.png" | ["a.png", "b.png"] | absent,
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"},
+                       {"from": "gpt", "value": "A cat."}]}
+
+Images are resolved against ``image_root`` (default: the data file's folder). A record with
+images but no ``<image>`` placeholder gets them before its first human text, as in LLaVA.
+A bad record raises :class:`SampleError`; a training loop may skip it and note it in a
+:class:`SkipReport`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from dvlm.data.images import ImageError
+from dvlm.data.processor import IMAGE_PLACEHOLDER, ChatProcessor, Encoded, PromptTooLongError
+
+# LLaVA speaker names -> chat roles (the chat role names themselves are accepted too).
+SPEAKER_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                 "system": "system"}
+
+
+class SampleError(ValueError):
+    """One record cannot be used; carries its index, its id (if any) and the reason."""
+
+    def __init__(self, index: int, sample_id: Any, reason: str):
+        name = f"sample {index}" + (f" (id={sample_id!r})" if sample_id is not None else "")
+        super().__init__(f"{name}: {reason}")
+        self.index = index
+        self.sample_id = sample_id
+        self.reason = reason
+
+
+@dataclass
+class SkipReport:
+    """Counts skipped samples and keeps the first ``max_examples`` (id or index, reason)."""
+
+    max_examples: int = 5
+    count: int = 0
+    examples: list[tuple[Any, str]] = field(default_factory=list)
+
+    def record(self, error: SampleError) -> None:
+        self.count += 1
+        if len(self.examples) < self.max_examples:
+            key = error.sample_id if error.sample_id is not None else f"#{error.index}"
+            self.examples.append((key, error.reason))
+
+    def summary(self) -> str:
+        """One line per example, e.g. ``skipped 2 sample(s); first: 'a7': cannot load ...``."""
+        if self.count == 0:
+            return "skipped 0 samples"
+        lines = [f"skipped {self.count} sample(s); first {len(self.examples)}:"]
+        lines += [f"  {key!r}: {reason}" for key, reason in self.examples]
+        return "\n".join(lines)
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """Records of a JSON list or a JSONL file; errors name the file (and line for JSONL)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text: {err}") from err
+    if path.suffix == ".jsonl":
+        records = _read_jsonl(path, text)
+    else:
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as whole_error:
+            # Several objects one per line in a *.json file: JSONL under another name.
+            if not text.lstrip().startswith("{"):
+                raise ValueError(f"invalid JSON in {path}: {whole_error}") from whole_error
+            records = _read_jsonl(path, text)
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ValueError(f"{path}: expected a JSON list of objects "
+                         "(or JSONL, one object a line, in a *.jsonl file)")
+    return records
+
+
+def _read_jsonl(path: Path, text: str) -> list[Any]:
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"invalid JSON in {path} line {number}: {err}") from err
+    return records
+
+
+def record_to_messages(record: dict, image_root: Path) -> tuple[list[dict], list[Path]]:
+    """OpenAI-style messages (with ``<image>`` placeholders) and resolved image paths.
+
+    Raises:
+        ValueError: malformed record (the reason is the message).
+    """
+    images = record.get("image", [])
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+        raise ValueError(f"'image' must be a path or a list of paths, got {images!r}")
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise ValueError("missing or empty 'conversations' list")
+    messages = []
+    for k, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise ValueError(f"conversation turn {k} must be an object with a string 'value'")
+        role = SPEAKER_ROLES.get(turn.get("from"))
+        if role is None:
+            raise ValueError(f"conversation turn {k}: unknown speaker {turn.get('from')!r} "
+                             f"(expected one of {sorted(SPEAKER_ROLES)})")
+        messages.append({"role": role, "content": turn["value"]})
+    placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+    if images and placeholders == 0:
+        first_user = next((m for m in messages if m["role"] == "user"), None)
+        if first_user is None:
+            raise ValueError("record has images but no human turn to put them in")
+        first_user["content"] = f"{IMAGE_PLACEHOLDER}\n" * len(images) + first_user["content"]
+    return messages, [image_root / name for name in images]
+
+
+class LlavaJsonDataset(Dataset):
+    """LLaVA JSON/JSONL records encoded by a :class:`ChatProcessor`; items are Encoded."""
+
+    def __init__(self, path: str | Path, processor: ChatProcessor,
+                 image_root: str | Path | None = None):
+        self.path = Path(path)
+        self.records = read_records(self.path)
+        self.processor = processor
+        self.image_root = Path(image_root) if image_root is not None else self.path.parent
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def sample_id(self, index: int) -> Any:
+        return self.records[index].get("id")
+
+    def __getitem__(self, index: int) -> Encoded:
+        """Encode record ``index``; any problem with it is raised as :class:`SampleError`."""
+        record = self.records[index]
+        try:
+            messages, images = record_to_messages(record, self.image_root)
+            return self.processor.encode(messages, images=images)
+        except (ImageError, PromptTooLongError, ValueError) as err:
+            raise SampleError(index, record.get("id"), str(err)) from err

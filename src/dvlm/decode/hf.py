@@ -1,0 +1,43 @@
+"""The baseline: transformers' own `generate` on the same prompts (AR, KV-cached by HF)."""
+
+from __future__ import annotations
+
+import torch
+
+from dvlm.config import DecodeConfig
+from dvlm.data.collate import collate
+from dvlm.data.processor import Encoded
+from dvlm.decode.output import GenerationOutput
+from dvlm.decode.rows import RowTracker
+from dvlm.runtime import Timer
+
+
+@torch.inference_mode()
+def generate_hf(lm, prompts: list[Encoded], cfg: DecodeConfig) -> list[GenerationOutput]:
+    """HF `generate` with our prompts; `nfe` per row is its own number of generated tokens
+    (HF keeps finished rows in the batch, padding them, until the longest row ends)."""
+    timer = Timer(lm.device)
+    batch = collate(prompts, lm.processor.pad_token_id, padding_side="left").to(lm.device)
+    sampling = dict(do_sample=False)
+    if cfg.temperature > 0:
+        sampling = dict(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k or 0, top_p=cfg.top_p or 1.0)
+    if cfg.seed is not None:
+        torch.manual_seed(cfg.seed)
+    with timer("decode"):
+        out = lm.model.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask.long(),
+            pixel_values=batch.pixel_values,
+            image_grid_thw=batch.image_grid_thw,
+            mm_token_type_ids=batch.mm_token_type_ids,
+            max_new_tokens=cfg.max_new_tokens,
+            eos_token_id=lm.eos_token_ids,
+            pad_token_id=lm.processor.pad_token_id,
+            suppress_tokens=lm.banned_token_ids or None,
+            **sampling,
+        )
+    rows = RowTracker(len(prompts), cfg.max_new_tokens, lm.eos_token_ids)
+    rows.extend(out[:, batch.input_ids.shape[1]:].tolist())
+    for i in range(len(prompts)):
+        rows.nfe[i] = len(rows.tokens[i]) + (rows.finish[i] == "stop")
+    return rows.outputs(lm.processor.decode, "hf", timer.as_dict(), [len(p) for p in prompts])

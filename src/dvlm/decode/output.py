@@ -1,0 +1,49 @@
+"""`GenerationOutput`: what every decoder returns, one per prompt."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class GenerationOutput:
+    """One decoded answer with the statistics needed to judge its speed.
+
+    `nfe` counts every model forward that did work for this row, the prefill included, so AR
+    decoding has exactly one token per forward (tokens_per_nfe == 1.0).
+    """
+
+    text: str
+    tokens: list[int]
+    finish_reason: str  # "stop" (an EOS id was produced; it is not in `tokens`) or "length"
+    decoder: str
+    nfe: int
+    prompt_tokens: int
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase for the whole batch
+    block_size: int | None = None
+    tokens_per_step: list[int] = field(default_factory=list)  # tokens unmasked by each denoising pass
+    accept_lengths: list[int] = field(default_factory=list)  # speculative decoding: tokens accepted per block
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens) + (1 if self.finish_reason == "stop" else 0)
+
+    @property
+    def tokens_per_nfe(self) -> float:
+        """Generated tokens (the EOS included) per model forward."""
+        return self.num_tokens / self.nfe if self.nfe else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        total = self.timings.get("total_s", 0.0)
+        return self.num_tokens / total if total > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(
+            num_tokens=self.num_tokens,
+            tokens_per_nfe=round(self.tokens_per_nfe, 4),
+            tokens_per_second=round(self.tokens_per_second, 2),
+        )
+        return out

@@ -1,0 +1,76 @@
+"""Per-prompt bookkeeping while the rows of a batch finish at different times."""
+
+from __future__ import annotations
+
+import torch
+
+from dvlm.decode.output import GenerationOutput
+
+
+class RowTracker:
+    """Maps the rows still in the batch to their prompts and collects each prompt's tokens.
+
+    Finished rows leave the batch: `extend` reports which rows just finished and `drop_finished`
+    returns the batch indices to keep (for `context.select_rows`).
+    """
+
+    def __init__(self, num_prompts: int, max_new_tokens: int, eos_token_ids: list[int]) -> None:
+        self.active = list(range(num_prompts))  # prompt index of each batch row
+        self.max_new_tokens = max_new_tokens
+        self.eos = set(eos_token_ids)
+        self.tokens: list[list[int]] = [[] for _ in range(num_prompts)]
+        self.finish: list[str | None] = [None] * num_prompts
+        self.nfe = [0] * num_prompts
+        self.steps: list[list[int]] = [[] for _ in range(num_prompts)]
+        self.accepts: list[list[int]] = [[] for _ in range(num_prompts)]
+
+    @property
+    def num_active(self) -> int:
+        return len(self.active)
+
+    def count_forward(self, rows: torch.Tensor | None = None) -> None:
+        """One model forward did work for the active rows (or those where `rows` (R,) is True)."""
+        flags = [True] * self.num_active if rows is None else rows.tolist()
+        for prompt, flag in zip(self.active, flags):
+            self.nfe[prompt] += int(flag)
+
+    def record_steps(self, counts: torch.Tensor) -> None:
+        """Tokens unmasked per active row by one denoising pass (R,)."""
+        for prompt, n in zip(self.active, counts.tolist()):
+            if n:
+                self.steps[prompt].append(n)
+
+    def extend(self, new_tokens: list[list[int]]) -> torch.Tensor:
+        """Append each active row's new tokens, stopping at EOS or the length limit.
+
+        Returns (R,) bool: True for rows that finished now."""
+        done = []
+        for prompt, toks in zip(self.active, new_tokens):
+            out = self.tokens[prompt]
+            for tok in toks:
+                if tok in self.eos:
+                    self.finish[prompt] = "stop"
+                    break
+                out.append(tok)
+                if len(out) >= self.max_new_tokens:
+                    self.finish[prompt] = "length"
+                    break
+            done.append(self.finish[prompt] is not None)
+        return torch.tensor(done, dtype=torch.bool)
+
+    def drop_finished(self, done: torch.Tensor) -> torch.Tensor:
+        """Forget finished rows; returns the (R',) batch indices of the rows that go on."""
+        keep = (~done).nonzero(as_tuple=True)[0]
+        self.active = [self.active[i] for i in keep.tolist()]
+        return keep
+
+    def outputs(self, decode_text, decoder: str, timings: dict[str, float], prompt_lengths: list[int],
+                block_size: int | None = None) -> list[GenerationOutput]:
+        return [
+            GenerationOutput(
+                text=decode_text(self.tokens[i]), tokens=self.tokens[i], finish_reason=self.finish[i] or "length",
+                decoder=decoder, nfe=self.nfe[i], prompt_tokens=prompt_lengths[i], timings=dict(timings),
+                block_size=block_size, tokens_per_step=self.steps[i], accept_lengths=self.accepts[i],
+            )
+            for i in range(len(self.tokens))
+        ]

@@ -1,0 +1,85 @@
+"""Token selection and the unmasking policy: pure functions on logits and confidences."""
+
+from __future__ import annotations
+
+import torch
+
+
+def select_tokens(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    banned: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick a token per position and its confidence.
+
+    Args:
+        logits: (..., V).
+        banned: ids never produced (the mask token).
+    Returns:
+        tokens (...) long and confidences (...) float32: the probability of the chosen token under
+        the distribution it was drawn from (argmax probability when greedy).
+    """
+    logits = logits.float()  # softmax and confidences in fp32
+    if banned:
+        logits = logits.clone()
+        logits[..., banned] = float("-inf")
+    if temperature == 0.0:
+        conf, tokens = torch.softmax(logits, dim=-1).max(dim=-1)
+        return tokens, conf
+    scaled = _filter_top_p(_filter_top_k(logits / temperature, top_k), top_p)
+    probs = torch.softmax(scaled, dim=-1)
+    flat = probs.reshape(-1, probs.shape[-1])
+    tokens = torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+    return tokens, probs.gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def _filter_top_k(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
+    if top_k is None or top_k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _filter_top_p(logits: torch.Tensor, top_p: float | None) -> torch.Tensor:
+    if top_p is None or top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+    # Drop a token when the tokens before it already reach top_p (the top token always stays).
+    drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def unmask_by_threshold(confidence: torch.Tensor, masked: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Positions to unmask: every masked one with confidence >= threshold, and at least the most
+    confident masked position of each row that still has masks (so every pass makes progress).
+
+    Args:
+        confidence: (R, Q) float; masked: (R, Q) bool.
+    Returns:
+        (R, Q) bool.
+    """
+    conf = confidence.masked_fill(~masked, float("-inf"))
+    chosen = masked & (conf >= threshold)
+    best = torch.zeros_like(masked).scatter(1, conf.argmax(dim=1, keepdim=True), True)
+    return chosen | (best & masked.any(dim=1, keepdim=True))
+
+
+def unmask_by_count(confidence: torch.Tensor, masked: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Positions to unmask: the `count[r]` most confident masked positions of each row r."""
+    conf = confidence.masked_fill(~masked, float("-inf"))
+    rank = conf.argsort(dim=1, descending=True).argsort(dim=1)  # 0 = most confident
+    return masked & (rank < count[:, None])
+
+
+def steps_schedule_count(masked: torch.Tensor, steps_left: int) -> torch.Tensor:
+    """(R,) tokens to unmask this step so the rest finish in `steps_left` passes: ceil(n / steps).
+
+    For n masks and s steps this gives DiffusionVL's schedule (the first n mod s steps take one
+    more token than the others)."""
+    remaining = masked.sum(dim=1)
+    return (remaining + steps_left - 1) // max(steps_left, 1)

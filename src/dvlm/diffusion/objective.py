@@ -1,0 +1,120 @@
+"""The two-stream training forward and the joint diffusion + AR objective.
+
+One forward over `[x_t ; x_0]`: the noisy stream holds copies of some clean positions (with
+[MASK] at masked ones) at the same M-RoPE positions; the clean stream is the whole sample with
+vision features. Because clean tokens never attend to noisy ones and the clean mask is the AR
+model's own, the clean-stream outputs are exactly the AR model's (invariant 2).
+
+Loss (Fast-dVLM, reference/algorithms.md §5.5):
+    loss = alpha * S_diff / N + beta * S_ar / N
+with S_diff the (optionally 1/t-weighted) CE summed over masked noisy positions, S_ar the
+next-token CE summed over response tokens of the clean stream, N the number of response tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dvlm.config import DiffusionConfig
+from dvlm.convert.registry import Adapter
+from dvlm.data.collate import Batch
+from dvlm.diffusion.noising import IGNORE_INDEX, NoisyStream
+from dvlm.model.masks import context_mask, to_additive, two_stream_mask
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar, already divided by the normaliser
+    diffusion_sum: torch.Tensor  # S_diff (detached)
+    ar_sum: torch.Tensor  # S_ar (detached)
+    num_masked: int
+    num_response: int
+
+
+def two_stream_hidden(
+    adapter: Adapter, model: nn.Module, batch: Batch, stream: NoisyStream, cfg: DiffusionConfig,
+    clean_block: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states of the noisy (B, N, D) and clean (B, L, D) streams from one forward."""
+    clean = adapter.embed(model, batch.input_ids, batch.pixel_values, batch.image_grid_thw)  # (B, L, D)
+    # Noisy tokens copy the clean embedding (vision features included when copied) unless masked.
+    noisy = clean.gather(1, stream.source[..., None].expand(-1, -1, clean.shape[-1]))  # (B, N, D)
+    mask_embed = model.get_input_embeddings().weight[cfg.mask_token_id].to(noisy.dtype)
+    noisy = torch.where(stream.masked[..., None], mask_embed, noisy)
+    positions = batch.position_ids  # (3, B, L)
+    noisy_pos = positions.gather(2, stream.source[None].expand(3, -1, -1))  # (3, B, N)
+    mask = two_stream_mask(
+        stream.block, stream.group, stream.valid, clean_block, batch.attention_mask,
+        "causal" if cfg.clean_attention == "causal" else "block_causal",
+    )
+    hidden = adapter.hidden_states(
+        model,
+        torch.cat([noisy, clean], dim=1),
+        torch.cat([noisy_pos, positions], dim=2),
+        to_additive(mask, noisy.dtype),
+    )
+    n_noisy = stream.xt.shape[1]
+    return hidden[:, :n_noisy], hidden[:, n_noisy:]
+
+
+def diffusion_targets(stream: NoisyStream, input_ids: torch.Tensor, token_shift: bool):
+    """Which noisy outputs are scored, and against what.
+
+    Returns (rows, cols, targets, t): noisy-stream output (rows, cols) predicts token `targets`
+    of a masked position whose block had masking rate t. With token shift, output j predicts
+    the next token of the same block (position j + 1); otherwise output j predicts itself.
+    """
+    if not token_shift:
+        rows, cols = stream.masked.nonzero(as_tuple=True)
+        return rows, cols, input_ids[rows, stream.source[rows, cols]], stream.t[rows, cols]
+    nxt_masked = stream.masked[:, 1:]
+    same_block = stream.group[:, 1:] == stream.group[:, :-1]
+    adjacent = stream.source[:, 1:] == stream.source[:, :-1] + 1
+    rows, cols = (nxt_masked & same_block & adjacent).nonzero(as_tuple=True)
+    targets = input_ids[rows, stream.source[rows, cols + 1]]
+    return rows, cols, targets, stream.t[rows, cols + 1]
+
+
+def diffusion_objective(
+    adapter: Adapter, model: nn.Module, batch: Batch, stream: NoisyStream, clean_block: torch.Tensor,
+    cfg: DiffusionConfig, normaliser: int,
+) -> LossOutput:
+    """alpha * S_diff / N + beta * S_ar / N for one micro-batch (N = `normaliser`, the number of
+    response tokens of the whole accumulation window, so accumulated gradients are exact)."""
+    noisy_h, clean_h = two_stream_hidden(adapter, model, batch, stream, cfg, clean_block)
+    rows, cols, targets, t = diffusion_targets(stream, batch.input_ids, cfg.token_shift)
+    # Logits only where scored: the full (B, N + L, V) tensor is large for real vocabularies.
+    logits = adapter.logits(model, noisy_h[rows, cols]).float()  # CE in fp32
+    ce = F.cross_entropy(logits, targets, reduction="none")
+    if cfg.loss_weighting == "inverse_t":
+        ce = ce / t
+    diffusion_sum = ce.sum()
+    ar_sum = torch.zeros((), device=diffusion_sum.device)
+    if cfg.ar_loss_weight > 0:
+        ar_sum = ar_loss_sum(adapter, model, clean_h, batch.labels)
+    loss = (cfg.diffusion_loss_weight * diffusion_sum + cfg.ar_loss_weight * ar_sum) / max(normaliser, 1)
+    num_response = int((batch.labels != IGNORE_INDEX).sum())
+    return LossOutput(loss, diffusion_sum.detach(), ar_sum.detach(), int(rows.numel()), num_response)
+
+
+def ar_loss_sum(adapter: Adapter, model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token CE: output i scored against labels[i + 1] where labelled."""
+    rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+    logits = adapter.logits(model, hidden[rows, cols]).float()
+    return F.cross_entropy(logits, labels[rows, cols + 1], reduction="sum")
+
+
+def ar_objective(adapter: Adapter, model: nn.Module, batch: Batch, normaliser: int) -> LossOutput:
+    """Plain autoregressive training (how the built-in AR model is made)."""
+    embeds = adapter.embed(model, batch.input_ids, batch.pixel_values, batch.image_grid_thw)
+    blocks = torch.zeros_like(batch.input_ids)
+    mask = context_mask(blocks, blocks, batch.attention_mask, "causal")
+    hidden = adapter.hidden_states(model, embeds, batch.position_ids, to_additive(mask, embeds.dtype))
+    ar_sum = ar_loss_sum(adapter, model, hidden, batch.labels)
+    zero = torch.zeros((), device=ar_sum.device)
+    num_response = int((batch.labels != IGNORE_INDEX).sum())
+    return LossOutput(ar_sum / max(normaliser, 1), zero, ar_sum.detach(), 0, num_response)

@@ -1,0 +1,49 @@
+"""Noise schedule (masking rate t per block) and the block-size annealing curriculum."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def sample_block_t(
+    shape: tuple[int, int],
+    eps_min: float,
+    eps_max: float,
+    antithetic: bool,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Masking rates t (B, K), one per block: t = eps_min + (eps_max - eps_min) * u.
+
+    `antithetic` stratifies u over all B*K blocks of the batch (one draw per stratum
+    [j/N, (j+1)/N)), like BD3-LM/DiffusionVL, which lowers the variance of the batch loss. Unlike
+    DiffusionVL, strata are assigned to blocks by a random permutation: assigning stratum j to
+    flat block j would always give the first blocks of the batch the lowest masking rates.
+    """
+    rows, blocks = shape
+    n = rows * blocks
+    u = torch.rand(n, generator=generator, device=device)
+    if antithetic and n > 0:
+        strata = torch.randperm(n, generator=generator, device=device).to(u.dtype)
+        u = (strata + u) / n
+    return (eps_min + (eps_max - eps_min) * u).view(rows, blocks)
+
+
+def annealed_block_size(progress: float, block_size: int, anneal_fraction: float) -> int:
+    """Training block size at `progress` in [0, 1] (Fast-dVLM block-size annealing).
+
+    The sizes 2, 4, 8, ... below `block_size`, then `block_size` itself, each get an equal share of
+    the first `anneal_fraction` of training; the rest trains at `block_size`. (Fast-dVLM does not
+    publish its schedule; this is dvlm's choice.)
+
+    >>> [annealed_block_size(p, 16, 0.5) for p in (0.0, 0.13, 0.26, 0.4, 0.6)]
+    [2, 4, 8, 16, 16]
+    """
+    sizes = [2**k for k in range(1, max(1, math.ceil(math.log2(block_size))))]
+    sizes = [s for s in sizes if s < block_size] + [block_size]
+    if anneal_fraction <= 0 or progress >= anneal_fraction:
+        return block_size
+    stage = int(progress / anneal_fraction * len(sizes))
+    return sizes[min(stage, len(sizes) - 1)]

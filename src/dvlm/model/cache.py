@@ -1,0 +1,136 @@
+"""Decoding contexts: the KV cache of everything decoded so far, with named semantics.
+
+* `peek`: run a block over the context without keeping its keys/values (a denoising pass).
+* `commit`: run a block and keep its keys/values (prefill, commit pass, AR step, verify pass).
+* `crop`: drop entries from the end (rejected speculative tokens).
+* `select_rows`: keep only some batch rows (finished rows leave the batch).
+
+`KVContext` is the real one. `RecomputeContext` has the same interface but keeps no cache: every
+call recomputes the whole prefix from its embeddings. It is the reference that invariant 4
+(cached decoding == uncached decoding) compares against.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from dvlm.convert.registry import Adapter
+from dvlm.model.masks import MASK_KINDS, context_mask, to_additive
+
+
+class KVContext:
+    """A KV cache plus per-entry validity (padding) and block ids, for a batch of rows."""
+
+    def __init__(self, adapter: Adapter, model: nn.Module, batch_size: int, device: torch.device) -> None:
+        self.adapter = adapter
+        self.model = model
+        self.dtype = adapter.model_dtype(model)
+        self.cache = adapter.new_cache(model)
+        self.key_valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)  # (B, T)
+        self.key_block = torch.zeros(batch_size, 0, dtype=torch.long, device=device)  # (B, T)
+
+    @property
+    def length(self) -> int:
+        return self.key_valid.shape[1]
+
+    def next_block_id(self) -> int:
+        """A block id larger than every cached one, for the next committed block."""
+        return int(self.key_block.max()) + 1 if self.length else 0
+
+    def peek(self, embeds, position_ids, query_valid, query_block, kind: str) -> torch.Tensor:
+        """Hidden states (B, Q, D) of a block attending to the context; the context is unchanged."""
+        hidden = self._forward(embeds, position_ids, query_valid, query_block, kind)
+        self.cache.crop(-embeds.shape[1])  # the forward appended the block: take it back out
+        return hidden
+
+    def commit(self, embeds, position_ids, query_valid, query_block, kind: str) -> torch.Tensor:
+        """Hidden states (B, Q, D) of a block that is appended to the context."""
+        hidden = self._forward(embeds, position_ids, query_valid, query_block, kind)
+        self.key_valid = torch.cat([self.key_valid, query_valid], dim=1)
+        self.key_block = torch.cat([self.key_block, query_block], dim=1)
+        return hidden
+
+    def crop(self, length: int) -> None:
+        """Keep the first `length` entries."""
+        drop = self.length - length
+        if drop < 0:
+            raise ValueError(f"cannot crop a context of {self.length} entries to {length}")
+        if drop:
+            self.cache.crop(-drop)
+            self.key_valid = self.key_valid[:, :length]
+            self.key_block = self.key_block[:, :length]
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+        self.key_valid = self.key_valid[rows]
+        self.key_block = self.key_block[rows]
+
+    def _forward(self, embeds, position_ids, query_valid, query_block, kind: str) -> torch.Tensor:
+        keys_valid = torch.cat([self.key_valid, query_valid], dim=1)
+        keys_block = torch.cat([self.key_block, query_block], dim=1)
+        mask = context_mask(query_block, keys_block, keys_valid, kind, query_offset=self.length)
+        return self.adapter.hidden_states(
+            self.model, embeds, position_ids, to_additive(mask, self.dtype), cache=self.cache
+        )
+
+
+class RecomputeContext:
+    """Same interface as KVContext, without a cache: each call reruns the full prefix."""
+
+    def __init__(self, adapter: Adapter, model: nn.Module, batch_size: int, device: torch.device) -> None:
+        self.adapter = adapter
+        self.model = model
+        self.dtype = adapter.model_dtype(model)
+        self.embeds: torch.Tensor | None = None  # (B, T, D)
+        self.position_ids: torch.Tensor | None = None  # (3, B, T)
+        self.key_valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
+        self.key_block = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
+        self.key_kind = torch.zeros(0, dtype=torch.long, device=device)  # (T,) index into MASK_KINDS
+
+    length = KVContext.length
+    next_block_id = KVContext.next_block_id
+
+    def peek(self, embeds, position_ids, query_valid, query_block, kind: str) -> torch.Tensor:
+        return self._forward(embeds, position_ids, query_valid, query_block, kind, keep=False)
+
+    def commit(self, embeds, position_ids, query_valid, query_block, kind: str) -> torch.Tensor:
+        return self._forward(embeds, position_ids, query_valid, query_block, kind, keep=True)
+
+    def crop(self, length: int) -> None:
+        self.embeds = None if self.embeds is None else self.embeds[:, :length]
+        self.position_ids = None if self.position_ids is None else self.position_ids[:, :, :length]
+        self.key_valid, self.key_block = self.key_valid[:, :length], self.key_block[:, :length]
+        self.key_kind = self.key_kind[:length]
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        if self.embeds is not None:
+            self.embeds, self.position_ids = self.embeds[rows], self.position_ids[:, rows]
+        self.key_valid, self.key_block = self.key_valid[rows], self.key_block[rows]
+
+    def _forward(self, embeds, position_ids, query_valid, query_block, kind: str, keep: bool) -> torch.Tensor:
+        q_len = embeds.shape[1]
+        all_embeds = embeds if self.embeds is None else torch.cat([self.embeds, embeds], dim=1)
+        all_pos = position_ids if self.position_ids is None else torch.cat([self.position_ids, position_ids], 2)
+        valid = torch.cat([self.key_valid, query_valid], dim=1)
+        block = torch.cat([self.key_block, query_block], dim=1)
+        code = torch.full((q_len,), MASK_KINDS.index(kind), dtype=torch.long, device=valid.device)
+        kinds = torch.cat([self.key_kind, code])
+        mask = _mixed_mask(block, valid, kinds)
+        hidden = self.adapter.hidden_states(self.model, all_embeds, all_pos, to_additive(mask, self.dtype))
+        if keep:
+            self.embeds, self.position_ids = all_embeds, all_pos
+            self.key_valid, self.key_block, self.key_kind = valid, block, kinds
+        return hidden[:, -q_len:]
+
+
+def _mixed_mask(block: torch.Tensor, valid: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
+    """(B, K, K) mask where each query row follows the mask kind its entry was written with."""
+    per_kind = torch.stack([context_mask(block, block, valid, kind) for kind in MASK_KINDS])  # (3, B, K, K)
+    rows = kinds[None, :, None].expand(valid.shape[0], -1, valid.shape[1])  # (B, K, K)
+    return per_kind.gather(0, rows[None]).squeeze(0)
+
+
+DecodeContext = Any  # KVContext | RecomputeContext

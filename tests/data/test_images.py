@@ -1,0 +1,135 @@
+import base64
+import http.server
+import struct
+import threading
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dvlm.data.images import MAX_IMAGE_PIXELS, ImageError, load_image
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height but which holds no pixel data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def test_loads_path_str_path_and_file_url(tmp_path, make_png):
+    file = tmp_path / "red.png"
+    file.write_bytes(make_png((30, 20), (255, 0, 0)))
+    for source in (file, str(file), f"file://{file}"):
+        image = load_image(source)
+        assert image.mode == "RGB" and image.size == (30, 20)
+        assert image.getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_loads_bytes_data_url_and_pil(make_png):
+    data = make_png((8, 9), (0, 0, 255))
+    assert load_image(data).getpixel((3, 3)) == (0, 0, 255)
+    assert load_image(bytearray(data)).size == (8, 9)
+    url = "data:image/png;base64," + base64.b64encode(data).decode()
+    assert load_image(url).getpixel((0, 0)) == (0, 0, 255)
+    assert load_image(Image.new("RGB", (5, 5), (1, 2, 3))).getpixel((4, 4)) == (1, 2, 3)
+
+
+def test_converts_modes_to_rgb_with_transparency_on_white():
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red
+    assert load_image(rgba).getpixel((0, 0)) == (255, 255, 255)
+    assert load_image(Image.new("L", (4, 4), 7)).getpixel((0, 0)) == (7, 7, 7)
+    palette = Image.new("RGB", (4, 4), (0, 255, 0)).convert("P")
+    assert load_image(palette).getpixel((1, 1)) == (0, 255, 0)
+    assert load_image(Image.new("LA", (4, 4), (0, 255))).getpixel((0, 0)) == (0, 0, 0)
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(ImageError, match=r"nope\.png.*file not found"):
+        load_image(tmp_path / "nope.png")
+    with pytest.raises(ImageError, match="not a regular file"):
+        load_image(str(tmp_path))
+
+
+def test_corrupt_empty_and_truncated_bytes(make_png):
+    with pytest.raises(ImageError, match=r"<bytes>.*unreadable or corrupt"):
+        load_image(b"this is not an image")
+    with pytest.raises(ImageError, match=r"<bytes>: empty data"):
+        load_image(b"")
+    truncated = make_png((64, 64), (10, 20, 30))[:60]
+    with pytest.raises(ImageError, match=r"<bytes>.*unreadable or corrupt"):
+        load_image(truncated)
+
+
+def test_corrupt_file_names_the_path(tmp_path):
+    file = tmp_path / "bad.jpg"
+    file.write_bytes(b"\xff\xd8 garbage")
+    with pytest.raises(ImageError, match=r"bad\.jpg.*unreadable or corrupt"):
+        load_image(file)
+
+
+def test_zero_sized_image():
+    with pytest.raises(ImageError, match=r"<PIL image>.*zero-sized image \(0x5\)"):
+        load_image(Image.new("RGB", (0, 5)))
+
+
+def test_huge_image_is_refused_from_its_header_before_decoding():
+    side = int(MAX_IMAGE_PIXELS ** 0.5) + 1
+    with pytest.raises(ImageError, match=r"<bytes>.*too large"):
+        load_image(png_header_only(side, side))
+
+
+def test_extreme_aspect_ratio():
+    with pytest.raises(ImageError, match="aspect ratio 201.0"):
+        load_image(Image.new("RGB", (402, 2)))
+    assert load_image(Image.new("RGB", (400, 2))).size == (400, 2)
+
+
+def test_remote_url_is_refused_by_default():
+    with pytest.raises(ImageError, match=r"http://example\.com/a\.png.*remote fetching is disabled"):
+        load_image("http://example.com/a.png")
+    with pytest.raises(ImageError, match="remote fetching is disabled"):
+        load_image("https://example.com/a.png")
+
+
+def test_remote_url_with_allow_remote_fetches_from_a_local_server(make_png):
+    data = make_png((6, 7), (9, 9, 9))
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.handle_request, daemon=True)
+    thread.start()
+    try:
+        image = load_image(f"http://127.0.0.1:{server.server_port}/x.png", allow_remote=True)
+    finally:
+        thread.join(timeout=5)
+        server.server_close()
+    assert image.size == (6, 7)
+
+
+def test_bad_data_urls_and_types():
+    with pytest.raises(ImageError, match=r"<data URL>.*expected 'data:image"):
+        load_image("data:text/plain,hello")
+    with pytest.raises(ImageError, match=r"<data URL>.*invalid base64"):
+        load_image("data:image/png;base64,@@@")
+    with pytest.raises(ImageError, match=r"<int>.*unsupported image source type"):
+        load_image(42)
+
+
+def test_image_error_is_a_value_error_with_fields():
+    with pytest.raises(ValueError) as info:
+        load_image(Path("/no/such/file.png"))
+    assert info.value.source == "/no/such/file.png"
+    assert info.value.reason == "file not found"
+    assert isinstance(info.value, ImageError)
