@@ -31,6 +31,8 @@ class TinyShape:
     vision_depth: int = 2
     vision_heads: int = 2
     max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    """Std of the random init; tests use a larger one so random models give varied outputs."""
 
     def mrope_section(self) -> list[int]:
         half = self.hidden_size // self.num_heads // 2
@@ -51,7 +53,7 @@ def tiny_config(tokenizer: Any, shape: TinyShape | None = None) -> Qwen2_5_VLCon
         max_position_embeddings=shape.max_position_embeddings,
         rope_scaling={"type": "mrope", "mrope_section": shape.mrope_section()},
         bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=True, initializer_range=shape.initializer_range,
     )
     vision = dict(
         depth=shape.vision_depth, hidden_size=shape.vision_hidden_size,
@@ -64,6 +66,7 @@ def tiny_config(tokenizer: Any, shape: TinyShape | None = None) -> Qwen2_5_VLCon
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
         bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id,
+        initializer_range=shape.initializer_range,
     )
 
 

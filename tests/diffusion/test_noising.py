@@ -1,0 +1,120 @@
+"""Noising: blocks, masking rates, complementary copies, which positions may be masked."""
+
+import pytest
+import torch
+
+from dvlm.config import DiffusionConfig
+from dvlm.diffusion.noising import IGNORE_INDEX, build_noisy_stream
+from dvlm.diffusion.schedule import annealed_block_size, sample_block_t
+
+MASK = 99
+
+
+def _batch():
+    # [sys sys img img q q | r r r r r | q q | r r r], right-padded with 2 pads.
+    ids = torch.tensor([[1, 2, 50, 50, 3, 4, 10, 11, 12, 13, 14, 5, 6, 20, 21, 22, 0, 0]])
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, 6:11] = ids[0, 6:11]
+    labels[0, 13:16] = ids[0, 13:16]
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[0, 16:] = False
+    mm = torch.zeros_like(ids)
+    mm[0, 2:4] = 1
+    return ids, labels, mask, mm
+
+
+def _cfg(**kw):
+    return DiffusionConfig.from_preset(kw.pop("preset", "fast-dvlm"), mask_token_id=MASK, **kw)
+
+
+def _stream(cfg, block_size=2, seed=0):
+    ids, labels, mask, mm = _batch()
+    return build_noisy_stream(ids, labels, mask, mm, cfg, block_size, torch.Generator().manual_seed(seed))
+
+
+def test_response_stream_holds_only_response_tokens_and_copies_are_complementary():
+    stream, clean_block = _stream(_cfg())
+    valid_src = stream.source[stream.valid]
+    resp = [6, 7, 8, 9, 10, 13, 14, 15]
+    assert valid_src.tolist() == resp + resp  # two copies, in order
+    ids = _batch()[0]
+    assert torch.equal(stream.xt[stream.valid & ~stream.masked], ids[0, stream.source[stream.valid & ~stream.masked]])
+    assert (stream.xt[stream.masked] == MASK).all()
+    n = len(resp)
+    m1, m2 = stream.masked[0, :n], stream.masked[0, n:]
+    # Block starts (token shift) are never masked; every other response token exactly once.
+    starts = torch.tensor([6, 8, 10, 13, 15])
+    first = torch.isin(torch.tensor(resp), starts)
+    assert not (m1 | m2)[first].any()
+    assert ((m1 ^ m2) == ~first).all()
+    assert clean_block[0].tolist() == [0, 0, 0, 0, 0, 0, 1, 1, 2, 2, 3, 4, 4, 5, 5, 6, 7, 7]
+
+
+def test_copies_have_distinct_groups_but_same_blocks():
+    stream, _ = _stream(_cfg())
+    n = 8
+    assert torch.equal(stream.block[0, :n], stream.block[0, n:])
+    assert not set(stream.group[0, :n].tolist()) & set(stream.group[0, n:].tolist())
+
+
+def test_without_token_shift_first_tokens_may_be_masked():
+    cfg = _cfg(token_shift=False, ar_loss_weight=0.0, diffusion_loss_weight=1.0)
+    stream, _ = _stream(cfg)
+    n = 8
+    assert ((stream.masked[0, :n] ^ stream.masked[0, n:2 * n])).all()  # every response token once
+
+
+@pytest.mark.parametrize("mode,expected", [("text", 16), ("all", 16)])
+def test_noisy_stream_modes(mode, expected):
+    cfg = _cfg(noisy_stream=mode, complementary_mask=False)
+    stream, _ = _stream(cfg)
+    sources = stream.source[stream.valid].tolist()
+    if mode == "text":
+        assert 2 not in sources and 3 not in sources and len(sources) == 14
+    else:
+        assert sources == list(range(16))
+    # Only response tokens are ever masked.
+    assert set(stream.source[stream.masked].tolist()) <= {6, 7, 8, 9, 10, 13, 14, 15}
+
+
+def test_diffusionvl_absolute_blocks_keep_vision_and_prompt_in_the_stream():
+    cfg = _cfg(preset="diffusionvl")
+    stream, clean_block = _stream(cfg, block_size=4)
+    assert clean_block[0].tolist() == [i // 4 for i in range(18)]
+    assert stream.source[stream.valid].tolist() == list(range(16))
+    assert torch.equal(stream.group, torch.where(stream.valid, stream.block, -1))
+
+
+def test_masking_rate_follows_t():
+    # With eps_min close to eps_max, t is fixed and the mask fraction must follow it.
+    ids = torch.arange(4000)[None] % 90
+    labels = ids.clone()
+    labels[0, :10] = IGNORE_INDEX
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    cfg = _cfg(eps_min=0.299, eps_max=0.3, complementary_mask=False, token_shift=False,
+               ar_loss_weight=0.0, diffusion_loss_weight=1.0)
+    stream, _ = build_noisy_stream(ids, labels, mask, torch.zeros_like(ids), cfg, 16, torch.Generator().manual_seed(0))
+    frac = stream.masked.sum().item() / (4000 - 10)
+    assert abs(frac - 0.3) < 0.03
+
+
+def test_antithetic_t_covers_every_stratum_once():
+    t = sample_block_t((4, 8), 0.0 + 1e-9, 1.0, True, torch.Generator().manual_seed(0))
+    strata = torch.sort((t.flatten() * 32).floor()).values
+    assert strata.tolist() == list(range(32))
+    u = sample_block_t((4, 8), 1e-3, 1.0, False, torch.Generator().manual_seed(0))
+    assert ((u >= 1e-3) & (u <= 1.0)).all()
+
+
+def test_noise_is_reproducible_from_the_generator():
+    a, _ = _stream(_cfg(), seed=3)
+    b, _ = _stream(_cfg(), seed=3)
+    c, _ = _stream(_cfg(), seed=4)
+    assert torch.equal(a.masked, b.masked)
+    assert not all(torch.equal(_stream(_cfg(), seed=s)[0].masked, c.masked) for s in range(5, 9))
+
+
+def test_annealed_block_size_schedule():
+    assert [annealed_block_size(p, 16, 0.5) for p in (0.0, 0.13, 0.26, 0.4, 0.5, 0.99)] == [2, 4, 8, 16, 16, 16]
+    assert annealed_block_size(0.0, 16, 0.0) == 16
+    assert annealed_block_size(0.0, 1, 0.5) == 1
