@@ -19,7 +19,7 @@ CLEAN_ATTENTIONS = ("causal", "block_causal")
 NOISY_STREAMS = ("response", "text", "all")
 T_SAMPLINGS = ("uniform", "antithetic")
 LOSS_WEIGHTINGS = ("none", "inverse_t")
-DECODERS = ("ar", "block", "hf")
+DECODERS = ("ar", "block", "spec", "hf")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -156,7 +156,8 @@ class DecodeConfig:
     """How to decode; `None` fields fall back to the model's DiffusionConfig defaults."""
 
     decoder: str = "block"
-    """`ar` (our KV-cached loop), `block` (block diffusion) or `hf` (transformers `generate`)."""
+    """`ar` (our KV-cached loop), `block` (block diffusion), `spec` (self-speculative block
+    decoding: lossless w.r.t. AR) or `hf` (transformers `generate`)."""
     max_new_tokens: int = 128
     """Upper bound on generated tokens per row (EOS stops a row earlier)."""
     block_size: int | None = None

@@ -22,18 +22,29 @@ def select_tokens(
         tokens (...) long and confidences (...) float32: the probability of the chosen token under
         the distribution it was drawn from (argmax probability when greedy).
     """
-    logits = logits.float()  # softmax and confidences in fp32
-    if banned:
-        logits = logits.clone()
-        logits[..., banned] = float("-inf")
     if temperature == 0.0:
+        logits = logits.float()  # softmax and confidences in fp32
+        if banned:
+            logits = logits.clone()
+            logits[..., banned] = float("-inf")
         conf, tokens = torch.softmax(logits, dim=-1).max(dim=-1)
         return tokens, conf
-    scaled = _filter_top_p(_filter_top_k(logits / temperature, top_k), top_p)
-    probs = torch.softmax(scaled, dim=-1)
+    probs = sampling_distribution(logits, temperature, top_k, top_p, banned)
     flat = probs.reshape(-1, probs.shape[-1])
     tokens = torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
     return tokens, probs.gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def sampling_distribution(
+    logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,
+    banned: list[int] | None = None,
+) -> torch.Tensor:
+    """(..., V) fp32 probabilities that `select_tokens` samples from at this temperature."""
+    logits = logits.float()
+    if banned:
+        logits = logits.clone()
+        logits[..., banned] = float("-inf")
+    return torch.softmax(_filter_top_p(_filter_top_k(logits / temperature, top_k), top_p), dim=-1)
 
 
 def _filter_top_k(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 * `peek`: run a block over the context without keeping its keys/values (a denoising pass).
 * `commit`: run a block and keep its keys/values (prefill, commit pass, AR step, verify pass).
-* `crop`: drop entries from the end (rejected speculative tokens).
+* `crop`: drop entries from the end; `crop_rows`: per row (rejected speculative tokens).
 * `select_rows`: keep only some batch rows (finished rows leave the batch).
 
 `KVContext` is the real one. `RecomputeContext` has the same interface but keeps no cache: every
@@ -63,6 +63,12 @@ class KVContext:
             self.key_valid = self.key_valid[:, :length]
             self.key_block = self.key_block[:, :length]
 
+    def crop_rows(self, start: int, lengths: torch.Tensor) -> None:
+        """Keep, for each row r, the entries before `start + lengths[r]`: the tail past the longest
+        row is cropped; shorter rows' extra entries stay in the rectangular cache, masked out."""
+        self.crop(start + int(lengths.max()))
+        _mask_tail(self.key_valid, start, lengths)
+
     def select_rows(self, rows: torch.Tensor) -> None:
         self.cache.batch_select_indices(rows)
         self.key_valid = self.key_valid[rows]
@@ -105,6 +111,10 @@ class RecomputeContext:
         self.key_valid, self.key_block = self.key_valid[:, :length], self.key_block[:, :length]
         self.key_kind = self.key_kind[:length]
 
+    def crop_rows(self, start: int, lengths: torch.Tensor) -> None:
+        self.crop(start + int(lengths.max()))
+        _mask_tail(self.key_valid, start, lengths)
+
     def select_rows(self, rows: torch.Tensor) -> None:
         if self.embeds is not None:
             self.embeds, self.position_ids = self.embeds[rows], self.position_ids[:, rows]
@@ -124,6 +134,12 @@ class RecomputeContext:
             self.embeds, self.position_ids = all_embeds, all_pos
             self.key_valid, self.key_block, self.key_kind = valid, block, kinds
         return hidden[:, -q_len:]
+
+
+def _mask_tail(key_valid: torch.Tensor, start: int, lengths: torch.Tensor) -> None:
+    width = key_valid.shape[1] - start
+    keep = torch.arange(width, device=key_valid.device)[None, :] < lengths[:, None].to(key_valid.device)
+    key_valid[:, start:] &= keep
 
 
 def _mixed_mask(block: torch.Tensor, valid: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:

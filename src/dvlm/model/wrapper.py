@@ -69,7 +69,7 @@ class DVLM:
             prompts: a string, a chat message list (OpenAI-style dicts, with image parts), or a list
                 of either for a batch.
             images: for one prompt, its images; for a batch, one list of images per prompt.
-            decoder: `block` (default for converted models), `ar` or `hf`.
+            decoder: `block` (default for converted models), `spec`, `ar` or `hf`.
             decode_options: DecodeConfig fields (block_size, threshold, steps, max_new_tokens, ...).
         """
         single = _is_single_prompt(prompts)
@@ -98,8 +98,9 @@ def decoder_function(name: str) -> Callable[..., list[GenerationOutput]]:
     from dvlm.decode.ar import generate_ar
     from dvlm.decode.block import generate_block
     from dvlm.decode.hf import generate_hf
+    from dvlm.decode.speculative import generate_speculative
 
-    decoders = {"ar": generate_ar, "block": generate_block, "hf": generate_hf}
+    decoders = {"ar": generate_ar, "block": generate_block, "spec": generate_speculative, "hf": generate_hf}
     if name not in decoders:
         raise ConfigError(f"unknown decoder {name!r}; choose one of {', '.join(decoders)}")
     return decoders[name]

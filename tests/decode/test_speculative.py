@@ -1,0 +1,95 @@
+"""Invariant 5: self-speculative greedy decoding == AR greedy decoding; the sampling accept rule."""
+
+import pytest
+import torch
+
+import dvlm
+from dvlm.config import ConfigError, DecodeConfig
+from dvlm.convert.verify import probe_image
+from dvlm.decode.speculative import accept_drafts, generate_speculative
+from dvlm.model.cache import RecomputeContext
+
+TEXTS = ["What colour is the circle?", "Read the digits.", "Describe the image. Where is the red square?", "Hi"]
+IMAGES = [[probe_image()], [probe_image(84), probe_image()], [probe_image(112)], []]
+
+
+@pytest.fixture(scope="module")
+def lm(fast_checkpoint):
+    return dvlm.load(fast_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def ar_outputs(lm):
+    return lm.generate(TEXTS, IMAGES, decoder="ar", max_new_tokens=24)
+
+
+@pytest.mark.parametrize("block_size", [2, 3, 4, 8, 16, 32])
+def test_speculative_greedy_equals_ar_greedy(lm, ar_outputs, block_size):
+    spec = lm.generate(TEXTS, IMAGES, decoder="spec", block_size=block_size, max_new_tokens=24)
+    assert [o.tokens for o in spec] == [o.tokens for o in ar_outputs]
+    for out in spec:
+        # 1 prefill + 2 forwards per block; every block keeps at least 1 and at most B tokens.
+        assert out.nfe == 1 + 2 * len(out.accept_lengths)
+        assert all(1 <= n <= block_size for n in out.accept_lengths)
+        assert sum(out.accept_lengths) >= len(out.tokens)
+
+
+def test_speculative_rows_alone_equal_batched(lm):
+    batched = lm.generate(TEXTS, IMAGES, decoder="spec", block_size=4, max_new_tokens=16)
+    alone = [lm.generate(t, i, decoder="spec", block_size=4, max_new_tokens=16) for t, i in zip(TEXTS, IMAGES)]
+    assert [o.tokens for o in batched] == [o.tokens for o in alone]
+    assert [o.accept_lengths for o in batched] == [o.accept_lengths for o in alone]
+
+
+def test_speculative_cache_equals_recomputation(lm):
+    prompts = [lm.encode(t, i) for t, i in zip(TEXTS[:2], IMAGES[:2])]
+    cfg = DecodeConfig(decoder="spec", block_size=4, max_new_tokens=16)
+    cached = generate_speculative(lm, prompts, cfg)
+    recomputed = generate_speculative(lm, prompts, cfg, context_cls=RecomputeContext)
+    assert [o.tokens for o in cached] == [o.tokens for o in recomputed]
+
+
+def test_speculative_needs_the_fast_dvlm_recipe(dvlm_checkpoints):
+    lm = dvlm.load(dvlm_checkpoints["diffusionvl"])
+    with pytest.raises(ConfigError, match="token-shift"):
+        lm.generate("Hi", decoder="spec")
+
+
+def test_greedy_accept_rule_literal():
+    # Block [s, d1, d2, d3]; the verifier agrees with d1 only, then says 7 instead of d2.
+    block = torch.tensor([[5, 1, 2, 3]])
+    vocab = 10
+    verify = torch.full((1, 4, vocab), -10.0)
+    for i, tok in enumerate([1, 7, 3, 9]):
+        verify[0, i, tok] = 10.0
+    accepted, seed = accept_drafts(block, None, verify, DecodeConfig(temperature=0.0), None, [])
+    assert accepted.tolist() == [2] and seed.tolist() == [7]
+    verify[0, 1, 7] = -10.0
+    verify[0, 1, 2] = 10.0  # now all drafts agree: keep the whole block, the bonus token seeds the next
+    accepted, seed = accept_drafts(block, None, verify, DecodeConfig(temperature=0.0), None, [])
+    assert accepted.tolist() == [4] and seed.tolist() == [9]
+
+
+def test_sampling_accept_rule_preserves_the_target_distribution():
+    """With drafts sampled from q, the emitted token at position 1 is distributed as p."""
+    torch.manual_seed(0)
+    rows, vocab = 40000, 5
+    p_logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+    q_logits = torch.tensor([0.0, 1.5, 0.0, 1.0, 0.0])
+    gen = torch.Generator().manual_seed(1)
+    q = torch.softmax(q_logits, -1)
+    drafts = torch.multinomial(q.expand(rows, vocab), 1, replacement=True, generator=gen)
+    block = torch.cat([torch.zeros(rows, 1, dtype=torch.long), drafts], dim=1)  # (R, 2)
+    verify = torch.stack([p_logits, torch.zeros(vocab)])[None].expand(rows, -1, -1)
+    accepted, seed = accept_drafts(block, q_logits[None, None].expand(rows, 1, -1), verify,
+                                   DecodeConfig(temperature=1.0), gen, [])
+    emitted = torch.where(accepted == 2, block[:, 1], seed)
+    freq = torch.bincount(emitted, minlength=vocab).float() / rows
+    assert torch.allclose(freq, torch.softmax(p_logits, -1), atol=0.01)
+    assert 0.3 < (accepted == 2).float().mean() < 0.95  # the rule both accepts and rejects
+
+
+def test_speculative_sampling_is_reproducible(lm):
+    kw = dict(decoder="spec", temperature=1.0, max_new_tokens=12, block_size=4)
+    assert lm.generate("Read the digits.", IMAGES[0], seed=3, **kw).tokens == \
+        lm.generate("Read the digits.", IMAGES[0], seed=3, **kw).tokens
