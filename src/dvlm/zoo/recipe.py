@@ -1,0 +1,135 @@
+"""How the built-in models are made: `dvlm zoo build` runs this recipe from scratch.
+
+1. tiny-ar: a small Qwen2.5-VL-architecture model (the real HF class, random init) trained
+   autoregressively on the task mix: the stand-in for a pretrained AR VLM.
+2. tiny-dvlm: tiny-ar converted with `dvlm convert` (fast-dvlm preset) and diffusion-fine-tuned
+   with `dvlm train`: the papers' direct-conversion route at small scale.
+Every step goes through the same public functions users call.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from dvlm.config import TrainConfig
+from dvlm.convert.checkpoint import convert_checkpoint
+from dvlm.zoo.tasks import export_llava, get_task
+from dvlm.zoo.tiny import TinyShape, build_random_checkpoint, tiny_image_processor
+from dvlm.zoo.tokenizer import build_tokenizer
+
+# Images keep their native resolution: a 28x28 digit is exactly one merged vision token.
+MIN_PIXELS = 28 * 28
+MAX_PIXELS = 112 * 112
+
+
+@dataclass
+class ZooRecipe:
+    shape: TinyShape = field(default_factory=lambda: TinyShape(
+        hidden_size=192, intermediate_size=512, num_layers=4, num_heads=6, num_kv_heads=2,
+        vision_hidden_size=96, vision_depth=4, vision_heads=4, max_position_embeddings=1024,
+    ))
+    train_mix: dict[str, int] = field(default_factory=lambda: {
+        "shapes-qa": 8000, "shapes-caption": 4000, "digits-read": 8000, "multi-turn": 4000,
+    })
+    ar: TrainConfig = field(default_factory=lambda: TrainConfig(
+        learning_rate=2e-3, warmup_ratio=0.03, min_lr_ratio=0.05, max_steps=4000, batch_size=16,
+        weight_decay=0.01, ar_loss=True, save_every=500, log_every=10, max_length=512,
+    ))
+    dvlm: TrainConfig = field(default_factory=lambda: TrainConfig(
+        learning_rate=5e-4, warmup_ratio=0.03, min_lr_ratio=0.05, max_steps=3000, batch_size=16,
+        weight_decay=0.01, save_every=500, log_every=10, max_length=512,
+    ))
+    block_size: int = 16
+    seed: int = 0
+
+    def scaled(self, factor: float) -> "ZooRecipe":
+        """The same recipe with fewer steps and samples (for tests and quick looks)."""
+        mix = {k: max(4, int(v * factor)) for k, v in self.train_mix.items()}
+        ar = TrainConfig(**{**asdict(self.ar), "max_steps": max(2, int(self.ar.max_steps * factor)), "save_every": 0})
+        dv = TrainConfig(**{**asdict(self.dvlm), "max_steps": max(2, int(self.dvlm.max_steps * factor)), "save_every": 0})
+        return ZooRecipe(self.shape, mix, ar, dv, self.block_size, self.seed)
+
+
+def build_data(recipe: ZooRecipe, out: Path) -> Path:
+    samples = []
+    for task, n in recipe.train_mix.items():
+        samples.extend(get_task(task).generate("train", n, recipe.seed))
+    return export_llava(samples, out)
+
+
+def build_zoo(out: str | Path, recipe: ZooRecipe | None = None, *, work_dir: str | Path | None = None,
+              log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Path]:
+    """Build tiny-ar and tiny-dvlm into `out/<name>/`; returns their paths."""
+    from dvlm.train.loop import train
+
+    recipe = recipe or ZooRecipe()
+    out = Path(out)
+    work = Path(work_dir) if work_dir else out / ".zoo-build"
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    log("generating training data")
+    data = build_data(recipe, work / "data")
+    log("initialising tiny-ar (random weights)")
+    init = work / "init"
+    shutil.rmtree(init, ignore_errors=True)
+    processor = tiny_image_processor(MIN_PIXELS, MAX_PIXELS)
+    build_random_checkpoint(init, build_tokenizer(), recipe.shape, seed=recipe.seed, image_processor=processor)
+
+    log(f"training tiny-ar autoregressively ({recipe.ar.max_steps} steps)")
+    tick = time.time()
+    ar_run = train(init, data, _fresh(work / "run-ar"), recipe.ar, progress=progress)
+    ar_seconds = time.time() - tick
+    ar_dir = _install(ar_run.model_dir, out / "tiny-ar")
+
+    log("converting tiny-ar with the fast-dvlm preset")
+    converted = work / "converted"
+    convert_checkpoint(ar_dir, converted, preset="fast-dvlm", block_size=recipe.block_size, overwrite=True, log=log)
+    log(f"diffusion fine-tuning tiny-dvlm ({recipe.dvlm.max_steps} steps)")
+    tick = time.time()
+    dv_run = train(converted, data, _fresh(work / "run-dvlm"), recipe.dvlm, progress=progress)
+    dv_seconds = time.time() - tick
+    dv_dir = _install(dv_run.model_dir, out / "tiny-dvlm")
+
+    meta = {"recipe": _jsonable(asdict(recipe)), "hardware": _hardware(), "total_seconds": round(time.time() - started)}
+    _write_build_info(ar_dir, {**meta, "stage": "ar", "train_seconds": round(ar_seconds), "metrics": ar_run.losses[-1]})
+    _write_build_info(dv_dir, {**meta, "stage": "dvlm", "train_seconds": round(dv_seconds), "metrics": dv_run.losses[-1]})
+    return {"tiny-ar": ar_dir, "tiny-dvlm": dv_dir}
+
+
+BUILD_INFO = "build_info.json"
+
+
+def _fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
+def _install(src: Path, dst: Path) -> Path:
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _write_build_info(path: Path, info: dict[str, Any]) -> None:
+    (path / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _hardware() -> dict[str, Any]:
+    return {
+        "cpu_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
