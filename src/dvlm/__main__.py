@@ -1,0 +1,5 @@
+"""`python -m dvlm`: the same as the `dvlm` command."""
+
+from dvlm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,214 @@
+"""The `dvlm` CLI, run in-process through `main([...])` (plus one subprocess run of `dvlm --help`)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import dvlm
+from dvlm.cli import VERBS, CLIError, build_parser, main, model_name, train_config
+from dvlm.config import ConfigError
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_line_error(err: str, verb: str) -> str:
+    """The stderr of an expected failure: exactly one line `dvlm <verb>: error: ...`."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"dvlm {verb}: error: "), err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory, image) -> Path:
+    path = tmp_path_factory.mktemp("images") / "probe.png"
+    image.save(path)
+    return path
+
+
+# -- top level -------------------------------------------------------------------------------------
+def test_version_and_verbs(capsys):
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.strip() == f"dvlm {dvlm.__version__}"
+    assert set(VERBS) == {"convert", "train", "generate", "demo"}
+
+
+def test_every_argument_has_help():
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "verb").choices
+    for name, sub in subparsers.items():
+        for action in sub._actions:
+            assert action.help, f"dvlm {name} {action.option_strings} has no help text"
+
+
+def test_no_verb_is_a_usage_error(capsys):
+    code, _, err = run(capsys)
+    assert code == 2 and "usage: dvlm" in err
+
+
+def test_installed_console_script_help():
+    script = shutil.which("dvlm", path=str(Path(sys.executable).parent))
+    assert script is not None, "the dvlm console script is not installed next to this Python"
+    done = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for verb in VERBS:
+        assert verb in done.stdout
+
+
+# -- convert ---------------------------------------------------------------------------------------
+def test_convert_writes_a_loadable_verified_model(capsys, tmp_path, ar_checkpoint):
+    out = tmp_path / "converted"
+    code, stdout, _ = run(capsys, "convert", "--model", ar_checkpoint, "--out", out, "--block-size", 8,
+                          "--set", "decode_threshold=0.8")
+    assert code == 0
+    assert "verified" in stdout and "mask token" in stdout and "max logit diff" in stdout
+    lm = dvlm.load(out)
+    assert lm.diffusion.block_size == 8 and lm.diffusion.decode_threshold == 0.8
+    assert str(lm.diffusion.mask_token_id) in stdout
+
+
+def test_convert_missing_source(capsys, tmp_path):
+    code, _, err = run(capsys, "convert", "--model", tmp_path / "nope", "--out", tmp_path / "out")
+    assert code == 2 and "does not exist" in one_line_error(err, "convert")
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_refuses_existing_output(capsys, tmp_path, ar_checkpoint):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = run(capsys, "convert", "--model", ar_checkpoint, "--out", out)
+    assert code == 2 and "--overwrite" in one_line_error(err, "convert")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary leftovers
+
+
+def test_convert_refuses_non_safetensors(capsys, tmp_path, ar_checkpoint):
+    src = tmp_path / "bin-model"
+    src.mkdir()
+    shutil.copy(ar_checkpoint / "config.json", src / "config.json")
+    (src / "pytorch_model.bin").write_bytes(b"\0")
+    code, _, err = run(capsys, "convert", "--model", src, "--out", tmp_path / "out")
+    assert code == 2 and "safetensors" in one_line_error(err, "convert")
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_unsupported_architecture(capsys, tmp_path):
+    src = tmp_path / "fake"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"architectures": ["FakeVLMForCausalLM"]}))
+    code, _, err = run(capsys, "convert", "--model", src, "--out", tmp_path / "out")
+    line = one_line_error(err, "convert")
+    assert code == 2 and "FakeVLMForCausalLM" in line and "Qwen2_5_VLForConditionalGeneration" in line
+
+
+def test_convert_unknown_setting(capsys, tmp_path, ar_checkpoint):
+    code, _, err = run(capsys, "convert", "--model", ar_checkpoint, "--out", tmp_path / "out", "--set", "colour=red")
+    assert code == 2 and "colour" in one_line_error(err, "convert")
+    assert not (tmp_path / "out").exists()
+
+
+# -- generate --------------------------------------------------------------------------------------
+def test_generate_json_and_text(capsys, fast_checkpoint, image_file):
+    args = ["generate", "--model", fast_checkpoint, "--image", image_file, "--prompt", "What is this?",
+            "--max-new-tokens", 8, "--threshold", 0.5]
+    code, out, _ = run(capsys, *args, "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert {"text", "tokens", "nfe", "tokens_per_nfe", "decoder", "timings"} <= set(result)
+    assert result["decoder"] == "block" and result["nfe"] >= 1 and 0 < len(result["tokens"]) <= 8
+
+    code, out, err = run(capsys, *args)
+    assert code == 0 and out == result["text"] + "\n"  # stdout holds the answer only
+    assert err == ""
+    code, out, err = run(capsys, *args, "--verbose")
+    assert code == 0 and out == result["text"] + "\n" and "tokens/nfe=" in err
+
+
+def test_generate_corrupt_image(capsys, tmp_path, fast_checkpoint):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"definitely not a png")
+    code, out, err = run(capsys, "generate", "--model", fast_checkpoint, "--image", bad, "--prompt", "Hi")
+    line = one_line_error(err, "generate")
+    assert code == 2 and out == "" and "cannot load image" in line and "broken.png" in line
+
+
+def test_generate_threshold_and_steps_conflict(capsys, fast_checkpoint):
+    code, out, err = run(capsys, "generate", "--model", fast_checkpoint, "--prompt", "Hi",
+                         "--threshold", 0.9, "--steps", 4)
+    assert code == 2 and out == "" and "not allowed with" in err
+
+
+def test_generate_block_on_ar_model(capsys, ar_checkpoint):
+    code, _, err = run(capsys, "generate", "--model", ar_checkpoint, "--prompt", "Hi", "--decoder", "block")
+    assert code == 2 and "dvlm convert" in one_line_error(err, "generate")
+
+
+def test_default_model_is_the_builtin_once_installed(monkeypatch):
+    import dvlm.zoo.registry as registry
+
+    monkeypatch.setattr(registry, "builtin_names", lambda: [])
+    with pytest.raises(CLIError, match="--model"):
+        model_name(None)
+    monkeypatch.setattr(registry, "builtin_names", lambda: ["tiny-dvlm"])
+    assert model_name(None) == "tiny-dvlm"
+    assert model_name("some/dir") == "some/dir"
+
+
+# -- train -----------------------------------------------------------------------------------------
+def test_train_config_precedence(tmp_path):
+    yaml_file = tmp_path / "train.yaml"
+    yaml_file.write_text("learning_rate: 0.1\nbatch_size: 3\nwarmup_ratio: 0.2\n")
+    args = build_parser().parse_args(["train", "--model", "m", "--data", "d", "--out", "o", "--config", str(yaml_file),
+                                      "--set", "batch_size=5", "--set", "learning_rate=0.2", "--lr", "0.3", "--ar"])
+    cfg = train_config(args)
+    assert (cfg.learning_rate, cfg.batch_size, cfg.warmup_ratio, cfg.ar_loss) == (0.3, 5, 0.2, True)
+    assert cfg.gradient_checkpointing is False  # an absent flag does not override
+    bad = build_parser().parse_args(["train", "--model", "m", "--data", "d", "--out", "o", "--set", "nope=1"])
+    with pytest.raises(ConfigError, match="nope"):
+        train_config(bad)
+
+
+def test_train_and_resume(capsys, tmp_path, fast_checkpoint):
+    from dvlm.zoo.tasks import export_llava, get_task
+
+    data = export_llava(get_task("shapes-qa").generate("train", 8), tmp_path / "data")
+    run_dir = tmp_path / "run"
+    base = ["train", "--model", fast_checkpoint, "--data", data, "--out", run_dir, "--batch-size", 4]
+
+    code, _, err = run(capsys, *base, "--resume", "--steps", 2)
+    assert code == 2 and "no checkpoint" in one_line_error(err, "train")
+
+    code, out, _ = run(capsys, *base, "--steps", 2, "--diffusion", "block_size=4")
+    assert code == 0
+    assert str(run_dir / "model") in out and str(run_dir / "metrics.jsonl") in out and "skipped  0" in out
+    assert dvlm.load(run_dir / "model").diffusion.block_size == 4
+    capsys.readouterr()  # drop the loading messages of the line above
+
+    code, _, err = run(capsys, *base, "--steps", 2)
+    assert code == 2 and "--resume" in one_line_error(err, "train")
+
+    code, out, _ = run(capsys, *base, "--steps", 3, "--resume")
+    assert code == 0 and "trained 3 steps" in out
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+# -- demo ------------------------------------------------------------------------------------------
+def test_demo(capsys, tmp_path):
+    code, out, _ = run(capsys, "demo", "--out", tmp_path, "--max-new-tokens", 8)
+    assert code == 0
+    assert "verified" in out and "tokens/nfe" in out and "random" in out
+    for decoder in ("ar", "hf", "block"):
+        assert f"\n{decoder:<8}" in out
+    assert (tmp_path / "tiny-dvlm" / "config.json").is_file()
