@@ -4,6 +4,8 @@ parsed arguments, plus one function declaring those arguments; `VERBS` maps name
     dvlm convert  --model Qwen2.5-VL-3B-Instruct --out qwen-dvlm
     dvlm train    --model qwen-dvlm --data train.json --out runs/r1 --steps 1000
     dvlm generate --model runs/r1/model --image cat.png --prompt "What is in the picture?"
+    dvlm eval     --task shapes-caption --model tiny-dvlm --decoder spec
+    dvlm bench    --decoders ar,hf,block,spec --block-sizes 8,16 --thresholds 0.7,0.9
     dvlm demo
 
 Adding a verb = two functions and one `VERBS` entry. Expected failures (bad paths, bad settings,
@@ -27,7 +29,6 @@ from dvlm.convert.checkpoint import ConversionError, convert_checkpoint
 from dvlm.convert.registry import UnsupportedArchitectureError
 from dvlm.data.images import ImageError, load_image
 from dvlm.data.processor import PromptTooLongError
-from dvlm.decode.output import GenerationOutput
 from dvlm.runtime import pick_device
 
 DEFAULT_MODEL = "tiny-dvlm"  # the built-in model `generate` uses when it is installed
@@ -185,67 +186,145 @@ def model_name(model: str | None) -> str:
 
 # -- demo ----------------------------------------------------------------------------------------
 def demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", metavar="DIR",
-                   help="keep the demo checkpoints here (DIR/tiny-ar, DIR/tiny-dvlm are replaced); "
-                        "default: a temporary directory, removed afterwards")
-    p.add_argument("--max-new-tokens", type=int, default=24, metavar="N",
+    p.add_argument("--out", metavar="DIR", default="dvlm-demo",
+                   help="folder for results.json, the plot and the example image (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=20, metavar="N", help="test samples per task (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=96, metavar="N",
                    help="answer length limit (default: %(default)s)")
+    p.add_argument("--random", action="store_true",
+                   help="use a freshly built random tiny model instead of the built-in trained ones")
 
 
 def demo(args: argparse.Namespace) -> None:
-    """Build a tiny random Qwen2.5-VL, convert it (verified), and decode a zoo image three ways."""
+    """Evaluate tiny-ar (AR) against tiny-dvlm (block, spec) on every task; or, without built-in
+    weights (or with --random), build, convert and decode a random tiny model."""
+    from dvlm.zoo.demo import AR_MODEL, DIFFUSION_MODEL, run_demo, run_random_demo
+    from dvlm.zoo.registry import builtin_names
+
+    if args.limit < 1:
+        raise CLIError("--limit must be >= 1")
+    installed = {AR_MODEL, DIFFUSION_MODEL} <= set(builtin_names())
     with quiet_hf_progress():  # HF's per-file bars would drown the demo's own lines
-        if args.out is not None:
-            demo_in(Path(args.out), args.max_new_tokens)
-        else:
-            with tempfile.TemporaryDirectory(prefix="dvlm-demo-") as tmp:
-                demo_in(Path(tmp), args.max_new_tokens)
+        if installed and not args.random:
+            run_demo(Path(args.out), limit=args.limit, max_new_tokens=args.max_new_tokens,
+                     log=lambda line: print(line, flush=True))
+            return
+        if not installed:
+            print("[demo] the built-in weights are not installed: running the random-model demo", flush=True)
+        with tempfile.TemporaryDirectory(prefix="dvlm-demo-") as tmp:
+            run_random_demo(Path(tmp), min(args.max_new_tokens, 24))
 
 
-def demo_in(root: Path, max_new_tokens: int) -> None:
-    from dvlm.zoo.tasks import get_task
-    from dvlm.zoo.tiny import TinyShape, build_random_checkpoint
-    from dvlm.zoo.tokenizer import build_tokenizer
-
-    def step(text: str) -> None:
-        print(f"[demo] {text}", flush=True)
-
-    step("building a tiny random-weight Qwen2.5-VL (the real HF architecture, small sizes)")
-    # A wider init than HF's 0.02 makes the random model's output varied instead of one repeated token.
-    source = build_random_checkpoint(root / "tiny-ar", build_tokenizer(), TinyShape(initializer_range=0.3), seed=0)
-    step(f"converting {source} with the fast-dvlm preset")
-    report = convert_checkpoint(source, root / "tiny-dvlm", preset="fast-dvlm", overwrite=True,
-                                log=lambda line: print(f"         {line}", flush=True))
-    step(f"loading {report.output}")
-    lm = dvlm.load(report.output)
-    sample = get_task("shapes-qa").generate("test", 1)[0]
-    question = sample.conversations[0]["value"]
-    step(f"decoding one shapes-qa test image: {question.replace(chr(10), ' ')!r} "
-         f"(reference answer: {sample.answers[0]!r})")
-    decoders = ("ar", "hf", "block")
-    for name in decoders:  # warm-up, so tokens/s leaves out first-call costs
-        lm.generate(question, sample.images, decoder=name, max_new_tokens=1)
-    outputs = [lm.generate(question, sample.images, decoder=name, max_new_tokens=max_new_tokens)
-               for name in decoders]
-    print()
-    print_table(outputs)
-    print()
-    for out in outputs:
-        print(f"{out.decoder:>5}: {out.text!r}")
-    print()
-    print("The weights are random, so the answers are gibberish. What this demo proves:\n"
-          f"  - conversion is lossless: the dVLM gives the AR source's logits (max diff "
-          f"{report.max_logit_difference:.1e}), verified;\n"
-          "  - the ar, hf and block decoders run end to end on an image prompt.\n"
-          "An untrained model is never confident, so block decoding unmasks one token per pass here\n"
-          "(tokens/nfe <= 1); a fine-tuned dVLM unmasks several.")
+# -- eval / bench --------------------------------------------------------------------------------
+def eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, help="built-in task: shapes-qa, shapes-caption, digits-read, multi-turn")
+    p.add_argument("--model", help=f"checkpoint directory or built-in name (default: {DEFAULT_MODEL})")
+    p.add_argument("--decoder", choices=DECODERS, help="default: block for converted models, else ar")
+    p.add_argument("--split", default="test", choices=("train", "validation", "test"), help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="sample seed; a new seed draws fresh samples (default: 0)")
+    p.add_argument("--limit", type=int, default=100, metavar="N", help="samples to evaluate (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=1, metavar="N", help="prompts decoded together (default: 1)")
+    p.add_argument("--block-size", type=int, metavar="N", help="block size for block/spec decoding")
+    policy = p.add_mutually_exclusive_group()
+    policy.add_argument("--threshold", type=float, metavar="T", help="block decoding confidence threshold")
+    policy.add_argument("--steps", type=int, metavar="S", help="block decoding: fixed steps per block")
+    p.add_argument("--max-new-tokens", type=int, default=96, metavar="N", help="(default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.add_argument("--device", help="e.g. cpu, cuda:0 (default: auto)")
 
 
-def print_table(outputs: list[GenerationOutput]) -> None:
-    print(f"{'decoder':<8}{'tokens':>8}{'nfe':>6}{'tokens/nfe':>12}{'tokens/s':>11}")
-    for out in outputs:
-        print(f"{out.decoder:<8}{out.num_tokens:>8}{out.nfe:>6}{out.tokens_per_nfe:>12.2f}"
-              f"{out.tokens_per_second:>11.1f}")
+def evaluate(args: argparse.Namespace) -> None:
+    """Score a model on a built-in task's split; accuracy and speed from the same run."""
+    from dvlm.eval.harness import evaluate as run_eval
+
+    if args.limit < 1 or args.batch_size < 1:
+        raise CLIError("--limit and --batch-size must be >= 1")
+    with quiet_hf_progress():
+        lm = dvlm.load(model_name(args.model), device=checked_device(args.device))
+    options = {k: v for k, v in (("block_size", args.block_size), ("threshold", args.threshold),
+                                 ("steps", args.steps)) if v is not None}
+    result = run_eval(lm, args.task, split=args.split, limit=args.limit, seed=args.seed, decoder=args.decoder,
+                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, **options)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    print(f"{args.task} ({args.split}, {result.num_samples} samples, decoder {result.decoder})")
+    for name, value in result.metrics.items():
+        print(f"  {name:<18}{value:.4f}")
+    print(f"  {'tokens/forward':<18}{result.speed['tokens_per_nfe']:.3f}")
+    print(f"  {'tokens/s':<18}{result.speed['tokens_per_second']:.1f}")
+
+
+def bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help=f"the dVLM to benchmark (default: {DEFAULT_MODEL})")
+    p.add_argument("--baseline", help="AR model for the `hf` baseline, e.g. the conversion source "
+                                      "(default: tiny-ar with the built-in model, else none)")
+    p.add_argument("--task", action="append", help="task(s) to run (repeatable; default: shapes-caption, digits-read)")
+    p.add_argument("--decoders", default="ar,hf,block,spec", help="comma-separated (default: %(default)s)")
+    p.add_argument("--block-sizes", default="16", help="comma-separated block sizes (default: %(default)s)")
+    p.add_argument("--thresholds", default="0.9", help="comma-separated thresholds (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=20, metavar="N", help="samples per task (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=96, metavar="N", help="(default: %(default)s)")
+    p.add_argument("--out", default="bench-results", metavar="DIR", help="JSON, Markdown and plot (default: %(default)s)")
+    p.add_argument("--device", help="e.g. cpu, cuda:0 (default: auto)")
+
+
+def bench(args: argparse.Namespace) -> None:
+    """Accuracy and speed of each decoder setting, with speed-ups measured side by side."""
+    from dvlm.eval.bench import run_bench, settings_grid, write_report
+
+    name = model_name(args.model)
+    baseline = args.baseline or ("tiny-ar" if name == DEFAULT_MODEL else None)
+    with quiet_hf_progress():
+        models = {"main": dvlm.load(name, device=checked_device(args.device))}
+        if baseline:
+            models["baseline"] = dvlm.load(baseline, device=args.device)
+    grid = settings_grid(split_list(args.decoders), [int(b) for b in split_list(args.block_sizes)],
+                         [float(t) for t in split_list(args.thresholds)], "baseline" in models)
+    rows = run_bench(models, args.task or ["shapes-caption", "digits-read"], grid, limit=args.limit,
+                     max_new_tokens=args.max_new_tokens)
+    device = describe_device(models["main"].device)
+    paths = write_report(rows, Path(args.out), device)
+    print(paths["markdown"].read_text())
+    print(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']}")
+
+
+def split_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def describe_device(device: Any) -> str:
+    import platform
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+# -- zoo -----------------------------------------------------------------------------------------
+def zoo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=("build", "list"), help="build: rebuild the built-in models; list: show them")
+    p.add_argument("--out", metavar="DIR", help="where to write tiny-ar/ and tiny-dvlm/ (default: the package's weights)")
+    p.add_argument("--scale", type=float, default=1.0, help="fraction of the recipe's steps and data (default: 1)")
+
+
+def zoo(args: argparse.Namespace) -> None:
+    """Rebuild the built-in models from scratch with the shipped recipe, or list them."""
+    from dvlm.zoo.recipe import ZooRecipe, build_zoo
+    from dvlm.zoo.registry import WEIGHTS_DIR, builtin_names
+
+    if args.action == "list":
+        for name in builtin_names():
+            print(f"{name}\t{WEIGHTS_DIR / name}")
+        return
+    if not 0 < args.scale <= 1:
+        raise CLIError("--scale must be in (0, 1]")
+    recipe = ZooRecipe() if args.scale == 1 else ZooRecipe().scaled(args.scale)
+    paths = build_zoo(Path(args.out) if args.out else WEIGHTS_DIR, recipe, log=lambda line: print(line, flush=True))
+    for name, path in paths.items():
+        print(f"built {name}: {path}")
 
 
 # -- the verb table and main ---------------------------------------------------------------------
@@ -260,7 +339,10 @@ VERBS: dict[str, Verb] = {
     "convert": Verb("convert an AR vision-language checkpoint into a block-diffusion one", convert_arguments, convert),
     "train": Verb("fine-tune a converted model on LLaVA-format data", train_arguments, train),
     "generate": Verb("answer a prompt (with images) using a model", generate_arguments, generate),
-    "demo": Verb("build, convert and decode a tiny random model in a minute, offline", demo_arguments, demo),
+    "eval": Verb("score a model on a built-in task (accuracy and speed)", eval_arguments, evaluate),
+    "bench": Verb("benchmark decoders side by side: accuracy, tokens/forward, tokens/s", bench_arguments, bench),
+    "demo": Verb("the whole pipeline on the built-in models, offline, in a few minutes", demo_arguments, demo),
+    "zoo": Verb("rebuild (or list) the built-in models", zoo_arguments, zoo),
 }
 
 
@@ -268,7 +350,7 @@ def checked_device(name: str | None) -> str | None:
     """The --device value, refused early (as a usage error) when it cannot be used here."""
     try:
         pick_device(name)
-    except RuntimeError as err:
+    except (RuntimeError, ValueError) as err:
         raise CLIError(str(err)) from err
     return name
 

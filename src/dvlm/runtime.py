@@ -19,7 +19,7 @@ def pick_device(name: str | None = None) -> torch.device:
     if name:
         device = torch.device(name)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+            raise ValueError(f"device {name!r} requested but CUDA is not available")
         return device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -121,10 +121,10 @@ def test_block_statistics_and_length_limit(models):
     lm = models["fast-dvlm"]
     out = lm.generate("Read the digits.", _images(1), decoder="block", block_size=4, steps=3, max_new_tokens=10)
     assert len(out.tokens) == 10 and out.finish_reason == "length"
-    # Token shift: prefill seeds block 1; each block = 3 denoising passes (1 token each) + commit,
-    # except the last block, which needs no commit: 1 + 3*3 + 2 (commits) = 12.
-    assert out.tokens_per_step == [1] * 9
-    assert out.nfe == 12
+    # Token shift: prefill seeds block 1; blocks 1-2 = 3 denoising passes (1 token each) + commit;
+    # the last block is cut to the 2 remaining tokens (seed + 1 mask): 1 pass, no commit.
+    assert out.tokens_per_step == [1] * 7
+    assert out.nfe == 1 + 4 + 4 + 1
     assert lm.mask_token_id not in out.tokens
 
 

@@ -87,7 +87,10 @@ def generate_block(lm, prompts: list[Encoded], cfg: DecodeConfig, context_cls=KV
                                 torch.full_like(canvas.ids, ctx.next_block_id()), commit_kind)
             rows.count_forward()
             seed = next_token(lm, hidden[:, -1], cfg, generator) if dcfg.token_shift else None
-        canvas = _next_canvas(lm, canvas, seed, block_size)
+        # Response layout: every row has generated equally many tokens, so the last block can be
+        # cut to what remains. Absolute blocks keep their size (rows' prompt tails differ).
+        width = min(block_size, rows.max_remaining()) if dcfg.block_layout == "response" else block_size
+        canvas = _next_canvas(lm, canvas, seed, width)
     lengths = [len(p) for p in prompts]
     return rows.outputs(lm.processor.decode, "block", timer.as_dict(), lengths, block_size)
 
@@ -124,7 +127,10 @@ def _embed(lm, canvas: Canvas) -> torch.Tensor:
 
 
 def _next_canvas(lm, canvas: Canvas, seed: torch.Tensor | None, block_size: int) -> Canvas:
-    """The next block: [seed, MASK, ...] with token shift, else all [MASK]; positions continue."""
+    """The next block: [seed, MASK, ...] with token shift, else all [MASK]; positions continue.
+
+    `block_size` is cut down for the last block when fewer tokens remain to be generated: a
+    truncated block is what training's auto-truncation shows the model, and it saves forwards."""
     rows = canvas.ids.shape[0]
     ids = torch.full((rows, block_size), lm.mask_token_id, dtype=torch.long, device=canvas.ids.device)
     if seed is not None:

@@ -28,6 +28,10 @@ class RowTracker:
     def num_active(self) -> int:
         return len(self.active)
 
+    def max_remaining(self) -> int:
+        """The most tokens any active row may still generate."""
+        return max(self.max_new_tokens - len(self.tokens[p]) for p in self.active)
+
     def count_forward(self, rows: torch.Tensor | None = None) -> None:
         """One model forward did work for the active rows (or those where `rows` (R,) is True)."""
         flags = [True] * self.num_active if rows is None else rows.tolist()
