@@ -147,7 +147,9 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, metavar="K", help="sample from the K most likely tokens only")
     p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling probability mass")
     p.add_argument("--seed", type=int, metavar="S", help="seed of the sampling generator")
-    p.add_argument("--json", action="store_true", help="print the full GenerationOutput as JSON")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print the full GenerationOutput as JSON")
+    out.add_argument("--stream", action="store_true", help="print the answer as each block is committed")
     p.add_argument("--verbose", action="store_true", help="print decoding statistics on stderr")
     p.add_argument("--device", help="e.g. cpu, cuda:0 (default: auto)")
     p.add_argument("--dtype", choices=DTYPES, help="model dtype (default: auto = bfloat16 on CUDA, float32 on CPU)")
@@ -158,14 +160,20 @@ def generate(args: argparse.Namespace) -> None:
     images = [load_image(path) for path in args.image or []]  # bad images fail before the model loads
     with quiet_hf_progress():  # stderr stays empty unless --verbose
         lm = dvlm.load(model_name(args.model), device=checked_device(args.device), dtype=args.dtype)
-    out = lm.generate(
-        args.prompt, images, decoder=args.decoder, block_size=args.block_size, threshold=args.threshold,
-        steps=args.steps, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, seed=args.seed,
-    )
+    options = dict(decoder=args.decoder, block_size=args.block_size, threshold=args.threshold, steps=args.steps,
+                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed)
+    if args.stream:
+        stream = lm.stream(args.prompt, images, **options)
+        for piece in stream:
+            print(piece, end="", flush=True)
+        print()
+        out = stream.output
+    else:
+        out = lm.generate(args.prompt, images, **options)
     if args.json:
         print(json.dumps(out.to_dict(), indent=2))
-    else:
+    elif not args.stream:
         print(out.text)
     if args.verbose:
         print(f"decoder={out.decoder} tokens={out.num_tokens} nfe={out.nfe} tokens/nfe={out.tokens_per_nfe:.2f} "

@@ -178,3 +178,36 @@ def test_invalid_decode_settings(models):
         lm.generate("hi", max_new_tokens=0)
     with pytest.raises(ValueError, match="image lists"):
         lm.generate(["a", "b"], images=[[]])
+
+
+@pytest.mark.parametrize("decoder,options", [("ar", {}), ("block", dict(block_size=4, threshold=0.5)),
+                                             ("spec", dict(block_size=4)), ("hf", {})])
+def test_stream_pieces_add_up_to_the_answer(models, decoder, options):
+    lm = models["fast-dvlm"]
+    stream = lm.stream("Read the digits.", _images(1), decoder=decoder, max_new_tokens=12, **options)
+    pieces = list(stream)
+    full = lm.generate("Read the digits.", _images(1), decoder=decoder, max_new_tokens=12, **options)
+    assert "".join(pieces) == full.text == stream.output.text
+    assert stream.output.tokens == full.tokens
+    if decoder == "ar":
+        assert len(pieces) > 1  # token by token
+
+
+def test_stream_reraises_decoder_errors_in_the_caller():
+    from dvlm.decode.stream import TextStream
+
+    def failing(listener):
+        listener(0, [1, 2])
+        raise RuntimeError("decoder broke")
+
+    stream = TextStream(failing, lambda tokens: " ".join(map(str, tokens)))
+    pieces = []
+    with pytest.raises(RuntimeError, match="decoder broke"):
+        for piece in stream:
+            pieces.append(piece)
+    assert pieces == ["1 2"]
+
+
+def test_stream_takes_one_prompt(models):
+    with pytest.raises(ValueError, match="one prompt"):
+        models["fast-dvlm"].stream(["a", "b"])

@@ -8,7 +8,7 @@ from dvlm.config import DecodeConfig
 from dvlm.data.processor import Encoded
 from dvlm.decode.output import GenerationOutput
 from dvlm.decode.prefill import make_generator, prefill, text_positions
-from dvlm.decode.rows import RowTracker
+from dvlm.decode.rows import Listener, RowTracker
 from dvlm.decode.sampling import select_tokens
 from dvlm.model.cache import KVContext
 from dvlm.runtime import Timer
@@ -22,11 +22,12 @@ def next_token(lm, hidden: torch.Tensor, cfg: DecodeConfig, generator) -> torch.
 
 
 @torch.inference_mode()
-def generate_ar(lm, prompts: list[Encoded], cfg: DecodeConfig, context_cls=KVContext) -> list[GenerationOutput]:
+def generate_ar(lm, prompts: list[Encoded], cfg: DecodeConfig, context_cls=KVContext,
+        listener: Listener | None = None) -> list[GenerationOutput]:
     """Greedy or sampled AR decoding of a batch; rows leave the batch when they finish."""
     timer = Timer(lm.device)
     generator = make_generator(cfg.seed, lm.device)
-    rows = RowTracker(len(prompts), cfg.max_new_tokens, lm.eos_token_ids)
+    rows = RowTracker(len(prompts), cfg.max_new_tokens, lm.eos_token_ids, listener)
     with timer("prefill"):
         pre = prefill(lm, prompts, context_cls)
         token = next_token(lm, pre.last_hidden, cfg, generator)  # (R,)

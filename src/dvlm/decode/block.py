@@ -23,7 +23,7 @@ from dvlm.data.processor import Encoded
 from dvlm.decode.ar import next_token
 from dvlm.decode.output import GenerationOutput
 from dvlm.decode.prefill import make_generator, prefill, text_positions
-from dvlm.decode.rows import RowTracker
+from dvlm.decode.rows import Listener, RowTracker
 from dvlm.decode.sampling import select_tokens, steps_schedule_count, unmask_by_count, unmask_by_threshold
 from dvlm.diffusion.noising import clean_block_ids
 from dvlm.model.cache import KVContext
@@ -56,12 +56,13 @@ def decode_policy(cfg: DecodeConfig, dcfg: DiffusionConfig) -> tuple[float | Non
 
 
 @torch.inference_mode()
-def generate_block(lm, prompts: list[Encoded], cfg: DecodeConfig, context_cls=KVContext) -> list[GenerationOutput]:
+def generate_block(lm, prompts: list[Encoded], cfg: DecodeConfig, context_cls=KVContext,
+        listener: Listener | None = None) -> list[GenerationOutput]:
     dcfg = lm.require_diffusion("block")
     block_size = cfg.block_size or dcfg.block_size
     timer = Timer(lm.device)
     generator = make_generator(cfg.seed, lm.device)
-    rows = RowTracker(len(prompts), cfg.max_new_tokens, lm.eos_token_ids)
+    rows = RowTracker(len(prompts), cfg.max_new_tokens, lm.eos_token_ids, listener)
     with timer("prefill"):
         if dcfg.block_layout == "response":
             ctx, canvas = _start_response(lm, prompts, dcfg, block_size, cfg, generator, context_cls)

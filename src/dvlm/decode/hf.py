@@ -13,7 +13,7 @@ from dvlm.runtime import Timer
 
 
 @torch.inference_mode()
-def generate_hf(lm, prompts: list[Encoded], cfg: DecodeConfig) -> list[GenerationOutput]:
+def generate_hf(lm, prompts: list[Encoded], cfg: DecodeConfig, listener=None) -> list[GenerationOutput]:
     """HF `generate` with our prompts; `nfe` per row is its own number of generated tokens
     (HF keeps finished rows in the batch, padding them, until the longest row ends)."""
     timer = Timer(lm.device)
@@ -36,7 +36,7 @@ def generate_hf(lm, prompts: list[Encoded], cfg: DecodeConfig) -> list[Generatio
             suppress_tokens=lm.banned_token_ids or None,
             **sampling,
         )
-    rows = RowTracker(len(prompts), cfg.max_new_tokens, lm.eos_token_ids)
+    rows = RowTracker(len(prompts), cfg.max_new_tokens, lm.eos_token_ids, listener)  # streams all at the end
     rows.extend(out[:, batch.input_ids.shape[1]:].tolist())
     for i in range(len(prompts)):
         rows.nfe[i] = len(rows.tokens[i]) + (rows.finish[i] == "stop")

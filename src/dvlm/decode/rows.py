@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from dvlm.decode.output import GenerationOutput
+
+Listener = Callable[[int, list[int]], None]  # (prompt index, tokens just committed): for streaming
 
 
 class RowTracker:
@@ -14,7 +18,9 @@ class RowTracker:
     returns the batch indices to keep (for `context.select_rows`).
     """
 
-    def __init__(self, num_prompts: int, max_new_tokens: int, eos_token_ids: list[int]) -> None:
+    def __init__(self, num_prompts: int, max_new_tokens: int, eos_token_ids: list[int],
+                 listener: Listener | None = None) -> None:
+        self.listener = listener
         self.active = list(range(num_prompts))  # prompt index of each batch row
         self.max_new_tokens = max_new_tokens
         self.eos = set(eos_token_ids)
@@ -51,6 +57,7 @@ class RowTracker:
         done = []
         for prompt, toks in zip(self.active, new_tokens):
             out = self.tokens[prompt]
+            before = len(out)
             for tok in toks:
                 if tok in self.eos:
                     self.finish[prompt] = "stop"
@@ -59,6 +66,8 @@ class RowTracker:
                 if len(out) >= self.max_new_tokens:
                     self.finish[prompt] = "length"
                     break
+            if self.listener is not None and len(out) > before:
+                self.listener(prompt, out[before:])
             done.append(self.finish[prompt] is not None)
         return torch.tensor(done, dtype=torch.bool)
 

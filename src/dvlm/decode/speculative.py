@@ -22,14 +22,15 @@ from dvlm.data.processor import Encoded
 from dvlm.decode.ar import next_token
 from dvlm.decode.output import GenerationOutput
 from dvlm.decode.prefill import make_generator, prefill, text_positions
-from dvlm.decode.rows import RowTracker
+from dvlm.decode.rows import Listener, RowTracker
 from dvlm.decode.sampling import sampling_distribution, select_tokens
 from dvlm.model.cache import KVContext
 from dvlm.runtime import Timer
 
 
 @torch.inference_mode()
-def generate_speculative(lm, prompts: list[Encoded], cfg: DecodeConfig, context_cls=KVContext) -> list[GenerationOutput]:
+def generate_speculative(lm, prompts: list[Encoded], cfg: DecodeConfig, context_cls=KVContext,
+        listener: Listener | None = None) -> list[GenerationOutput]:
     dcfg = lm.require_diffusion("spec")
     if not dcfg.token_shift or dcfg.clean_attention != "causal":
         raise ConfigError("decoder='spec' needs a token-shift model with a causal clean stream (the fast-dvlm recipe)")
@@ -38,7 +39,7 @@ def generate_speculative(lm, prompts: list[Encoded], cfg: DecodeConfig, context_
         raise ConfigError("decoder='spec' needs block_size >= 2")
     timer = Timer(lm.device)
     generator = make_generator(cfg.seed, lm.device)
-    rows = RowTracker(len(prompts), cfg.max_new_tokens, lm.eos_token_ids)
+    rows = RowTracker(len(prompts), cfg.max_new_tokens, lm.eos_token_ids, listener)
     with timer("prefill"):
         pre = prefill(lm, prompts, context_cls)
         seed = next_token(lm, pre.last_hidden, cfg, generator)  # (R,)

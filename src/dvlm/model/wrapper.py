@@ -86,6 +86,21 @@ class DVLM:
         return outputs[0] if single else outputs
 
 
+    def stream(self, prompt: Any, images: Sequence[Any] | None = None, *, decoder: str | None = None,
+               **decode_options: Any) -> "TextStream":
+        """Like `generate` for one prompt, but an iterator of text pieces as blocks are committed.
+
+        After the loop, `stream.output` holds the GenerationOutput."""
+        from dvlm.decode.stream import TextStream
+
+        if not _is_single_prompt(prompt):
+            raise ValueError("stream() takes one prompt; use generate() for a batch")
+        cfg = DecodeConfig(decoder=decoder or ("block" if self.diffusion else "ar"), **decode_options)
+        encoded = [self.encode(prompt, images)]
+        run = decoder_function(cfg.decoder)
+        return TextStream(lambda listener: run(self, encoded, cfg, listener=listener)[0], self.processor.decode)
+
+
 def _is_single_prompt(prompts: Any) -> bool:
     if isinstance(prompts, str):
         return True

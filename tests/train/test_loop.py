@@ -1,0 +1,245 @@
+"""The training loop: it learns, resumes exactly, skips bad samples, and keeps its settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dvlm
+from dvlm.config import ConfigError, TrainConfig
+from dvlm.train.loop import FINAL_DIR, METRICS_FILE, lr_lambda, train
+from dvlm.zoo.tasks import export_llava, get_task
+
+FIXED_BATCH = 12  # the whole dataset: every step sees the same batch
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """12 LLaVA samples (8 one-turn, 4 multi-turn) with their PNGs; returns data.json."""
+    samples = get_task("shapes-qa").generate("train", 8, seed=0) + get_task("multi-turn").generate("train", 4, seed=0)
+    return export_llava(samples, tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def eval_data(data) -> Path:
+    """The same records, each 4 times: one step over it averages 4 noise draws per sample."""
+    records = json.loads(data.read_text())
+    path = data.with_name("eval.json")
+    path.write_text(json.dumps(records * 4))
+    return path
+
+
+def config(**changes) -> TrainConfig:
+    base = dict(max_steps=2, batch_size=4, learning_rate=1e-3, warmup_ratio=0.0)
+    return TrainConfig(**{**base, **changes})
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines()]
+
+
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(model_dir / "model.safetensors")
+
+
+def fixed_noise_loss(model_dir: Path, data: Path, out: Path, cfg: TrainConfig) -> float:
+    """The loss of step 0 over all of `data` (before any update): its noise depends only on the seed."""
+    whole = dataclasses.replace(cfg, max_steps=1, batch_size=len(json.loads(data.read_text())))
+    return train(model_dir, data, out, whole, progress=False).losses[0]
+
+
+# -- learning ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["fast-dvlm", "diffusionvl", "ar"])
+def test_training_lowers_loss_on_fixed_batch(tmp_path, data, eval_data, ar_checkpoint, dvlm_checkpoints, preset):
+    start = ar_checkpoint if preset == "ar" else dvlm_checkpoints[preset]
+    cfg = config(max_steps=15, batch_size=FIXED_BATCH, learning_rate=3e-3, ar_loss=preset == "ar")
+    result = train(start, data, tmp_path / "run", cfg, progress=False)
+    assert len(result.losses) == 15 and all(math.isfinite(x) for x in result.losses)
+    first, last = sum(result.losses[:3]) / 3, sum(result.losses[-3:]) / 3
+    assert last < 0.8 * first  # loose: diffusionvl's 1/t-weighted loss is noisy step to step
+    # Same samples and same noise before and after training: a like-for-like comparison.
+    before = fixed_noise_loss(start, eval_data, tmp_path / "before", cfg)
+    after = fixed_noise_loss(result.model_dir, eval_data, tmp_path / "after", cfg)
+    assert after < 0.6 * before
+
+
+def test_ar_training_keeps_model_autoregressive(tmp_path, data, ar_checkpoint):
+    result = train(ar_checkpoint, data, tmp_path / "run", config(ar_loss=True), progress=False)
+    record = metrics(result.run_dir)[-1]
+    assert record["diffusion_loss"] == 0.0 and record["masked_tokens"] == 0
+    assert record["ar_loss"] == pytest.approx(record["loss"], rel=1e-5)
+    assert dvlm.load(result.model_dir).diffusion is None
+
+
+def test_diffusion_training_reports_both_losses(tmp_path, data, fast_checkpoint):
+    result = train(fast_checkpoint, data, tmp_path / "run", config(), progress=False)
+    for record in metrics(result.run_dir):
+        assert record["masked_tokens"] > 0 and record["diffusion_loss"] > 0 and record["ar_loss"] > 0
+        # alpha = beta = 0.5 (fast-dvlm preset), both normalised by the response tokens
+        assert record["loss"] == pytest.approx(0.5 * record["diffusion_loss"] + 0.5 * record["ar_loss"], rel=1e-4)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, data, ar_checkpoint):
+    # AR loss: no noise, so the two runs see exactly the same objective; the loss is normalised
+    # by the response tokens of the whole step, so the accumulated gradient is the big batch's.
+    big = train(ar_checkpoint, data, tmp_path / "big", config(max_steps=3, batch_size=12, ar_loss=True), progress=False)
+    accumulated = train(ar_checkpoint, data, tmp_path / "acc",
+                        config(max_steps=3, batch_size=6, grad_accum=2, ar_loss=True), progress=False)
+    assert torch.allclose(torch.tensor(accumulated.losses), torch.tensor(big.losses), rtol=1e-4, atol=1e-5)
+    assert big.losses[2] < big.losses[0]  # the steps did update the model
+
+
+def test_diffusion_training_needs_converted_model(tmp_path, data, ar_checkpoint):
+    with pytest.raises(ConfigError, match="block-diffusion checkpoint"):
+        train(ar_checkpoint, data, tmp_path / "run", config(), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+# -- resume ------------------------------------------------------------------------------------------
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path, data, fast_checkpoint):
+    # batch_size 4 of 12 samples: 6 steps cross an epoch boundary (reshuffled data order).
+    cfg = config(max_steps=6, save_every=2, keep_checkpoints=5)
+    full = train(fast_checkpoint, data, tmp_path / "a", cfg, progress=False)
+
+    def stop_at_3(step: int, record: dict) -> None:
+        if step == 3:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(fast_checkpoint, data, tmp_path / "b", cfg, progress=False, on_step=stop_at_3)
+    assert [r["step"] for r in metrics(tmp_path / "b")] == [1, 2, 3]
+    assert (tmp_path / "b" / "checkpoint-000002").is_dir()
+    assert not (tmp_path / "b" / FINAL_DIR).exists()
+
+    resumed = train(fast_checkpoint, data, tmp_path / "b", cfg, progress=False, resume=True)
+    lines = metrics(tmp_path / "b")
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]  # step 3 redone, not duplicated
+    assert resumed.losses == full.losses[2:]  # steps 3..6
+    assert [r["loss"] for r in lines] == full.losses
+    assert [r["lr"] for r in lines] == [r["lr"] for r in metrics(tmp_path / "a")]
+    a, b = weights(full.model_dir), weights(resumed.model_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_without_checkpoint_raises(tmp_path, data, fast_checkpoint):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(fast_checkpoint, data, tmp_path / "run", config(), progress=False, resume=True)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / METRICS_FILE).write_text("")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(fast_checkpoint, data, tmp_path / "run", config(), progress=False, resume=True)
+
+
+def test_non_empty_run_dir_without_resume_raises(tmp_path, data, fast_checkpoint):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="resume"):
+        train(fast_checkpoint, data, tmp_path / "run", config(), progress=False)
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["notes.txt"]
+
+
+# -- bad samples -------------------------------------------------------------------------------------
+
+
+def test_bad_images_are_skipped_and_reported(tmp_path, data, fast_checkpoint, capsys):
+    root = Path(shutil.copytree(data.parent, tmp_path / "data"))
+    records = json.loads((root / "data.json").read_text())
+    corrupt, missing = records[1], records[5]
+    (root / corrupt["image"]).write_bytes(b"\x89PNG garbage, not an image")
+    (root / missing["image"]).unlink()
+
+    result = train(fast_checkpoint, root / "data.json", tmp_path / "run",
+                   config(batch_size=FIXED_BATCH, max_steps=3), progress=False)
+    assert result.skipped == 2  # counted once each, although every step draws them
+    lines = metrics(result.run_dir)
+    assert len(lines) == 3 and all(math.isfinite(r["loss"]) for r in lines)
+    assert lines[-1]["skipped"] == 2
+    summary = capsys.readouterr().out
+    assert "skipped 2 sample(s)" in summary
+    assert corrupt["id"] in summary and missing["id"] in summary
+    assert dvlm.load(result.model_dir).diffusion is not None
+
+
+# -- settings ----------------------------------------------------------------------------------------
+
+
+def test_lr_lambda_warms_up_then_decays_by_cosine():
+    factor = lr_lambda(100, TrainConfig(warmup_ratio=0.1, min_lr_ratio=0.1))
+    assert factor(0) == pytest.approx(0.1)  # warmup: (step + 1) / 10
+    assert factor(4) == pytest.approx(0.5)
+    assert factor(9) == pytest.approx(1.0)
+    assert factor(10) == pytest.approx(1.0)  # cosine starts at the peak
+    assert factor(55) == pytest.approx(0.55)  # halfway: min + (1 - min) / 2
+    assert factor(100) == pytest.approx(0.1)
+    assert factor(500) == pytest.approx(0.1)  # past the end: stays at the floor
+    no_warmup = lr_lambda(10, TrainConfig(warmup_ratio=0.0))
+    assert no_warmup(0) == pytest.approx(1.0)
+    assert no_warmup(5) == pytest.approx(0.5)
+
+
+def test_logged_learning_rate_follows_schedule(tmp_path, data, fast_checkpoint):
+    cfg = config(max_steps=4, learning_rate=1e-3, warmup_ratio=0.5, min_lr_ratio=0.2)
+    train(fast_checkpoint, data, tmp_path / "run", cfg, progress=False)
+    # warmup 2 steps (1/2, 2/2 of the peak), then cosine over 2 steps down to 0.2 of the peak
+    assert [r["lr"] for r in metrics(tmp_path / "run")] == pytest.approx([5e-4, 1e-3, 1e-3, 6e-4])
+
+
+def test_diffusion_overrides_are_used_and_saved(tmp_path, data, fast_checkpoint):
+    overrides = {"block_size": 4, "anneal_block_size": False}
+    result = train(fast_checkpoint, data, tmp_path / "run", config(), diffusion_overrides=overrides, progress=False)
+    assert [r["block_size"] for r in metrics(result.run_dir)] == [4, 4]
+    saved = json.loads((result.model_dir / "config.json").read_text())["dvlm"]
+    assert saved["block_size"] == 4 and saved["anneal_block_size"] is False
+    assert dvlm.load(result.model_dir).diffusion.block_size == 4
+    assert dvlm.load(fast_checkpoint).diffusion.block_size == 16  # the source is untouched
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"diffusion_overrides": {"no_such_key": 1}}, "no_such_key"),
+        ({"diffusion_overrides": {"block_layout": "nope"}}, "block_layout"),
+    ],
+)
+def test_invalid_diffusion_overrides_raise_before_writing(tmp_path, data, fast_checkpoint, options, match):
+    with pytest.raises(ConfigError, match=match):
+        train(fast_checkpoint, data, tmp_path / "run", config(), progress=False, **options)
+    assert not (tmp_path / "run").exists()
+
+
+def test_ar_loss_rejects_diffusion_overrides(tmp_path, data, ar_checkpoint):
+    with pytest.raises(ConfigError, match="ar_loss"):
+        train(ar_checkpoint, data, tmp_path / "run", config(ar_loss=True),
+              diffusion_overrides={"block_size": 4}, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_gradient_checkpointing_gives_same_losses(tmp_path, data, fast_checkpoint):
+    plain = train(fast_checkpoint, data, tmp_path / "plain", config(), progress=False)
+    checkpointed = train(fast_checkpoint, data, tmp_path / "gc", config(gradient_checkpointing=True), progress=False)
+    assert torch.allclose(torch.tensor(checkpointed.losses), torch.tensor(plain.losses), rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_autocast_trains_with_fp32_master_weights(tmp_path, data, fast_checkpoint):
+    fp32 = train(fast_checkpoint, data, tmp_path / "fp32", config(), progress=False)
+    bf16 = train(fast_checkpoint, data, tmp_path / "bf16", config(dtype="bfloat16"), progress=False)
+    assert all(math.isfinite(x) for x in bf16.losses)
+    assert bf16.losses[0] == pytest.approx(fp32.losses[0], rel=0.05)  # same batch and noise
+    assert bf16.losses[0] != fp32.losses[0]  # autocast really ran in bf16
+    saved = weights(bf16.model_dir)
+    assert {t.dtype for t in saved.values()} == {torch.float32}
