@@ -410,8 +410,6 @@ def test_failed_verification_keeps_existing_output(tmp_path, monkeypatch, ar_che
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
-@pytest.mark.xfail(strict=True, reason="convert/checkpoint.py:71 check_output lets out be src (or hold it): "
-                   "overwrite=True deletes the source checkpoint")
 @pytest.mark.parametrize("where", ["same", "ancestor"])
 def test_output_may_not_replace_source(tmp_path, ar_checkpoint, where):
     src = copy_checkpoint(ar_checkpoint, tmp_path / "models" / "ar")

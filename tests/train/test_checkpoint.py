@@ -114,7 +114,6 @@ def test_crash_while_saving_leaves_previous_checkpoint_to_resume(tmp_path, data,
     ]
 
 
-@pytest.mark.xfail(strict=True, reason="train/checkpoint.py:85 loads rng.pt with weights_only=False (pickle)")
 def test_resume_loads_checkpoint_files_without_pickle(tmp_path, data, fast_checkpoint, monkeypatch):
     cfg = dataclasses.replace(CONFIG, max_steps=2)
     train(fast_checkpoint, data, tmp_path / "run", cfg, progress=False)

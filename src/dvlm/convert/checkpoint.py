@@ -86,10 +86,11 @@ def add_mask_token(model: nn.Module, tokenizer: Any, token: str) -> tuple[int, b
     resized = mask_id >= rows
     if resized:
         model.resize_token_embeddings(mask_id + 1, mean_resizing=False)
-    real = min(known, rows)  # rows of actual tokens: padded spare rows are not averaged
+    real = torch.arange(min(known, rows))  # rows of actual tokens: padded spare rows are not averaged
+    real = real[real != mask_id]  # a mask token that already existed does not average itself
     with torch.no_grad():
         for table in _embedding_tables(model):
-            table[mask_id] = table[:real].mean(dim=0)
+            table[mask_id] = table[real].mean(dim=0)
     return mask_id, resized
 
 
@@ -116,6 +117,8 @@ def convert_checkpoint(
     """Convert `src` (local AR checkpoint) into a dVLM at `out`; see the module docstring."""
     src, out = Path(src), Path(out)
     architecture = check_source(src)
+    if src.resolve().is_relative_to(out.resolve()):
+        raise ValueError(f"output {out} would replace the source checkpoint {src}; choose another directory")
     check_output(out, overwrite)
     settings = dict(overrides or {})
     if block_size is not None:

@@ -70,8 +70,14 @@ def save_checkpoint(run_dir: Path, step: int, lm, optimizer, scheduler, state: d
     rng["numpy"] = [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]
     torch.save(rng, tmp / RNG_FILE)
     (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
+    # Replacing a checkpoint of the same step: move the old one aside first, so a crash at any
+    # point leaves a complete checkpoint under the final name or the aside one.
+    aside = run_dir / f".{final.name}.old"
+    if final.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
     os.replace(tmp, final)
+    shutil.rmtree(aside, ignore_errors=True)
     for _, old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old)
     return final
@@ -82,7 +88,7 @@ def load_training_state(path: Path, optimizer, scheduler) -> dict[str, Any]:
     opt = torch.load(path / OPTIMIZER_FILE, weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
-    rng = torch.load(path / RNG_FILE, weights_only=False)  # python's RNG state is a tuple of ints
+    rng = torch.load(path / RNG_FILE, weights_only=True)
     name, keys, pos, has_gauss, gauss = rng["numpy"]
     rng["numpy"] = (name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss)
     rng["python"] = _as_python_state(rng["python"])

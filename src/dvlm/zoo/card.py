@@ -1,0 +1,61 @@
+"""Model cards of the built-in models: what they are, how they were made, how well they do."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from dvlm.eval.harness import evaluate
+
+CARD_TASKS = ("shapes-qa", "shapes-caption", "digits-read", "multi-turn")
+EVAL_FILE = "eval_results.json"
+
+
+def evaluate_builtin(model, decoders: list[tuple[str, dict[str, Any]]], limit: int,
+                     progress: bool = True) -> list[dict[str, Any]]:
+    """Greedy test-split scores of `model` for each (decoder, options) on every task."""
+    rows = []
+    for decoder, options in decoders:
+        for task in CARD_TASKS:
+            result = evaluate(model, task, limit=limit, decoder=decoder, batch_size=16, progress=progress, **options)
+            rows.append({"task": task, "decoder": decoder, **options, "metrics": result.metrics,
+                         "tokens_per_nfe": result.speed["tokens_per_nfe"], "samples": result.num_samples})
+    return rows
+
+
+def write_model_card(path: Path, name: str, summary: str, info: dict[str, Any], rows: list[dict[str, Any]]) -> Path:
+    """README.md (+ eval_results.json) in the model directory."""
+    (path / EVAL_FILE).write_text(json.dumps(rows, indent=2) + "\n")
+    config = json.loads((path / "config.json").read_text())
+    text = config.get("text_config", {})
+    stage = info["recipe"]["ar" if info["stage"] == "ar" else "dvlm"]
+    lines = [
+        f"# {name}", "", summary, "",
+        "## Model", "",
+        f"- architecture: `{config['architectures'][0]}` (the Hugging Face class, small sizes)",
+        f"- language model: hidden {text.get('hidden_size')}, {text.get('num_hidden_layers')} layers, "
+        f"{text.get('num_attention_heads')} heads / {text.get('num_key_value_heads')} KV heads, "
+        f"vocabulary {text.get('vocab_size')}",
+        f"- vision: depth {config['vision_config']['depth']}, hidden {config['vision_config']['hidden_size']}, "
+        f"patch {config['vision_config']['patch_size']}, merge {config['vision_config']['spatial_merge_size']}",
+        f"- parameters: {info.get('parameters', 'n/a'):,}" if isinstance(info.get("parameters"), int) else "",
+        "", "## Training", "",
+        f"- data: {', '.join(f'{k} x{v}' for k, v in info['recipe']['train_mix'].items())} (train split, seed "
+        f"{info['recipe']['seed']})",
+        f"- {stage['max_steps']} steps, batch {stage['batch_size']}, AdamW lr {stage['learning_rate']} "
+        f"(warmup {stage['warmup_ratio']}, cosine), {stage['dtype']}",
+        f"- time: {info['train_seconds']} s on {info['hardware']}",
+        f"- rebuild: `dvlm zoo build` (the recipe in `src/dvlm/zoo/recipe.py`)",
+        "", "## Test-split results (greedy)", "",
+        "| task | decoder | metrics | tokens / forward |", "|---|---|---|---|",
+    ]
+    for r in rows:
+        opts = ", ".join(f"{k}={r[k]}" for k in ("block_size", "threshold") if k in r)
+        metrics = ", ".join(f"{k} {v:.3f}" for k, v in r["metrics"].items())
+        lines.append(f"| {r['task']} | {r['decoder']}{' (' + opts + ')' if opts else ''} | {metrics} | "
+                     f"{r['tokens_per_nfe']:.2f} |")
+    lines.append("")
+    card = path / "README.md"
+    card.write_text("\n".join(line for line in lines if line is not None) + "\n")
+    return card
