@@ -174,6 +174,9 @@ class DecodeConfig:
     """Nucleus sampling: the smallest set of tokens with cumulative probability >= top_p."""
     seed: int | None = None
     """Seed of the sampling generator (for reproducible sampling)."""
+    fuse_commit: bool = True
+    """Block decoding with token shift: run each commit pass together with the next block's first
+    denoising pass when the seed can be guessed (exact: the output does not change)."""
 
     def __post_init__(self) -> None:
         _check_choice("decoder", self.decoder, DECODERS)
@@ -201,6 +204,9 @@ class TrainConfig:
 
     learning_rate: float = 1e-4
     """Peak AdamW learning rate."""
+    vision_learning_rate: float | None = None
+    """Peak learning rate of the vision encoder and projector (None: learning_rate). DiffusionVL
+    trains its ViT at 1/5 of the LLM's rate; a model trained from scratch may want more."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     warmup_ratio: float = 0.03
@@ -238,6 +244,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.vision_learning_rate is not None and self.vision_learning_rate < 0:
+            raise ConfigError(f"vision_learning_rate must be >= 0, got {self.vision_learning_rate}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         for name in ("epochs", "batch_size", "grad_accum", "max_length", "log_every", "keep_checkpoints"):

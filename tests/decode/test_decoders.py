@@ -119,13 +119,40 @@ def test_ar_statistics(models):
 
 def test_block_statistics_and_length_limit(models):
     lm = models["fast-dvlm"]
-    out = lm.generate("Read the digits.", _images(1), decoder="block", block_size=4, steps=3, max_new_tokens=10)
+    out = lm.generate("Read the digits.", _images(1), decoder="block", block_size=4, steps=3, max_new_tokens=10,
+                      fuse_commit=False)
     assert len(out.tokens) == 10 and out.finish_reason == "length"
     # Token shift: prefill seeds block 1; blocks 1-2 = 3 denoising passes (1 token each) + commit;
     # the last block is cut to the 2 remaining tokens (seed + 1 mask): 1 pass, no commit.
     assert out.tokens_per_step == [1] * 7
     assert out.nfe == 1 + 4 + 4 + 1
     assert lm.mask_token_id not in out.tokens
+
+
+@pytest.mark.parametrize("settings", [dict(block_size=4, threshold=0.3), dict(block_size=8, threshold=0.9),
+                                      dict(block_size=4, steps=2), dict(block_size=6, threshold=0.0)])
+def test_fused_commit_changes_nothing_but_the_forward_count(models, settings):
+    lm = models["fast-dvlm"]
+    texts = [p for p, _ in PROMPTS]
+    images = [_images(n) for _, n in PROMPTS]
+    fused = lm.generate(texts, images, decoder="block", max_new_tokens=20, **settings)
+    plain = lm.generate(texts, images, decoder="block", max_new_tokens=20, fuse_commit=False, **settings)
+    assert [o.tokens for o in fused] == [o.tokens for o in plain]
+    assert [o.tokens_per_step for o in fused] == [o.tokens_per_step for o in plain]
+    assert all(f.nfe <= p.nfe for f, p in zip(fused, plain))
+
+
+def test_fused_commit_saves_forwards_when_the_guess_is_right(models):
+    lm = models["fast-dvlm"]
+    # threshold 0: one pass per block, whose last output is the guess; count the saved passes.
+    kw = dict(decoder="block", block_size=4, threshold=0.0, max_new_tokens=24)
+    fused = lm.generate("Read the digits.", _images(1), **kw)
+    plain = lm.generate("Read the digits.", _images(1), fuse_commit=False, **kw)
+    prompts = [lm.encode("Read the digits.", _images(1))]
+    recomputed = generate_block(lm, prompts, DecodeConfig(**kw), context_cls=RecomputeContext)[0]
+    assert fused.tokens == plain.tokens == recomputed.tokens
+    assert fused.nfe == recomputed.nfe
+    assert plain.nfe - fused.nfe >= 0
 
 
 def test_diffusionvl_static_schedule_one_token_per_step(models):

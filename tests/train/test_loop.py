@@ -243,3 +243,15 @@ def test_bfloat16_autocast_trains_with_fp32_master_weights(tmp_path, data, fast_
     assert bf16.losses[0] != fp32.losses[0]  # autocast really ran in bf16
     saved = weights(bf16.model_dir)
     assert {t.dtype for t in saved.values()} == {torch.float32}
+
+
+def test_vision_learning_rate_gets_its_own_parameter_group(fast_checkpoint):
+    from dvlm.config import TrainConfig
+    from dvlm.train.loop import parameter_groups
+
+    lm = dvlm.load(fast_checkpoint)
+    assert len(parameter_groups(lm, TrainConfig())) == 1
+    groups = parameter_groups(lm, TrainConfig(learning_rate=1e-3, vision_learning_rate=5e-3))
+    vision = lm.adapter.vision_parameters(lm.model)
+    assert groups[1]["lr"] == 5e-3 and len(groups[1]["params"]) == len(vision) > 0
+    assert len(groups[0]["params"]) + len(vision) == len(list(lm.model.parameters()))

@@ -55,5 +55,8 @@ class Qwen25VLAdapter(Adapter):
     def logits(self, model, hidden) -> torch.Tensor:
         return model.lm_head(hidden)
 
+    def vision_parameters(self, model) -> list[nn.Parameter]:
+        return list(model.model.visual.parameters())  # the ViT and its merger (the projector)
+
     def new_cache(self, model) -> Any:
         return DynamicCache(config=model.config)

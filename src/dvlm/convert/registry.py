@@ -66,6 +66,10 @@ class Adapter:
     def new_cache(self, model: nn.Module) -> Any:
         raise NotImplementedError
 
+    def vision_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """Parameters of the vision encoder and projector (for their own learning rate)."""
+        raise NotImplementedError
+
     def model_dtype(self, model: nn.Module) -> torch.dtype:
         return next(model.parameters()).dtype
 

@@ -72,9 +72,11 @@ def generate_block(lm, prompts: list[Encoded], cfg: DecodeConfig, context_cls=KV
             if prefilled:
                 rows.count_forward()
     commit_kind = "causal" if dcfg.clean_attention == "causal" else "block_causal"
+    fuse = cfg.fuse_commit and dcfg.token_shift and commit_kind == "causal"
+    first_pass = None
     while True:
         with timer("denoise"):
-            _denoise(lm, ctx, canvas, cfg, dcfg, rows, generator)
+            last_logits = _denoise(lm, ctx, canvas, cfg, dcfg, rows, generator, first_pass)
         emitted = [ids[int(p):] for ids, p in zip(canvas.ids.tolist(), canvas.prompt_part)]
         done = rows.extend(emitted)
         if done.all():
@@ -83,29 +85,47 @@ def generate_block(lm, prompts: list[Encoded], cfg: DecodeConfig, context_cls=KV
             keep = rows.drop_finished(done).to(lm.device)
             ctx.select_rows(keep)
             canvas = canvas.select(keep)
-        with timer("commit"):
-            hidden = ctx.commit(_embed(lm, canvas), canvas.positions, torch.ones_like(canvas.ids, dtype=torch.bool),
-                                torch.full_like(canvas.ids, ctx.next_block_id()), commit_kind)
-            rows.count_forward()
-            seed = next_token(lm, hidden[:, -1], cfg, generator) if dcfg.token_shift else None
+            last_logits = None if last_logits is None else last_logits[keep]
         # Response layout: every row has generated equally many tokens, so the last block can be
         # cut to what remains. Absolute blocks keep their size (rows' prompt tails differ).
         width = min(block_size, rows.max_remaining()) if dcfg.block_layout == "response" else block_size
-        canvas = _next_canvas(lm, canvas, seed, width)
+        with timer("commit"):
+            if fuse and last_logits is not None and width > 1:
+                canvas, first_pass = _commit_fused(lm, ctx, canvas, last_logits, width, cfg, generator)
+            else:
+                hidden = ctx.commit(_embed(lm, canvas), canvas.positions, _ones(canvas), _block_ids(ctx, canvas),
+                                    commit_kind)
+                seed = next_token(lm, hidden[:, -1], cfg, generator) if dcfg.token_shift else None
+                canvas, first_pass = _next_canvas(lm, canvas, seed, width), None
+            rows.count_forward()
     lengths = [len(p) for p in prompts]
     return rows.outputs(lm.processor.decode, "block", timer.as_dict(), lengths, block_size)
 
 
-def _denoise(lm, ctx, canvas: Canvas, cfg: DecodeConfig, dcfg: DiffusionConfig, rows: RowTracker, generator) -> None:
-    """Unmask the canvas in place, one bidirectional pass at a time, until no [MASK] is left."""
+def _denoise(lm, ctx, canvas: Canvas, cfg: DecodeConfig, dcfg: DiffusionConfig, rows: RowTracker, generator,
+             first_pass: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+    """Unmask the canvas in place, one bidirectional pass at a time, until no [MASK] is left.
+
+    `first_pass`: (logits (R, Q, V), valid (R,)) of the first pass from a fused commit, usable
+    for the rows where `valid`; the other rows need that pass on their own.
+    Returns the last pass's output at the block's last position (R, V): with token shift, a
+    guess of the token after the block (None when no pass ran)."""
     threshold, steps = decode_policy(cfg, dcfg)
     masked = canvas.ids == lm.mask_token_id  # (R, Q): masked state is tracked by ids
-    valid = torch.ones_like(masked)
-    block = torch.full_like(canvas.ids, ctx.next_block_id())
-    step = 0
+    step, last = 0, None
     while masked.any():
-        hidden = ctx.peek(_embed(lm, canvas), canvas.positions, valid, block, "bidirectional")
-        logits = lm.adapter.logits(lm.model, hidden)  # (R, Q, V)
+        fused, usable = first_pass if first_pass is not None else (None, torch.zeros_like(masked[:, 0]))
+        first_pass = None
+        if not bool(usable.all()):
+            hidden = ctx.peek(_embed(lm, canvas), canvas.positions, _ones(canvas), _block_ids(ctx, canvas),
+                              "bidirectional")
+            logits = lm.adapter.logits(lm.model, hidden)  # (R, Q, V)
+            rows.count_forward(masked.any(dim=1) & ~usable)  # usable rows' pass was the fused commit
+        if fused is not None:
+            logits = fused if bool(usable.all()) else torch.where(usable[:, None, None], fused, logits)
+        # Per row, from the row's own last pass (a row may sit idle while others finish).
+        active = masked.any(dim=1, keepdim=True)
+        last = logits[:, -1] if last is None else torch.where(active, logits[:, -1], last)
         if dcfg.token_shift:  # output j predicts position j + 1; position 0 is always known
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         tokens, conf = select_tokens(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator, lm.banned_token_ids)
@@ -113,11 +133,39 @@ def _denoise(lm, ctx, canvas: Canvas, cfg: DecodeConfig, dcfg: DiffusionConfig, 
             chosen = unmask_by_count(conf, masked, steps_schedule_count(masked, steps - step))
         else:
             chosen = unmask_by_threshold(conf, masked, threshold)
-        rows.count_forward(masked.any(dim=1))
         rows.record_steps(chosen.sum(dim=1))
         canvas.ids = torch.where(chosen, tokens, canvas.ids)
         masked &= ~chosen
         step += 1
+    return last
+
+
+def _commit_fused(lm, ctx, canvas: Canvas, last_logits: torch.Tensor, width: int, cfg: DecodeConfig, generator):
+    """Commit the finished block and run the next block's first denoising pass in one forward.
+
+    The next block starts with the seed the commit will produce, which is not known before the
+    forward; the last denoising pass already guessed it. In each row whose guess equals the seed
+    the commit produced, the second half of the forward is exactly the next block's first pass
+    and is kept; in the other rows it is dropped and that pass runs on its own. Outputs are unchanged;
+    only forwards are saved. Returns (next canvas, first-pass logits or None)."""
+    guess, _ = select_tokens(last_logits, banned=lm.banned_token_ids)  # (R,)
+    nxt = _next_canvas(lm, canvas, guess, width)
+    hidden, peeked = ctx.commit_and_peek(
+        (_embed(lm, canvas), canvas.positions, _ones(canvas), _block_ids(ctx, canvas)),
+        (_embed(lm, nxt), nxt.positions, _ones(nxt)),
+    )
+    seed = next_token(lm, hidden[:, -1], cfg, generator)
+    nxt.ids[:, 0] = seed
+    return nxt, (lm.adapter.logits(lm.model, peeked), seed == guess)
+
+
+def _ones(canvas: Canvas) -> torch.Tensor:
+    return torch.ones_like(canvas.ids, dtype=torch.bool)
+
+
+def _block_ids(ctx, canvas: Canvas) -> torch.Tensor:
+    """A fresh block id (above every cached one) for all canvas positions."""
+    return torch.full_like(canvas.ids, ctx.next_block_id())
 
 
 def _embed(lm, canvas: Canvas) -> torch.Tensor:

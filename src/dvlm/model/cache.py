@@ -53,6 +53,30 @@ class KVContext:
         self.key_block = torch.cat([self.key_block, query_block], dim=1)
         return hidden
 
+    def commit_and_peek(self, commit: tuple, peek: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward that commits a block (causal) and peeks at the next one after it.
+
+        commit = (embeds, position_ids, valid, block ids); peek = (embeds, position_ids, valid).
+        The peeked block attends to the context, the committed block and itself
+        (bidirectionally); only the committed block stays in the context.
+        Returns the hidden states of both blocks."""
+        embeds, positions, valid, block = commit
+        p_embeds, p_positions, p_valid = peek
+        q1, q2 = embeds.shape[1], p_embeds.shape[1]
+        keys_valid = torch.cat([self.key_valid, valid, p_valid], dim=1)
+        keys_block = torch.cat([self.key_block, block, block[:, -1:].expand(-1, q2) + 1], dim=1)
+        rows_commit = context_mask(block, keys_block, keys_valid, "causal", query_offset=self.length)
+        rows_peek = context_mask(keys_block[:, -q2:], keys_block, keys_valid, "bidirectional")
+        mask = torch.cat([rows_commit, rows_peek], dim=1)  # (B, q1 + q2, T + q1 + q2)
+        hidden = self.adapter.hidden_states(
+            self.model, torch.cat([embeds, p_embeds], dim=1), torch.cat([positions, p_positions], dim=2),
+            to_additive(mask, self.dtype), cache=self.cache,
+        )
+        self.cache.crop(-q2)
+        self.key_valid = torch.cat([self.key_valid, valid], dim=1)
+        self.key_block = torch.cat([self.key_block, block], dim=1)
+        return hidden[:, :q1], hidden[:, q1:]
+
     def crop(self, length: int) -> None:
         """Keep the first `length` entries."""
         drop = self.length - length
@@ -98,6 +122,14 @@ class RecomputeContext:
 
     length = KVContext.length
     next_block_id = KVContext.next_block_id
+
+    def commit_and_peek(self, commit: tuple, peek: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference: a commit, then a separate peek."""
+        embeds, positions, valid, block = commit
+        hidden = self.commit(embeds, positions, valid, block, "causal")
+        p_embeds, p_positions, p_valid = peek
+        p_block = torch.full_like(p_valid, self.next_block_id(), dtype=torch.long)
+        return hidden, self.peek(p_embeds, p_positions, p_valid, p_block, "bidirectional")
 
     def peek(self, embeds, position_ids, query_valid, query_block, kind: str) -> torch.Tensor:
         return self._forward(embeds, position_ids, query_valid, query_block, kind, keep=False)

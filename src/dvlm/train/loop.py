@@ -86,6 +86,15 @@ class StepData:
             return None
 
 
+def parameter_groups(lm: DVLM, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """One AdamW group, or two when the vision encoder has its own learning rate."""
+    if cfg.vision_learning_rate is None:
+        return [{"params": list(lm.model.parameters())}]
+    vision = {id(p) for p in lm.adapter.vision_parameters(lm.model)}
+    rest = [p for p in lm.model.parameters() if id(p) not in vision]
+    return [{"params": rest}, {"params": lm.adapter.vision_parameters(lm.model), "lr": cfg.vision_learning_rate}]
+
+
 def noise_generator(seed: int, step: int, micro: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + micro)
 
@@ -127,7 +136,7 @@ def train(
     model_.train()
     if cfg.gradient_checkpointing:
         model_.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW(model_.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(lm, cfg), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, cfg))
     start = 0
     if resume:
@@ -198,7 +207,7 @@ def _train_step(lm: DVLM, dcfg, cfg: TrainConfig, steps: StepData, step: int, to
     grad_norm = 0.0
     if cfg.max_grad_norm > 0:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(lm.model.parameters(), cfg.max_grad_norm))
-    lr = scheduler.get_last_lr()[0]
+    lr = scheduler.get_last_lr()[0]  # the language model's (first group's)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
