@@ -205,10 +205,61 @@ def test_train_and_resume(capsys, tmp_path, fast_checkpoint):
 
 
 # -- demo ------------------------------------------------------------------------------------------
-def test_demo(capsys, tmp_path):
-    code, out, _ = run(capsys, "demo", "--out", tmp_path, "--max-new-tokens", 8)
+def test_demo_random(capsys):
+    code, out, _ = run(capsys, "demo", "--random", "--max-new-tokens", 8)
     assert code == 0
     assert "verified" in out and "tokens/nfe" in out and "random" in out
     for decoder in ("ar", "hf", "block"):
         assert f"\n{decoder:<8}" in out
-    assert (tmp_path / "tiny-dvlm" / "config.json").is_file()
+
+
+@pytest.mark.skipif(not {"tiny-ar", "tiny-dvlm"} <= set(__import__("dvlm.zoo.registry").zoo.registry.builtin_names()),
+                    reason="built-in weights not installed")
+def test_demo_on_the_builtin_models(capsys, tmp_path):
+    code, out, _ = run(capsys, "demo", "--out", tmp_path, "--limit", 2, "--max-new-tokens", 64)
+    assert code == 0, out
+    for task in ("shapes-qa", "shapes-caption", "digits-read"):
+        assert f"== {task} ==" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {r["decoder"] for r in results["rows"]} == {"ar", "block", "spec"}
+    assert all("speedup_vs_ar" in r for r in results["rows"])
+    assert (tmp_path / "results.png").stat().st_size > 0 and (tmp_path / "example.png").stat().st_size > 0
+
+
+def test_demo_rejects_a_bad_limit(capsys):
+    code, _, err = run(capsys, "demo", "--limit", 0)
+    assert code == 2 and "--limit" in one_line_error(err, "demo")
+
+
+# -- eval / bench / zoo ------------------------------------------------------------------------------
+def test_eval_json(capsys, fast_checkpoint):
+    code, out, _ = run(capsys, "eval", "--task", "digits-read", "--model", fast_checkpoint, "--limit", 2,
+                       "--max-new-tokens", 6, "--decoder", "spec", "--block-size", 4, "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["task"] == "digits-read" and result["decoder"] == "spec" and result["num_samples"] == 2
+    assert set(result["metrics"]) == {"exact_match", "digit_accuracy"} and result["speed"]["nfe"] > 0
+
+
+def test_eval_unknown_task(capsys, fast_checkpoint):
+    code, _, err = run(capsys, "eval", "--task", "nope", "--model", fast_checkpoint, "--limit", 1)
+    assert code == 2 and "shapes-qa" in one_line_error(err, "eval")
+
+
+def test_bench_writes_json_markdown_and_plot(capsys, tmp_path, fast_checkpoint):
+    code, out, _ = run(capsys, "bench", "--model", fast_checkpoint, "--task", "digits-read", "--decoders", "ar,spec",
+                       "--block-sizes", 4, "--limit", 1, "--max-new-tokens", 6, "--out", tmp_path)
+    assert code == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [r["setting"] for r in rows] == ["ar", "spec(block_size=4)"]
+    assert "| spec(block_size=4) |" in out and (tmp_path / "bench.png").is_file()
+
+
+def test_zoo_list(capsys, monkeypatch, tmp_path):
+    import dvlm.zoo.registry as registry
+
+    (tmp_path / "tiny-x").mkdir()
+    (tmp_path / "tiny-x" / "config.json").write_text("{}")
+    monkeypatch.setattr(registry, "WEIGHTS_DIR", tmp_path)
+    code, out, _ = run(capsys, "zoo", "list")
+    assert code == 0 and out.startswith("tiny-x\t")

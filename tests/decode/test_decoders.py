@@ -238,3 +238,9 @@ def test_stream_reraises_decoder_errors_in_the_caller():
 def test_stream_takes_one_prompt(models):
     with pytest.raises(ValueError, match="one prompt"):
         models["fast-dvlm"].stream(["a", "b"])
+
+
+def test_prompt_with_the_mask_token_is_refused(models):
+    lm = models["fast-dvlm"]
+    with pytest.raises(ValueError, match="mask token"):
+        lm.generate(f"Read {lm.diffusion.mask_token} digits.", decoder="block")

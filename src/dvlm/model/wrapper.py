@@ -59,7 +59,11 @@ class DVLM:
 
     def encode(self, prompt: Any, images: Sequence[Any] | None = None) -> Encoded:
         """A prompt string or a chat message list (+ images) -> the generation-ready Encoded prompt."""
-        return self.processor.encode(prompt, images, add_generation_prompt=True)
+        encoded = self.processor.encode(prompt, images, add_generation_prompt=True)
+        if self.diffusion and bool((encoded.input_ids == self.diffusion.mask_token_id).any()):
+            # Decoders find the positions to fill by the mask id; a prompt may not contain it.
+            raise ValueError(f"the prompt contains the mask token {self.diffusion.mask_token!r}")
+        return encoded
 
     def generate(self, prompts: Any, images: Sequence[Any] | None = None, *, decoder: str | None = None,
                  **decode_options: Any) -> GenerationOutput | list[GenerationOutput]:

@@ -39,12 +39,14 @@ class ZooRecipe:
     train_mix: dict[str, int] = field(default_factory=lambda: {
         "shapes-qa": 8000, "shapes-caption": 4000, "digits-read": 8000, "multi-turn": 4000,
     })
+    # Learning rates: at 2e-3 the vision path never learned (digits stayed at chance after 1500
+    # steps); at 5e-4 a digits-only run reached 96% per-digit accuracy in 600 steps.
     ar: TrainConfig = field(default_factory=lambda: TrainConfig(
-        learning_rate=2e-3, warmup_ratio=0.03, min_lr_ratio=0.05, max_steps=4000, batch_size=16,
+        learning_rate=5e-4, warmup_ratio=0.03, min_lr_ratio=0.05, max_steps=4000, batch_size=16,
         weight_decay=0.01, ar_loss=True, save_every=500, log_every=10, max_length=512,
     ))
     dvlm: TrainConfig = field(default_factory=lambda: TrainConfig(
-        learning_rate=5e-4, warmup_ratio=0.03, min_lr_ratio=0.05, max_steps=3000, batch_size=16,
+        learning_rate=3e-4, warmup_ratio=0.03, min_lr_ratio=0.05, max_steps=3000, batch_size=16,
         weight_decay=0.01, save_every=500, log_every=10, max_length=512,
     ))
     block_size: int = 16
