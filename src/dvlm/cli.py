@@ -141,6 +141,8 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
     policy.add_argument("--threshold", type=float, metavar="T",
                         help="block decoding: unmask every position with confidence >= T")
     policy.add_argument("--steps", type=int, metavar="S", help="block decoding: fixed denoising steps per block")
+    p.add_argument("--sub-block-size", type=int, metavar="S",
+                   help="block decoding: unmask sub-blocks of S positions left to right")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
                    help="answer length limit (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default: %(default)s)")
@@ -161,7 +163,7 @@ def generate(args: argparse.Namespace) -> None:
     with quiet_hf_progress():  # stderr stays empty unless --verbose
         lm = dvlm.load(model_name(args.model), device=checked_device(args.device), dtype=args.dtype)
     options = dict(decoder=args.decoder, block_size=args.block_size, threshold=args.threshold, steps=args.steps,
-                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   sub_block_size=args.sub_block_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed)
     if args.stream:
         stream = lm.stream(args.prompt, images, **options)

@@ -174,6 +174,9 @@ class DecodeConfig:
     """Nucleus sampling: the smallest set of tokens with cumulative probability >= top_p."""
     seed: int | None = None
     """Seed of the sampling generator (for reproducible sampling)."""
+    sub_block_size: int | None = None
+    """Block decoding: unmask only inside the first sub-block (of this many positions) that still
+    has masks, left to right (Fast-dLLM v2 / Fast-dVLM use 8 with B=32). None: the whole block."""
     fuse_commit: bool = True
     """Block decoding with token shift: run each commit pass together with the next block's first
     denoising pass when the seed can be guessed (exact: the output does not change)."""
@@ -192,6 +195,8 @@ class DecodeConfig:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
         if self.temperature < 0:
             raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if self.sub_block_size is not None and self.sub_block_size < 1:
+            raise ConfigError(f"sub_block_size must be >= 1, got {self.sub_block_size}")
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:

@@ -244,3 +244,22 @@ def test_prompt_with_the_mask_token_is_refused(models):
     lm = models["fast-dvlm"]
     with pytest.raises(ValueError, match="mask token"):
         lm.generate(f"Read {lm.diffusion.mask_token} digits.", decoder="block")
+
+
+def test_current_sub_block_literal():
+    from dvlm.decode.block import current_sub_block
+
+    masked = torch.tensor([[0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    assert current_sub_block(masked, 2).int().tolist() == [[0, 1, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1], [0] * 6]
+
+
+def test_sub_blocks_unmask_left_to_right(models):
+    lm = models["fast-dvlm"]
+    out = lm.generate("Read the digits.", _images(1), decoder="block", block_size=8, sub_block_size=4,
+                      threshold=0.0, max_new_tokens=16, fuse_commit=False)
+    # threshold 0 fills a whole open sub-block per pass: [seed + 3 masks], then [4 masks] per block.
+    assert out.tokens_per_step[:2] == [3, 4]
+    prompts = [lm.encode("Read the digits.", _images(1))]
+    cfg = DecodeConfig(decoder="block", block_size=8, sub_block_size=4, threshold=0.5, max_new_tokens=16)
+    assert generate_block(lm, prompts, cfg)[0].tokens == \
+        generate_block(lm, prompts, cfg, context_cls=RecomputeContext)[0].tokens

@@ -8,7 +8,8 @@ from dvlm.zoo.recipe import BUILD_INFO, ZooRecipe, build_zoo
 
 def test_zoo_recipe_builds_loadable_ar_and_diffusion_models(tmp_path):
     recipe = ZooRecipe().scaled(0.001)
-    assert recipe.ar.max_steps == 4 and recipe.ar.ar_loss and not recipe.dvlm.ar_loss
+    assert [c.max_steps for c in recipe.ar_stages] == [4, 4]
+    assert all(c.ar_loss for c in recipe.ar_stages) and not recipe.dvlm.ar_loss
     lines = []
     paths = build_zoo(tmp_path / "zoo", recipe, progress=False, log=lines.append)
     assert set(paths) == {"tiny-ar", "tiny-dvlm"}
@@ -20,3 +21,10 @@ def test_zoo_recipe_builds_loadable_ar_and_diffusion_models(tmp_path):
     assert any("verified" in line for line in lines)  # the conversion checked itself
     out = dv.generate("Read the digits.", max_new_tokens=4, decoder="spec")
     assert out.nfe >= 1
+    card = (paths["tiny-dvlm"] / "README.md").read_text()
+    assert "## Test-split results (greedy)" in card and "| digits-read | spec" in card
+
+    # A second build with the same recipe and work dir reuses the finished stages.
+    again = []
+    build_zoo(tmp_path / "zoo", recipe, progress=False, log=again.append)
+    assert sum("already done" in line for line in again) == 2 + len(recipe.ar_stages)

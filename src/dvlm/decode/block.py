@@ -129,15 +129,24 @@ def _denoise(lm, ctx, canvas: Canvas, cfg: DecodeConfig, dcfg: DiffusionConfig, 
         if dcfg.token_shift:  # output j predicts position j + 1; position 0 is always known
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         tokens, conf = select_tokens(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator, lm.banned_token_ids)
+        open_ = masked if cfg.sub_block_size is None else current_sub_block(masked, cfg.sub_block_size)
         if steps is not None:
-            chosen = unmask_by_count(conf, masked, steps_schedule_count(masked, steps - step))
+            chosen = unmask_by_count(conf, open_, steps_schedule_count(masked, steps - step))
         else:
-            chosen = unmask_by_threshold(conf, masked, threshold)
+            chosen = unmask_by_threshold(conf, open_, threshold)
         rows.record_steps(chosen.sum(dim=1))
         canvas.ids = torch.where(chosen, tokens, canvas.ids)
         masked &= ~chosen
         step += 1
     return last
+
+
+def current_sub_block(masked: torch.Tensor, size: int) -> torch.Tensor:
+    """(R, Q) bool: the masked positions of each row's first sub-block that still has masks."""
+    sub = torch.arange(masked.shape[1], device=masked.device) // size  # (Q,)
+    big = masked.shape[1]  # larger than any sub-block index
+    first = torch.where(masked, sub[None, :], big).min(dim=1, keepdim=True).values  # (R, 1)
+    return masked & (sub[None, :] == first)
 
 
 def _commit_fused(lm, ctx, canvas: Canvas, last_logits: torch.Tensor, width: int, cfg: DecodeConfig, generator):

@@ -29,7 +29,7 @@ def write_model_card(path: Path, name: str, summary: str, info: dict[str, Any], 
     (path / EVAL_FILE).write_text(json.dumps(rows, indent=2) + "\n")
     config = json.loads((path / "config.json").read_text())
     text = config.get("text_config", {})
-    stage = info["recipe"]["ar" if info["stage"] == "ar" else "dvlm"]
+    stages = info["recipe"]["ar_stages"] if info["stage"] == "ar" else [info["recipe"]["dvlm"]]
     lines = [
         f"# {name}", "", summary, "",
         "## Model", "",
@@ -43,8 +43,10 @@ def write_model_card(path: Path, name: str, summary: str, info: dict[str, Any], 
         "", "## Training", "",
         f"- data: {', '.join(f'{k} x{v}' for k, v in info['recipe']['train_mix'].items())} (train split, seed "
         f"{info['recipe']['seed']})",
-        f"- {stage['max_steps']} steps, batch {stage['batch_size']}, AdamW lr {stage['learning_rate']} "
-        f"(warmup {stage['warmup_ratio']}, cosine), {stage['dtype']}",
+        *(f"- stage {i}: {st['max_steps']} steps, batch {st['batch_size']}, AdamW lr {st['learning_rate']} "
+          f"(warmup {st['warmup_ratio']}, cosine), {st['dtype']}, "
+          f"{'next-token loss' if st['ar_loss'] else 'diffusion + AR loss (fast-dvlm recipe)'}"
+          for i, st in enumerate(stages, start=1)),
         f"- time: {info['train_seconds']} s on {info['hardware']}",
         f"- rebuild: `dvlm zoo build` (the recipe in `src/dvlm/zoo/recipe.py`)",
         "", "## Test-split results (greedy)", "",
