@@ -163,7 +163,8 @@ def generate(args: argparse.Namespace) -> None:
     with quiet_hf_progress():  # stderr stays empty unless --verbose
         lm = dvlm.load(model_name(args.model), device=checked_device(args.device), dtype=args.dtype)
     options = dict(decoder=args.decoder, block_size=args.block_size, threshold=args.threshold, steps=args.steps,
-                   sub_block_size=args.sub_block_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   sub_block_size=args.sub_block_size, max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed)
     if args.stream:
         stream = lm.stream(args.prompt, images, **options)
