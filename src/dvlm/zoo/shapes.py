@@ -1,8 +1,10 @@
 """Synthetic shape scenes for the built-in model: sampling, rendering, and the text about them.
 
-Image format (fixed): 112x112 RGB, plain white background, a 3x3 grid of cells; a scene holds
-1-4 shapes, each in its own cell, centred in that cell plus an integer jitter of at most 3 px per
-axis. Shapes are drawn at 4x resolution and downsampled (anti-aliasing), so a shape's interior is
+Image format (fixed): 84x84 RGB, plain white background, a 3x3 grid of 28 px cells; a scene
+holds 1-4 shapes, each in its own cell, centred in that cell plus an integer jitter of at most
+2 px per axis. 28 px is one merged vision token of Qwen2.5-VL (14 px patches, 2x2 merge), so each
+cell is exactly one image token: at 112 px the cell borders fell inside tokens and the tiny
+built-in model learned shape kinds and colours far more slowly. Shapes are drawn at 4x resolution and downsampled (anti-aliasing), so a shape's interior is
 exactly its colour and empty cells are exactly the background.
 
 Vocabulary: 5 kinds x 6 colours x 2 sizes. Size is a visual nuisance only: no text mentions it.
@@ -31,14 +33,14 @@ from dataclasses import astuple, dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-IMAGE_SIZE = 112
+IMAGE_SIZE = 84
 GRID = 3
 CELL_SIZE = IMAGE_SIZE / GRID
 SUPERSAMPLE = 4  # draw at 4x and downsample: smooth edges without a dependency
 BACKGROUND = (255, 255, 255)
 MIN_SHAPES = 1
 MAX_SHAPES = 4
-MAX_JITTER = 3  # px; the large radius (14) + 3 stays inside half a cell (18.7)
+MAX_JITTER = 2  # px; the large radius (11) + 2 stays inside half a cell (14)
 MAX_SCENE_DRAWS = 10_000  # rejection sampling into a split; ~10 draws are expected
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -50,7 +52,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (255, 130, 0),
 }
 KINDS = ("circle", "square", "triangle", "star", "cross")
-SIZES: dict[str, float] = {"small": 9.0, "large": 14.0}  # circumradius in px at IMAGE_SIZE
+SIZES: dict[str, float] = {"small": 7.0, "large": 11.0}  # circumradius in px at IMAGE_SIZE
 # Cell names in row-major order: POSITIONS[cell] with cell = row * GRID + column.
 POSITIONS = (
     "top left", "top", "top right",
@@ -173,7 +175,7 @@ def shape_centre(shape: Shape) -> tuple[float, float]:
 
 
 def render_scene(scene: Scene) -> Image.Image:
-    """Draw the scene as a 112x112 RGB image."""
+    """Draw the scene as an IMAGE_SIZE x IMAGE_SIZE RGB image."""
     big = Image.new("RGB", (IMAGE_SIZE * SUPERSAMPLE,) * 2, BACKGROUND)
     draw = ImageDraw.Draw(big)
     for shape in scene:
