@@ -210,8 +210,8 @@ class TrainConfig:
     learning_rate: float = 1e-4
     """Peak AdamW learning rate."""
     vision_learning_rate: float | None = None
-    """Peak learning rate of the vision encoder and projector (None: learning_rate). DiffusionVL
-    trains its ViT at 1/5 of the LLM's rate; a model trained from scratch may want more."""
+    """Peak learning rate of the vision encoder (not the projector); None: learning_rate, 0: frozen.
+    DiffusionVL trains its ViT at 1/5 of the LLM's rate."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     warmup_ratio: float = 0.03

@@ -255,3 +255,7 @@ def test_vision_learning_rate_gets_its_own_parameter_group(fast_checkpoint):
     vision = lm.adapter.vision_parameters(lm.model)
     assert groups[1]["lr"] == 5e-3 and len(groups[1]["params"]) == len(vision) > 0
     assert len(groups[0]["params"]) + len(vision) == len(list(lm.model.parameters()))
+    merger = {id(p) for p in lm.model.model.visual.merger.parameters()}
+    assert not merger & {id(p) for p in vision}  # the projector trains with the language model
+    frozen = parameter_groups(lm, TrainConfig(vision_learning_rate=0.0))
+    assert len(frozen) == 1 and not any(p.requires_grad for p in vision)

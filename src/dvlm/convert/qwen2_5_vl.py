@@ -56,7 +56,8 @@ class Qwen25VLAdapter(Adapter):
         return model.lm_head(hidden)
 
     def vision_parameters(self, model) -> list[nn.Parameter]:
-        return list(model.model.visual.parameters())  # the ViT and its merger (the projector)
+        visual = model.model.visual  # the ViT; its `merger` is the projector and trains with the LM
+        return [p for name, p in visual.named_parameters() if not name.startswith("merger.")]
 
     def new_cache(self, model) -> Any:
         return DynamicCache(config=model.config)

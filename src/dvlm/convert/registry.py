@@ -67,7 +67,7 @@ class Adapter:
         raise NotImplementedError
 
     def vision_parameters(self, model: nn.Module) -> list[nn.Parameter]:
-        """Parameters of the vision encoder and projector (for their own learning rate)."""
+        """Parameters of the vision encoder, without the projector (for their own learning rate)."""
         raise NotImplementedError
 
     def model_dtype(self, model: nn.Module) -> torch.dtype:

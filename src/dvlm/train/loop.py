@@ -87,12 +87,17 @@ class StepData:
 
 
 def parameter_groups(lm: DVLM, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """One AdamW group, or two when the vision encoder has its own learning rate."""
+    """One AdamW group, or two when the vision encoder has its own learning rate (0 freezes it)."""
     if cfg.vision_learning_rate is None:
         return [{"params": list(lm.model.parameters())}]
-    vision = {id(p) for p in lm.adapter.vision_parameters(lm.model)}
+    vision_params = lm.adapter.vision_parameters(lm.model)
+    vision = {id(p) for p in vision_params}
     rest = [p for p in lm.model.parameters() if id(p) not in vision]
-    return [{"params": rest}, {"params": lm.adapter.vision_parameters(lm.model), "lr": cfg.vision_learning_rate}]
+    if cfg.vision_learning_rate == 0:
+        for p in vision_params:
+            p.requires_grad_(False)  # frozen: no gradients, no optimizer state
+        return [{"params": rest}]
+    return [{"params": rest}, {"params": vision_params, "lr": cfg.vision_learning_rate}]
 
 
 def noise_generator(seed: int, step: int, micro: int) -> torch.Generator:
