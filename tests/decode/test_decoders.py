@@ -263,3 +263,15 @@ def test_sub_blocks_unmask_left_to_right(models):
     cfg = DecodeConfig(decoder="block", block_size=8, sub_block_size=4, threshold=0.5, max_new_tokens=16)
     assert generate_block(lm, prompts, cfg)[0].tokens == \
         generate_block(lm, prompts, cfg, context_cls=RecomputeContext)[0].tokens
+
+
+def test_positions_after_a_finished_answer_need_no_denoising():
+    from dvlm.decode.block import Canvas, after_finished_answer
+
+    M, E = 99, 7
+    ids = torch.tensor([[5, E, M, M], [5, M, E, M], [1, 2, E, M]])
+    masked = ids == M
+    canvas = Canvas(ids, torch.zeros(3, 3, 4, dtype=torch.long), torch.tensor([0, 0, 3]))
+    # Row 0: EOS with nothing masked before it -> the rest is dropped. Row 1: a mask before the
+    # EOS -> keep denoising. Row 2: the EOS is a prompt token (prompt_part 3) -> not an answer end.
+    assert after_finished_answer(canvas, masked, [E]).int().tolist() == [[0, 0, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0]]

@@ -1,9 +1,13 @@
-"""The shipped built-in models: present, loadable by name, and actually trained."""
+"""The shipped built-in models: present, loadable by name, and actually trained.
+
+Thresholds sit below the levels measured on 200 test samples per task (the model cards), so they
+catch a broken or untrained model without flaking: digits are read reliably by every decoder,
+shapes questions only partly (see the model cards and the closing note of the built-in model)."""
 
 import pytest
 
 import dvlm
-from dvlm.eval.harness import sample_prompt
+from dvlm.eval.harness import evaluate, sample_prompt
 from dvlm.zoo.registry import builtin_names
 from dvlm.zoo.tasks import get_task
 
@@ -17,23 +21,48 @@ def models():
     return {name: dvlm.load(name) for name in ("tiny-ar", "tiny-dvlm")}
 
 
-def _first(task):
-    return get_task(task).generate("test", 1, seed=0)[0]
+def _first(task, question_type=None):
+    samples = get_task(task).generate("test", 20, seed=0)
+    return next(s for s in samples if question_type in (None, s.meta.get("question_type")))
 
 
-@pytest.mark.parametrize("task", ["shapes-qa", "shapes-caption", "digits-read"])
-@pytest.mark.parametrize("name,decoder", [("tiny-ar", "ar"), ("tiny-dvlm", "block"), ("tiny-dvlm", "spec")])
-def test_builtin_models_answer_a_fixed_test_example(models, task, name, decoder):
-    sample = _first(task)
-    out = models[name].generate(sample_prompt(sample), sample.images, decoder=decoder, max_new_tokens=96)
+@pytest.mark.parametrize("name,decoder", [("tiny-ar", "ar"), ("tiny-dvlm", "ar"), ("tiny-dvlm", "spec"),
+                                          ("tiny-dvlm", "block")])
+def test_builtin_models_answer_a_fixed_count_question(models, name, decoder):
+    sample = _first("shapes-qa", "count")
+    out = models[name].generate(sample_prompt(sample), sample.images, decoder=decoder, max_new_tokens=8)
     assert out.text == sample.answers[-1]
 
 
+@pytest.mark.parametrize("name,decoder", [("tiny-ar", "ar"), ("tiny-dvlm", "spec")])
+def test_builtin_models_read_a_fixed_digit_strip(models, name, decoder):
+    sample = _first("digits-read")
+    out = models[name].generate(sample_prompt(sample), sample.images, decoder=decoder, max_new_tokens=24)
+    assert out.text == sample.answers[-1]
+
+
+@pytest.mark.parametrize("name,decoder,floor", [("tiny-ar", "ar", 0.9), ("tiny-dvlm", "spec", 0.9),
+                                                ("tiny-dvlm", "block", 0.6)])
+def test_builtin_models_are_trained(models, name, decoder, floor):
+    result = evaluate(models[name], "digits-read", limit=24, decoder=decoder, batch_size=8, progress=False)
+    assert result.metrics["digit_accuracy"] >= floor  # a random model reads ~10% of digits
+
+
+def test_builtin_speculative_decoding_equals_its_ar_decoding(models):
+    """Invariant 5 on the built-in model, across block sizes."""
+    samples = get_task("shapes-caption").generate("test", 4, seed=0)
+    prompts, images = [sample_prompt(s) for s in samples], [s.images for s in samples]
+    ar = models["tiny-dvlm"].generate(prompts, images, decoder="ar", max_new_tokens=64)
+    for block_size in (4, 16):
+        spec = models["tiny-dvlm"].generate(prompts, images, decoder="spec", block_size=block_size,
+                                            max_new_tokens=64)
+        assert [o.tokens for o in spec] == [o.tokens for o in ar]
+
+
 def test_builtin_dvlm_decodes_several_tokens_per_forward_on_captions(models):
-    sample = _first("shapes-caption")
-    out = models["tiny-dvlm"].generate(sample_prompt(sample), sample.images, decoder="block", block_size=16,
-                                       threshold=0.9)
-    assert out.tokens_per_nfe > 1.5
+    result = evaluate(models["tiny-dvlm"], "shapes-caption", limit=8, decoder="block", batch_size=8,
+                      block_size=16, threshold=0.9, progress=False)
+    assert result.speed["tokens_per_nfe"] > 2.0
 
 
 def test_builtin_names_resolve_everywhere(models):

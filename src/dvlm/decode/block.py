@@ -137,8 +137,23 @@ def _denoise(lm, ctx, canvas: Canvas, cfg: DecodeConfig, dcfg: DiffusionConfig, 
         rows.record_steps(chosen.sum(dim=1))
         canvas.ids = torch.where(chosen, tokens, canvas.ids)
         masked &= ~chosen
+        masked &= ~after_finished_answer(canvas, masked, lm.eos_token_ids)
         step += 1
     return last
+
+
+def after_finished_answer(canvas: Canvas, masked: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
+    """(R, Q) bool: masked positions after an EOS that has no mask before it.
+
+    The answer ends there, so those positions are never emitted: they need no denoising pass.
+    (Short answers would otherwise pay for filling the rest of the block.)"""
+    q = torch.arange(canvas.ids.shape[1], device=canvas.ids.device)
+    generated = q[None, :] >= canvas.prompt_part[:, None]
+    is_eos = torch.isin(canvas.ids, torch.tensor(eos_token_ids, device=canvas.ids.device)) & generated & ~masked
+    big = canvas.ids.shape[1]
+    first_eos = torch.where(is_eos, q[None, :], big).min(dim=1, keepdim=True).values  # (R, 1)
+    first_mask = torch.where(masked, q[None, :], big).min(dim=1, keepdim=True).values
+    return masked & (first_eos < first_mask) & (q[None, :] > first_eos)
 
 
 def current_sub_block(masked: torch.Tensor, size: int) -> torch.Tensor:

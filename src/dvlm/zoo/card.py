@@ -47,7 +47,8 @@ def write_model_card(path: Path, name: str, summary: str, info: dict[str, Any], 
           f"(warmup {st['warmup_ratio']}, cosine), {st['dtype']}, "
           f"{'next-token loss' if st['ar_loss'] else 'diffusion + AR loss (fast-dvlm recipe)'}"
           for i, st in enumerate(stages, start=1)),
-        f"- time: {info['train_seconds']} s on {info['hardware']}",
+        f"- training time: about {info['train_seconds'] / 60:.0f} min (sum of measured step times) on "
+        f"{info['hardware']}",
         f"- rebuild: `dvlm zoo build` (the recipe in `src/dvlm/zoo/recipe.py`)",
         "", "## Test-split results (greedy)", "",
         "| task | decoder | metrics | tokens / forward |", "|---|---|---|---|",

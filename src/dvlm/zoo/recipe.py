@@ -89,7 +89,6 @@ def build_zoo(out: str | Path, recipe: ZooRecipe | None = None, *, work_dir: str
     model = _stage(work / "init", recipe, ("init", asdict(recipe.shape), recipe.seed), log,
                    "initialising tiny-ar (random weights)",
                    lambda d: build_random_checkpoint(d, build_tokenizer(), recipe.shape, recipe.seed, processor))
-    tick = time.time()
     ar_losses: list[float] = []
     for i, cfg in enumerate(recipe.ar_stages, start=1):
         key = ("ar", i, asdict(cfg), str(model))
@@ -97,16 +96,15 @@ def build_zoo(out: str | Path, recipe: ZooRecipe | None = None, *, work_dir: str
         model = _stage(run / "model", recipe, key, log, f"training tiny-ar, stage {i} ({cfg.max_steps} steps)",
                        lambda d, m=model, c=cfg, r=run: ar_losses.extend(
                            train(m, data, _fresh(r), c, progress=progress).losses))
-    ar_seconds = time.time() - tick
+    ar_seconds = sum(measured_seconds(work / f"run-ar{i}", c) for i, c in enumerate(recipe.ar_stages, start=1))
     ar_dir = _install(model, out / "tiny-ar")
 
     log("converting tiny-ar with the fast-dvlm preset")
     converted = work / "converted"
     convert_checkpoint(ar_dir, converted, preset="fast-dvlm", block_size=recipe.block_size, overwrite=True, log=log)
     log(f"diffusion fine-tuning tiny-dvlm ({recipe.dvlm.max_steps} steps)")
-    tick = time.time()
     dv_run = train(converted, data, _fresh(work / "run-dvlm"), recipe.dvlm, progress=progress)
-    dv_seconds = time.time() - tick
+    dv_seconds = measured_seconds(work / "run-dvlm", recipe.dvlm)
     dv_dir = _install(dv_run.model_dir, out / "tiny-dvlm")
 
     meta = {"recipe": _jsonable(asdict(recipe)), "hardware": _hardware(), "total_seconds": round(time.time() - started)}
@@ -166,6 +164,15 @@ def _stage(path: Path, recipe: ZooRecipe, key: Any, log: Callable[[str], None], 
     return path
 
 
+def measured_seconds(run_dir: Path, cfg: TrainConfig) -> float:
+    """Training time of a run from its metrics (logged steps' durations x log_every): it also
+    covers stages reused from an earlier, interrupted build."""
+    from dvlm.train.loop import METRICS_FILE
+
+    lines = (run_dir / METRICS_FILE).read_text().splitlines()
+    return sum(json.loads(line)["seconds"] for line in lines) * cfg.log_every
+
+
 def _fresh(path: Path) -> Path:
     shutil.rmtree(path, ignore_errors=True)
     return path
@@ -181,13 +188,9 @@ def _write_build_info(path: Path, info: dict[str, Any]) -> None:
     (path / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
 
-def _hardware() -> dict[str, Any]:
-    return {
-        "cpu_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "machine": platform.machine(),
-        "torch": torch.__version__,
-    }
+def _hardware() -> str:
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.machine()})"
+    return f"{device}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
 def _jsonable(value: Any) -> Any:
