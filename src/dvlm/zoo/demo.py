@@ -60,13 +60,15 @@ def run_demo(out: Path, *, limit: int = 20, max_new_tokens: int = 96, progress: 
 
 def format_task_table(task: str, rows: list[dict[str, Any]]) -> str:
     metric_names = list(rows[0]["metrics"])
-    head = f"{'model / decoder':<34}" + "".join(f"{m:>16}" for m in metric_names)
+    head = f"{'model / decoder':<48}" + "".join(f"{m:>16}" for m in metric_names)
     head += f"{'tok/forward':>12}{'tok/s':>9}{'vs AR':>8}"
     lines = [f"== {task} ==", head]
     for r in rows:
-        name = f"{AR_MODEL if r['model'] == 'baseline' else DIFFUSION_MODEL} {r['setting']}"
+        options = ",".join(f"{k}={r[k]}" for k in ("block_size", "threshold") if k in r)
+        model = AR_MODEL if r["model"] == "baseline" else DIFFUSION_MODEL
+        name = f"{model} {r['decoder']}" + (f"({options})" if options else "")
         cells = "".join(f"{r['metrics'].get(m, 0.0):>16.3f}" for m in metric_names)
-        lines.append(f"{name:<34}{cells}{r['tokens_per_nfe']:>12.2f}{r['tokens_per_second']:>9.1f}"
+        lines.append(f"{name:<48}{cells}{r['tokens_per_nfe']:>12.2f}{r['tokens_per_second']:>9.1f}"
                      f"{r['speedup_vs_ar']:>7.2f}x")
     return "\n".join(lines)
 
