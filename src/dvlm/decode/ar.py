@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from dvlm.config import DecodeConfig
@@ -21,18 +23,37 @@ def next_token(lm, hidden: torch.Tensor, cfg: DecodeConfig, generator) -> torch.
     return tokens
 
 
-@torch.inference_mode()
-def generate_ar(lm, prompts: list[Encoded], cfg: DecodeConfig, context_cls=KVContext,
-        listener: Listener | None = None) -> list[GenerationOutput]:
-    """Greedy or sampled AR decoding of a batch; rows leave the batch when they finish."""
+@dataclass
+class ARStart:
+    """A batch after its causal prefill: the first generated token of every row is known."""
+
+    timer: Timer
+    generator: torch.Generator | None
+    rows: RowTracker
+    context: KVContext
+    token: torch.Tensor  # (R,) the first generated token
+    position: torch.Tensor  # (R,) its position id
+
+
+def start_ar(lm, prompts: list[Encoded], cfg: DecodeConfig, context_cls, listener: Listener | None) -> ARStart:
+    """Prefill the prompts causally and pick each row's first token (AR and spec decoding)."""
     timer = Timer(lm.device)
     generator = make_generator(cfg.seed, lm.device)
     rows = RowTracker(len(prompts), cfg.max_new_tokens, lm.eos_token_ids, listener)
     with timer("prefill"):
         pre = prefill(lm, prompts, context_cls)
-        token = next_token(lm, pre.last_hidden, cfg, generator)  # (R,)
+        token = next_token(lm, pre.last_hidden, cfg, generator)
     rows.count_forward()
-    ctx, position = pre.context, pre.next_position
+    return ARStart(timer, generator, rows, pre.context, token, pre.next_position)
+
+
+@torch.inference_mode()
+def generate_ar(lm, prompts: list[Encoded], cfg: DecodeConfig, context_cls=KVContext,
+        listener: Listener | None = None) -> list[GenerationOutput]:
+    """Greedy or sampled AR decoding of a batch; rows leave the batch when they finish."""
+    start = start_ar(lm, prompts, cfg, context_cls, listener)
+    timer, generator, rows, ctx = start.timer, start.generator, start.rows, start.context
+    token, position = start.token, start.position
     with timer("decode"):
         while True:
             done = rows.extend([[t] for t in token.tolist()])

@@ -19,13 +19,12 @@ import torch
 
 from dvlm.config import ConfigError, DecodeConfig
 from dvlm.data.processor import Encoded
-from dvlm.decode.ar import next_token
+from dvlm.decode.ar import start_ar
 from dvlm.decode.output import GenerationOutput
-from dvlm.decode.prefill import make_generator, prefill, text_positions
-from dvlm.decode.rows import Listener, RowTracker
+from dvlm.decode.prefill import text_positions
+from dvlm.decode.rows import Listener
 from dvlm.decode.sampling import sampling_distribution, select_tokens
 from dvlm.model.cache import KVContext
-from dvlm.runtime import Timer
 
 
 @torch.inference_mode()
@@ -37,14 +36,9 @@ def generate_speculative(lm, prompts: list[Encoded], cfg: DecodeConfig, context_
     block_size = cfg.block_size or dcfg.block_size
     if block_size < 2:
         raise ConfigError("decoder='spec' needs block_size >= 2")
-    timer = Timer(lm.device)
-    generator = make_generator(cfg.seed, lm.device)
-    rows = RowTracker(len(prompts), cfg.max_new_tokens, lm.eos_token_ids, listener)
-    with timer("prefill"):
-        pre = prefill(lm, prompts, context_cls)
-        seed = next_token(lm, pre.last_hidden, cfg, generator)  # (R,)
-    rows.count_forward()
-    ctx, position = pre.context, pre.next_position
+    start = start_ar(lm, prompts, cfg, context_cls, listener)
+    timer, generator, rows, ctx = start.timer, start.generator, start.rows, start.context
+    seed, position = start.token, start.position
     while True:
         block = torch.full((seed.shape[0], block_size), lm.mask_token_id, dtype=torch.long, device=lm.device)
         block[:, 0] = seed

@@ -6,7 +6,7 @@ This is the one generate path: the CLI, server, eval and bench all call `DVLM.ge
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -16,6 +16,9 @@ from dvlm.convert.registry import Adapter, adapter_for_checkpoint
 from dvlm.data.processor import ChatProcessor, Encoded
 from dvlm.decode.output import GenerationOutput
 from dvlm.runtime import pick_device, pick_dtype
+
+if TYPE_CHECKING:
+    from dvlm.decode.stream import TextStream
 
 DIFFUSION_CONFIG_KEY = "dvlm"
 

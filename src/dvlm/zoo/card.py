@@ -49,7 +49,7 @@ def write_model_card(path: Path, name: str, summary: str, info: dict[str, Any], 
           for i, st in enumerate(stages, start=1)),
         f"- training time: about {info['train_seconds'] / 60:.0f} min (sum of measured step times) on "
         f"{info['hardware']}",
-        f"- rebuild: `dvlm zoo build` (the recipe in `src/dvlm/zoo/recipe.py`)",
+        "- rebuild: `dvlm zoo build` (the recipe in `src/dvlm/zoo/recipe.py`)",
         "", "## Test-split results (greedy)", "",
         "| task | decoder | metrics | tokens / forward |", "|---|---|---|---|",
     ]
