@@ -318,6 +318,9 @@ def describe_device(device: Any) -> str:
 def zoo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=("build", "list"), help="build: rebuild the built-in models; list: show them")
     p.add_argument("--out", metavar="DIR", help="where to write tiny-ar/ and tiny-dvlm/ (default: the package's weights)")
+    p.add_argument("--work-dir", metavar="DIR",
+                   help="data, runs and stage stamps (default: OUT/.zoo-build); rerunning with the same "
+                        "directory continues an interrupted build")
     p.add_argument("--scale", type=float, default=1.0, help="fraction of the recipe's steps and data (default: 1)")
 
 
@@ -333,7 +336,8 @@ def zoo(args: argparse.Namespace) -> None:
     if not 0 < args.scale <= 1:
         raise CLIError("--scale must be in (0, 1]")
     recipe = ZooRecipe() if args.scale == 1 else ZooRecipe().scaled(args.scale)
-    paths = build_zoo(Path(args.out) if args.out else WEIGHTS_DIR, recipe, log=lambda line: print(line, flush=True))
+    paths = build_zoo(Path(args.out) if args.out else WEIGHTS_DIR, recipe, work_dir=args.work_dir,
+                      log=lambda line: print(line, flush=True))
     for name, path in paths.items():
         print(f"built {name}: {path}")
 
