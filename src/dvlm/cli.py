@@ -320,7 +320,7 @@ def zoo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", help="where to write tiny-ar/ and tiny-dvlm/ (default: the package's weights)")
     p.add_argument("--work-dir", metavar="DIR",
                    help="data, runs and stage stamps (default: OUT/.zoo-build); rerunning with the same "
-                        "directory continues an interrupted build")
+                        "directory skips the stages an earlier build finished")
     p.add_argument("--scale", type=float, default=1.0, help="fraction of the recipe's steps and data (default: 1)")
 
 

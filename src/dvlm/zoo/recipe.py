@@ -151,7 +151,7 @@ STAGE_STAMP = ".dvlm-stage.json"
 def _stage(path: Path, recipe: ZooRecipe, key: Any, log: Callable[[str], None], message: str,
            run: Callable[[Path], Any]) -> Path:
     """Run one build stage into `path`, unless a previous build finished it with the same inputs
-    (so an interrupted `dvlm zoo build --work-dir` continues instead of starting over)."""
+    (so rerunning `dvlm zoo build` with the same --work-dir skips the finished stages)."""
     stamp = path / STAGE_STAMP
     wanted = json.dumps(_jsonable(key), sort_keys=True)
     if stamp.is_file() and stamp.read_text() == wanted:
