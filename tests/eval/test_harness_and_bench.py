@@ -64,3 +64,12 @@ def test_bench_rows_ratios_and_report(lm, tmp_path):
     assert "| spec(block_size=4) |" in paths["markdown"].read_text()
     assert paths["plot"].stat().st_size > 1000
     assert "### digits-read" in markdown_table(rows, "x")
+
+
+def test_plots_use_a_metric_each_task_reports():
+    from dvlm.eval.plots import PRIMARY_METRIC
+    from dvlm.zoo.metrics import score
+
+    for task, metric in PRIMARY_METRIC.items():
+        sample = get_task(task).generate("test", 1)[0]
+        assert metric in score(task, sample.answers[-1], sample), task

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-PRIMARY_METRIC = {"shapes-qa": "exact_match", "shapes-caption": "f1", "digits-read": "digit_accuracy",
+PRIMARY_METRIC = {"shapes-qa": "exact_match", "shapes-caption": "fact_f1", "digits-read": "digit_accuracy",
                   "multi-turn": "exact_match"}
 
 
