@@ -123,12 +123,7 @@ def train(
     converted dVLM and trains with its DiffusionConfig (updated by `diffusion_overrides`).
     """
     run_dir = Path(out)
-    checkpoints = list_checkpoints(run_dir)
-    if resume and not checkpoints:
-        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}")
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(f"run directory {run_dir} is not empty; pass --resume to continue it or pick a new one")
-    start_dir = checkpoints[-1][1] if resume else model
+    start_dir = _start_directory(run_dir, model, resume)
     lm = load(start_dir, device=device, dtype="float32")  # master weights in fp32
     dcfg = _diffusion_config(lm, cfg, diffusion_overrides)
     lm.processor.max_length = cfg.max_length
@@ -137,13 +132,7 @@ def train(
     steps = StepData(dataset, cfg, lm.processor.pad_token_id, skips)
     total = steps.total_steps()
 
-    model_ = lm.model
-    model_.train()
-    if cfg.gradient_checkpointing:
-        if hasattr(model_, "activation_checkpointing_enable"):  # the name since transformers 5.x
-            model_.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model_.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _prepare_model(lm.model, cfg)
     optimizer = torch.optim.AdamW(parameter_groups(lm, cfg), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, cfg))
     start = 0
@@ -170,12 +159,32 @@ def train(
         if on_step is not None:
             on_step(step + 1, record)
     save_checkpoint(run_dir, total, lm, optimizer, scheduler, state, cfg.keep_checkpoints)
-    model_.eval()
+    lm.model.eval()
     save_model(lm, result.model_dir)
     result.skipped = skips.count
     if skips.count:
         tqdm.write(skips.summary())
     return result
+
+
+def _start_directory(run_dir: Path, model: str | Path, resume: bool) -> str | Path:
+    """Where the weights come from: the run's newest checkpoint (resume) or `model`."""
+    checkpoints = list_checkpoints(run_dir)
+    if resume and not checkpoints:
+        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}")
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"run directory {run_dir} is not empty; pass --resume to continue it or pick a new one")
+    return checkpoints[-1][1] if resume else model
+
+
+def _prepare_model(model, cfg: TrainConfig) -> None:
+    model.train()
+    if not cfg.gradient_checkpointing:
+        return
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _diffusion_config(lm: DVLM, cfg: TrainConfig, overrides: dict[str, Any] | None) -> DiffusionConfig | None:
