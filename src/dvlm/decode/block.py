@@ -114,15 +114,17 @@ def _denoise(lm, ctx, canvas: Canvas, cfg: DecodeConfig, dcfg: DiffusionConfig, 
     masked = canvas.ids == lm.mask_token_id  # (R, Q): masked state is tracked by ids
     step, last = 0, None
     while masked.any():
-        fused, usable = first_pass if first_pass is not None else (None, torch.zeros_like(masked[:, 0]))
+        fused, usable = first_pass if first_pass is not None else (None, None)
         first_pass = None
-        if not bool(usable.all()):
+        all_usable = usable is not None and bool(usable.all())  # one host sync, only after a fused commit
+        if not all_usable:
             hidden = ctx.peek(_embed(lm, canvas), canvas.positions, _ones(canvas), _block_ids(ctx, canvas),
                               "bidirectional")
             logits = lm.adapter.logits(lm.model, hidden)  # (R, Q, V)
-            rows.count_forward(masked.any(dim=1) & ~usable)  # usable rows' pass was the fused commit
+            needed = masked.any(dim=1) if usable is None else masked.any(dim=1) & ~usable
+            rows.count_forward(needed)  # usable rows' pass was the fused commit
         if fused is not None:
-            logits = fused if bool(usable.all()) else torch.where(usable[:, None, None], fused, logits)
+            logits = fused if all_usable else torch.where(usable[:, None, None], fused, logits)
         # Per row, from the row's own last pass (a row may sit idle while others finish).
         active = masked.any(dim=1, keepdim=True)
         last = logits[:, -1] if last is None else torch.where(active, logits[:, -1], last)
