@@ -19,7 +19,7 @@ CLEAN_ATTENTIONS = ("causal", "block_causal")
 NOISY_STREAMS = ("response", "text", "all")
 T_SAMPLINGS = ("uniform", "antithetic")
 LOSS_WEIGHTINGS = ("none", "inverse_t")
-DECODERS = ("ar", "block", "spec", "hf")
+DECODERS = ("ar", "block", "spec", "spec-quadratic", "hf")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -157,7 +157,8 @@ class DecodeConfig:
 
     decoder: str = "block"
     """`ar` (our KV-cached loop), `block` (block diffusion), `spec` (self-speculative block
-    decoding: lossless w.r.t. AR) or `hf` (transformers `generate`)."""
+    decoding: lossless w.r.t. AR), `spec-quadratic` (experimental: `spec` with verify and the next
+    draft fused into one pass of B + B*B tokens) or `hf` (transformers `generate`)."""
     max_new_tokens: int = 128
     """Upper bound on generated tokens per row (EOS stops a row earlier)."""
     block_size: int | None = None

@@ -1,4 +1,5 @@
-"""Invariant 5: self-speculative greedy decoding == AR greedy decoding; the sampling accept rule."""
+"""Invariant 5: self-speculative greedy decoding (linear and quadratic) == AR greedy decoding;
+the sampling accept rule; the quadratic variant's fused verify + draft pass."""
 
 import pytest
 import torch
@@ -6,8 +7,9 @@ import torch
 import dvlm
 from dvlm.config import ConfigError, DecodeConfig
 from dvlm.convert.verify import probe_image
-from dvlm.decode.speculative import accept_drafts, generate_speculative
-from dvlm.model.cache import RecomputeContext
+from dvlm.decode.prefill import prefill, text_positions
+from dvlm.decode.speculative import accept_drafts, generate_speculative, generate_speculative_quadratic
+from dvlm.model.cache import KVContext, RecomputeContext
 
 TEXTS = ["What colour is the circle?", "Read the digits.", "Describe the image. Where is the red square?", "Hi"]
 IMAGES = [[probe_image()], [probe_image(84), probe_image()], [probe_image(112)], []]
@@ -34,25 +36,72 @@ def test_speculative_greedy_equals_ar_greedy(lm, ar_outputs, block_size):
         assert sum(out.accept_lengths) >= len(out.tokens)
 
 
-def test_speculative_rows_alone_equal_batched(lm):
-    batched = lm.generate(TEXTS, IMAGES, decoder="spec", block_size=4, max_new_tokens=16)
-    alone = [lm.generate(t, i, decoder="spec", block_size=4, max_new_tokens=16) for t, i in zip(TEXTS, IMAGES)]
+@pytest.mark.parametrize("block_size", [2, 3, 8, 16])
+def test_quadratic_greedy_equals_ar_greedy(lm, ar_outputs, block_size):
+    spec = lm.generate(TEXTS, IMAGES, decoder="spec-quadratic", block_size=block_size, max_new_tokens=24)
+    assert [o.tokens for o in spec] == [o.tokens for o in ar_outputs]
+    for out in spec:
+        # 1 prefill + 1 first draft + 1 fused verify-and-draft forward per block.
+        assert out.nfe == 2 + len(out.accept_lengths)
+        assert all(1 <= n <= block_size for n in out.accept_lengths)
+
+
+@pytest.mark.parametrize("decoder", ["spec", "spec-quadratic"])
+def test_speculative_rows_alone_equal_batched(lm, decoder):
+    batched = lm.generate(TEXTS, IMAGES, decoder=decoder, block_size=4, max_new_tokens=16)
+    alone = [lm.generate(t, i, decoder=decoder, block_size=4, max_new_tokens=16) for t, i in zip(TEXTS, IMAGES)]
     assert [o.tokens for o in batched] == [o.tokens for o in alone]
     assert [o.accept_lengths for o in batched] == [o.accept_lengths for o in alone]
 
 
-def test_speculative_cache_equals_recomputation(lm):
+@pytest.mark.parametrize("generate", [generate_speculative, generate_speculative_quadratic])
+def test_speculative_cache_equals_recomputation(lm, generate):
     prompts = [lm.encode(t, i) for t, i in zip(TEXTS[:2], IMAGES[:2])]
     cfg = DecodeConfig(decoder="spec", block_size=4, max_new_tokens=16)
-    cached = generate_speculative(lm, prompts, cfg)
-    recomputed = generate_speculative(lm, prompts, cfg, context_cls=RecomputeContext)
+    cached = generate(lm, prompts, cfg)
+    recomputed = generate(lm, prompts, cfg, context_cls=RecomputeContext)
     assert [o.tokens for o in cached] == [o.tokens for o in recomputed]
+    assert [o.accept_lengths for o in cached] == [o.accept_lengths for o in recomputed]
 
 
-def test_speculative_needs_the_fast_dvlm_recipe(dvlm_checkpoints):
+@torch.inference_mode()
+def test_commit_and_draft_equals_separate_passes(lm):
+    """The fused pass's hidden states equal a commit followed by each draft block peeked alone
+    over the context cut back to its prefix (RecomputeContext's reference semantics)."""
+    prompts = [lm.encode(t, i) for t, i in zip(TEXTS[:2], IMAGES[:2])]
+    gen = torch.Generator().manual_seed(0)
+    width, n_drafts, d_len = 5, 3, 4
+    block = torch.randint(0, lm.mask_token_id, (2, width), generator=gen)
+    drafts = torch.randint(0, lm.mask_token_id, (2, n_drafts, d_len), generator=gen)
+    prefix = torch.tensor([0, 2, 5])
+    results = []
+    for context_cls in (KVContext, RecomputeContext):
+        pre = prefill(lm, prompts, context_cls)
+        ctx, position = pre.context, pre.next_position
+        offsets = prefix[None, :, None] + torch.arange(d_len)[None, None, :]
+        d_positions = (position[:, None, None] + offsets)[None].expand(3, -1, -1, -1)
+        ids = torch.full_like(block, ctx.next_block_id())
+        hidden, d_hidden = ctx.commit_and_draft(
+            (lm.adapter.embed(lm.model, block), text_positions(position, width), torch.ones_like(block, dtype=torch.bool), ids),
+            (lm.adapter.embed(lm.model, drafts), d_positions, prefix),
+        )
+        after = ctx.peek(lm.adapter.embed(lm.model, block[:, :1]), text_positions(position + width, 1),
+                         torch.ones(2, 1, dtype=torch.bool), torch.full((2, 1), ctx.next_block_id()), "causal")
+        results.append((hidden, d_hidden, after, ctx.length))
+    (h1, d1, a1, n1), (h2, d2, a2, n2) = results
+    assert n1 == n2  # only the committed block stayed in the context
+    assert torch.allclose(h1, h2, atol=1e-5)
+    assert torch.allclose(d1, d2, atol=1e-5)
+    assert torch.allclose(a1, a2, atol=1e-5)
+    # A draft that sees a different prefix gets different hidden states: the masks matter.
+    assert not torch.allclose(d1[:, 0], d1[:, 1], atol=1e-3)
+
+
+@pytest.mark.parametrize("decoder", ["spec", "spec-quadratic"])
+def test_speculative_needs_the_fast_dvlm_recipe(dvlm_checkpoints, decoder):
     lm = dvlm.load(dvlm_checkpoints["diffusionvl"])
     with pytest.raises(ConfigError, match="token-shift"):
-        lm.generate("Hi", decoder="spec")
+        lm.generate("Hi", decoder=decoder)
 
 
 def test_greedy_accept_rule_literal():
@@ -89,7 +138,8 @@ def test_sampling_accept_rule_preserves_the_target_distribution():
     assert 0.3 < (accepted == 2).float().mean() < 0.95  # the rule both accepts and rejects
 
 
-def test_speculative_sampling_is_reproducible(lm):
-    kw = dict(decoder="spec", temperature=1.0, max_new_tokens=12, block_size=4)
+@pytest.mark.parametrize("decoder", ["spec", "spec-quadratic"])
+def test_speculative_sampling_is_reproducible(lm, decoder):
+    kw = dict(decoder=decoder, temperature=1.0, max_new_tokens=12, block_size=4)
     assert lm.generate("Read the digits.", IMAGES[0], seed=3, **kw).tokens == \
         lm.generate("Read the digits.", IMAGES[0], seed=3, **kw).tokens

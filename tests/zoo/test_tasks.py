@@ -120,6 +120,9 @@ def test_shapes_qa_answers_match_the_scene():
         elif qtype == "colour":
             matches = [s for s in scene if question == f"What colour is the {s.kind}?"]
             assert len(matches) == 1 and matches[0].colour == answer
+        elif qtype == "colour_at":
+            assert [s.colour for s in scene
+                    if question == f"What colour is the shape in the {s.position}?"] == [answer]
         elif qtype == "kind":
             assert [s.kind for s in scene
                     if question == f"What shape is in the {s.position}?"] == [answer]

@@ -38,8 +38,8 @@ def settings_grid(decoders: list[str], block_sizes: list[int], thresholds: list[
     for decoder in decoders:
         if decoder == "block":
             grid += [Setting("block", {"block_size": b, "threshold": t}) for b in block_sizes for t in thresholds]
-        elif decoder == "spec":
-            grid += [Setting("spec", {"block_size": b}) for b in block_sizes]
+        elif decoder in ("spec", "spec-quadratic"):
+            grid += [Setting(decoder, {"block_size": b}) for b in block_sizes]
         elif decoder == "hf" and has_baseline:
             grid += [Setting("hf", model="baseline"), Setting("hf")]
         else:

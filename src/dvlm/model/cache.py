@@ -77,6 +77,40 @@ class KVContext:
         self.key_block = torch.cat([self.key_block, block], dim=1)
         return hidden[:, :q1], hidden[:, q1:]
 
+    def commit_and_draft(self, commit: tuple, drafts: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward that commits a block (causal) and peeks at C draft blocks branching off it.
+
+        commit = (embeds (R, Q, D), position_ids (3, R, Q), valid (R, Q), block ids (R, Q));
+        drafts = (embeds (R, C, L, D), position_ids (3, R, C, L), prefix (C,) long).
+        Draft block c attends to the context, the first prefix[c] committed positions and itself
+        (bidirectionally); drafts never see each other and only the committed block stays.
+        Returns the hidden states (R, Q, D) of the committed block and (R, C, L, D) of the drafts.
+        """
+        embeds, positions, valid, block = commit
+        d_embeds, d_positions, prefix = drafts
+        rows, n_drafts, d_len = d_embeds.shape[:3]
+        q1, q2, t = embeds.shape[1], n_drafts * d_len, self.length
+        keys_valid = torch.cat([self.key_valid, valid], dim=1)
+        keys_block = torch.cat([self.key_block, block], dim=1)
+        rows_commit = context_mask(block, keys_block, keys_valid, "causal", query_offset=t)
+        rows_commit = torch.cat([rows_commit, rows_commit.new_zeros(rows, q1, q2)], dim=2)
+        sees_committed = torch.arange(q1, device=prefix.device)[None, :] < prefix[:, None]  # (C, Q)
+        draft_id = torch.arange(n_drafts, device=prefix.device).repeat_interleave(d_len)  # (C*L,)
+        own_block = draft_id[:, None] == draft_id[None, :]  # (C*L, C*L)
+        rows_draft = torch.cat([
+            self.key_valid[:, None, :].expand(-1, q2, -1),
+            sees_committed.repeat_interleave(d_len, dim=0)[None] & valid[:, None, :],
+            own_block[None].expand(rows, -1, -1),
+        ], dim=2)
+        mask = torch.cat([rows_commit, rows_draft], dim=1)  # (R, q1 + q2, T + q1 + q2)
+        hidden = self.adapter.hidden_states(
+            self.model, torch.cat([embeds, d_embeds.flatten(1, 2)], dim=1),
+            torch.cat([positions, d_positions.flatten(2, 3)], dim=2), to_additive(mask, self.dtype), cache=self.cache,
+        )
+        self.cache.crop(-q2)
+        self.key_valid, self.key_block = keys_valid, keys_block
+        return hidden[:, :q1], hidden[:, q1:].unflatten(1, (n_drafts, d_len))
+
     def crop(self, length: int) -> None:
         """Keep the first `length` entries."""
         drop = self.length - length
@@ -130,6 +164,23 @@ class RecomputeContext:
         p_embeds, p_positions, p_valid = peek
         p_block = torch.full_like(p_valid, self.next_block_id(), dtype=torch.long)
         return hidden, self.peek(p_embeds, p_positions, p_valid, p_block, "bidirectional")
+
+    def commit_and_draft(self, commit: tuple, drafts: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference: a commit, then each draft block peeked alone over the context cut back
+        to the draft's committed prefix."""
+        embeds, positions, valid, block = commit
+        start = self.length
+        hidden = self.commit(embeds, positions, valid, block, "causal")
+        d_embeds, d_positions, prefix = drafts
+        full = (self.embeds, self.position_ids, self.key_valid, self.key_block, self.key_kind)
+        outs = []
+        for c in range(d_embeds.shape[1]):
+            self.crop(start + int(prefix[c]))
+            d_valid = torch.ones(d_embeds.shape[:1] + d_embeds.shape[2:3], dtype=torch.bool, device=valid.device)
+            d_block = torch.full_like(d_valid, self.next_block_id(), dtype=torch.long)
+            outs.append(self.peek(d_embeds[:, c], d_positions[:, :, c], d_valid, d_block, "bidirectional"))
+            self.embeds, self.position_ids, self.key_valid, self.key_block, self.key_kind = full
+        return hidden, torch.stack(outs, dim=1)
 
     def peek(self, embeds, position_ids, query_valid, query_block, kind: str) -> torch.Tensor:
         return self._forward(embeds, position_ids, query_valid, query_block, kind, keep=False)

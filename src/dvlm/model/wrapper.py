@@ -120,9 +120,10 @@ def decoder_function(name: str) -> Callable[..., list[GenerationOutput]]:
     from dvlm.decode.ar import generate_ar
     from dvlm.decode.block import generate_block
     from dvlm.decode.hf import generate_hf
-    from dvlm.decode.speculative import generate_speculative
+    from dvlm.decode.speculative import generate_speculative, generate_speculative_quadratic
 
-    decoders = {"ar": generate_ar, "block": generate_block, "spec": generate_speculative, "hf": generate_hf}
+    decoders = {"ar": generate_ar, "block": generate_block, "spec": generate_speculative,
+                "spec-quadratic": generate_speculative_quadratic, "hf": generate_hf}
     if name not in decoders:
         raise ConfigError(f"unknown decoder {name!r}; choose one of {', '.join(decoders)}")
     return decoders[name]

@@ -50,7 +50,7 @@ class ZooRecipe:
                     weight_decay=0.01, ar_loss=True, save_every=1000, log_every=10, max_length=512, seed=1),
     ])
     dvlm: TrainConfig = field(default_factory=lambda: TrainConfig(
-        learning_rate=3e-4, warmup_ratio=0.03, min_lr_ratio=0.05, max_steps=3000, batch_size=16,
+        learning_rate=3e-4, warmup_ratio=0.03, min_lr_ratio=0.05, max_steps=4000, batch_size=16,
         weight_decay=0.01, save_every=500, log_every=10, max_length=512,
     ))
     block_size: int = 16

@@ -12,7 +12,8 @@ Vocabulary: 5 kinds x 6 colours x 2 sizes. Size is a visual nuisance only: no te
 Text (all generated here, so the tokenizer can enumerate it from these constants):
 
 * questions: "What colour is the circle?" (asked only when the kind is unique in the scene),
-  "What shape is in the top left?" (occupied cells only), "How many shapes are there?",
+  "What colour is the shape in the top left?" and "What shape is in the top left?" (occupied
+  cells only), "How many shapes are there?",
   "Where is the red square?" (asked only when that colour+kind is unique);
 * caption: "There are 3 shapes. A red circle is in the top left. An orange star is in the
   center. ..." with one sentence per shape in row-major cell order ("There is 1 shape." for one).
@@ -69,10 +70,11 @@ CROSS_HALF_WIDTH = 0.33
 TRIANGLE_DROP = 0.15  # move the triangle down so its bounding box is centred
 
 QUESTION_COLOUR = "What colour is the {kind}?"
+QUESTION_COLOUR_AT = "What colour is the shape in the {position}?"
 QUESTION_KIND = "What shape is in the {position}?"
 QUESTION_COUNT = "How many shapes are there?"
 QUESTION_POSITION = "Where is the {colour} {kind}?"
-QUESTION_TYPES = ("colour", "kind", "count", "position")
+QUESTION_TYPES = ("colour", "colour_at", "kind", "count", "position")
 CAPTION_PROMPT = "Describe the image."
 FACT_SENTENCE = "{article} {colour} {kind} is in the {position}."
 COUNT_SENTENCE_ONE = "There is 1 shape."
@@ -224,6 +226,7 @@ def questions(scene: Scene) -> dict[str, list[tuple[str, str]]]:
     return {
         "colour": [(QUESTION_COLOUR.format(kind=s.kind), s.colour)
                    for s in scene if kind_counts[s.kind] == 1],
+        "colour_at": [(QUESTION_COLOUR_AT.format(position=s.position), s.colour) for s in scene],
         "kind": [(QUESTION_KIND.format(position=s.position), s.kind) for s in scene],
         "count": [(QUESTION_COUNT, str(len(scene)))],
         "position": [(QUESTION_POSITION.format(colour=s.colour, kind=s.kind), s.position)
@@ -239,6 +242,7 @@ def vocabulary_texts() -> list[str]:
     texts += [*COLOURS, *KINDS, *POSITIONS]
     texts += [QUESTION_COLOUR.format(kind=k) for k in KINDS]
     texts += [QUESTION_KIND.format(position=p) for p in POSITIONS]
+    texts += [QUESTION_COLOUR_AT.format(position=p) for p in POSITIONS]
     for colour in COLOURS:
         for kind in KINDS:
             texts.append(QUESTION_POSITION.format(colour=colour, kind=kind))
