@@ -134,9 +134,11 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", action="append", metavar="IMG", help="image file, in prompt order (repeatable)")
     p.add_argument("--prompt", required=True, help="the question; use <image> to place images inside the text")
     p.add_argument("--decoder", choices=DECODERS,
-                   help="block (diffusion), ar (our KV-cached loop) or hf (transformers generate); "
-                        "default: block for converted models, else ar")
-    p.add_argument("--block-size", type=int, metavar="N", help="block size for block decoding (default: the model's)")
+                   help="block (diffusion), spec (self-speculative: AR's output, fewer forwards), "
+                        "spec-quadratic (experimental spec, one pass per block), ar (our KV-cached loop) or "
+                        "hf (transformers generate); default: block for converted models, else ar")
+    p.add_argument("--block-size", type=int, metavar="N",
+                   help="block size for block and spec decoding (default: the model's)")
     policy = p.add_mutually_exclusive_group()
     policy.add_argument("--threshold", type=float, metavar="T",
                         help="block decoding: unmask every position with confidence >= T")

@@ -44,6 +44,12 @@ class DiffusionConfig:
     """`response`: blocks start at each response's first token and the last block of a response is
     truncated at its end (Fast-dVLM auto-truncation). `absolute`: block = position // B over the
     whole sequence (DiffusionVL)."""
+    fill_last_block: bool = False
+    """Response layout: pad each response's truncated last block, in the noisy stream only, to B
+    positions with copies of the response's final token (its end-of-answer token), masked and
+    scored like the others. Decoding always denoises whole blocks, so without it a short answer's
+    block holds more masks than any training block did, and the mask count hints at a longer answer.
+    dvlm's addition (off in both presets): the built-in model uses it."""
     clean_attention: str = "causal"
     """Clean-stream (and KV-cache) attention: `causal` keeps the AR model's token-causal mask
     (Fast-dVLM); `block_causal` is bidirectional inside a block (BD3-LM, DiffusionVL)."""
@@ -113,6 +119,8 @@ class DiffusionConfig:
                 "block_layout='absolute' needs token_shift=False: with token shift each block's first "
                 "token is an AR step from the previous block, which only the response layout decodes."
             )
+        if self.fill_last_block and self.block_layout != "response":
+            raise ConfigError("fill_last_block needs block_layout='response': absolute blocks are never truncated")
         if not 0.0 <= self.anneal_fraction <= 1.0:
             raise ConfigError(f"anneal_fraction must be in [0, 1], got {self.anneal_fraction}")
         if self.decode_threshold is not None and not 0.0 <= self.decode_threshold <= 1.0:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dvlm.config import DiffusionConfig
+from dvlm.config import ConfigError, DiffusionConfig
 from dvlm.diffusion.noising import IGNORE_INDEX, build_noisy_stream
 from dvlm.diffusion.schedule import annealed_block_size, sample_block_t
 
@@ -48,6 +48,26 @@ def test_response_stream_holds_only_response_tokens_and_copies_are_complementary
     assert not (m1 | m2)[first].any()
     assert ((m1 ^ m2) == ~first).all()
     assert clean_block[0].tolist() == [0, 0, 0, 0, 0, 0, 1, 1, 2, 2, 3, 4, 4, 5, 5, 6, 7, 7]
+
+
+def test_fill_last_block_completes_truncated_blocks_with_the_final_token():
+    stream, clean_block = _stream(_cfg(fill_last_block=True), block_size=4)
+    n = stream.valid.sum() // 2
+    assert stream.source[0, :n].tolist() == [6, 7, 8, 9, 10, 10, 10, 10, 13, 14, 15, 15]
+    assert stream.index[0, :n].tolist() == [6, 7, 8, 9, 10, 11, 12, 13, 13, 14, 15, 16]
+    assert torch.equal(stream.source[0, n:2 * n], stream.source[0, :n])  # the second copy
+    assert torch.equal(stream.block[0, :n], clean_block[0, stream.source[0, :n]])
+    ids = _batch()[0]
+    shown = stream.valid & ~stream.masked
+    assert torch.equal(stream.xt[shown], ids[0, stream.source[shown]])  # unmasked fill tokens are the EOS copy
+    fill = (stream.index != stream.source)[0, :n]
+    assert fill.sum() == 4
+    assert (stream.masked[0, :n][fill] ^ stream.masked[0, n:2 * n][fill]).all()  # each fill token masked once
+
+
+def test_fill_last_block_needs_the_response_layout():
+    with pytest.raises(ConfigError, match="fill_last_block"):
+        _cfg(preset="diffusionvl", fill_last_block=True)
 
 
 def test_copies_have_distinct_groups_but_same_blocks():

@@ -58,12 +58,15 @@ def test_clean_stream_is_the_ar_model(models, image, noisy_stream):
     assert torch.allclose(clean_logits, hf, atol=ATOL)
 
 
-@pytest.mark.parametrize("preset,block_size", [("fast-dvlm", 4), ("fast-dvlm", 8), ("diffusionvl", 8), ("diffusionvl", 4)])
-def test_training_block_equals_decode_block_over_cache(models, image, preset, block_size):
+@pytest.mark.parametrize("preset,block_size,fill", [("fast-dvlm", 4, False), ("fast-dvlm", 8, False),
+                                                    ("fast-dvlm", 8, True), ("fast-dvlm", 16, True),
+                                                    ("diffusionvl", 8, False), ("diffusionvl", 4, False)])
+def test_training_block_equals_decode_block_over_cache(models, image, preset, block_size, fill):
     """Invariant 3: noisy-stream logits of each block == the decode-time block forward over the KV
-    cache of everything before the block (the cache written with the clean-stream mask)."""
+    cache of everything before the block (the cache written with the clean-stream mask). With
+    fill_last_block, a truncated last block is whole again, as decoding sees it."""
     lm = models[preset]
-    cfg = lm.diffusion
+    cfg = DiffusionConfig(**{**lm.diffusion.to_dict(), "fill_last_block": fill})
     _, batch, stream, clean_block, noisy_h, _ = _forward(lm, image, cfg, block_size)
     noisy_logits = lm.adapter.logits(lm.model, noisy_h)[0]
     with torch.no_grad():
@@ -81,7 +84,10 @@ def test_training_block_equals_decode_block_over_cache(models, image, preset, bl
                 ctx.commit(clean[:, :start], batch.position_ids[:, :, :start], batch.attention_mask[:, :start],
                            clean_block[:, :start], kind)
             block = torch.where(stream.masked[0, idx, None], mask_embed, clean[0, src])[None]
-            hidden = ctx.peek(block, batch.position_ids[:, :, src], torch.ones(1, len(idx), dtype=torch.bool),
+            positions = batch.position_ids[:, :, src] + (stream.index[0, idx] - src)
+            if fill:
+                assert len(idx) == block_size  # every block whole, fill tokens included
+            hidden = ctx.peek(block, positions, torch.ones(1, len(idx), dtype=torch.bool),
                               torch.full((1, len(idx)), ctx.next_block_id()), "bidirectional")
             decode_logits = lm.adapter.logits(lm.model, hidden)[0]
         assert torch.allclose(decode_logits, noisy_logits[idx], atol=ATOL), f"block group {group}"

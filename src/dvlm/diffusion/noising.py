@@ -27,6 +27,8 @@ class NoisyStream:
     valid: torch.Tensor  # False on padding
     masked: torch.Tensor  # True where xt is [MASK]
     t: torch.Tensor  # masking rate of the token's block
+    index: torch.Tensor  # sequence index the token stands at: `source`, except for fill tokens
+    # (`fill_last_block`), which copy their response's final token and continue past it
 
     @property
     def num_masked(self) -> int:
@@ -91,27 +93,67 @@ def build_noisy_stream(
     draw = torch.rand(t.shape, generator=generator, device=t.device)
     masked = maskable & (draw < t)
     copies = [masked, maskable & ~masked] if cfg.complementary_mask else [masked]
+    fills: list = [None] * len(copies)
+    if cfg.fill_last_block:
+        slot = torch.arange(1, block_size, device=t.device)
+        wanted = slot <= fill_counts(labels, attention_mask, block, block_size)[..., None]  # (B, L, B-1)
+        fill_masked = wanted & (torch.rand(wanted.shape, generator=generator, device=t.device) < t[..., None])
+        fills = [(wanted, fill_masked), (wanted, wanted & ~fill_masked)][:len(copies)]
     selected = stream_positions(labels, attention_mask, mm_token_type_ids, cfg)
     parts = [
-        _gather_stream(input_ids, selected, block, m, t, cfg.mask_token_id, group_offset=i * num_blocks)
-        for i, m in enumerate(copies)
+        _gather_stream(input_ids, selected, block, m, t, cfg.mask_token_id, i * num_blocks, fill)
+        for i, (m, fill) in enumerate(zip(copies, fills))
     ]
     return _concat_streams(parts), block
 
 
-def _gather_stream(input_ids, selected, block, masked, t, mask_token_id: int, group_offset: int) -> NoisyStream:
-    """Pack the selected positions of each row to the front (keeping order) and pad."""
-    count = selected.sum(dim=1)  # (B,)
+def fill_counts(labels: torch.Tensor, attention_mask: torch.Tensor, block: torch.Tensor, block_size: int):
+    """(B, L) long: at each response's last token, how many positions its last block lacks to be
+    `block_size` long; 0 elsewhere.
+
+    Example, B=4, response = [0 1 1 1 1 1 0]: blocks [1 1 1 1] and [1]; counts = [0 0 0 0 0 3 0].
+    """
+    response = (labels != IGNORE_INDEX) & attention_mask
+    is_end = response.clone()
+    is_end[:, :-1] &= ~response[:, 1:]
+    sizes = torch.zeros(block.shape[0], int(block.max()) + 1 if block.numel() else 0,
+                        dtype=torch.long, device=block.device)
+    sizes.scatter_add_(1, block, torch.ones_like(block))
+    return torch.where(is_end, block_size - sizes.gather(1, block), 0)
+
+
+def _gather_stream(input_ids, selected, block, masked, t, mask_token_id: int, group_offset: int,
+                   fill: tuple[torch.Tensor, torch.Tensor] | None = None) -> NoisyStream:
+    """Pack the selected positions of each row to the front, in sequence order, and pad.
+
+    fill = (wanted (B, L, F), masked (B, L, F)): F-slot fill tokens after each position; fill token
+    k after position e copies e, stands at index e + k and is ordered between e and e + 1.
+    """
+    rows, length = input_ids.shape
+    index = torch.arange(length, device=input_ids.device).expand(rows, -1)
+    slots = 1 if fill is None else fill[0].shape[2] + 1
+    key, src, idx, sel, msk = index * slots, index, index, selected, masked
+    if fill is not None:
+        wanted, fill_masked = fill
+        k = torch.arange(1, slots, device=index.device)
+        e = index[..., None].expand(-1, -1, slots - 1)
+        key = torch.cat([key, (e * slots + k).flatten(1)], dim=1)
+        src = torch.cat([src, e.flatten(1)], dim=1)
+        idx = torch.cat([idx, (e + k).flatten(1)], dim=1)
+        sel = torch.cat([sel, wanted.flatten(1)], dim=1)
+        msk = torch.cat([msk, fill_masked.flatten(1)], dim=1)
+    count = sel.sum(dim=1)  # (B,)
     width = int(count.max()) if count.numel() else 0
-    # A stable sort on "not selected" moves selected positions first, in their original order.
-    source = torch.sort((~selected).int(), dim=1, stable=True).indices[:, :width]  # (B, N)
+    order = torch.sort(torch.where(sel, key, key.max() + 1 if key.numel() else 0), dim=1, stable=True).indices
+    order = order[:, :width]  # (B, N)
     valid = torch.arange(width, device=input_ids.device)[None, :] < count[:, None]
-    is_masked = masked.gather(1, source) & valid
+    source = src.gather(1, order)
+    is_masked = msk.gather(1, order) & valid
     xt = torch.where(is_masked, torch.full_like(source, mask_token_id), input_ids.gather(1, source))
     src_block = block.gather(1, source)
     return NoisyStream(
         xt=xt, source=source, block=src_block, group=torch.where(valid, src_block + group_offset, -1),
-        valid=valid, masked=is_masked, t=t.gather(1, source),
+        valid=valid, masked=is_masked, t=t.gather(1, source), index=idx.gather(1, order),
     )
 
 

@@ -46,7 +46,8 @@ def two_stream_hidden(
     mask_embed = model.get_input_embeddings().weight[cfg.mask_token_id].to(noisy.dtype)
     noisy = torch.where(stream.masked[..., None], mask_embed, noisy)
     positions = batch.position_ids  # (3, B, L)
-    noisy_pos = positions.gather(2, stream.source[None].expand(3, -1, -1))  # (3, B, N)
+    # Fill tokens (index > source) continue the text positions past the response's last token.
+    noisy_pos = positions.gather(2, stream.source[None].expand(3, -1, -1)) + (stream.index - stream.source)[None]
     mask = two_stream_mask(
         stream.block, stream.group, stream.valid, clean_block, batch.attention_mask,
         "causal" if cfg.clean_attention == "causal" else "block_causal",
@@ -73,7 +74,7 @@ def diffusion_targets(stream: NoisyStream, input_ids: torch.Tensor, token_shift:
         return rows, cols, input_ids[rows, stream.source[rows, cols]], stream.t[rows, cols]
     nxt_masked = stream.masked[:, 1:]
     same_block = stream.group[:, 1:] == stream.group[:, :-1]
-    adjacent = stream.source[:, 1:] == stream.source[:, :-1] + 1
+    adjacent = stream.index[:, 1:] == stream.index[:, :-1] + 1
     rows, cols = (nxt_masked & same_block & adjacent).nonzero(as_tuple=True)
     targets = input_ids[rows, stream.source[rows, cols + 1]]
     return rows, cols, targets, stream.t[rows, cols + 1]

@@ -2,7 +2,8 @@
 
 Tasks (see ``dvlm.zoo.shapes`` and ``dvlm.zoo.digits`` for image and text formats):
 
-* ``shapes-qa``: one short question about a shapes scene (colour / kind / count / position).
+* ``shapes-qa``: one short question about a shapes scene (colour of a kind or at a place / kind at a
+  place / count / place of a colour+kind).
 * ``shapes-caption``: "Describe the image." answered by a structured multi-sentence caption.
 * ``digits-read``: "Read the digits." on a strip of 1-8 handwritten digits -> "4 0 7".
 * ``multi-turn``: 2-3 turns about one image, either a shapes scene (short questions plus at most
