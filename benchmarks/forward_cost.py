@@ -9,9 +9,10 @@ acceptance rates:
 
     threshold decoding: speedup = tokens_per_nfe * cost(1) / cost(B)
     self-speculative:   speedup = accepted_per_block * cost(1) / (2 * cost(B))
+    spec-quadratic:     speedup = accepted_per_pass * cost(1) / cost(B + B*B)
 
 Usage: python benchmarks/forward_cost.py [--size 50m|3b] [--cache 256] [--dtype float32|bfloat16]
-       [--tokens-per-nfe 3.1] [--accept 6.0] [--device cuda]
+       [--tokens-per-nfe 3.1] [--accept 6.0] [--accept-quadratic 5.0] [--device cuda]
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ SIZES = {
     "3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
                num_key_value_heads=2, vocab_size=151936, mrope=[16, 24, 24]),
 }
-QUERY_LENGTHS = (1, 4, 8, 16, 32)
+QUERY_LENGTHS = (1, 4, 8, 16, 32, 272)  # 272 = B + B*B at B=16: one spec-quadratic pass
 
 
 def build(size: str, dtype: torch.dtype, device: torch.device) -> Qwen2_5_VLForConditionalGeneration:
@@ -90,6 +91,8 @@ def main() -> None:
                         help="measured block-decoding tokens/NFE to project (at block 16)")
     parser.add_argument("--accept", type=float, nargs="*", default=[],
                         help="measured mean accepted tokens per speculative block (at block 16)")
+    parser.add_argument("--accept-quadratic", type=float, nargs="*", default=[],
+                        help="measured mean accepted tokens per spec-quadratic pass (at block 16)")
     args = parser.parse_args()
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
@@ -107,6 +110,8 @@ def main() -> None:
         print(f"projected threshold-decoding speed-up at B=16, {t} tokens/NFE: {t * base / costs[16]:.2f}x")
     for a in args.accept:
         print(f"projected speculative speed-up at B=16, {a} accepted/block: {a * base / (2 * costs[16]):.2f}x")
+    for a in args.accept_quadratic:
+        print(f"projected spec-quadratic speed-up at B=16, {a} accepted/pass: {a * base / costs[272]:.2f}x")
     print(json.dumps({"size": args.size, "dtype": str(dtype), "device": str(device), "cache": args.cache,
                       "ms": {q: round(1000 * c, 3) for q, c in costs.items()}}))
 
