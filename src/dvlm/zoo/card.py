@@ -43,6 +43,8 @@ def write_model_card(path: Path, name: str, summary: str, info: dict[str, Any], 
         "", "## Training", "",
         f"- data: {', '.join(f'{k} x{v}' for k, v in info['recipe']['train_mix'].items())} (train split, seed "
         f"{info['recipe']['seed']})",
+        *([f"- conversion: `dvlm convert --preset fast-dvlm`, block size {info['recipe']['block_size']}, "
+           f"overrides {json.dumps(info['recipe'].get('diffusion_overrides', {}))}"] if info["stage"] == "dvlm" else []),
         *(f"- stage {i}: {st['max_steps']} steps, batch {st['batch_size']}, AdamW lr {st['learning_rate']} "
           f"(warmup {st['warmup_ratio']}, cosine), {st['dtype']}, "
           f"{'next-token loss' if st['ar_loss'] else 'diffusion + AR loss (fast-dvlm recipe)'}"

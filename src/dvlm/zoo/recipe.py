@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import platform
 import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -88,20 +87,17 @@ def build_zoo(out: str | Path, recipe: ZooRecipe | None = None, *, work_dir: str
     out = Path(out)
     work = Path(work_dir) if work_dir else out / ".zoo-build"
     work.mkdir(parents=True, exist_ok=True)
-    started = time.time()
     data = _stage(work / "data", recipe, ("data", recipe.train_mix, recipe.seed), log, "generating training data",
                   lambda d: build_data(recipe, d)) / "data.json"
     processor = tiny_image_processor(MIN_PIXELS, MAX_PIXELS)
     model = _stage(work / "init", recipe, ("init", asdict(recipe.shape), recipe.seed), log,
                    "initialising tiny-ar (random weights)",
                    lambda d: build_random_checkpoint(d, build_tokenizer(), recipe.shape, recipe.seed, processor))
-    ar_losses: list[float] = []
     for i, cfg in enumerate(recipe.ar_stages, start=1):
         key = ("ar", i, asdict(cfg), str(model))
         run = work / f"run-ar{i}"
         model = _stage(run / "model", recipe, key, log, f"training tiny-ar, stage {i} ({cfg.max_steps} steps)",
-                       lambda d, m=model, c=cfg, r=run: ar_losses.extend(
-                           train(m, data, _fresh(r), c, progress=progress).losses))
+                       lambda d, m=model, c=cfg, r=run: train(m, data, _fresh(r), c, progress=progress))
     ar_seconds = sum(measured_seconds(work / f"run-ar{i}", c) for i, c in enumerate(recipe.ar_stages, start=1))
     ar_dir = _install(model, out / "tiny-ar")
 
@@ -114,10 +110,10 @@ def build_zoo(out: str | Path, recipe: ZooRecipe | None = None, *, work_dir: str
     dv_seconds = measured_seconds(work / "run-dvlm", recipe.dvlm)
     dv_dir = _install(dv_run.model_dir, out / "tiny-dvlm")
 
-    meta = {"recipe": _jsonable(asdict(recipe)), "hardware": _hardware(), "total_seconds": round(time.time() - started)}
+    meta = {"recipe": _jsonable(asdict(recipe)), "hardware": _hardware()}
     infos = {
         "tiny-ar": {**meta, "stage": "ar", "train_seconds": round(ar_seconds),
-                    "final_loss": ar_losses[-1] if ar_losses else None},
+                    "final_loss": last_logged_loss(work / f"run-ar{len(recipe.ar_stages)}")},
         "tiny-dvlm": {**meta, "stage": "dvlm", "train_seconds": round(dv_seconds), "final_loss": dv_run.losses[-1]},
     }
     paths = {"tiny-ar": ar_dir, "tiny-dvlm": dv_dir}
@@ -178,6 +174,14 @@ def measured_seconds(run_dir: Path, cfg: TrainConfig) -> float:
 
     lines = (run_dir / METRICS_FILE).read_text().splitlines()
     return sum(json.loads(line)["seconds"] for line in lines) * cfg.log_every
+
+
+def last_logged_loss(run_dir: Path) -> float | None:
+    """The last logged training loss of a run (also for stages reused from an earlier build)."""
+    from dvlm.train.loop import METRICS_FILE
+
+    lines = (run_dir / METRICS_FILE).read_text().splitlines()
+    return json.loads(lines[-1])["loss"] if lines else None
 
 
 def _fresh(path: Path) -> Path:
