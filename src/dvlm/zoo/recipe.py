@@ -54,8 +54,10 @@ class ZooRecipe:
     ))
     block_size: int = 16
     diffusion_overrides: dict[str, Any] = field(default_factory=lambda: {"fill_last_block": True})
-    """DiffusionConfig fields set at conversion on top of the fast-dvlm preset. Filling each answer's
-    last block took digits-read block decoding at B=16 from {nofill} to {fill} per-digit accuracy."""
+    """DiffusionConfig fields set at conversion on top of the fast-dvlm preset. Ablation (same AR model,
+    4000 steps each, 200 test samples, block decoding B=16 tau=0.9), without -> with fill_last_block:
+    digits-read 96.4% -> 98.1% per digit, 87.0% -> 91.5% exact, 2.39 -> 2.56 tokens/forward;
+    shapes-caption fact F1 0.994 -> 0.989, exact 0.985 -> 0.975, 6.08 -> 5.62 tokens/forward."""
     seed: int = 0
     eval_limit: int = 200
     """Test samples per task for the model cards' results."""
