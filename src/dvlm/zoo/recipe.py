@@ -40,8 +40,9 @@ class ZooRecipe:
     })
     # AR training in stages, each a warmup + cosine cycle from the previous stage's weights.
     # Learning rate: at 2e-3 the vision path never learned (digits stayed at chance after 1500
-    # steps); at 5e-4 digits are read within ~2000 steps. The second cycle took "what shape is in
-    # the top left?" from 0.28 to 1.0 and shapes-qa from 0.56 to 0.69.
+    # steps); at 5e-4 digits are read within ~2000 steps. With colour asked by place in the data
+    # (shapes.QUESTION_COLOUR_AT), stage 1 ends with captions at 0.99 fact recall and stage 2 makes
+    # them exact; without it the ViT discarded colour for good (every shape came out "purple").
     ar_stages: list[TrainConfig] = field(default_factory=lambda: [
         TrainConfig(learning_rate=5e-4, warmup_ratio=0.03, min_lr_ratio=0.05, max_steps=6000, batch_size=16,
                     weight_decay=0.01, ar_loss=True, save_every=500, log_every=10, max_length=512),
