@@ -255,6 +255,13 @@ def test_bench_writes_json_markdown_and_plot(capsys, tmp_path, fast_checkpoint):
     assert "| spec(block_size=4) |" in out and (tmp_path / "bench.png").is_file()
 
 
+def test_bench_refuses_an_unknown_decoder_before_running(capsys, tmp_path, fast_checkpoint):
+    code, out, err = run(capsys, "bench", "--model", fast_checkpoint, "--decoders", "ar,bogus", "--limit", 1,
+                         "--out", tmp_path)
+    assert code == 2 and "bogus" in one_line_error(err, "bench") and "spec-quadratic" in err
+    assert out == "" and not (tmp_path / "bench.json").exists()
+
+
 def test_zoo_list(capsys, monkeypatch, tmp_path):
     import dvlm.zoo.registry as registry
 

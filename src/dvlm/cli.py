@@ -273,7 +273,8 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline", help="AR model for the `hf` baseline, e.g. the conversion source "
                                       "(default: tiny-ar with the built-in model, else none)")
     p.add_argument("--task", action="append", help="task(s) to run (repeatable; default: shapes-caption, digits-read)")
-    p.add_argument("--decoders", default="ar,hf,block,spec", help="comma-separated (default: %(default)s)")
+    p.add_argument("--decoders", default="ar,hf,block,spec",
+                   help=f"comma-separated, from {', '.join(DECODERS)} (default: %(default)s)")
     p.add_argument("--block-sizes", default="16", help="comma-separated block sizes (default: %(default)s)")
     p.add_argument("--thresholds", default="0.9", help="comma-separated thresholds (default: %(default)s)")
     p.add_argument("--limit", type=int, default=20, metavar="N", help="samples per task (default: %(default)s)")
@@ -286,13 +287,17 @@ def bench(args: argparse.Namespace) -> None:
     """Accuracy and speed of each decoder setting, with speed-ups measured side by side."""
     from dvlm.eval.bench import run_bench, settings_grid, write_report
 
+    decoders = split_list(args.decoders)
+    unknown = [d for d in decoders if d not in DECODERS]
+    if unknown:  # refused before any model loads or decodes
+        raise ConfigError(f"unknown decoder(s) {', '.join(unknown)}; choose from {', '.join(DECODERS)}")
     name = model_name(args.model)
     baseline = args.baseline or ("tiny-ar" if name == DEFAULT_MODEL else None)
     with quiet_hf_progress():
         models = {"main": dvlm.load(name, device=checked_device(args.device))}
         if baseline:
             models["baseline"] = dvlm.load(baseline, device=args.device)
-    grid = settings_grid(split_list(args.decoders), [int(b) for b in split_list(args.block_sizes)],
+    grid = settings_grid(decoders, [int(b) for b in split_list(args.block_sizes)],
                          [float(t) for t in split_list(args.thresholds)], "baseline" in models)
     rows = run_bench(models, args.task or ["shapes-caption", "digits-read"], grid, limit=args.limit,
                      max_new_tokens=args.max_new_tokens)
