@@ -16,19 +16,105 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicLayer
 
 from dvlm.convert.registry import Adapter
 from dvlm.model.masks import MASK_KINDS, context_mask, to_additive
 
 
+class PreallocatedLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values live in buffers allocated once (doubled if outgrown).
+
+    A forward writes its new entries in place, where DynamicLayer concatenates the whole cache
+    (a copy of every cached entry, per layer, per forward); crop and row selection move an end
+    index or index the buffers. `keys` / `values` are views of the first `length` entries.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.key_buffer = key_states.new_empty(*key_states.shape[:2], self.capacity, key_states.shape[3])
+        self.value_buffer = value_states.new_empty(*value_states.shape[:2], self.capacity, value_states.shape[3])
+        self.is_initialized = True
+        self._views()
+
+    def update(self, key_states, value_states, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.key_buffer.shape[-2]:
+            self._grow(max(end, 2 * self.key_buffer.shape[-2]))
+        self.key_buffer[..., self.length:end, :] = key_states
+        self.value_buffer[..., self.length:end, :] = value_states
+        self.length = end
+        self._views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative count of entries to remove, got {tokens_to_remove}")
+        if self.is_initialized:
+            self.length = max(self.length + tokens_to_remove, 0)
+            self._views()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+            self._views()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.key_buffer = self.key_buffer.repeat_interleave(repeats, dim=0)
+            self.value_buffer = self.value_buffer.repeat_interleave(repeats, dim=0)
+            self._views()
+
+    def reset(self) -> None:
+        self.length = 0
+        if self.is_initialized:
+            self._views()
+
+    def _grow(self, size: int) -> None:
+        def grown(buffer: torch.Tensor) -> torch.Tensor:
+            new = buffer.new_empty(*buffer.shape[:2], size, buffer.shape[3])
+            new[..., : self.length, :] = buffer[..., : self.length, :]
+            return new
+
+        self.key_buffer, self.value_buffer = grown(self.key_buffer), grown(self.value_buffer)
+
+    def _views(self) -> None:
+        self.keys = self.key_buffer[..., : self.length, :]
+        self.values = self.value_buffer[..., : self.length, :]
+
+
+def preallocate(cache: Any, capacity: int) -> Any:
+    """Swap a fresh cache's plain DynamicLayers for PreallocatedLayers (others are kept as they are)."""
+    layers = getattr(cache, "layers", None)
+    if layers and all(type(layer) is DynamicLayer and not layer.is_initialized for layer in layers):
+        cache.layers = [PreallocatedLayer(capacity) for _ in layers]
+    return cache
+
+
+INITIAL_CAPACITY = 1024  # entries per row; doubled when a context outgrows it
+
+
 class KVContext:
     """A KV cache plus per-entry validity (padding) and block ids, for a batch of rows."""
 
-    def __init__(self, adapter: Adapter, model: nn.Module, batch_size: int, device: torch.device) -> None:
+    def __init__(self, adapter: Adapter, model: nn.Module, batch_size: int, device: torch.device,
+                 capacity: int | None = INITIAL_CAPACITY) -> None:
         self.adapter = adapter
         self.model = model
         self.dtype = adapter.model_dtype(model)
         self.cache = adapter.new_cache(model)
+        if capacity:
+            preallocate(self.cache, capacity)
         self.key_valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)  # (B, T)
         self.key_block = torch.zeros(batch_size, 0, dtype=torch.long, device=device)  # (B, T)
 
