@@ -64,6 +64,8 @@ def test_bench_rows_ratios_and_report(lm, tmp_path):
     assert "| spec(block_size=4) |" in paths["markdown"].read_text()
     assert paths["plot"].stat().st_size > 1000
     assert "### digits-read" in markdown_table(rows, "x")
+    without_hf = [{k: v for k, v in r.items() if k != "speedup_vs_hf"} for r in rows if r["decoder"] != "hf"]
+    assert "1.00x | - |" in markdown_table(without_hf, "x")  # no HF reference in the run: no ratio
 
 
 def test_plots_use_a_metric_each_task_reports():

@@ -29,6 +29,10 @@ class RowTracker:
         self.nfe = [0] * num_prompts
         self.steps: list[list[int]] = [[] for _ in range(num_prompts)]
         self.accepts: list[list[int]] = [[] for _ in range(num_prompts)]
+        # Per-pass statistics given as device tensors stay on the device until the next `extend`
+        # (once per block), so denoising passes do not each wait for a host copy.
+        self._pending_forwards: torch.Tensor | None = None  # (R,) long
+        self._pending_steps: list[torch.Tensor] = []  # each (R,)
 
     @property
     def num_active(self) -> int:
@@ -40,20 +44,34 @@ class RowTracker:
 
     def count_forward(self, rows: torch.Tensor | None = None) -> None:
         """One model forward did work for the active rows (or those where `rows` (R,) is True)."""
-        flags = [True] * self.num_active if rows is None else rows.tolist()
-        for prompt, flag in zip(self.active, flags):
-            self.nfe[prompt] += int(flag)
+        if rows is None:
+            for prompt in self.active:
+                self.nfe[prompt] += 1
+        else:
+            counted = rows.long()
+            self._pending_forwards = counted if self._pending_forwards is None else self._pending_forwards + counted
 
     def record_steps(self, counts: torch.Tensor) -> None:
         """Tokens unmasked per active row by one denoising pass (R,)."""
-        for prompt, n in zip(self.active, counts.tolist()):
-            if n:
-                self.steps[prompt].append(n)
+        self._pending_steps.append(counts)
+
+    def _flush(self) -> None:
+        """Move the pending per-pass statistics to the host: one copy per block."""
+        if self._pending_forwards is not None:
+            for prompt, n in zip(self.active, self._pending_forwards.tolist()):
+                self.nfe[prompt] += n
+            self._pending_forwards = None
+        if self._pending_steps:
+            per_pass = torch.stack(self._pending_steps, dim=1).tolist()  # (R, passes)
+            for prompt, counts in zip(self.active, per_pass):
+                self.steps[prompt].extend(n for n in counts if n)
+            self._pending_steps = []
 
     def extend(self, new_tokens: list[list[int]]) -> torch.Tensor:
         """Append each active row's new tokens, stopping at EOS or the length limit.
 
         Returns (R,) bool: True for rows that finished now."""
+        self._flush()
         done = []
         for prompt, toks in zip(self.active, new_tokens):
             out = self.tokens[prompt]
@@ -79,6 +97,7 @@ class RowTracker:
 
     def outputs(self, decode_text, decoder: str, timings: dict[str, float], prompt_lengths: list[int],
                 block_size: int | None = None) -> list[GenerationOutput]:
+        self._flush()
         return [
             GenerationOutput(
                 text=decode_text(self.tokens[i]), tokens=self.tokens[i], finish_reason=self.finish[i] or "length",

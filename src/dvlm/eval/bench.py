@@ -102,7 +102,7 @@ def markdown_table(rows: list[dict[str, Any]], device: str) -> str:
         for r in task_rows:
             cells = [r["setting"], *(f"{r['metrics'].get(m, 0):.3f}" for m in metric_names),
                      f"{r['tokens_per_nfe']:.2f}", f"{r['tokens_per_second']:.1f}", f"{1000 * r['ttft_s']:.1f}",
-                     f"{r.get('speedup_vs_ar', 0):.2f}x", f"{r.get('speedup_vs_hf', 0):.2f}x", f"{r['peak_memory_mb']:.0f}"]
+                     _ratio(r.get("speedup_vs_ar")), _ratio(r.get("speedup_vs_hf")), f"{r['peak_memory_mb']:.0f}"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -117,3 +117,8 @@ def write_report(rows: list[dict[str, Any]], out: Path, device: str) -> dict[str
 
     paths["plot"] = pareto_plot(rows, out / "bench.png")
     return paths
+
+
+def _ratio(value: float | None) -> str:
+    """A speed-up cell; "-" when the run had no such reference decoder."""
+    return f"{value:.2f}x" if value else "-"
