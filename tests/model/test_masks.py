@@ -5,6 +5,7 @@ import torch
 from dvlm.model.masks import (
     absolute_block_ids,
     block_starts,
+    commit_and_draft_mask,
     context_mask,
     response_block_ids,
     to_additive,
@@ -111,6 +112,23 @@ def test_two_stream_mask_padding_keys_invisible():
     mask = two_stream_mask(T([[1, 1]]), T([[1, -1]]), T([[True, False]]), clean_block,
                            T([[True, True, False]]), "causal")
     assert not mask[:, :, 1].any() and not mask[:, :, 4].any()
+
+
+def test_commit_and_draft_mask():
+    # Cache of 2 entries (the first is padding), 2 committed tokens, drafts of 2 tokens seeing
+    # 0 and 2 committed tokens.
+    mask = commit_and_draft_mask(T([[0, 1]], dtype=torch.bool), T([[0, 0]]), T([[1, 1]], dtype=torch.bool),
+                                 T([[1, 1]]), prefix=T([0, 2]), draft_len=2)
+    expected = T([[
+        # p  k  c0 c1 d0 d0 d1 d1
+        [0, 1, 1, 0, 0, 0, 0, 0],  # c0: causal
+        [0, 1, 1, 1, 0, 0, 0, 0],  # c1
+        [0, 1, 0, 0, 1, 1, 0, 0],  # draft 0: cache and itself
+        [0, 1, 0, 0, 1, 1, 0, 0],
+        [0, 1, 1, 1, 0, 0, 1, 1],  # draft 1: cache, both committed tokens, itself
+        [0, 1, 1, 1, 0, 0, 1, 1],
+    ]], dtype=torch.bool)
+    assert torch.equal(mask, expected)
 
 
 def test_to_additive():

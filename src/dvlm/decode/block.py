@@ -176,10 +176,12 @@ def _commit_fused(lm, ctx, canvas: Canvas, last_logits: torch.Tensor, width: int
     only forwards are saved. Returns (next canvas, first-pass logits or None)."""
     guess, _ = select_tokens(last_logits, banned=lm.banned_token_ids)  # (R,)
     nxt = _next_canvas(lm, canvas, guess, width)
-    hidden, peeked = ctx.commit_and_peek(
+    whole = torch.tensor([canvas.ids.shape[1]], device=canvas.ids.device)  # the next block sees all of this one
+    hidden, peeked = ctx.commit_and_draft(
         (_embed(lm, canvas), canvas.positions, _ones(canvas), _block_ids(ctx, canvas)),
-        (_embed(lm, nxt), nxt.positions, _ones(nxt)),
+        (_embed(lm, nxt)[:, None], nxt.positions[:, :, None], whole),
     )
+    peeked = peeked[:, 0]
     seed = next_token(lm, hidden[:, -1], cfg, generator)
     nxt.ids[:, 0] = seed
     return nxt, (lm.adapter.logits(lm.model, peeked), seed == guess)

@@ -2,6 +2,8 @@
 
 * `peek`: run a block over the context without keeping its keys/values (a denoising pass).
 * `commit`: run a block and keep its keys/values (prefill, commit pass, AR step, verify pass).
+* `commit_and_draft`: one forward that commits a block and peeks at blocks drafted after it
+  (block decoding's fused commit, the quadratic speculative pass).
 * `crop`: drop entries from the end; `crop_rows`: per row (rejected speculative tokens).
 * `select_rows`: keep only some batch rows (finished rows leave the batch).
 
@@ -19,7 +21,7 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 
 from dvlm.convert.registry import Adapter
-from dvlm.model.masks import MASK_KINDS, context_mask, to_additive
+from dvlm.model.masks import MASK_KINDS, commit_and_draft_mask, context_mask, to_additive
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -139,30 +141,6 @@ class KVContext:
         self.key_block = torch.cat([self.key_block, query_block], dim=1)
         return hidden
 
-    def commit_and_peek(self, commit: tuple, peek: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward that commits a block (causal) and peeks at the next one after it.
-
-        commit = (embeds, position_ids, valid, block ids); peek = (embeds, position_ids, valid).
-        The peeked block attends to the context, the committed block and itself
-        (bidirectionally); only the committed block stays in the context.
-        Returns the hidden states of both blocks."""
-        embeds, positions, valid, block = commit
-        p_embeds, p_positions, p_valid = peek
-        q1, q2 = embeds.shape[1], p_embeds.shape[1]
-        keys_valid = torch.cat([self.key_valid, valid, p_valid], dim=1)
-        keys_block = torch.cat([self.key_block, block, block[:, -1:].expand(-1, q2) + 1], dim=1)
-        rows_commit = context_mask(block, keys_block, keys_valid, "causal", query_offset=self.length)
-        rows_peek = context_mask(keys_block[:, -q2:], keys_block, keys_valid, "bidirectional")
-        mask = torch.cat([rows_commit, rows_peek], dim=1)  # (B, q1 + q2, T + q1 + q2)
-        hidden = self.adapter.hidden_states(
-            self.model, torch.cat([embeds, p_embeds], dim=1), torch.cat([positions, p_positions], dim=2),
-            to_additive(mask, self.dtype), cache=self.cache,
-        )
-        self.cache.crop(-q2)
-        self.key_valid = torch.cat([self.key_valid, valid], dim=1)
-        self.key_block = torch.cat([self.key_block, block], dim=1)
-        return hidden[:, :q1], hidden[:, q1:]
-
     def commit_and_draft(self, commit: tuple, drafts: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward that commits a block (causal) and peeks at C draft blocks branching off it.
 
@@ -174,27 +152,16 @@ class KVContext:
         """
         embeds, positions, valid, block = commit
         d_embeds, d_positions, prefix = drafts
-        rows, n_drafts, d_len = d_embeds.shape[:3]
-        q1, q2, t = embeds.shape[1], n_drafts * d_len, self.length
-        keys_valid = torch.cat([self.key_valid, valid], dim=1)
-        keys_block = torch.cat([self.key_block, block], dim=1)
-        rows_commit = context_mask(block, keys_block, keys_valid, "causal", query_offset=t)
-        rows_commit = torch.cat([rows_commit, rows_commit.new_zeros(rows, q1, q2)], dim=2)
-        sees_committed = torch.arange(q1, device=prefix.device)[None, :] < prefix[:, None]  # (C, Q)
-        draft_id = torch.arange(n_drafts, device=prefix.device).repeat_interleave(d_len)  # (C*L,)
-        own_block = draft_id[:, None] == draft_id[None, :]  # (C*L, C*L)
-        rows_draft = torch.cat([
-            self.key_valid[:, None, :].expand(-1, q2, -1),
-            sees_committed.repeat_interleave(d_len, dim=0)[None] & valid[:, None, :],
-            own_block[None].expand(rows, -1, -1),
-        ], dim=2)
-        mask = torch.cat([rows_commit, rows_draft], dim=1)  # (R, q1 + q2, T + q1 + q2)
+        n_drafts, d_len = d_embeds.shape[1:3]
+        q1, q2 = embeds.shape[1], n_drafts * d_len
+        mask = commit_and_draft_mask(self.key_valid, self.key_block, valid, block, prefix, d_len)
         hidden = self.adapter.hidden_states(
             self.model, torch.cat([embeds, d_embeds.flatten(1, 2)], dim=1),
             torch.cat([positions, d_positions.flatten(2, 3)], dim=2), to_additive(mask, self.dtype), cache=self.cache,
         )
         self.cache.crop(-q2)
-        self.key_valid, self.key_block = keys_valid, keys_block
+        self.key_valid = torch.cat([self.key_valid, valid], dim=1)
+        self.key_block = torch.cat([self.key_block, block], dim=1)
         return hidden[:, :q1], hidden[:, q1:].unflatten(1, (n_drafts, d_len))
 
     def crop(self, length: int) -> None:
@@ -242,14 +209,6 @@ class RecomputeContext:
 
     length = KVContext.length
     next_block_id = KVContext.next_block_id
-
-    def commit_and_peek(self, commit: tuple, peek: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        """The reference: a commit, then a separate peek."""
-        embeds, positions, valid, block = commit
-        hidden = self.commit(embeds, positions, valid, block, "causal")
-        p_embeds, p_positions, p_valid = peek
-        p_block = torch.full_like(p_valid, self.next_block_id(), dtype=torch.long)
-        return hidden, self.peek(p_embeds, p_positions, p_valid, p_block, "bidirectional")
 
     def commit_and_draft(self, commit: tuple, drafts: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference: a commit, then each draft block peeked alone over the context cut back

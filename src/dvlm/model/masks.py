@@ -98,6 +98,52 @@ def context_mask(
     return allowed & key_valid[:, None, :]
 
 
+def commit_and_draft_mask(
+    key_valid: torch.Tensor,
+    key_block: torch.Tensor,
+    commit_valid: torch.Tensor,
+    commit_block: torch.Tensor,
+    prefix: torch.Tensor,
+    draft_len: int,
+) -> torch.Tensor:
+    """One forward over a KV cache that commits a block and drafts C blocks branching off it.
+
+    Keys: the T cached entries, the Q committed tokens, then C draft blocks of `draft_len` tokens.
+    The committed tokens are causal over the cache and themselves (the AR model's mask); draft
+    block c sees the cache, the first prefix[c] committed tokens and itself (bidirectionally),
+    never another draft.
+
+    Args:
+        key_valid, key_block: (R, T) of the cache.
+        commit_valid, commit_block: (R, Q) of the committed block.
+        prefix: (C,) long, committed tokens each draft block sees.
+    Returns:
+        (R, Q + C * draft_len, T + Q + C * draft_len) bool.
+
+    Example, T=1, Q=2, two drafts of 1 token, prefix [0, 2]  (keys: cache, c0, c1, d0, d1):
+        c0  1 1 0 0 0
+        c1  1 1 1 0 0
+        d0  1 0 0 1 0
+        d1  1 1 1 0 1
+    """
+    rows, q_len = commit_valid.shape
+    cached = key_valid.shape[1]
+    n_drafts = prefix.shape[0]
+    d_total = n_drafts * draft_len
+    keys_valid = torch.cat([key_valid, commit_valid], dim=1)
+    keys_block = torch.cat([key_block, commit_block], dim=1)
+    commit_rows = context_mask(commit_block, keys_block, keys_valid, "causal", query_offset=cached)
+    commit_rows = torch.cat([commit_rows, commit_rows.new_zeros(rows, q_len, d_total)], dim=2)
+    sees_committed = torch.arange(q_len, device=prefix.device)[None, :] < prefix[:, None]  # (C, Q)
+    draft_id = torch.arange(n_drafts, device=prefix.device).repeat_interleave(draft_len)  # (C*L,)
+    draft_rows = torch.cat([
+        key_valid[:, None, :].expand(-1, d_total, -1),
+        sees_committed.repeat_interleave(draft_len, dim=0)[None] & commit_valid[:, None, :],
+        (draft_id[:, None] == draft_id[None, :])[None].expand(rows, -1, -1),
+    ], dim=2)
+    return torch.cat([commit_rows, draft_rows], dim=1)
+
+
 def two_stream_mask(
     noisy_block: torch.Tensor,
     noisy_group: torch.Tensor,
