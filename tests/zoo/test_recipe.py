@@ -3,7 +3,7 @@
 import json
 
 import dvlm
-from dvlm.zoo.recipe import BUILD_INFO, ZooRecipe, build_zoo
+from dvlm.zoo.recipe import BUILD_INFO, STAGE_STAMP, ZooRecipe, build_zoo
 
 
 def test_zoo_recipe_builds_loadable_ar_and_diffusion_models(tmp_path):
@@ -18,6 +18,10 @@ def test_zoo_recipe_builds_loadable_ar_and_diffusion_models(tmp_path):
     assert dv.diffusion.preset == "fast-dvlm" and dv.diffusion.block_size == recipe.block_size
     info = json.loads((paths["tiny-dvlm"] / BUILD_INFO).read_text())
     assert info["stage"] == "dvlm" and info["recipe"]["dvlm"]["max_steps"] == recipe.dvlm.max_steps
+    assert dv.diffusion.fill_last_block is recipe.diffusion_overrides["fill_last_block"]
+    ar_info = json.loads((paths["tiny-ar"] / BUILD_INFO).read_text())
+    assert isinstance(ar_info["final_loss"], float) and ar_info["train_seconds"] >= 0
+    assert not list(paths["tiny-ar"].glob(STAGE_STAMP))  # build bookkeeping is not shipped
     assert any("verified" in line for line in lines)  # the conversion checked itself
     out = dv.generate("Read the digits.", max_new_tokens=4, decoder="spec")
     assert out.nfe >= 1

@@ -170,21 +170,22 @@ def _stage(path: Path, recipe: ZooRecipe, key: Any, log: Callable[[str], None], 
     return path
 
 
-def measured_seconds(run_dir: Path, cfg: TrainConfig) -> float:
-    """Training time of a run from its metrics (logged steps' durations x log_every): it also
-    covers stages reused from an earlier, interrupted build."""
+def logged_steps(run_dir: Path) -> list[dict[str, Any]]:
+    """A run's metrics records. Build info is read from them rather than from `train`'s return
+    value, so it also covers stages reused from an earlier build."""
     from dvlm.train.loop import METRICS_FILE
 
-    lines = (run_dir / METRICS_FILE).read_text().splitlines()
-    return sum(json.loads(line)["seconds"] for line in lines) * cfg.log_every
+    return [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+
+
+def measured_seconds(run_dir: Path, cfg: TrainConfig) -> float:
+    """Training time of a run: the logged steps' durations x log_every."""
+    return sum(record["seconds"] for record in logged_steps(run_dir)) * cfg.log_every
 
 
 def last_logged_loss(run_dir: Path) -> float | None:
-    """The last logged training loss of a run (also for stages reused from an earlier build)."""
-    from dvlm.train.loop import METRICS_FILE
-
-    lines = (run_dir / METRICS_FILE).read_text().splitlines()
-    return json.loads(lines[-1])["loss"] if lines else None
+    records = logged_steps(run_dir)
+    return records[-1]["loss"] if records else None
 
 
 def _fresh(path: Path) -> Path:
@@ -194,7 +195,7 @@ def _fresh(path: Path) -> Path:
 
 def _install(src: Path, dst: Path) -> Path:
     shutil.rmtree(dst, ignore_errors=True)
-    shutil.copytree(src, dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(STAGE_STAMP))  # build bookkeeping stays behind
     return dst
 
 
