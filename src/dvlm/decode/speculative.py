@@ -77,13 +77,13 @@ def generate_speculative(lm, prompts: list[Encoded], cfg: DecodeConfig, context_
             draft_logits = _draft(lm, ctx, block, positions, cfg, generator)
         rows.count_forward()
         with timer("verify"):
-            start = ctx.length
+            block_start = ctx.length
             valid = torch.ones_like(block, dtype=torch.bool)
             ids = torch.full_like(block, ctx.next_block_id())
             hidden = ctx.commit(lm.adapter.embed(lm.model, block), positions, valid, ids, "causal")
             verify_logits = lm.adapter.logits(lm.model, hidden)  # (R, B, V): output i predicts i + 1
             accepted, seed = accept_drafts(block, draft_logits, verify_logits, cfg, generator, lm.banned_token_ids)
-            ctx.crop_rows(start, accepted)
+            ctx.crop_rows(block_start, accepted)
         rows.count_forward()
         done = _keep(rows, block, accepted)
         position = position + accepted
@@ -122,7 +122,7 @@ def generate_speculative_quadratic(lm, prompts: list[Encoded], cfg: DecodeConfig
     offsets = torch.arange(block_size, device=lm.device)
     while True:
         with timer("verify+draft"):
-            start = ctx.length
+            block_start = ctx.length
             n_rows = block.shape[0]
             valid = torch.ones_like(block, dtype=torch.bool)
             ids = torch.full_like(block, ctx.next_block_id())
@@ -134,7 +134,7 @@ def generate_speculative_quadratic(lm, prompts: list[Encoded], cfg: DecodeConfig
             )
             verify_logits = lm.adapter.logits(lm.model, hidden)
             accepted, seed = accept_drafts(block, draft_logits, verify_logits, cfg, generator, lm.banned_token_ids)
-            ctx.crop_rows(start, accepted)
+            ctx.crop_rows(block_start, accepted)
             chosen = cand_hidden[torch.arange(n_rows, device=lm.device), accepted - 1, 1:]  # (R, B-1, D)
             draft_logits = lm.adapter.logits(lm.model, chosen)
             next_block = _masked_blocks(lm, seed, block_size)
