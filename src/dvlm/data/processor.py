@@ -205,6 +205,31 @@ def _to_turns(messages: Messages, images: Sequence[ImageSource] | None) -> list[
     return _bind_images(turns, extra)
 
 
+def split_placeholders(text: str) -> list[Union[str, _ImageSlot]]:
+    """Text with ``<image>`` placeholders -> text pieces and empty image slots, in order.
+
+    The canonical layout is the family's chat template: an image's tokens are followed directly
+    by the text (``<|vision_end|>What is this?``). A LLaVA record writes the placeholder on a line
+    of its own, so one line break right after a placeholder, or right before a placeholder that
+    ends the text, belongs to the placeholder and is dropped::
+
+        "<image>\\nWhat is this?"  -> [slot, "What is this?"]
+        "What is this?\\n<image>"  -> ["What is this?", slot]
+        "A <image> and <image>."   -> ["A ", slot, " and ", slot, "."]
+    """
+    pieces = text.split(IMAGE_PLACEHOLDER)
+    parts: list[Union[str, _ImageSlot]] = []
+    for k, piece in enumerate(pieces):
+        if k > 0:
+            parts.append(_ImageSlot())
+            piece = piece.removeprefix("\n")
+        if k == len(pieces) - 2 and pieces[-1] == "":
+            piece = piece.removesuffix("\n")
+        if piece:
+            parts.append(piece)
+    return parts
+
+
 def _bind_images(turns: list[_Turn], extra: list[ImageSource]) -> list[_Turn]:
     """Expand ``<image>`` placeholders and hand ``extra`` images to the empty slots, in order."""
     queue = iter(extra)
@@ -212,12 +237,7 @@ def _bind_images(turns: list[_Turn], extra: list[ImageSource]) -> list[_Turn]:
     for turn in turns:
         parts: list[Union[str, _ImageSlot]] = []
         for part in turn.parts:
-            pieces = part.split(IMAGE_PLACEHOLDER) if isinstance(part, str) else [part]
-            for k, piece in enumerate(pieces):
-                if k > 0:
-                    parts.append(_ImageSlot())
-                if isinstance(piece, _ImageSlot) or piece:
-                    parts.append(piece)
+            parts.extend(split_placeholders(part) if isinstance(part, str) else [part])
         for part in parts:
             if isinstance(part, _ImageSlot) and part.source is None:
                 wanted += 1
@@ -229,15 +249,45 @@ def _bind_images(turns: list[_Turn], extra: list[ImageSource]) -> list[_Turn]:
     return turns
 
 
+class _FromTemplate:
+    """Marker: take the default system prompt from the tokenizer's chat template."""
+
+
+FROM_TEMPLATE = _FromTemplate()
+_PROBE_TEXT = "dvlm-probe"
+
+
+def template_system_prompt(tokenizer: Any) -> str | None:
+    """The system prompt the tokenizer's chat template adds to a chat that has none.
+
+    Qwen2.5-VL's template adds "You are a helpful assistant."; Qwen3-VL's and dvlm's built-in
+    models' add none. Without a chat template: the Qwen default, ``DEFAULT_SYSTEM_PROMPT``.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return DEFAULT_SYSTEM_PROMPT
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": _PROBE_TEXT}], tokenize=False)
+    prefix = rendered.split(f"{CHAT_TOKEN_STRINGS['im_start']}user", 1)[0]
+    head, end = f"{CHAT_TOKEN_STRINGS['im_start']}system\n", f"{CHAT_TOKEN_STRINGS['im_end']}\n"
+    if not prefix:
+        return None
+    if not (prefix.startswith(head) and prefix.endswith(end)):
+        raise ValueError(f"the tokenizer's chat template starts a chat with {prefix!r}, not a Qwen "
+                         "system turn; dvlm's ChatProcessor cannot follow it")
+    return prefix[len(head):-len(end)]
+
+
 class ChatProcessor:
     """Encodes chats with images into :class:`Encoded` samples for Qwen2.5-VL style models."""
 
     def __init__(self, tokenizer: Any, image_processor: Any, *,
-                 system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, max_length: int | None = None,
+                 system_prompt: str | None | _FromTemplate = FROM_TEMPLATE, max_length: int | None = None,
                  allow_remote_images: bool = False):
+        """``system_prompt``: the system turn added when a chat has none; by default the one the
+        tokenizer's own chat template adds (none if it adds none), else ``DEFAULT_SYSTEM_PROMPT``."""
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self.system_prompt = system_prompt
+        self.system_prompt = (template_system_prompt(tokenizer) if isinstance(system_prompt, _FromTemplate)
+                              else system_prompt)
         self.max_length = max_length
         self.allow_remote_images = allow_remote_images
         self.token_ids = ChatTokenIds.from_tokenizer(tokenizer)

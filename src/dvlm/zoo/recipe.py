@@ -9,6 +9,7 @@ Every step goes through the same public functions users call.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import shutil
@@ -96,8 +97,9 @@ def build_zoo(out: str | Path, recipe: ZooRecipe | None = None, *, work_dir: str
     model = _stage(work / "init", recipe, ("init", asdict(recipe.shape), recipe.seed), log,
                    "initialising tiny-ar (random weights)",
                    lambda d: build_random_checkpoint(d, build_tokenizer(), recipe.shape, recipe.seed, processor))
+    layout = encoded_layout(model, data)
     for i, cfg in enumerate(recipe.ar_stages, start=1):
-        key = ("ar", i, asdict(cfg), str(model))
+        key = ("ar", i, asdict(cfg), str(model), layout)
         run = work / f"run-ar{i}"
         model = _stage(run / "model", recipe, key, log, f"training tiny-ar, stage {i} ({cfg.max_steps} steps)",
                        lambda d, m=model, c=cfg, r=run: train(m, data, _fresh(r), c, progress=progress))
@@ -168,6 +170,17 @@ def _stage(path: Path, recipe: ZooRecipe, key: Any, log: Callable[[str], None], 
     run(path)
     stamp.write_text(wanted)
     return path
+
+
+def encoded_layout(model_dir: Path, data: Path) -> str:
+    """A digest of how the first training records encode: part of the training stages' keys, so a
+    change of the chat layout (or tokenizer) retrains instead of reusing models trained on another."""
+    from dvlm.data.llava_json import LlavaJsonDataset
+    from dvlm.data.processor import ChatProcessor
+
+    dataset = LlavaJsonDataset(data, ChatProcessor.from_pretrained(model_dir))
+    ids = [dataset[i].input_ids.tolist() for i in range(min(len(dataset), 8))]
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
 
 
 def logged_steps(run_dir: Path) -> list[dict[str, Any]]:
