@@ -8,6 +8,9 @@ they are built: an invalid or unknown setting is an error that says what to chan
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,9 +30,62 @@ class ConfigError(ValueError):
     """An invalid configuration value, with a message saying what to change."""
 
 
+SEED_LIMIT = 2**32
+"""Seeds are in [0, SEED_LIMIT): derived per-step seeds stay inside torch's 64-bit generator range."""
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name}={value!r} is not valid; choose one of {', '.join(choices)}")
+
+
+def check_field_types(config: Any) -> None:
+    """Refuse a field whose value does not have the field's annotated type.
+
+    Every config calls this first in ``__post_init__``, so a value read from YAML, a ``--set``
+    override, JSON or a checkpoint's config.json is checked like one typed in Python: ``2.5`` is
+    not an ``int``, ``True`` is not a number, floats must be finite. An ``int`` is accepted where a
+    ``float`` is expected.
+    """
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if not _has_type(value, hints[f.name]):
+            raise ConfigError(f"{type(config).__name__}.{f.name}={value!r} is not valid: "
+                              f"expected {_type_name(hints[f.name])}")
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, arg) for arg in typing.get_args(hint))
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_has_type(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0]).removeprefix('an ').removeprefix('a ')}s"
+    names = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
+             type(None): "null"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _check_seed(name: str, seed: int | None) -> None:
+    if seed is not None and not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"{name} must be in [0, 2**32), got {seed}")
 
 
 @dataclass
@@ -93,6 +149,7 @@ class DiffusionConfig:
     """Padding id, filled in by `dvlm convert` from the tokenizer."""
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         _check_choice("block_layout", self.block_layout, BLOCK_LAYOUTS)
         _check_choice("clean_attention", self.clean_attention, CLEAN_ATTENTIONS)
         _check_choice("noisy_stream", self.noisy_stream, NOISY_STREAMS)
@@ -193,6 +250,8 @@ class DecodeConfig:
     denoising pass when the seed can be guessed (exact: the output does not change)."""
 
     def __post_init__(self) -> None:
+        check_field_types(self)
+        _check_seed("seed", self.seed)
         _check_choice("decoder", self.decoder, DECODERS)
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
@@ -258,6 +317,8 @@ class TrainConfig:
     built-in AR model is made before conversion."""
 
     def __post_init__(self) -> None:
+        check_field_types(self)
+        _check_seed("seed", self.seed)
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.vision_learning_rate is not None and self.vision_learning_rate < 0:

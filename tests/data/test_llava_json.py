@@ -40,7 +40,7 @@ def test_single_image_with_placeholder(tmp_path, image_dir, processor, as_tokens
     data = LlavaJsonDataset(write_json(tmp_path / "d.json", records), processor, image_dir)
     assert len(data) == 1 and data.sample_id(0) == "s1"
     encoded = data[0]
-    assert user_part(as_tokens, encoded) == [*VISION_4, "\n", "What", "is", "this", "?"]
+    assert user_part(as_tokens, encoded) == [*VISION_4, "What", "is", "this", "?"]
     trained = [n for n, l in zip(as_tokens(encoded.input_ids), encoded.labels.tolist())
                if l != IGNORE_INDEX]
     assert trained == ["A", "cat", ".", "<|im_end|>"]
@@ -54,7 +54,7 @@ def test_images_without_placeholder_go_before_first_human_text(tmp_path, process
         {"from": "human", "value": "Compare"}, {"from": "gpt", "value": "Yes"}]}]
     data = LlavaJsonDataset(write_json(image_dir / "d.json", records), processor)
     encoded = data[0]
-    assert user_part(as_tokens, encoded) == [*VISION_4, "\n", *VISION_4, "\n", "Compare"]
+    assert user_part(as_tokens, encoded) == [*VISION_4, *VISION_4, "Compare"]
     assert as_tokens(encoded.input_ids)[:5] == ["<|im_start|>", "system", "\n", "Be", "brief"]
 
 

@@ -105,7 +105,7 @@ def test_image_placeholders_take_images_in_order(processor, as_tokens):
     encoded = processor.encode(messages, images=[red(), red((112, 112))])
     vision_16 = ["<|vision_start|>"] + ["<|image_pad|>"] * 16 + ["<|vision_end|>"]
     assert as_tokens(encoded.input_ids)[len(SYSTEM) + 3:] == [
-        *VISION_4, "\n", "first", *vision_16, "second", "<|im_end|>", "\n"]
+        *VISION_4, "first", *vision_16, "second", "<|im_end|>", "\n"]
     assert encoded.image_grid_thw.tolist() == [[1, 4, 4], [1, 8, 8]]
     # An image part without data is a placeholder too (HF chat-template style).
     parts = processor.encode([{"role": "user", "content": [{"type": "image"}]}], images=[red()])
