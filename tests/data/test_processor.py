@@ -250,3 +250,23 @@ def test_mrope_matches_qwen2_5_vl_get_rope_index(processor, tiny_vlm, messages, 
         image_grid_thw=encoded.image_grid_thw)
     assert torch.equal(encoded.position_ids, expected[:, 0])
     assert encoded.rope_delta == int(deltas[0, 0])
+
+
+def test_a_tokenizer_with_its_own_code_is_refused_and_never_run(tiny_processor_dir, tmp_path):
+    """D1: a checkpoint whose tokenizer_config.json maps to shipped code must not get it imported."""
+    import json
+    import shutil
+
+    from dvlm.data.processor import UnsafeCheckpointError
+
+    evil = tmp_path / "evil"
+    shutil.copytree(tiny_processor_dir, evil)
+    config = json.loads((evil / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None]})
+    (evil / "tokenizer_config.json").write_text(json.dumps(config))
+    marker = tmp_path / "ran"
+    (evil / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                  "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
+    with pytest.raises(UnsafeCheckpointError, match="never runs checkpoint code"):
+        ChatProcessor.from_pretrained(evil)
+    assert not marker.exists()

@@ -19,12 +19,11 @@ from typing import Any, Callable
 import torch
 from tokenizers import AddedToken
 from torch import nn
-from transformers import AutoTokenizer
 
 from dvlm.config import DiffusionConfig
 from dvlm.convert.registry import adapter_for_checkpoint, read_config
 from dvlm.convert.verify import causal_logits, max_logit_difference, probe_input
-from dvlm.data.processor import ChatProcessor
+from dvlm.data.processor import ChatProcessor, load_tokenizer
 from dvlm.model.wrapper import DIFFUSION_CONFIG_KEY, load
 from dvlm.runtime import pick_device
 
@@ -127,7 +126,7 @@ def convert_checkpoint(
 
     log(f"loading {architecture} from {src}")
     source = load(src, device=device, dtype="auto" if pick_device(device).type == "cuda" else "float32")
-    tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
+    tokenizer = load_tokenizer(src)
     processor = ChatProcessor(tokenizer, source.processor.image_processor)
     probe = probe_input(processor)
     reference = causal_logits(source.adapter, source.model, probe, processor.pad_token_id)

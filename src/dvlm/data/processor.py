@@ -12,6 +12,7 @@ Only ``{answer}<|im_end|>`` of each assistant turn is labelled; everything else 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,6 +250,29 @@ def _bind_images(turns: list[_Turn], extra: list[ImageSource]) -> list[_Turn]:
     return turns
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint asks to run code it ships (``auto_map``); dvlm never does."""
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer of a local checkpoint directory, never running code shipped with it.
+
+    transformers would import a checkpoint's own tokenizer module when ``tokenizer_config.json``
+    maps the class to one (``auto_map``), after asking on stdin; dvlm refuses such a checkpoint
+    outright and tells transformers never to trust remote code, so nothing is asked or run."""
+    config_file = Path(path) / "tokenizer_config.json"
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{config_file} is not valid JSON: {err}") from err
+        if isinstance(config, dict) and "auto_map" in config:
+            raise UnsafeCheckpointError(
+                f"{config_file} maps the tokenizer to code shipped in the checkpoint (auto_map); dvlm never "
+                "runs checkpoint code. Remove 'auto_map' if the tokenizer is a standard one.")
+    return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+
+
 class _FromTemplate:
     """Marker: take the default system prompt from the tokenizer's chat template."""
 
@@ -300,7 +324,7 @@ class ChatProcessor:
         if not path.is_dir():
             raise FileNotFoundError(f"{path} is not a local directory; dvlm loads processors "
                                     "from local directories only")
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = load_tokenizer(path)
         # Explicit PIL class: AutoImageProcessor would pick the torchvision backend when
         # torchvision is importable; both produce the same pixel_values and grids.
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)

@@ -13,7 +13,7 @@ from torch import nn
 
 from dvlm.config import ConfigError, DecodeConfig, DiffusionConfig, from_dict
 from dvlm.convert.registry import Adapter, adapter_for_checkpoint
-from dvlm.data.processor import ChatProcessor, Encoded
+from dvlm.data.processor import ChatProcessor, Encoded, load_tokenizer
 from dvlm.decode.output import GenerationOutput
 from dvlm.runtime import pick_device, pick_dtype
 
@@ -155,12 +155,6 @@ def load(name_or_path: str | Path, *, device: str | None = None, dtype: str | No
     dev = pick_device(device)
     model = adapter.load_model(path, pick_dtype(dtype, dev), dev)
     processor = ChatProcessor(
-        _load_tokenizer(path), adapter.load_image_processor(path), max_length=max_length
+        load_tokenizer(path), adapter.load_image_processor(path), max_length=max_length
     )
     return DVLM(model, adapter, processor, diffusion_config_of(model), str(path))
-
-
-def _load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
