@@ -133,3 +133,63 @@ def test_image_error_is_a_value_error_with_fields():
     assert info.value.source == "/no/such/file.png"
     assert info.value.reason == "file not found"
     assert isinstance(info.value, ImageError)
+
+
+def test_only_common_raster_formats_are_opened():
+    """D22: EPS (rendered by Ghostscript when installed) and other exotic formats are refused."""
+    import io
+
+    eps = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(eps, format="EPS")
+    with pytest.raises(ImageError, match=r"not one of the accepted formats \(PNG, JPEG"):
+        load_image(eps.getvalue())
+    for fmt in ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF"):
+        data = io.BytesIO()
+        Image.new("RGB", (4, 4), (0, 0, 200)).save(data, format=fmt)
+        assert load_image(data.getvalue()).size == (4, 4), fmt
+
+
+def test_file_size_is_checked_before_reading(tmp_path):
+    """D21: a 1 GiB file is refused from its size, without reading it (sparse: costs no disk)."""
+    import resource
+
+    big = tmp_path / "big.png"
+    with big.open("wb") as f:
+        f.truncate(2**30)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ImageError, match=r"big\.png.*1073741824 bytes, more than the limit"):
+        load_image(big)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB: nothing read
+
+
+def test_limits_are_settable(make_png):
+    from dvlm.data.images import ImageLimits
+
+    data = make_png((40, 40))
+    with pytest.raises(ImageError, match="too large .*limit 1000"):
+        load_image(data, limits=ImageLimits(max_pixels=1000))
+    with pytest.raises(ImageError, match="more than the limit of 100 "):
+        load_image(data, limits=ImageLimits(max_bytes=100))
+    url = "data:image/png;base64," + base64.b64encode(data).decode()
+    with pytest.raises(ImageError, match=r"<data URL>.*more than the limit"):
+        load_image(url, limits=ImageLimits(max_bytes=100))
+    with pytest.raises(ValueError, match="must be positive"):
+        ImageLimits(max_pixels=0)
+
+
+def test_wide_grey_modes_are_rescaled_not_clipped():
+    """D5: 16-bit grey became white and [0, 1] floats black; both are rescaled to 8 bits."""
+    import io
+
+    import numpy as np
+
+    sixteen = np.full((4, 4), 40000, dtype=np.uint16)  # 40000 / 257 = 155.6
+    png = io.BytesIO()
+    Image.fromarray(sixteen).save(png, format="PNG")
+    assert load_image(png.getvalue()).getpixel((0, 0)) == (156, 156, 156)
+    assert load_image(Image.fromarray(sixteen)).getpixel((0, 0)) == (156, 156, 156)
+    floats = Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32))
+    assert load_image(floats).getpixel((0, 0)) == (128, 128, 128)
+    wide = Image.fromarray(np.array([[-5.0, 5.0]], dtype=np.float32))  # outside [0, 255]: stretched
+    assert load_image(wide).getpixel((0, 0)) == (0, 0, 0) and load_image(wide).getpixel((1, 0)) == (255, 255, 255)
+    assert load_image(Image.fromarray(np.full((4, 4), 3000, dtype=np.int32))).getpixel((0, 0)) == (12, 12, 12)

@@ -22,7 +22,7 @@ import torch
 from transformers import AutoTokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from dvlm.data.images import ImageSource, load_image
+from dvlm.data.images import DEFAULT_LIMITS, ImageLimits, ImageSource, load_image
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
@@ -305,7 +305,7 @@ class ChatProcessor:
 
     def __init__(self, tokenizer: Any, image_processor: Any, *,
                  system_prompt: str | None | _FromTemplate = FROM_TEMPLATE, max_length: int | None = None,
-                 allow_remote_images: bool = False):
+                 allow_remote_images: bool = False, image_limits: ImageLimits = DEFAULT_LIMITS):
         """``system_prompt``: the system turn added when a chat has none; by default the one the
         tokenizer's own chat template adds (none if it adds none), else ``DEFAULT_SYSTEM_PROMPT``."""
         self.tokenizer = tokenizer
@@ -314,6 +314,7 @@ class ChatProcessor:
                               else system_prompt)
         self.max_length = max_length
         self.allow_remote_images = allow_remote_images
+        self.image_limits = image_limits
         self.token_ids = ChatTokenIds.from_tokenizer(tokenizer)
         self.merge_size = int(image_processor.merge_size)
 
@@ -372,7 +373,7 @@ class ChatProcessor:
         if self.system_prompt is not None and turns[0].role != "system":
             turns.insert(0, _Turn("system", [self.system_prompt]))
         sources = [p.source for t in turns for p in t.parts if isinstance(p, _ImageSlot)]
-        pil = [load_image(s, allow_remote=self.allow_remote_images) for s in sources]
+        pil = [load_image(s, allow_remote=self.allow_remote_images, limits=self.image_limits) for s in sources]
         pixel_values, image_grid_thw = self._process_images(pil)
         counts = iter([] if image_grid_thw is None else self._image_token_counts(image_grid_thw))
         ids: list[int] = []
