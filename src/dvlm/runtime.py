@@ -24,9 +24,15 @@ def pick_device(name: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """`auto`/None: bfloat16 on CUDA, float32 on CPU (bf16 CPU kernels are fast only on some CPUs)."""
+def pick_dtype(name: str | None, device: torch.device, saved: str | None = None) -> torch.dtype:
+    """The dtype to run a model in.
+
+    `auto`/None: the dtype its weights were `saved` in (a bf16 checkpoint runs in bf16, half the
+    memory of fp32), except float16 on CPU, which runs in float32 (CPU fp16 kernels are few and
+    slow). A checkpoint that does not say: bfloat16 on CUDA, float32 on CPU."""
     if name in (None, "auto"):
+        if saved in _DTYPES:
+            return torch.float32 if saved == "float16" and device.type == "cpu" else _DTYPES[saved]
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in _DTYPES:
         raise ValueError(f"dtype {name!r} is not one of auto, {', '.join(_DTYPES)}")

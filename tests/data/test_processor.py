@@ -127,7 +127,7 @@ def test_plain_prompt_without_placeholder_puts_all_images_first(processor, as_to
     ([{"role": "robot", "content": "Yes"}], None, "message 0: unknown role 'robot'"),
     ([{"role": "user", "content": [{"type": "audio"}]}], None, "unsupported content part"),
     ([{"role": "user", "content": 3}], None, "content must be a string or a list"),
-    ([{"role": "user", "content": "<|im_end|>"}], None, "reserved token"),
+    ([{"role": "user", "content": "<|im_end|>"}], None, "special token"),
 ])
 def test_malformed_input_raises_value_error(processor, messages, images, match):
     with pytest.raises(ValueError, match=match):

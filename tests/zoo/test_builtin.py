@@ -76,3 +76,11 @@ def test_builtin_names_resolve_everywhere(models):
     assert models["tiny-dvlm"].diffusion is not None and models["tiny-ar"].diffusion is None
     with pytest.raises(FileNotFoundError, match="built-in"):
         dvlm.load("tiny-nothing")
+
+
+def test_builtin_names_are_names_not_paths(tmp_path, monkeypatch):
+    """D24: "../weights/tiny-ar" must not resolve inside the package."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("../weights/tiny-ar", "./tiny-ar/../tiny-ar", "tiny-ar/"):
+        with pytest.raises(FileNotFoundError, match="no such directory and no built-in model"):
+            dvlm.load(name)

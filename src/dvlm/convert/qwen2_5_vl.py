@@ -47,7 +47,7 @@ class Qwen25VLAdapter(Adapter):
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
             attention_mask=attention_mask,
-            past_key_values=cache,
+            cache=cache,
             use_cache=cache is not None,
         )
         return out.last_hidden_state

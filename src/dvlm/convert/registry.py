@@ -73,6 +73,10 @@ class Adapter:
     def model_dtype(self, model: nn.Module) -> torch.dtype:
         return next(model.parameters()).dtype
 
+    def max_positions(self, model: nn.Module) -> int | None:
+        """The largest position id the language model was built for (None: no stated limit)."""
+        return getattr(model.config.get_text_config(), "max_position_embeddings", None)
+
 
 _REGISTRY: dict[str, type[Adapter]] = {}
 
@@ -98,6 +102,10 @@ def adapter_for_architecture(architecture: str) -> Adapter:
     return _REGISTRY[architecture]()
 
 
+class CheckpointError(ValueError):
+    """A checkpoint directory is incomplete or damaged; the message names the file at fault."""
+
+
 def read_config(path: str | Path) -> dict[str, Any]:
     """The checkpoint's config.json as a dict, with clear errors for a missing or bad directory."""
     p = Path(path)
@@ -108,7 +116,47 @@ def read_config(path: str | Path) -> dict[str, Any]:
     cfg = p / "config.json"
     if not cfg.is_file():
         raise FileNotFoundError(f"{p} has no config.json: is it a Hugging Face checkpoint directory?")
-    return json.loads(cfg.read_text())
+    try:
+        config = json.loads(cfg.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{cfg} is not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{cfg} must hold a JSON object, not {type(config).__name__}")
+    return config
+
+
+def check_weights(path: str | Path) -> list[Path]:
+    """The checkpoint's safetensors files, each with a readable header; dvlm loads nothing else.
+
+    Raises CheckpointError naming the file for missing, empty, truncated or corrupt weights."""
+    from safetensors import SafetensorError, safe_open
+
+    p = Path(path)
+    files = sorted(p.glob("*.safetensors"))
+    if not files:
+        found = sorted(f.name for f in p.iterdir() if f.suffix in {".bin", ".pt", ".pth", ".ckpt"})
+        raise CheckpointError(
+            f"{p} has no .safetensors weights{' (found ' + ', '.join(found) + ')' if found else ''}; dvlm "
+            "loads weights only from safetensors. Re-save the model with save_pretrained(safe_serialization=True).")
+    for file in files:
+        try:
+            with safe_open(file, "pt"):  # parses the header and checks it covers the whole file
+                pass
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{file} is not a readable safetensors file ({err}); the checkpoint is "
+                                  "truncated or damaged") from err
+    return files
+
+
+def saved_dtype(config: dict[str, Any]) -> str | None:
+    """The dtype a checkpoint's weights were saved in (`dtype`, or the older `torch_dtype`, at the top
+    level or in `text_config`), e.g. "bfloat16"; None when config.json does not say."""
+    for section in (config, config.get("text_config") or {}):
+        for key in ("dtype", "torch_dtype"):
+            value = section.get(key) if isinstance(section, dict) else None
+            if isinstance(value, str):
+                return value.removeprefix("torch.")
+    return None
 
 
 def adapter_for_checkpoint(path: str | Path) -> Adapter:

@@ -12,7 +12,9 @@ Only ``{answer}<|im_end|>`` of each assistant turn is labelled; everything else 
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +38,8 @@ Messages = Union[str, Sequence[Mapping[str, Any]]]
 class PromptTooLongError(ValueError):
     """An encoded sample is longer than ``max_length`` (samples are never silently truncated)."""
 
-    def __init__(self, length: int, limit: int):
-        super().__init__(f"encoded sample has {length} tokens, more than max_length={limit}")
+    def __init__(self, length: int, limit: int, message: str | None = None):
+        super().__init__(message or f"encoded sample has {length} tokens, more than max_length={limit}")
         self.length = length
         self.limit = limit
 
@@ -413,11 +415,25 @@ class ChatProcessor:
         add(self._text("\n"), False)
 
     def _text(self, text: str) -> list[int]:
-        """Token ids of plain text; reserved chat tokens inside the text are refused."""
-        for reserved in CHAT_TOKEN_STRINGS.values():
-            if reserved in text:
-                raise ValueError(f"text contains the reserved token {reserved!r}")
+        """Token ids of plain text (a prompt, a system prompt or a training answer).
+
+        One rule for every text: a special token's string inside it (``<|im_end|>``,
+        ``<|endoftext|>``, ``<|video_pad|>``, the mask token, ...) is refused rather than encoded
+        as that control token. Typed text must not end a turn, fake an image, or plant a mask."""
+        found = self._special_pattern.search(text) if self._special_pattern else None
+        if found:
+            raise ValueError(f"text contains the special token {found.group()!r}; special tokens cannot be "
+                             "given as text")
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    @functools.cached_property
+    def _special_pattern(self) -> re.Pattern[str] | None:
+        """Matches any special token of the tokenizer (longest first), or None if it has none."""
+        added = getattr(self.tokenizer, "added_tokens_decoder", {}).values()
+        tokens = {t.content for t in added if t.special} | set(self.tokenizer.all_special_tokens)
+        tokens -= {IMAGE_PLACEHOLDER}  # placeholders are split out before text is encoded
+        tokens = sorted((t for t in tokens if t), key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, tokens))) if tokens else None
 
     def _process_images(self, images: list) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """pixel_values (num_patches, C*tp*p*p) and image_grid_thw (num_images, 3), or Nones."""

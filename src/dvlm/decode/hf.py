@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 
 from dvlm.config import DecodeConfig
@@ -21,19 +24,19 @@ def generate_hf(lm, prompts: list[Encoded], cfg: DecodeConfig, listener=None) ->
     sampling = dict(do_sample=False)
     if cfg.temperature > 0:
         sampling = dict(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k or 0, top_p=cfg.top_p or 1.0)
-    if cfg.seed is not None:
-        torch.manual_seed(cfg.seed)
-    with timer("decode"):
+    # Image inputs only when there are images: HF runs its vision encoder on any pixel_values key, None included.
+    vision = {} if batch.pixel_values is None else dict(pixel_values=batch.pixel_values,
+                                                        image_grid_thw=batch.image_grid_thw)
+    with timer("decode"), _seeded(cfg.seed, lm.device):
         out = lm.model.generate(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask.long(),
-            pixel_values=batch.pixel_values,
-            image_grid_thw=batch.image_grid_thw,
             mm_token_type_ids=batch.mm_token_type_ids,
             max_new_tokens=cfg.max_new_tokens,
             eos_token_id=lm.eos_token_ids,
             pad_token_id=lm.processor.pad_token_id,
             suppress_tokens=lm.banned_token_ids or None,
+            **vision,
             **sampling,
         )
     rows = RowTracker(len(prompts), cfg.max_new_tokens, lm.eos_token_ids, listener)  # streams all at the end
@@ -41,3 +44,15 @@ def generate_hf(lm, prompts: list[Encoded], cfg: DecodeConfig, listener=None) ->
     for i in range(len(prompts)):
         rows.nfe[i] = len(rows.tokens[i]) + (rows.finish[i] == "stop")
     return rows.outputs(lm.processor.decode, "hf", timer.as_dict(), [len(p) for p in prompts])
+
+
+@contextmanager
+def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Seed torch's global generator (HF `generate` samples from it) without changing the caller's:
+    the global RNG state is restored afterwards, as the other decoders' private generators leave it."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield

@@ -5,15 +5,19 @@ This is the one generate path: the CLI, server, eval and bench all call `DVLM.ge
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
+from PIL import Image
 from torch import nn
 
 from dvlm.config import ConfigError, DecodeConfig, DiffusionConfig, from_dict
-from dvlm.convert.registry import Adapter, adapter_for_checkpoint
-from dvlm.data.processor import ChatProcessor, Encoded, load_tokenizer
+from dvlm.convert.registry import Adapter, CheckpointError, adapter_for_checkpoint, check_weights, read_config, saved_dtype
+from dvlm.data.images import DEFAULT_LIMITS, ImageLimits
+from dvlm.data.processor import ChatProcessor, Encoded, PromptTooLongError, load_tokenizer
 from dvlm.decode.output import GenerationOutput
 from dvlm.runtime import pick_device, pick_dtype
 
@@ -62,38 +66,29 @@ class DVLM:
 
     def encode(self, prompt: Any, images: Sequence[Any] | None = None) -> Encoded:
         """A prompt string or a chat message list (+ images) -> the generation-ready Encoded prompt."""
-        encoded = self.processor.encode(prompt, images, add_generation_prompt=True)
-        if self.diffusion and bool((encoded.input_ids == self.diffusion.mask_token_id).any()):
-            # Decoders find the positions to fill by the mask id; a prompt may not contain it.
-            raise ValueError(f"the prompt contains the mask token {self.diffusion.mask_token!r}")
-        return encoded
+        return self.processor.encode(prompt, images, add_generation_prompt=True)
 
-    def generate(self, prompts: Any, images: Sequence[Any] | None = None, *, decoder: str | None = None,
+    def generate(self, prompts: Any, images: Any = None, *, decoder: str | None = None,
                  **decode_options: Any) -> GenerationOutput | list[GenerationOutput]:
         """Decode one prompt (-> GenerationOutput) or a batch of prompts (-> list).
 
         Args:
             prompts: a string, a chat message list (OpenAI-style dicts, with image parts), or a list
                 of either for a batch.
-            images: for one prompt, its images; for a batch, one list of images per prompt.
+            images: for one prompt, its images (or one image); for a batch, one list of images (or
+                one image, or None) per prompt. An image is a path, bytes, a data: URL or a PIL image.
             decoder: `block` (default for converted models), `spec`, `ar` or `hf`.
             decode_options: DecodeConfig fields (block_size, threshold, steps, max_new_tokens, ...).
         """
         single = _is_single_prompt(prompts)
         batch = [prompts] if single else list(prompts)
-        if images is None:
-            per_prompt = [None] * len(batch)
-        else:
-            per_prompt = [images] if single else list(images)
-        if len(per_prompt) != len(batch):
-            raise ValueError(f"{len(batch)} prompts but {len(per_prompt)} image lists")
+        per_prompt = _images_per_prompt(images, single, len(batch))
         cfg = DecodeConfig(decoder=decoder or ("block" if self.diffusion else "ar"), **decode_options)
-        encoded = [self.encode(p, imgs) for p, imgs in zip(batch, per_prompt)]
+        encoded = self._encode_batch(batch, per_prompt, cfg)
         outputs = decoder_function(cfg.decoder)(self, encoded, cfg)
         return outputs[0] if single else outputs
 
-
-    def stream(self, prompt: Any, images: Sequence[Any] | None = None, *, decoder: str | None = None,
+    def stream(self, prompt: Any, images: Any = None, *, decoder: str | None = None,
                **decode_options: Any) -> "TextStream":
         """Like `generate` for one prompt, but an iterator of text pieces as blocks are committed.
 
@@ -103,17 +98,82 @@ class DVLM:
         if not _is_single_prompt(prompt):
             raise ValueError("stream() takes one prompt; use generate() for a batch")
         cfg = DecodeConfig(decoder=decoder or ("block" if self.diffusion else "ar"), **decode_options)
-        encoded = [self.encode(prompt, images)]
+        encoded = self._encode_batch([prompt], _images_per_prompt(images, True, 1), cfg)
         run = decoder_function(cfg.decoder)
         return TextStream(lambda listener: run(self, encoded, cfg, listener=listener)[0], self.processor.decode)
 
+    def _encode_batch(self, batch: list[Any], images: list[Any], cfg: DecodeConfig) -> list[Encoded]:
+        """Encode every prompt and check it fits the model's positions; errors name the prompt's index."""
+        encoded = []
+        for index, (prompt, prompt_images) in enumerate(zip(batch, images)):
+            try:
+                encoded.append(self.encode(prompt, prompt_images))
+                self._check_positions(encoded[-1], cfg.max_new_tokens)
+            except ValueError as err:
+                if len(batch) == 1:
+                    raise
+                raise PromptError(index, err) from err
+        return encoded
+
+    def _check_positions(self, encoded: Encoded, max_new_tokens: int) -> None:
+        """Refuse a prompt that alone reaches the model's last position; warn when the answer could."""
+        limit = self.adapter.max_positions(self.model)
+        if limit is None:
+            return
+        next_position = len(encoded) + encoded.rope_delta
+        if next_position >= limit:
+            raise PromptTooLongError(next_position, limit, f"the prompt takes {next_position} positions; the model "
+                                     f"has {limit} (max_position_embeddings)")
+        if next_position + max_new_tokens > limit:
+            warnings.warn(f"the prompt uses {next_position} positions and max_new_tokens={max_new_tokens} could take "
+                          f"the answer past the model's {limit} (max_position_embeddings); the model was not "
+                          "trained on positions beyond that", PositionLimitWarning, stacklevel=3)
+
+
+class PositionLimitWarning(UserWarning):
+    """Prompt + max_new_tokens may exceed the model's maximum position."""
+
+
+class PromptError(ValueError):
+    """A prompt of a batch cannot be encoded; the message starts with its index."""
+
+    def __init__(self, index: int, error: ValueError):
+        super().__init__(f"prompt {index}: {error}")
+        self.index = index
+        self.error = error
+
 
 def _is_single_prompt(prompts: Any) -> bool:
+    if isinstance(prompts, Mapping):
+        raise ValueError("a prompt is a string or a list of message dicts, not one dict; "
+                         "wrap a single message in a list: [message]")
     if isinstance(prompts, str):
         return True
-    if isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], dict):
-        return True  # one chat: a list of message dicts
-    return False
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(f"prompts must be a string, a list of messages or a non-empty list of prompts, "
+                         f"got {type(prompts).__name__ if prompts is not None else None}"
+                         + (" (empty)" if isinstance(prompts, (list, tuple)) else ""))
+    return isinstance(prompts[0], Mapping)  # one chat: a list of message dicts
+
+
+_ONE_IMAGE = (str, Path, bytes, bytearray, memoryview, Image.Image)
+
+
+def _images_per_prompt(images: Any, single: bool, count: int) -> list[list[Any] | None]:
+    """One image list (or None) per prompt; a lone image stands for a list of one."""
+    def as_list(value: Any) -> list[Any] | None:
+        return None if value is None else [value] if isinstance(value, _ONE_IMAGE) else list(value)
+
+    if images is None:
+        return [None] * count
+    if single:
+        return [as_list(images)]
+    if isinstance(images, _ONE_IMAGE):
+        raise ValueError("for a batch of prompts, give one image list (or None) per prompt")
+    per_prompt = [as_list(item) for item in images]
+    if len(per_prompt) != count:
+        raise ValueError(f"{count} prompts but {len(per_prompt)} image lists")
+    return per_prompt
 
 
 def decoder_function(name: str) -> Callable[..., list[GenerationOutput]]:
@@ -129,9 +189,16 @@ def decoder_function(name: str) -> Callable[..., list[GenerationOutput]]:
     return decoders[name]
 
 
-def diffusion_config_of(model: nn.Module) -> DiffusionConfig | None:
+def diffusion_config_of(model: nn.Module, source: str = "config.json") -> DiffusionConfig | None:
     raw = getattr(model.config, DIFFUSION_CONFIG_KEY, None)
-    return None if raw is None else from_dict(DiffusionConfig, dict(raw))
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise CheckpointError(f"{source}: the '{DIFFUSION_CONFIG_KEY}' section must be an object")
+    try:
+        return from_dict(DiffusionConfig, dict(raw))
+    except ConfigError as err:
+        raise ConfigError(f"{source}, section '{DIFFUSION_CONFIG_KEY}': {err}") from err
 
 
 def resolve_model_path(name_or_path: str | Path) -> Path:
@@ -148,13 +215,28 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
 
 
 def load(name_or_path: str | Path, *, device: str | None = None, dtype: str | None = None,
-         max_length: int | None = None) -> DVLM:
-    """Load a converted dVLM or a plain AR checkpoint from a local directory (safetensors only)."""
+         max_length: int | None = None, image_limits: ImageLimits = DEFAULT_LIMITS) -> DVLM:
+    """Load a converted dVLM or a plain AR checkpoint from a local directory (safetensors only).
+
+    `dtype` None/"auto": the checkpoint's own dtype (see `runtime.pick_dtype`)."""
     path = resolve_model_path(name_or_path)
+    config = read_config(path)
     adapter = adapter_for_checkpoint(path)
+    check_weights(path)
+    _check_processor_files(path)
     dev = pick_device(device)
-    model = adapter.load_model(path, pick_dtype(dtype, dev), dev)
-    processor = ChatProcessor(
-        load_tokenizer(path), adapter.load_image_processor(path), max_length=max_length
-    )
-    return DVLM(model, adapter, processor, diffusion_config_of(model), str(path))
+    model = adapter.load_model(path, pick_dtype(dtype, dev, saved_dtype(config)), dev)
+    processor = ChatProcessor(load_tokenizer(path), adapter.load_image_processor(path), max_length=max_length,
+                              image_limits=image_limits)
+    return DVLM(model, adapter, processor, diffusion_config_of(model, str(path / "config.json")), str(path))
+
+
+PROCESSOR_FILES = {"preprocessor_config.json": "the image processor's settings",
+                   "tokenizer_config.json": "the tokenizer's settings"}
+
+
+def _check_processor_files(path: Path) -> None:
+    for name, what in PROCESSOR_FILES.items():
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path} has no {name} ({what}); copy it from the model the checkpoint "
+                                  "came from, or re-save the processor with save_pretrained")

@@ -14,5 +14,5 @@ def builtin_names() -> list[str]:
 
 
 def builtin_path(name: str) -> Path | None:
-    path = WEIGHTS_DIR / name
-    return path if (path / "config.json").is_file() else None
+    """The directory of a built-in model, by its exact name (never a path: "../x" is no name)."""
+    return WEIGHTS_DIR / name if name in builtin_names() else None
