@@ -270,3 +270,106 @@ def test_zoo_list(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(registry, "WEIGHTS_DIR", tmp_path)
     code, out, _ = run(capsys, "zoo", "list")
     assert code == 0 and out.startswith("tiny-x\t")
+
+
+# -- user-fixable failures: one line, exit 2, nothing left behind (issue 8, D11/D12/D18) ------------
+@pytest.mark.parametrize("argv, match", [
+    (["--set", "seed=x"], "TrainConfig.seed='x' is not valid"),
+    (["--set", "save_every=0.5"], "save_every=0.5 is not valid: expected an integer"),
+    (["--set", "seed=[1"], "override 'seed=[1': the value is not a YAML scalar"),
+])
+def test_train_bad_settings(capsys, tmp_path, fast_checkpoint, argv, match):
+    code, _, err = run(capsys, "train", "--model", fast_checkpoint, "--data", tmp_path / "d.json",
+                       "--out", tmp_path / "run", *argv)
+    assert code == 2 and match in one_line_error(err, "train")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_invalid_yaml_config(capsys, tmp_path, fast_checkpoint):
+    (tmp_path / "c.yaml").write_text("learning_rate: [1,\n")
+    code, _, err = run(capsys, "train", "--model", fast_checkpoint, "--data", tmp_path / "d.json",
+                       "--out", tmp_path / "run", "--config", tmp_path / "c.yaml")
+    assert code == 2 and "c.yaml is not valid YAML" in one_line_error(err, "train")
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--temperature", "nan"], "DecodeConfig.temperature=nan is not valid: expected a finite number"),
+    (["--seed", str(2**64)], "seed must be in [0, 2**32)"),
+    (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+])
+def test_generate_bad_settings(capsys, fast_checkpoint, argv, match):
+    code, _, err = run(capsys, "generate", "--model", fast_checkpoint, "--prompt", "hi", *argv)
+    assert code == 2 and match in one_line_error(err, "generate")
+
+
+def test_generate_damaged_checkpoint(capsys, tmp_path, fast_checkpoint):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(fast_checkpoint, damaged)
+    (damaged / "model.safetensors").write_bytes(b"")
+    code, _, err = run(capsys, "generate", "--model", damaged, "--prompt", "hi")
+    assert code == 2 and "model.safetensors is not a readable safetensors file" in one_line_error(err, "generate")
+
+
+class FullStream:
+    """A stdout on a full device: every write fails with ENOSPC (this sandbox's /dev/full does not)."""
+
+    def write(self, text):
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def flush(self):
+        pass
+
+    def fileno(self):
+        return sys.__stdout__.fileno()
+
+
+def test_generate_to_a_full_device(capsys, monkeypatch, fast_checkpoint):
+    """Writing the answer to a full stdout is one line on stderr and exit 2, not a traceback."""
+    monkeypatch.setattr(sys, "stdout", FullStream())
+    code = main(["generate", "--model", str(fast_checkpoint), "--prompt", "hi", "--max-new-tokens", "2",
+                 "--decoder", "ar"])
+    assert code == 2
+    assert "cannot write stdout: No space left on device" in one_line_error(capsys.readouterr().err, "generate")
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--decoders", ""], "--decoders is empty"),
+    (["--decoders", " , "], "--decoders is empty"),
+    (["--limit", "0"], "--limit must be >= 1"),
+    (["--block-sizes", "8,x"], "--block-sizes: 'x' is not an integer"),
+])
+def test_bench_refuses_bad_lists_before_loading(capsys, tmp_path, argv, match):
+    code, _, err = run(capsys, "bench", "--model", tmp_path / "absent", "--out", tmp_path / "b", *argv)
+    assert code == 2 and match in one_line_error(err, "bench")
+
+
+def test_bench_and_demo_check_their_output_folder_first(capsys, tmp_path):
+    """D11: an unwritable --out was discovered only after the whole benchmark had run."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    for verb in ("bench", "demo"):
+        code, _, err = run(capsys, verb, "--out", blocker / "out")
+        assert code == 2 and f"cannot write to {blocker / 'out'}" in one_line_error(err, verb)
+
+
+def test_bench_writes_rows_as_they_are_measured(capsys, tmp_path, fast_checkpoint, monkeypatch):
+    """D11: a failure late in a bench run keeps the rows measured before it."""
+    from dvlm.eval import bench
+
+    real = bench.evaluate
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 4:  # two settings (each a warm-up and a run), then a failure
+            raise ValueError("simulated failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "evaluate", flaky)
+    code, _, err = run(capsys, "bench", "--model", fast_checkpoint, "--decoders", "ar,block,spec",
+                       "--limit", "2", "--max-new-tokens", "4", "--task", "digits-read", "--out", tmp_path / "b")
+    assert code == 2 and "simulated failure" in err
+    rows = [json.loads(line) for line in (tmp_path / "b" / bench.ROWS_FILE).read_text().splitlines()]
+    assert [r["decoder"] for r in rows] == ["ar", "block"]

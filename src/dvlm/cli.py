@@ -15,7 +15,9 @@ unreadable images, ...) print one line `dvlm <verb>: error: <message>` and exit 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -219,7 +221,7 @@ def demo(args: argparse.Namespace) -> None:
     installed = {AR_MODEL, DIFFUSION_MODEL} <= set(builtin_names())
     with quiet_hf_progress():  # HF's per-file bars would drown the demo's own lines
         if installed and not args.random:
-            run_demo(Path(args.out), limit=args.limit, max_new_tokens=args.max_new_tokens,
+            run_demo(writable_directory(Path(args.out)), limit=args.limit, max_new_tokens=args.max_new_tokens,
                      log=lambda line: print(line, flush=True))
             return
         if not installed:
@@ -285,30 +287,46 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
 
 def bench(args: argparse.Namespace) -> None:
     """Accuracy and speed of each decoder setting, with speed-ups measured side by side."""
-    from dvlm.eval.bench import run_bench, settings_grid, write_report
+    from dvlm.eval.bench import ROWS_FILE, append_row, run_bench, settings_grid, write_report
 
-    decoders = split_list(args.decoders)
+    # Everything that can be refused is refused before any model loads or decodes.
+    decoders = split_list(args.decoders, "--decoders")
     unknown = [d for d in decoders if d not in DECODERS]
-    if unknown:  # refused before any model loads or decodes
+    if unknown:
         raise ConfigError(f"unknown decoder(s) {', '.join(unknown)}; choose from {', '.join(DECODERS)}")
+    block_sizes = [parse_number(b, int, "--block-sizes") for b in split_list(args.block_sizes, "--block-sizes")]
+    thresholds = [parse_number(t, float, "--thresholds") for t in split_list(args.thresholds, "--thresholds")]
+    if args.limit < 1:
+        raise CLIError("--limit must be >= 1")
+    out = writable_directory(Path(args.out))
+    (out / ROWS_FILE).unlink(missing_ok=True)
     name = model_name(args.model)
     baseline = args.baseline or ("tiny-ar" if name == DEFAULT_MODEL else None)
     with quiet_hf_progress():
         models = {"main": dvlm.load(name, device=checked_device(args.device))}
         if baseline:
             models["baseline"] = dvlm.load(baseline, device=args.device)
-    grid = settings_grid(decoders, [int(b) for b in split_list(args.block_sizes)],
-                         [float(t) for t in split_list(args.thresholds)], "baseline" in models)
+    grid = settings_grid(decoders, block_sizes, thresholds, "baseline" in models)
     rows = run_bench(models, args.task or ["shapes-caption", "digits-read"], grid, limit=args.limit,
-                     max_new_tokens=args.max_new_tokens)
+                     max_new_tokens=args.max_new_tokens, on_row=append_row(out / ROWS_FILE))
     device = describe_device(models["main"].device)
-    paths = write_report(rows, Path(args.out), device)
+    paths = write_report(rows, out, device)
     print(paths["markdown"].read_text())
     print(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']}")
 
 
-def split_list(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
+def split_list(text: str, flag: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise CLIError(f"{flag} is empty; give a comma-separated list")
+    return items
+
+
+def parse_number(text: str, kind: type, flag: str) -> Any:
+    try:
+        return kind(text)
+    except ValueError as err:
+        raise CLIError(f"{flag}: {text!r} is not {'an integer' if kind is int else 'a number'}") from err
 
 
 def describe_device(device: Any) -> str:
@@ -402,6 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# OSErrors a user causes and fixes: unwritable or full destinations.
+USER_OS_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the `dvlm` command; returns the exit status."""
     try:
@@ -410,8 +432,38 @@ def main(argv: list[str] | None = None) -> int:
         return stop.code if isinstance(stop.code, int) else 2
     try:
         args.run(args)
+        sys.stdout.flush()  # a full or closed stdout fails here, inside the handler, not at exit
     except EXPECTED_ERRORS as err:
-        message = " ".join(str(err).split())  # always one line
-        print(f"dvlm {args.verb}: error: {message}", file=sys.stderr)
-        return 2
+        return _fail(args.verb, str(err))
+    except OSError as err:
+        if err.errno not in USER_OS_ERRNOS and not isinstance(err, BrokenPipeError):
+            raise
+        return _fail(args.verb, _os_error_message(err))
     return 0
+
+
+def _fail(verb: str, message: str) -> int:
+    """Print the one-line error; stdout is detached so that exiting does not try to flush it again."""
+    print(f"dvlm {verb}: error: {' '.join(message.split())}", file=sys.stderr)
+    try:
+        sys.stdout.flush()
+    except OSError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return 2
+
+
+def _os_error_message(err: OSError) -> str:
+    where = f" {err.filename}" if err.filename else " stdout" if err.errno == errno.ENOSPC else ""
+    return f"cannot write{where}: {err.strerror or err}"
+
+
+def writable_directory(path: Path) -> Path:
+    """Create `path` if needed and prove it takes a file, before any long work is spent on its contents."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".dvlm-write-check-"):
+            pass
+    except OSError as err:
+        raise CLIError(f"cannot write to {path}: {err.strerror or err}") from err
+    return path

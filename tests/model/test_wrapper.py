@@ -145,3 +145,11 @@ def test_bad_dvlm_section_names_the_file(copy_of, fast_checkpoint):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"config\.json, section 'dvlm': DiffusionConfig\.decode_steps=2\.5"):
         dvlm.load(path)
+
+
+def test_missing_tokenizer_is_named_as_such(copy_of, ar_checkpoint):
+    """D18: a checkpoint without tokenizer files was reported as 'lacks special tokens'."""
+    path = copy_of(ar_checkpoint)
+    (path / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match="has no tokenizer files"):
+        dvlm.load(path)

@@ -256,12 +256,20 @@ class UnsafeCheckpointError(ValueError):
     """A checkpoint asks to run code it ships (``auto_map``); dvlm never does."""
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt")
+"""A checkpoint's tokenizer vocabulary lives in at least one of these."""
+
+
 def load_tokenizer(path: str | Path) -> Any:
     """The tokenizer of a local checkpoint directory, never running code shipped with it.
 
     transformers would import a checkpoint's own tokenizer module when ``tokenizer_config.json``
     maps the class to one (``auto_map``), after asking on stdin; dvlm refuses such a checkpoint
     outright and tells transformers never to trust remote code, so nothing is asked or run."""
+    vocabulary = [name for name in TOKENIZER_FILES if (Path(path) / name).is_file()]
+    if not vocabulary:
+        raise FileNotFoundError(f"{path} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); "
+                                "copy them from the model the checkpoint came from")
     config_file = Path(path) / "tokenizer_config.json"
     if config_file.is_file():
         try:

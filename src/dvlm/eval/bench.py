@@ -11,11 +11,15 @@ import json
 import resource
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from dvlm.eval.harness import EvalResult, evaluate
+
+
+ROWS_FILE = "bench.rows.jsonl"
+"""Rows written one by one as they are measured (bench.json follows at the end)."""
 
 
 @dataclass
@@ -55,8 +59,12 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def run_bench(models: dict[str, Any], tasks: list[str], grid: list[Setting], *, limit: int, seed: int = 0,
-              max_new_tokens: int = 96, progress: bool = True) -> list[dict[str, Any]]:
-    """Evaluate every (task, setting); returns one row per pair with speed-ups filled in."""
+              max_new_tokens: int = 96, progress: bool = True,
+              on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Evaluate every (task, setting); returns one row per pair with speed-ups filled in.
+
+    `on_row` receives each row as soon as it is measured (before speed-ups), so a long run that
+    fails late keeps what it measured."""
     rows = []
     for task in tasks:
         task_rows = []
@@ -69,6 +77,8 @@ def run_bench(models: dict[str, Any], tasks: list[str], grid: list[Setting], *, 
             result = evaluate(lm, task, limit=limit, seed=seed, decoder=setting.decoder, progress=progress,
                               max_new_tokens=max_new_tokens, **setting.options)
             task_rows.append(_row(task, setting, result, peak_memory_mb(lm.device)))
+            if on_row is not None:
+                on_row(task_rows[-1])
         _add_speedups(task_rows)
         rows += task_rows
     return rows
@@ -106,6 +116,14 @@ def markdown_table(rows: list[dict[str, Any]], device: str) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def append_row(path: Path) -> Callable[[dict[str, Any]], None]:
+    """An `on_row` callback appending each measured row to a JSON-lines file."""
+    def append(row: dict[str, Any]) -> None:
+        with path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    return append
 
 
 def write_report(rows: list[dict[str, Any]], out: Path, device: str) -> dict[str, Path]:

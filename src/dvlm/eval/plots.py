@@ -1,4 +1,4 @@
-"""Plots of benchmark and demo results (matplotlib, imported lazily: an optional extra)."""
+"""Plots of benchmark and demo results (matplotlib, imported when a plot is drawn)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,11 @@ PRIMARY_METRIC = {"shapes-qa": "exact_match", "shapes-caption": "fact_f1", "digi
 
 
 def _pyplot():
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")  # files only, no display
-        import matplotlib.pyplot as plt
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("plots need matplotlib: pip install 'dvlm[zoo]'") from err
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
     return plt
 
 
