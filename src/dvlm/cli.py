@@ -88,7 +88,9 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a TrainConfig field, e.g. --set warmup_ratio=0.1 (repeatable; beats --config)")
     p.add_argument("--diffusion", action="append", metavar="KEY=VALUE",
                    help="override a field of the model's DiffusionConfig, e.g. --diffusion block_size=8 (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue RUN from its newest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue RUN from its newest usable checkpoint, with the same data and batch settings "
+                        "(from step 0 if RUN has no checkpoint yet)")
     p.add_argument("--steps", type=int, metavar="N", help="total optimizer steps (TrainConfig.max_steps)")
     p.add_argument("--batch-size", type=int, metavar="N", help="samples per micro-batch")
     p.add_argument("--grad-accum", type=int, metavar="N", help="micro-batches per optimizer step")
@@ -124,7 +126,8 @@ def train(args: argparse.Namespace) -> None:
         diffusion_overrides=parse_overrides(args.diffusion) or None, resume=args.resume,
         device=checked_device(args.device),
     )
-    print(f"trained {result.steps} steps" + (f", final loss {result.losses[-1]:.4f}" if result.losses else ""))
+    resumed = f" (resumed at step {result.start_step})" if result.start_step else ""
+    print(f"trained {result.steps} steps{resumed}" + (f", final loss {result.losses[-1]:.4f}" if result.losses else ""))
     print(f"  model    {result.model_dir}")
     print(f"  metrics  {result.run_dir / METRICS_FILE}")
     print(f"  skipped  {result.skipped} sample(s)" + (" (listed above)" if result.skipped else ""))

@@ -1,3 +1,4 @@
+import hashlib
 import json
 from functools import partial
 
@@ -6,7 +7,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from dvlm.data.collate import collate
-from dvlm.data.llava_json import LlavaJsonDataset, SampleError, SkipReport, read_records
+from dvlm.data.llava_json import LlavaJsonDataset, SampleError, SkipReport, file_fingerprint, read_records
 from dvlm.data.processor import IGNORE_INDEX, ChatProcessor
 
 VISION_4 = ["<|vision_start|>"] + ["<|image_pad|>"] * 4 + ["<|vision_end|>"]  # a 56x56 image
@@ -120,7 +121,7 @@ def test_too_long_sample_is_a_sample_error(tmp_path, tiny_processor_dir):
 def test_skip_report(tmp_path, processor, image_dir):
     records = [{"id": f"r{i}", "image": "missing.png",
                 "conversations": [{"from": "human", "value": "Yes"}]} for i in range(7)]
-    records.append({"conversations": [{"from": "human", "value": "Yes"}]})
+    records.append({"conversations": [{"from": "human", "value": "Yes"}, {"from": "gpt", "value": "No"}]})
     data = LlavaJsonDataset(write_json(tmp_path / "d.json", records), processor, image_dir)
     report = SkipReport(max_examples=3)
     assert report.summary() == "skipped 0 samples"
@@ -157,3 +158,27 @@ def test_missing_and_invalid_data_files(tmp_path, processor):
     numbers = write_json(tmp_path / "numbers.json", [1, 2])
     with pytest.raises(ValueError, match=r"numbers\.json: expected a JSON list of objects"):
         read_records(numbers)
+
+
+@pytest.mark.parametrize("turns", [
+    [{"from": "human", "value": "Yes"}],
+    [{"from": "system", "value": "Be brief"}, {"from": "human", "value": "Yes"}],
+])
+def test_record_without_an_answer_is_a_sample_error(tmp_path, processor, turns):
+    # Only answers are trained: a record without one would add nothing but a NaN to the loss.
+    data = LlavaJsonDataset(write_json(tmp_path / "d.json", [{"id": "q", "conversations": turns}]), processor)
+    with pytest.raises(SampleError, match=r"^sample 0 \(id='q'\): nothing to train on: no assistant answer$"):
+        data[0]
+
+
+@pytest.mark.parametrize("name, text", [("empty.json", "[]"), ("blank.json", " \n"), ("empty.jsonl", "\n\n")])
+def test_data_file_without_records_is_an_error(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"^{path}: no records \(the file holds no training sample\)$"):
+        read_records(path)
+
+
+def test_file_fingerprint_is_size_and_sha256(tmp_path):
+    path = write_json(tmp_path / "d.json", [{"id": 1}])
+    assert file_fingerprint(path) == {"size": 11, "sha256": hashlib.sha256(b'[{"id": 1}]').hexdigest()}

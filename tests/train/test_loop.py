@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 import dvlm
 from dvlm.config import ConfigError, TrainConfig
-from dvlm.train.loop import FINAL_DIR, METRICS_FILE, lr_lambda, train
+from dvlm.train import loop as loop_module
+from dvlm.train.loop import FINAL_DIR, METRICS_FILE, TrainingError, lr_lambda, train
 from dvlm.zoo.tasks import export_llava, get_task
 
 FIXED_BATCH = 12  # the whole dataset: every step sees the same batch
@@ -139,10 +140,29 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, data, fast_checkpoint):
 def test_resume_without_checkpoint_raises(tmp_path, data, fast_checkpoint):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(fast_checkpoint, data, tmp_path / "run", config(), progress=False, resume=True)
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / METRICS_FILE).write_text("")
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        train(fast_checkpoint, data, tmp_path / "run", config(), progress=False, resume=True)
+
+
+def test_resume_before_the_first_checkpoint_starts_over(tmp_path, data, fast_checkpoint, capsys):
+    run = tmp_path / "run"
+    cfg = config(max_steps=4, save_every=3)
+
+    def stop_at_2(step: int, record: dict) -> None:
+        if step == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(fast_checkpoint, data, run, cfg, progress=False, on_step=stop_at_2)
+    killed = metrics(run)
+    assert [r["step"] for r in killed] == [1, 2] and sorted(p.name for p in run.iterdir()) == [METRICS_FILE]
+    capsys.readouterr()
+
+    result = train(fast_checkpoint, data, run, cfg, progress=False, resume=True)
+    assert f"--resume: no checkpoint in {run} yet; starting from step 0\n" in capsys.readouterr().out
+    lines = metrics(run)
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]  # the stale lines replaced, not duplicated
+    assert [r["loss"] for r in lines[:2]] == [r["loss"] for r in killed]  # the same steps again
+    assert result.losses == [r["loss"] for r in lines]
+    assert (run / FINAL_DIR / "model.safetensors").is_file()
 
 
 def test_non_empty_run_dir_without_resume_raises(tmp_path, data, fast_checkpoint):
@@ -173,6 +193,70 @@ def test_bad_images_are_skipped_and_reported(tmp_path, data, fast_checkpoint, ca
     assert "skipped 2 sample(s)" in summary
     assert corrupt["id"] in summary and missing["id"] in summary
     assert dvlm.load(result.model_dir).diffusion is not None
+
+
+def test_records_without_an_answer_are_skipped_and_reported(tmp_path, data, fast_checkpoint, capsys):
+    records = json.loads(data.read_text())
+    records[2]["conversations"] = records[2]["conversations"][:1]  # the question alone
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records))
+    result = train(fast_checkpoint, path, tmp_path / "run", config(batch_size=FIXED_BATCH), image_root=data.parent,
+                   progress=False)
+    assert result.skipped == 1 and [r["skipped"] for r in metrics(result.run_dir)] == [1, 1]
+    assert f"{records[2]['id']!r}: nothing to train on: no assistant answer" in capsys.readouterr().out
+
+
+# -- nothing to learn from: stop, write nothing misleading --------------------------------------------
+
+
+def strict_json(line: str) -> dict:
+    """json.loads that refuses NaN and Infinity, which are not JSON."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_empty_data_file_fails_before_the_model_loads(tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    with pytest.raises(ValueError, match=r"empty\.json: no records"):
+        train(tmp_path / "no-such-model", empty, tmp_path / "run", config(), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_without_usable_data_stops_at_its_first_step(tmp_path, data, fast_checkpoint):
+    records = json.loads(data.read_text())
+    for record in records:
+        record["conversations"] = record["conversations"][:1]  # questions without answers
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records))
+    with pytest.raises(TrainingError) as info:
+        train(fast_checkpoint, path, tmp_path / "run", config(batch_size=FIXED_BATCH, save_every=1),
+              image_root=data.parent, progress=False)
+    message = str(info.value)
+    assert message.startswith("step 1: nothing to train on (none of its 12 samples has an answer token); "
+                              "skipped 12 sample(s); first 5:")
+    assert message.count("nothing to train on: no assistant answer") == 5
+    assert list((tmp_path / "run").iterdir()) == []  # no metrics, no checkpoint, no model
+
+
+def test_non_finite_loss_stops_before_the_update(tmp_path, data, fast_checkpoint, monkeypatch):
+    real_objective = loop_module.diffusion_objective
+    calls = []
+
+    def nan_on_third_call(*args, **kwargs):
+        out = real_objective(*args, **kwargs)
+        calls.append(out)
+        return dataclasses.replace(out, loss=out.loss * float("nan")) if len(calls) == 3 else out
+
+    monkeypatch.setattr(loop_module, "diffusion_objective", nan_on_third_call)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"^step 3: the loss is nan; stopped before updating the weights"):
+        train(fast_checkpoint, data, run, config(max_steps=4, save_every=1, keep_checkpoints=5), progress=False)
+    lines = (run / METRICS_FILE).read_text().splitlines()
+    assert [strict_json(line)["step"] for line in lines] == [1, 2]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-000001", "checkpoint-000002", METRICS_FILE]
 
 
 # -- settings ----------------------------------------------------------------------------------------

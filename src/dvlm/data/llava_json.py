@@ -8,12 +8,14 @@ One record::
 
 Images are resolved against ``image_root`` (default: the data file's folder). A record with
 images but no ``<image>`` placeholder gets them before its first human text, as in LLaVA.
-A bad record raises :class:`SampleError`; a training loop may skip it and note it in a
-:class:`SkipReport`.
+A bad record (malformed, an image that will not load, too long, no answer to train on) raises
+:class:`SampleError`; a training loop may skip it and note it in a :class:`SkipReport`. A file
+without any record is an error of the file itself.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from dvlm.data.images import ImageError
-from dvlm.data.processor import IMAGE_PLACEHOLDER, ChatProcessor, Encoded, PromptTooLongError
+from dvlm.data.processor import IGNORE_INDEX, IMAGE_PLACEHOLDER, ChatProcessor, Encoded, PromptTooLongError
 
 # LLaVA speaker names -> chat roles (the chat role names themselves are accepted too).
 SPEAKER_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -64,7 +66,11 @@ class SkipReport:
 
 
 def read_records(path: str | Path) -> list[dict]:
-    """Records of a JSON list or a JSONL file; errors name the file (and line for JSONL)."""
+    """Records of a JSON list or a JSONL file; errors name the file (and line for JSONL).
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: not JSON/JSONL objects, or no record at all.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
@@ -72,7 +78,9 @@ def read_records(path: str | Path) -> list[dict]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(f"{path} is not UTF-8 text: {err}") from err
-    if path.suffix == ".jsonl":
+    if not text.strip():
+        records = []
+    elif path.suffix == ".jsonl":
         records = _read_jsonl(path, text)
     else:
         try:
@@ -85,7 +93,18 @@ def read_records(path: str | Path) -> list[dict]:
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise ValueError(f"{path}: expected a JSON list of objects "
                          "(or JSONL, one object a line, in a *.jsonl file)")
+    if not records:
+        raise ValueError(f"{path}: no records (the file holds no training sample)")
     return records
+
+
+def file_fingerprint(path: str | Path) -> dict[str, Any]:
+    """Size and sha256 of a file's bytes: equal fingerprints mean the same records in the same order."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"size": Path(path).stat().st_size, "sha256": digest.hexdigest()}
 
 
 def _read_jsonl(path: Path, text: str) -> list[Any]:
@@ -134,9 +153,11 @@ class LlavaJsonDataset(Dataset):
     """LLaVA JSON/JSONL records encoded by a :class:`ChatProcessor`; items are Encoded."""
 
     def __init__(self, path: str | Path, processor: ChatProcessor,
-                 image_root: str | Path | None = None):
+                 image_root: str | Path | None = None, records: list[dict] | None = None):
+        """``records``: those of ``path`` when already read (a caller checking the data before
+        loading a model); by default they are read here."""
         self.path = Path(path)
-        self.records = read_records(self.path)
+        self.records = read_records(self.path) if records is None else records
         self.processor = processor
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
 
@@ -151,6 +172,10 @@ class LlavaJsonDataset(Dataset):
         record = self.records[index]
         try:
             messages, images = record_to_messages(record, self.image_root)
-            return self.processor.encode(messages, images=images)
+            encoded = self.processor.encode(messages, images=images)
         except (ImageError, PromptTooLongError, ValueError) as err:
             raise SampleError(index, record.get("id"), str(err)) from err
+        if not bool((encoded.labels != IGNORE_INDEX).any()):
+            # Only answers are trained: without one the sample adds nothing but a 0/0 to the loss.
+            raise SampleError(index, record.get("id"), "nothing to train on: no assistant answer")
+        return encoded

@@ -1,27 +1,63 @@
 """Training checkpoints: a loadable model directory plus optimizer, schedule, step and RNG state.
 
-A checkpoint is written to a temporary directory and renamed into place, so a run killed while
-saving never leaves a half-written checkpoint behind. Model weights are safetensors; optimizer and
-RNG state are plain tensors/numbers read back with `torch.load(weights_only=True)`.
+Checkpoints and the final model are written with `dvlm.atomic.atomic_directory`: assembled under
+a temporary name and renamed into place, so a run killed while saving never leaves a half-written
+directory under the final name. A write that fails (full disk, read-only folder) leaves no
+temporary folder either, and raises one `WriteError` naming the directory and why.
+
+Reading a checkpoint back checks every file resuming needs before anything is restored, so a
+resume can pass over a corrupt newest checkpoint to an older one. Model weights are safetensors;
+optimizer and RNG state are plain tensors/numbers read back with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+
+from dvlm.atomic import atomic_directory
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
+CONFIG_FILE = "config.json"
+UNUSABLE_SUFFIX = ".unusable"  # a corrupt checkpoint set aside: kept for a look, never listed
+# How a failed write surfaces: OSError from Python and HF, RuntimeError from torch.save ("unexpected
+# pos ..." on a full disk), SafetensorError from safetensors ("I/O error: ...").
+WRITE_FAILURES = (OSError, RuntimeError, SafetensorError)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message names the file at fault and why."""
+
+
+class WriteError(OSError):
+    """A run's checkpoint or model directory could not be written (full disk, read-only folder, ...)."""
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read back whole: trainer state, optimizer + scheduler state and RNG state."""
+
+    path: Path
+    step: int
+    state: dict[str, Any]
+    optimizer: dict[str, Any]
+    rng: dict[str, Any]
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -57,48 +93,43 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# -- writing -----------------------------------------------------------------------------------------
+
+
+@contextmanager
+def written_whole(final: Path) -> Iterator[Path]:
+    """`atomic_directory(final)`, with a failure to write raised as one WriteError naming `final`."""
+    try:
+        with atomic_directory(final) as tmp:
+            yield tmp
+    except WRITE_FAILURES as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else _first_line(err)
+        error = WriteError(f"cannot write {final}: {reason}{_free_space(final.parent)}")
+        error.errno = getattr(err, "errno", None)  # ENOSPC, EACCES, ... for callers that sort by cause
+        raise error from err
+
+
 def save_checkpoint(run_dir: Path, step: int, lm, optimizer, scheduler, state: dict[str, Any], keep: int) -> Path:
     """Write checkpoint-<step> atomically and keep only the newest `keep` checkpoints."""
     final = checkpoint_dir(run_dir, step)
-    tmp = run_dir / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(lm, tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / OPTIMIZER_FILE)
-    # numpy's state holds a uint32 array; stored as a tensor so weights_only loading accepts it.
-    rng = rng_state()
-    name, keys, pos, has_gauss, gauss = rng["numpy"]
-    rng["numpy"] = [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]
-    torch.save(rng, tmp / RNG_FILE)
-    (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2) + "\n")
-    # Replacing a checkpoint of the same step: move the old one aside first, so a crash at any
-    # point leaves a complete checkpoint under the final name or the aside one.
-    aside = run_dir / f".{final.name}.old"
-    if final.exists():
-        shutil.rmtree(aside, ignore_errors=True)
-        os.replace(final, aside)
-    os.replace(tmp, final)
-    shutil.rmtree(aside, ignore_errors=True)
+    with written_whole(final) as tmp:
+        save_model(lm, tmp)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / OPTIMIZER_FILE)
+        # numpy's state holds a uint32 array; stored as a tensor so weights_only loading accepts it.
+        rng = rng_state()
+        name, keys, pos, has_gauss, gauss = rng["numpy"]
+        rng["numpy"] = [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]
+        torch.save(rng, tmp / RNG_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2, allow_nan=False) + "\n")
     for _, old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old)
     return final
 
 
-def load_training_state(path: Path, optimizer, scheduler) -> dict[str, Any]:
-    """Restore optimizer, scheduler and RNG from a checkpoint; returns its trainer state."""
-    opt = torch.load(path / OPTIMIZER_FILE, weights_only=True)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
-    rng = torch.load(path / RNG_FILE, weights_only=True)
-    name, keys, pos, has_gauss, gauss = rng["numpy"]
-    rng["numpy"] = (name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss)
-    rng["python"] = _as_python_state(rng["python"])
-    set_rng_state(rng)
-    return json.loads((path / STATE_FILE).read_text())
-
-
-def _as_python_state(state: Any) -> tuple:
-    version, internal, gauss = state
-    return (version, tuple(internal), gauss)
+def write_model(lm, final: Path) -> None:
+    """The final model directory, written atomically like a checkpoint."""
+    with written_whole(final) as tmp:
+        save_model(lm, tmp)
 
 
 def save_model(lm, out: Path) -> None:
@@ -107,3 +138,125 @@ def save_model(lm, out: Path) -> None:
     lm.model.save_pretrained(out, safe_serialization=True)
     lm.processor.tokenizer.save_pretrained(out)
     lm.processor.image_processor.save_pretrained(out)
+
+
+# -- reading -----------------------------------------------------------------------------------------
+
+
+def newest_usable_checkpoint(run_dir: Path, log: Callable[[str], None]) -> Checkpoint | None:
+    """The newest checkpoint that reads back whole, or None when the run has none.
+
+    Unusable newer ones are logged (one line each) and renamed `<name>.unusable`: left in place,
+    they would count as the newest in the rotation and push out the good checkpoints to come.
+
+    Raises:
+        CheckpointError: the run has checkpoints but none is usable (each one's file and reason).
+    """
+    problems: list[tuple[Path, CheckpointError]] = []
+    for _, path in reversed(list_checkpoints(run_dir)):
+        try:
+            checkpoint = read_checkpoint(path)
+        except CheckpointError as err:
+            problems.append((path, err))
+            continue
+        for bad, err in problems:
+            aside = bad.with_name(bad.name + UNUSABLE_SUFFIX)
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(bad, aside)
+            log(f"{bad.name} is unusable ({err}); set aside as {aside.name}, resuming from {path.name}")
+        return checkpoint
+    if problems:
+        reasons = "; ".join(f"{bad.name}: {err}" for bad, err in problems)
+        raise CheckpointError(f"--resume: no usable checkpoint in {run_dir}: {reasons}")
+    return None
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Read and check everything resuming from `path` needs (the weights are checked, not loaded).
+
+    Raises:
+        CheckpointError: "<file>: <why>" for the first file found missing or corrupt.
+    """
+    step = int(CHECKPOINT_PATTERN.match(path.name).group(1))
+    state = _read_json(path / STATE_FILE)
+    if not isinstance(state, dict) or state.get("step") != step:
+        raise CheckpointError(f"{STATE_FILE}: not the trainer state of step {step}")
+    _read_json(path / CONFIG_FILE)
+    _check_weights(path)
+    optimizer = _load_tensors(path / OPTIMIZER_FILE, ("optimizer", "scheduler"))
+    rng = _load_tensors(path / RNG_FILE, ("python", "numpy", "torch", "cuda"))
+    try:
+        name, keys, pos, has_gauss, gauss = rng["numpy"]
+        rng["numpy"] = (name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss)
+        rng["python"] = _as_python_state(rng["python"])
+    except (TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{RNG_FILE}: not an RNG state ({err})") from err
+    return Checkpoint(path, step, state, optimizer, rng)
+
+
+def restore_training_state(checkpoint: Checkpoint, optimizer, scheduler) -> int:
+    """Put a checkpoint's optimizer, scheduler and RNG state in place; returns its step."""
+    try:
+        optimizer.load_state_dict(checkpoint.optimizer["optimizer"])
+        scheduler.load_state_dict(checkpoint.optimizer["scheduler"])
+    except (ValueError, KeyError, TypeError) as err:  # e.g. another model's parameter groups
+        raise CheckpointError(f"{checkpoint.path / OPTIMIZER_FILE}: does not fit this run's optimizer ({err})") from err
+    try:
+        set_rng_state(checkpoint.rng)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{checkpoint.path / RNG_FILE}: not an RNG state ({err})") from err
+    return checkpoint.step
+
+
+def _read_json(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{file.name}: missing") from err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{file.name}: invalid JSON ({err})") from err
+
+
+def _check_weights(path: Path) -> None:
+    """Open every safetensors file: a truncated one fails on its header ("not fully covered")."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError("model.safetensors: missing")
+    for file in files:
+        try:
+            with safe_open(file, "pt"):
+                pass
+        except (OSError, SafetensorError) as err:
+            raise CheckpointError(f"{file.name}: {err}") from err
+
+
+def _load_tensors(file: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    try:
+        loaded = torch.load(file, weights_only=True)
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{file.name}: missing") from err
+    except pickle.UnpicklingError as err:  # its message advises weights_only=False: not for a corrupt file
+        raise CheckpointError(f"{file.name}: unreadable (not a tensors-only torch file)") from err
+    except (OSError, EOFError, RuntimeError) as err:
+        raise CheckpointError(f"{file.name}: unreadable ({_first_line(err)})") from err
+    if not isinstance(loaded, dict) or not set(keys) <= set(loaded):
+        raise CheckpointError(f"{file.name}: unreadable (expected the keys {', '.join(keys)})")
+    return loaded
+
+
+def _as_python_state(state: Any) -> tuple:
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _free_space(folder: Path) -> str:
+    """" (N GiB free on that disk)": what turns torch's "unexpected pos" into "the disk is full"."""
+    try:
+        return f" ({shutil.disk_usage(folder).free / 2**30:.1f} GiB free on that disk)"
+    except OSError:
+        return ""

@@ -2,13 +2,20 @@
 
 Each optimizer step takes `grad_accum` micro-batches. The data order and the noise of every step
 are pure functions of (seed, step), so a resumed run continues exactly where the stopped one was:
-same batches, same masks, same losses.
+same batches, same masks, same losses. What else fixes them (the data file's bytes, batch_size,
+grad_accum, max_length, the diffusion recipe) is recorded in each checkpoint as `data_order`, and
+a resume that differs is refused.
+
+A run stops with an error rather than write something misleading: a data file without records
+fails before the model loads, a step without any token to train on and a non-finite loss stop the
+run before the weights are updated (no final model, no NaN in metrics.jsonl).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,15 +26,22 @@ from tqdm.auto import tqdm
 
 from dvlm.config import ConfigError, DiffusionConfig, TrainConfig, from_dict
 from dvlm.data.collate import Batch, collate
-from dvlm.data.llava_json import LlavaJsonDataset, SampleError, SkipReport
+from dvlm.data.llava_json import LlavaJsonDataset, SampleError, SkipReport, file_fingerprint, read_records
 from dvlm.diffusion.noising import IGNORE_INDEX, build_noisy_stream
 from dvlm.diffusion.objective import LossOutput, ar_objective, diffusion_objective
 from dvlm.diffusion.schedule import annealed_block_size
 from dvlm.model.wrapper import DIFFUSION_CONFIG_KEY, DVLM, load
-from dvlm.train.checkpoint import list_checkpoints, load_training_state, save_checkpoint, save_model
+from dvlm.train.checkpoint import (
+    Checkpoint, newest_usable_checkpoint, restore_training_state, save_checkpoint, write_model,
+)
 
 METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "model"
+DATA_ORDER_KEY = "data_order"  # in trainer_state.json: what a resume must not change
+
+
+class TrainingError(ValueError):
+    """Training cannot go on: a step with nothing to train on, or a non-finite loss."""
 
 
 @dataclass
@@ -35,8 +49,12 @@ class TrainResult:
     run_dir: Path
     model_dir: Path
     steps: int
+    """The run's total optimizer steps (the model in model_dir has had them all)."""
     losses: list[float] = field(default_factory=list)
+    """The loss of each step trained by this call (after start_step)."""
     skipped: int = 0
+    start_step: int = 0
+    """The step this call resumed from (0 for a fresh run)."""
 
 
 def lr_lambda(total_steps: int, cfg: TrainConfig) -> Callable[[int], float]:
@@ -65,10 +83,14 @@ class StepData:
     def total_steps(self) -> int:
         return self.cfg.max_steps or self.cfg.epochs * self.steps_per_epoch
 
-    def micro_batches(self, step: int) -> list[Batch]:
+    def indices(self, step: int) -> list[int]:
+        """The dataset indices of a step's samples: a slice of the epoch's seeded permutation."""
         epoch, index = divmod(step, self.steps_per_epoch)
         order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
-        chosen = order[index * self.samples_per_step:(index + 1) * self.samples_per_step].tolist()
+        return order[index * self.samples_per_step:(index + 1) * self.samples_per_step].tolist()
+
+    def micro_batches(self, step: int) -> list[Batch]:
+        chosen = self.indices(step)
         batches = []
         for start in range(0, len(chosen), self.cfg.batch_size):
             samples = [s for s in (self._get(i) for i in chosen[start:start + self.cfg.batch_size]) if s is not None]
@@ -104,6 +126,20 @@ def noise_generator(seed: int, step: int, micro: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + micro)
 
 
+@dataclass
+class _Run:
+    """What every step of a run needs: the model and its recipe, the data, optimizer and schedule."""
+
+    lm: DVLM
+    dcfg: DiffusionConfig | None
+    cfg: TrainConfig
+    steps: StepData
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    state: dict[str, Any]
+    """What each checkpoint's trainer_state.json records (besides its step)."""
+
+
 def train(
     model: str | Path,
     data: str | Path,
@@ -121,60 +157,122 @@ def train(
 
     With `cfg.ar_loss` the model trains autoregressively (no diffusion); otherwise it must be a
     converted dVLM and trains with its DiffusionConfig (updated by `diffusion_overrides`).
+    `resume` continues from the run's newest usable checkpoint (from step 0 when it has none yet).
+
+    Raises:
+        TrainingError: a step with nothing to train on, or a non-finite loss.
+        CheckpointError: no usable checkpoint to resume from. WriteError: a directory could not be written.
+        ValueError: no records in `data`, or a resume that would change the data order or go back.
     """
     run_dir = Path(out)
-    start_dir = _start_directory(run_dir, model, resume)
-    lm = load(start_dir, device=device, dtype="float32")  # master weights in fp32
+    records = read_records(data)  # a file without records fails before the model loads
+    checkpoint = _resume_point(run_dir, resume)
+    lm = load(checkpoint.path if checkpoint else model, device=device, dtype="float32")  # master weights in fp32
     dcfg = _diffusion_config(lm, cfg, diffusion_overrides)
     lm.processor.max_length = cfg.max_length
-    dataset = LlavaJsonDataset(data, lm.processor, image_root=image_root)
-    skips = SkipReport()
-    steps = StepData(dataset, cfg, lm.processor.pad_token_id, skips)
+    dataset = LlavaJsonDataset(data, lm.processor, image_root=image_root, records=records)
+    steps = StepData(dataset, cfg, lm.processor.pad_token_id, SkipReport())
     total = steps.total_steps()
+    order = data_order(data, cfg, dcfg)
+    if checkpoint is not None:
+        check_resume(checkpoint, order, total)
 
     _prepare_model(lm.model, cfg)
     optimizer = torch.optim.AdamW(parameter_groups(lm, cfg), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, cfg))
-    start = 0
-    if resume:
-        start = load_training_state(start_dir, optimizer, scheduler)["step"]
+    start = restore_training_state(checkpoint, optimizer, scheduler) if checkpoint is not None else 0
     run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = run_dir / METRICS_FILE
-    _truncate_metrics(metrics_path, start)
-    state = {"train_config": asdict(cfg), "total_steps": total, "data": str(data)}
+    _truncate_metrics(run_dir / METRICS_FILE, start)
+    state = {"train_config": asdict(cfg), "total_steps": total, "data": str(data), DATA_ORDER_KEY: order}
+    run = _Run(lm, dcfg, cfg, steps, optimizer, scheduler, state)
+    result = TrainResult(run_dir, run_dir / FINAL_DIR, total, start_step=start)
+    _train_steps(run, result, progress, on_step)
+    return result
 
-    result = TrainResult(run_dir, run_dir / FINAL_DIR, total)
-    bar = tqdm(range(start, total), initial=start, total=total, desc="train", disable=not progress, unit="step")
+
+def _train_steps(run: _Run, result: TrainResult, progress: bool, on_step) -> None:
+    """Steps start_step..steps, logging and checkpointing as they go; then the final model."""
+    cfg, skips, total, run_dir = run.cfg, run.steps.skips, result.steps, result.run_dir
+    bar = tqdm(range(result.start_step, total), initial=result.start_step, total=total, desc="train",
+               disable=not progress, unit="step")
     for step in bar:
         tick = time.perf_counter()
-        record = _train_step(lm, dcfg, cfg, steps, step, total, optimizer, scheduler)
+        record = _train_step(run.lm, run.dcfg, cfg, run.steps, step, total, run.optimizer, run.scheduler)
         record.update(step=step + 1, seconds=round(time.perf_counter() - tick, 4), skipped=skips.count)
         result.losses.append(record["loss"])
         bar.set_postfix(loss=f"{record['loss']:.4f}", B=record.get("block_size", "-"), skipped=skips.count)
         if (step + 1) % cfg.log_every == 0 or step + 1 == total:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            with (run_dir / METRICS_FILE).open("a") as f:
+                f.write(json.dumps(record, allow_nan=False) + "\n")  # NaN is not JSON
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
-            save_checkpoint(run_dir, step + 1, lm, optimizer, scheduler, state, cfg.keep_checkpoints)
+            _save_checkpoint(run, run_dir, step + 1)
         if on_step is not None:
             on_step(step + 1, record)
-    save_checkpoint(run_dir, total, lm, optimizer, scheduler, state, cfg.keep_checkpoints)
-    lm.model.eval()
-    save_model(lm, result.model_dir)
+    _save_checkpoint(run, run_dir, total)
+    run.lm.model.eval()
+    write_model(run.lm, result.model_dir)
     result.skipped = skips.count
     if skips.count:
         tqdm.write(skips.summary())
-    return result
 
 
-def _start_directory(run_dir: Path, model: str | Path, resume: bool) -> str | Path:
-    """Where the weights come from: the run's newest checkpoint (resume) or `model`."""
-    checkpoints = list_checkpoints(run_dir)
-    if resume and not checkpoints:
-        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}")
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(f"run directory {run_dir} is not empty; pass --resume to continue it or pick a new one")
-    return checkpoints[-1][1] if resume else model
+def _save_checkpoint(run: _Run, run_dir: Path, step: int) -> None:
+    save_checkpoint(run_dir, step, run.lm, run.optimizer, run.scheduler, run.state, run.cfg.keep_checkpoints)
+
+
+def _resume_point(run_dir: Path, resume: bool) -> Checkpoint | None:
+    """The checkpoint to continue from: None for a fresh start (or a resume before any checkpoint)."""
+    if not resume:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise FileExistsError(f"run directory {run_dir} is not empty; pass --resume to continue it or pick a new one")
+        return None
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}: no such directory")
+    checkpoint = newest_usable_checkpoint(run_dir, tqdm.write)
+    if checkpoint is None:  # killed before its first checkpoint: its metrics lines go, it starts over
+        tqdm.write(f"--resume: no checkpoint in {run_dir} yet; starting from step 0")
+    return checkpoint
+
+
+def data_order(data: str | Path, cfg: TrainConfig, dcfg: DiffusionConfig | None) -> dict[str, Any]:
+    """Everything besides (seed, step) that decides a step's batches and noise: the data file's
+    bytes, how samples are grouped, which are too long to use, and the noising recipe."""
+    return {
+        "data_file": file_fingerprint(data),
+        "batch_size": cfg.batch_size,
+        "grad_accum": cfg.grad_accum,
+        "seed": cfg.seed,
+        "max_length": cfg.max_length,
+        "ar_loss": cfg.ar_loss,
+        "diffusion": dcfg.to_dict() if dcfg is not None else None,
+    }
+
+
+def check_resume(checkpoint: Checkpoint, order: dict[str, Any], total: int) -> None:
+    """Refuse a resume that would not continue the checkpoint's run: other data order, fewer steps."""
+    name = checkpoint.path.name
+    if total < checkpoint.step:
+        raise ValueError(f"--resume: {name} is at step {checkpoint.step}, past the {total} steps asked for; "
+                         f"ask for at least {checkpoint.step} (--steps), or start a new run")
+    recorded = checkpoint.state.get(DATA_ORDER_KEY)
+    if recorded is None:  # written before data orders were recorded: nothing to compare with
+        tqdm.write(f"--resume: {name} does not record its data order; cannot check that it is unchanged")
+        return
+    now = json.loads(json.dumps(order))  # as read back from JSON: lists, not tuples
+    changed = [f"{key} was {old!r} in {name}, is {new!r} now" for key, old, new in _differences(recorded, now)]
+    if changed:
+        raise ValueError(f"--resume: {'; '.join(changed)}; a resumed run must see the batches and noise of the run "
+                         "it continues: use the same data and settings, or start a new run")
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old, new) of each leaf that differs between two JSON-like dicts."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [] if old == new else [(prefix, old, new)]
+    found = []
+    for key in [*new, *(k for k in old if k not in new)]:
+        found += _differences(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)
+    return found
 
 
 def _prepare_model(model, cfg: TrainConfig) -> None:
@@ -201,38 +299,35 @@ def _diffusion_config(lm: DVLM, cfg: TrainConfig, overrides: dict[str, Any] | No
 
 
 def _train_step(lm: DVLM, dcfg, cfg: TrainConfig, steps: StepData, step: int, total: int, optimizer, scheduler):
+    """One optimizer step over the step's micro-batches; raises TrainingError rather than update
+    the weights from nothing (no answer token) or from a non-finite loss or gradient."""
     batches = [b.to(lm.device) for b in steps.micro_batches(step)]
     normaliser = sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)
+    if normaliser == 0:  # every sample skipped or answer-less: the loss would be 0/0
+        raise TrainingError(f"step {step + 1}: nothing to train on (none of its {len(steps.indices(step))} samples "
+                            f"has an answer token); {steps.skips.summary()}")
     block_size = None
     if dcfg is not None:
         block_size = dcfg.block_size
         if dcfg.anneal_block_size:
             block_size = annealed_block_size(step / total, dcfg.block_size, dcfg.anneal_fraction)
-    outputs: list[LossOutput] = []
-    for micro, batch in enumerate(batches):
-        with torch.autocast(lm.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
-            if dcfg is None:
-                out = ar_objective(lm.adapter, lm.model, batch, normaliser)
-            else:
-                stream, clean_block = build_noisy_stream(
-                    batch.input_ids, batch.labels, batch.attention_mask, batch.mm_token_type_ids, dcfg,
-                    block_size, noise_generator(cfg.seed, step, micro),
-                )
-                out = diffusion_objective(lm.adapter, lm.model, batch, stream, clean_block, dcfg, normaliser)
-        out.loss.backward()
-        outputs.append(out)
-    grad_norm = 0.0
-    if cfg.max_grad_norm > 0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(lm.model.parameters(), cfg.max_grad_norm))
+    outputs = [_backward(lm, dcfg, cfg, batch, normaliser, block_size, noise_generator(cfg.seed, step, micro))
+               for micro, batch in enumerate(batches)]
+    loss = float(sum(o.loss.detach() for o in outputs))
+    # Clipping at infinity changes nothing but still measures the norm, so it is checked and logged.
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(lm.model.parameters(), cfg.max_grad_norm or math.inf))
+    for name, value in (("loss", loss), ("gradient norm", grad_norm)):
+        if not math.isfinite(value):
+            raise TrainingError(f"step {step + 1}: the {name} is {value}; stopped before updating the weights "
+                                "(lower the learning rate or check the data, then --resume from the last checkpoint)")
     lr = scheduler.get_last_lr()[0]  # the language model's (first group's)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    norm = max(normaliser, 1)
     return {
-        "loss": float(sum(o.loss.detach() for o in outputs)) if outputs else float("nan"),
-        "diffusion_loss": float(sum(o.diffusion_sum for o in outputs)) / norm,
-        "ar_loss": float(sum(o.ar_sum for o in outputs)) / norm,
+        "loss": loss,
+        "diffusion_loss": float(sum(o.diffusion_sum for o in outputs)) / normaliser,
+        "ar_loss": float(sum(o.ar_sum for o in outputs)) / normaliser,
         "masked_tokens": sum(o.num_masked for o in outputs),
         "response_tokens": normaliser,
         "block_size": block_size,
@@ -241,9 +336,43 @@ def _train_step(lm: DVLM, dcfg, cfg: TrainConfig, steps: StepData, step: int, to
     }
 
 
+def _backward(lm: DVLM, dcfg, cfg: TrainConfig, batch: Batch, normaliser: int, block_size: int | None,
+              noise: torch.Generator) -> LossOutput:
+    """The loss of one micro-batch (normalised by the whole step's answer tokens), backpropagated."""
+    with torch.autocast(lm.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+        if dcfg is None:
+            out = ar_objective(lm.adapter, lm.model, batch, normaliser)
+        else:
+            stream, clean_block = build_noisy_stream(
+                batch.input_ids, batch.labels, batch.attention_mask, batch.mm_token_type_ids, dcfg, block_size, noise,
+            )
+            out = diffusion_objective(lm.adapter, lm.model, batch, stream, clean_block, dcfg, normaliser)
+    out.loss.backward()
+    return out
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop metric lines of steps after the checkpoint (they will be redone)."""
+    """Drop metric lines of steps after `step` (they will be redone), atomically.
+
+    A last line cut short by a kill while it was written is dropped too: its step had no
+    checkpoint yet. Any other line that is not a metrics record is an error naming the file.
+    """
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            logged = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError) as err:  # ValueError: invalid JSON included
+            if number == len(lines):
+                break
+            raise ValueError(f"{path} line {number}: not a metrics record ({err}); "
+                             "repair or remove the line to resume") from err
+        if logged <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)  # a kill during the rewrite leaves the old file, not half of it
