@@ -20,6 +20,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from safetensors import SafetensorError
+
+# How a failed write surfaces: OSError from Python and HF, RuntimeError from torch.save ("unexpected
+# pos ..." on a full disk), SafetensorError from safetensors ("I/O error: ...").
+WRITE_FAILURES = (OSError, RuntimeError, SafetensorError)
+
+
+class WriteError(OSError):
+    """A directory could not be written (full disk, read-only folder, ...); names it and why."""
+
+
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
 
 
@@ -42,6 +53,34 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
         replace_directory(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def written_whole(final: str | Path) -> Iterator[Path]:
+    """`atomic_directory(final)` for a block that only writes: any failure to write (however torch or
+    safetensors report it) is raised as one WriteError naming `final`, with the disk's free space."""
+    final = Path(final)
+    try:
+        with atomic_directory(final) as tmp:
+            yield tmp
+    except WRITE_FAILURES as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else first_line(err)
+        error = WriteError(f"cannot write {final}: {reason}{_free_space(final.parent)}")
+        error.errno = getattr(err, "errno", None)  # ENOSPC, EACCES, ... for callers that sort by cause
+        raise error from err
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _free_space(folder: Path) -> str:
+    """" (N GiB free on that disk)": what turns torch's "unexpected pos" into "the disk is full"."""
+    try:
+        return f" ({shutil.disk_usage(folder).free / 2**30:.1f} GiB free on that disk)"
+    except OSError:
+        return ""
 
 
 def replace_directory(src: Path, final: Path) -> None:

@@ -31,6 +31,7 @@ from dvlm.convert.checkpoint import ConversionError, convert_checkpoint
 from dvlm.convert.registry import UnsupportedArchitectureError
 from dvlm.data.images import ImageError, load_image
 from dvlm.data.processor import PromptTooLongError
+from dvlm.atomic import WriteError
 from dvlm.runtime import pick_device
 
 DEFAULT_MODEL = "tiny-dvlm"  # the built-in model `generate` uses when it is installed
@@ -43,7 +44,7 @@ class CLIError(Exception):
 # Errors a user can cause and fix; anything else is a bug and keeps its traceback.
 EXPECTED_ERRORS = (
     CLIError, FileNotFoundError, NotADirectoryError, FileExistsError, UnsupportedArchitectureError,
-    ConfigError, ConversionError, ImageError, PromptTooLongError, ValueError,
+    ConfigError, ConversionError, ImageError, PromptTooLongError, ValueError, WriteError,
 )
 
 

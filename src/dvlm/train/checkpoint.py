@@ -18,17 +18,16 @@ import pickle
 import random
 import re
 import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 
-from dvlm.atomic import atomic_directory
+from dvlm.atomic import first_line, written_whole
+from dvlm.convert.registry import CheckpointError, check_weights
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -36,19 +35,6 @@ OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
 CONFIG_FILE = "config.json"
 UNUSABLE_SUFFIX = ".unusable"  # a corrupt checkpoint set aside: kept for a look, never listed
-# How a failed write surfaces: OSError from Python and HF, RuntimeError from torch.save ("unexpected
-# pos ..." on a full disk), SafetensorError from safetensors ("I/O error: ...").
-WRITE_FAILURES = (OSError, RuntimeError, SafetensorError)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed from; the message names the file at fault and why."""
-
-
-class WriteError(OSError):
-    """A run's checkpoint or model directory could not be written (full disk, read-only folder, ...)."""
-
-
 @dataclass
 class Checkpoint:
     """A checkpoint read back whole: trainer state, optimizer + scheduler state and RNG state."""
@@ -94,19 +80,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # -- writing -----------------------------------------------------------------------------------------
-
-
-@contextmanager
-def written_whole(final: Path) -> Iterator[Path]:
-    """`atomic_directory(final)`, with a failure to write raised as one WriteError naming `final`."""
-    try:
-        with atomic_directory(final) as tmp:
-            yield tmp
-    except WRITE_FAILURES as err:
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else _first_line(err)
-        error = WriteError(f"cannot write {final}: {reason}{_free_space(final.parent)}")
-        error.errno = getattr(err, "errno", None)  # ENOSPC, EACCES, ... for callers that sort by cause
-        raise error from err
 
 
 def save_checkpoint(run_dir: Path, step: int, lm, optimizer, scheduler, state: dict[str, Any], keep: int) -> Path:
@@ -182,7 +155,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
     if not isinstance(state, dict) or state.get("step") != step:
         raise CheckpointError(f"{STATE_FILE}: not the trainer state of step {step}")
     _read_json(path / CONFIG_FILE)
-    _check_weights(path)
+    check_weights(path)
     optimizer = _load_tensors(path / OPTIMIZER_FILE, ("optimizer", "scheduler"))
     rng = _load_tensors(path / RNG_FILE, ("python", "numpy", "torch", "cuda"))
     try:
@@ -217,19 +190,6 @@ def _read_json(file: Path) -> Any:
         raise CheckpointError(f"{file.name}: invalid JSON ({err})") from err
 
 
-def _check_weights(path: Path) -> None:
-    """Open every safetensors file: a truncated one fails on its header ("not fully covered")."""
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError("model.safetensors: missing")
-    for file in files:
-        try:
-            with safe_open(file, "pt"):
-                pass
-        except (OSError, SafetensorError) as err:
-            raise CheckpointError(f"{file.name}: {err}") from err
-
-
 def _load_tensors(file: Path, keys: tuple[str, ...]) -> dict[str, Any]:
     try:
         loaded = torch.load(file, weights_only=True)
@@ -238,7 +198,7 @@ def _load_tensors(file: Path, keys: tuple[str, ...]) -> dict[str, Any]:
     except pickle.UnpicklingError as err:  # its message advises weights_only=False: not for a corrupt file
         raise CheckpointError(f"{file.name}: unreadable (not a tensors-only torch file)") from err
     except (OSError, EOFError, RuntimeError) as err:
-        raise CheckpointError(f"{file.name}: unreadable ({_first_line(err)})") from err
+        raise CheckpointError(f"{file.name}: unreadable ({first_line(err)})") from err
     if not isinstance(loaded, dict) or not set(keys) <= set(loaded):
         raise CheckpointError(f"{file.name}: unreadable (expected the keys {', '.join(keys)})")
     return loaded
@@ -247,16 +207,3 @@ def _load_tensors(file: Path, keys: tuple[str, ...]) -> dict[str, Any]:
 def _as_python_state(state: Any) -> tuple:
     version, internal, gauss = state
     return (version, tuple(internal), gauss)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def _free_space(folder: Path) -> str:
-    """" (N GiB free on that disk)": what turns torch's "unexpected pos" into "the disk is full"."""
-    try:
-        return f" ({shutil.disk_usage(folder).free / 2**30:.1f} GiB free on that disk)"
-    except OSError:
-        return ""
