@@ -145,14 +145,15 @@ def test_report_file_describes_conversion(dvlm_checkpoints, ar_checkpoint, prese
     assert report["preset"] == preset
     assert report["mask_token_id"] == recipe["mask_token_id"]
     assert report["block_size"] == recipe["block_size"]
-    assert report["embeddings_resized"] is True
+    assert report["mask_row"] == "resized"
+    assert (report["dtype"], report["shards"]) == ("float32", 1)
     assert report["max_logit_difference"] <= report["tolerance"]
 
 
 def test_spare_embedding_row_is_used_without_resizing(tmp_path, tokenizer):
     src = build_checkpoint(tmp_path / "padded", tokenizer, extra_rows=8)
     report = convert_checkpoint(src, tmp_path / "out", log=quiet)
-    assert report.embeddings_resized is False
+    assert report.mask_row == "spare"
     assert report.mask_token_id == len(tokenizer)
     src_in, _ = tables(dvlm.load(src).model)
     new_in, new_out = tables(dvlm.load(tmp_path / "out").model)
