@@ -60,20 +60,24 @@ def convert_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a DiffusionConfig field, e.g. --set decode_threshold=0.8 (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists and is not empty")
     p.add_argument("--device", help="device for loading and verification, e.g. cpu, cuda:0 (default: auto)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="dtype to load, verify and write the model in (default: auto = the source's, "
+                   "from its config.json)")
 
 
 def convert(args: argparse.Namespace) -> None:
     """Convert an AR checkpoint into a block-diffusion one and verify it."""
-    report = convert_checkpoint(
-        args.model, args.out, preset=args.preset, block_size=args.block_size,
-        overrides=parse_overrides(args.overrides), overwrite=args.overwrite,
-        device=checked_device(args.device), log=lambda line: print(line, flush=True),
-    )
-    row = "resized the embeddings" if report.embeddings_resized else "used a spare embedding row"
+    with quiet_hf_progress():  # stderr holds only the one-line error, if any; the log says what happens
+        report = convert_checkpoint(
+            args.model, args.out, preset=args.preset, block_size=args.block_size,
+            overrides=parse_overrides(args.overrides), overwrite=args.overwrite,
+            device=checked_device(args.device), dtype=args.dtype, log=lambda line: print(line, flush=True),
+        )
     print(f"converted {report.source} -> {report.output}")
     print(f"  architecture   {report.architecture} ({report.parameters:,} parameters)")
+    print(f"  weights        {report.dtype}, {report.shards} file{'s' if report.shards > 1 else ''}")
     print(f"  preset         {report.preset}, block_size {report.block_size}")
-    print(f"  mask token     {report.mask_token!r} = id {report.mask_token_id} ({row})")
+    print(f"  mask token     {report.mask_token!r} = id {report.mask_token_id} ({report.mask_row_description})")
     print(f"  max logit diff {report.max_logit_difference:.2e} (tolerance {report.tolerance:g}): verified")
 
 

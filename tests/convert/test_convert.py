@@ -20,15 +20,10 @@ from dvlm.convert import checkpoint as convert_module
 from dvlm.convert.checkpoint import REPORT_FILE, ConversionError, convert_checkpoint
 from dvlm.convert.registry import UnsupportedArchitectureError
 from dvlm.convert.verify import causal_logits, max_logit_difference, probe_input
-from dvlm.zoo.tiny import TinyShape, tiny_config, tiny_image_processor
+from tests.convert.sources import SHAPE, build_checkpoint, quiet
 
 PRESETS = ("fast-dvlm", "diffusionvl")
 MASK_TOKEN = "<|mask|>"
-SHAPE = TinyShape(initializer_range=0.3)
-
-
-def quiet(_: str) -> None:
-    pass
 
 
 def tables(model) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,27 +145,15 @@ def test_report_file_describes_conversion(dvlm_checkpoints, ar_checkpoint, prese
     assert report["preset"] == preset
     assert report["mask_token_id"] == recipe["mask_token_id"]
     assert report["block_size"] == recipe["block_size"]
-    assert report["embeddings_resized"] is True
+    assert report["mask_row"] == "resized"
+    assert (report["dtype"], report["shards"]) == ("float32", 1)
     assert report["max_logit_difference"] <= report["tolerance"]
-
-
-def build_checkpoint(out: Path, tokenizer, *, extra_rows: int = 0, tied: bool = True) -> Path:
-    config = tiny_config(tokenizer, SHAPE)
-    config.text_config.vocab_size = len(tokenizer) + extra_rows
-    if not tied:
-        config.tie_word_embeddings = config.text_config.tie_word_embeddings = False
-    torch.manual_seed(1)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    tiny_image_processor().save_pretrained(out)
-    return out
 
 
 def test_spare_embedding_row_is_used_without_resizing(tmp_path, tokenizer):
     src = build_checkpoint(tmp_path / "padded", tokenizer, extra_rows=8)
     report = convert_checkpoint(src, tmp_path / "out", log=quiet)
-    assert report.embeddings_resized is False
+    assert report.mask_row == "spare"
     assert report.mask_token_id == len(tokenizer)
     src_in, _ = tables(dvlm.load(src).model)
     new_in, new_out = tables(dvlm.load(tmp_path / "out").model)

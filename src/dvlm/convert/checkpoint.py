@@ -1,37 +1,62 @@
 """`dvlm convert`: an AR VLM checkpoint -> a block-diffusion VLM checkpoint.
 
 A dVLM is the same network as its AR source. Conversion only adds the [MASK] token (tokenizer +
-a mean-initialised embedding row, resizing only when no spare row exists) and writes the diffusion
-recipe into config.json. It then proves itself: the written checkpoint, loaded back, must give the
-source model's logits in causal mode (invariant 1). Nothing is written unless every check passes:
-the output is assembled in a temporary directory and renamed into place.
+a mean-initialised embedding row) and writes the diffusion recipe into config.json. It then proves
+itself: the written checkpoint, loaded back, must give the source model's logits in causal mode
+(invariant 1). The output keeps the source's dtype (unless `dtype` says otherwise) and its
+sharded layout, and is assembled in a temporary directory that replaces `out` only once every
+check has passed (`dvlm.atomic`): a failed or killed conversion never leaves a half-written or
+half-deleted model, and the next run removes what a killed one left behind.
+
+The mask token is either new (a spare embedding row if the table has one, else the table grows)
+or an existing added special token the chat never uses; any other token would have its rows
+overwritten, so it is refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import json
-import os
+import math
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import safe_open
 from tokenizers import AddedToken
 from torch import nn
 
-from dvlm.config import DiffusionConfig
-from dvlm.convert.registry import adapter_for_checkpoint, read_config
+from dvlm.atomic import _alive, atomic_directory, recover
+from dvlm.config import DTYPES, ConfigError, DiffusionConfig
+from dvlm.convert.registry import (
+    CheckpointError, adapter_for_checkpoint, check_weights, read_config, saved_dtype,
+)
 from dvlm.convert.verify import causal_logits, max_logit_difference, probe_input
-from dvlm.data.processor import ChatProcessor, load_tokenizer
+from dvlm.data.processor import IMAGE_PLACEHOLDER, ChatProcessor, load_tokenizer
 from dvlm.model.wrapper import DIFFUSION_CONFIG_KEY, load
-from dvlm.runtime import pick_device
+from dvlm.runtime import pick_device, pick_dtype
 
 REPORT_FILE = "dvlm_conversion.json"
+INDEX_FILE = "model.safetensors.index.json"
+FP32_TOLERANCE = 1e-4
+HALF_PRECISION_ULPS = 4
+"""16-bit tolerance, in units in the last place of the largest logit (see half_precision_tolerance)."""
+# safetensors dtypes an unquantized checkpoint stores (I64/BOOL: index buffers, never weights).
+UNQUANTIZED_STORAGE = {"F64", "F32", "F16", "BF16", "I64", "BOOL"}
+# Where the mask token's embedding row came from -> how the report describes it.
+MASK_ROWS = {
+    "spare": "a new token in a spare row of the embedding table",
+    "resized": "the embedding table was resized to hold it",
+    "special": "an existing special token the chat does not use; its row was re-initialised",
+}
 
 
 class ConversionError(RuntimeError):
-    """The converted model failed its equivalence check; nothing was written."""
+    """The conversion could not be verified (non-finite or differing logits); nothing was written."""
 
 
 @dataclass
@@ -43,10 +68,25 @@ class ConversionReport:
     block_size: int
     mask_token: str
     mask_token_id: int
-    embeddings_resized: bool
+    mask_row: str  # a MASK_ROWS key
+    dtype: str
+    shards: int
     max_logit_difference: float
     tolerance: float
     parameters: int
+
+    @property
+    def mask_row_description(self) -> str:
+        return MASK_ROWS[self.mask_row]
+
+
+@dataclass(frozen=True)
+class MaskSlot:
+    token_id: int
+    row: str  # a MASK_ROWS key
+
+
+# -- the source ------------------------------------------------------------------------------------
 
 
 def check_source(src: Path) -> str:
@@ -55,42 +95,144 @@ def check_source(src: Path) -> str:
     adapter_for_checkpoint(src)  # unsupported architecture error, naming the supported ones
     if DIFFUSION_CONFIG_KEY in config:
         raise ValueError(f"{src} is already a converted dVLM (its config.json has '{DIFFUSION_CONFIG_KEY}')")
-    if not list(src.glob("*.safetensors")):
-        found = sorted(p.name for p in src.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
-        raise ValueError(
-            f"{src} has no .safetensors weights{' (found ' + ', '.join(found) + ')' if found else ''}; dvlm "
-            "loads weights only from safetensors. Re-save the model with save_pretrained(safe_serialization=True)."
-        )
+    check_weights(src)  # safetensors only, each with a readable header
+    check_not_quantized(src, config)
     return config["architectures"][0]
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output {out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"output directory {out} exists and is not empty; pass --overwrite to replace it")
+def check_not_quantized(src: Path, config: dict[str, Any]) -> None:
+    """Refuse quantized weights: conversion must copy weights exactly, and transformers would
+    otherwise dequantize some formats silently (or fail deep inside a quantizer)."""
+    for where in (config, config.get("text_config")):
+        if isinstance(where, dict) and "quantization_config" in where:
+            settings = where["quantization_config"]
+            method = settings.get("quant_method", "unknown method") if isinstance(settings, dict) else settings
+            raise ValueError(f"{src} is quantized (quantization_config: {method}); dvlm converts only "
+                             "unquantized float checkpoints: convert the original bf16/fp32 model")
+    for file in weight_files(src):
+        with safe_open(file, "pt") as f:
+            for name in f.keys():
+                stored = f.get_slice(name).get_dtype()
+                if stored not in UNQUANTIZED_STORAGE:
+                    raise ValueError(f"{src} holds {stored} tensors ({name} in {file.name}): quantized weights? "
+                                     "dvlm converts only unquantized float checkpoints")
 
 
-def add_mask_token(model: nn.Module, tokenizer: Any, token: str) -> tuple[int, bool]:
-    """Make sure `token` exists with an embedding row; returns (its id, whether rows were added).
+def weight_files(src: Path) -> list[Path]:
+    """The safetensors files holding the weights: those the index names, else every one."""
+    index = src / INDEX_FILE
+    if not index.is_file():
+        return sorted(src.glob("*.safetensors"))
+    try:
+        files = sorted({src / name for name in json.loads(index.read_text())["weight_map"].values()})
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{index} is not a valid shard index (a 'weight_map' object): {err!r}") from err
+    missing = [p.name for p in files if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{index} names shard(s) missing from {src}: {', '.join(missing)}")
+    return files
 
-    The new row (input and, when untied, output) is the mean of the existing tokens' rows, so the
-    mask embedding starts "in distribution" instead of at an arbitrary unused row.
-    """
+
+def conversion_dtype(requested: str, src: Path, log: Callable[[str], None]) -> str:
+    """`auto`: the source's dtype, so a bf16 checkpoint is neither doubled in memory nor on disk."""
+    names = [d for d in DTYPES if d != "auto"]
+    if requested != "auto":
+        if requested not in names:
+            raise ValueError(f"dtype {requested!r} is not one of {', '.join(DTYPES)}")
+        return requested
+    declared = saved_dtype(read_config(src))
+    if declared is None:
+        log("config.json declares no dtype: converting in float32 (pass --dtype to choose)")
+        return "float32"
+    if declared not in names:
+        raise ValueError(f"{src} has dtype {declared!r}, not one of {', '.join(names)}; "
+                         "pass --dtype to convert to one of them")
+    return declared
+
+
+def max_shard_bytes(src: Path) -> int | None:
+    """The size of the source's largest shard, so the output is sharded alike; None when the
+    source is a single file (the output then stays one file)."""
+    if not (src / INDEX_FILE).is_file():
+        return None
+    return max(p.stat().st_size for p in weight_files(src))
+
+
+# -- the mask token --------------------------------------------------------------------------------
+
+
+def chat_tokens(processor: ChatProcessor, config: dict[str, Any]) -> dict[str, str]:
+    """Tokens the chat or the model use -> why: none of them may become the mask token."""
+    tokenizer = processor.tokenizer
+    by_id = {i: token for token, i in tokenizer.get_vocab().items()}
+    used = {by_id[i]: "eos" for i in processor.eos_token_ids}
+    used.setdefault(by_id[processor.pad_token_id], "pad")
+    for role, token in (("unk", tokenizer.unk_token), ("bos", tokenizer.bos_token)):
+        if token:
+            used.setdefault(token, role)
+    for i in dataclasses.astuple(processor.token_ids):
+        used.setdefault(by_id[i], "chat token")
+    used.setdefault(IMAGE_PLACEHOLDER, "image placeholder")
+    template = tokenizer.chat_template or ""
+    template = " ".join(template.values()) if isinstance(template, dict) else template
+    for added in tokenizer.added_tokens_decoder.values():
+        if added.content in template:
+            used.setdefault(added.content, "chat template")
+    for key, i in config_token_ids(config):
+        if i in by_id:
+            used.setdefault(by_id[i], f"config.json {key}")
+    return used
+
+
+def config_token_ids(config: dict[str, Any]) -> list[tuple[str, int]]:
+    """Every `*_token_id(s)` of config.json and its sub-configs (image, video, vision tokens...)."""
+    found = []
+    for where in [config, *(v for v in config.values() if isinstance(v, dict))]:
+        for key, value in where.items():
+            if re.fullmatch(r".+_token_ids?", key):
+                found += [(key, i) for i in (value if isinstance(value, list) else [value]) if isinstance(i, int)]
+    return found
+
+
+def check_mask_token(tokenizer: Any, token: str, used: dict[str, str]) -> bool:
+    """Whether `token` already exists; raises ConfigError unless it may become the mask token."""
+    vocab = tokenizer.get_vocab()
+    if token not in vocab:
+        return False
+    choose = f"choose a token absent from the vocabulary (default {DiffusionConfig.mask_token!r}) or an " \
+             "added special token the chat does not use"
+    if token in used:
+        raise ConfigError(f"mask_token {token!r} (id {vocab[token]}) is used by the chat ({used[token]}); {choose}")
+    added = {t.content: t for t in tokenizer.added_tokens_decoder.values()}
+    if token not in added:
+        raise ConfigError(f"mask_token {token!r} is an ordinary token of the vocabulary (id {vocab[token]}): "
+                          f"its embedding and lm_head rows would be overwritten; {choose}")
+    if not added[token].special:
+        raise ConfigError(f"mask_token {token!r} is an added token but not a special one (id {vocab[token]}): "
+                          f"ordinary text may contain it; {choose}")
+    return True
+
+
+def add_mask_token(model: nn.Module, tokenizer: Any, token: str, used: dict[str, str]) -> MaskSlot:
+    """Give `token` (new, or an unused special token) a mean-initialised embedding row.
+
+    The row (input and, when untied, output) is the mean of the other tokens' rows, so the mask
+    embedding starts "in distribution" instead of at an arbitrary unused row."""
+    existed = check_mask_token(tokenizer, token, used)
     known = len(tokenizer)
-    if token not in tokenizer.get_vocab():
+    if not existed:
         tokenizer.add_tokens([AddedToken(token, special=True, normalized=False)], special_tokens=True)
     mask_id = tokenizer.convert_tokens_to_ids(token)
     rows = model.get_input_embeddings().weight.shape[0]
-    resized = mask_id >= rows
-    if resized:
+    row = "resized" if mask_id >= rows else "special" if existed else "spare"
+    if row == "resized":
         model.resize_token_embeddings(mask_id + 1, mean_resizing=False)
     real = torch.arange(min(known, rows))  # rows of actual tokens: padded spare rows are not averaged
     real = real[real != mask_id]  # a mask token that already existed does not average itself
     with torch.no_grad():
         for table in _embedding_tables(model):
             table[mask_id] = table[real].mean(dim=0)
-    return mask_id, resized
+    return MaskSlot(mask_id, row)
 
 
 def _embedding_tables(model: nn.Module) -> list[torch.Tensor]:
@@ -99,6 +241,108 @@ def _embedding_tables(model: nn.Module) -> list[torch.Tensor]:
     if out is not None and out.weight.data_ptr() != tables[0].data_ptr():
         tables.append(out.weight)
     return tables
+
+
+# -- verification ------------------------------------------------------------------------------------
+
+
+def half_precision_tolerance(reference: torch.Tensor, dtype: torch.dtype) -> float:
+    """Largest |logit difference| accepted in bf16/fp16: HALF_PRECISION_ULPS units in the last
+    place of the largest |logit| (at least 1).
+
+    The written weights are bit-exact copies and the hidden states come from the same kernels;
+    only the lm_head matmul may change its accumulation order (one more column when the table
+    grows, another device kernel), which moves a 16-bit logit by about one unit in its last place,
+    at most eps·|logit|. A fixed bound cannot work: one bf16 ulp at |logit| 30 is 0.125. Four
+    ulps leave margin for that and stay far below what a wrong row or weight changes."""
+    return HALF_PRECISION_ULPS * torch.finfo(dtype).eps * max(1.0, float(reference.abs().max()))
+
+
+def verification_tolerance(reference: torch.Tensor, dtype: torch.dtype) -> float:
+    return FP32_TOLERANCE if dtype == torch.float32 else half_precision_tolerance(reference, dtype)
+
+
+def require_finite_source(reference: torch.Tensor, dtype_name: str) -> None:
+    """A source that gives NaN/inf cannot be verified against (every comparison with NaN is false)."""
+    if bool(torch.isfinite(reference).all()):
+        return
+    hint = "float16 overflows easily: try --dtype bfloat16 or float32" if dtype_name == "float16" else \
+        "its weights hold NaN/inf or are broken"
+    raise ConversionError(f"the source model itself produces non-finite logits (NaN/inf) on the probe input "
+                          f"in {dtype_name} ({hint}); nothing was written")
+
+
+def require_match(diff: float, tol: float) -> None:
+    # `nan > tol` is False: a non-finite difference must be refused explicitly.
+    if not math.isfinite(diff) or diff > tol:
+        raise ConversionError(f"converted model differs from the source: max |logit diff| {diff:.3g} > {tol:g}")
+
+
+# -- the output ------------------------------------------------------------------------------------
+
+
+def check_output(src: Path, out: Path, overwrite: bool) -> None:
+    if src.resolve().is_relative_to(out.resolve()):
+        raise ValueError(f"output {out} would replace the source checkpoint {src}; choose another directory")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output {out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"output directory {out} exists and is not empty; pass --overwrite to replace it")
+
+
+def remove_leftovers(out: Path) -> list[str]:
+    """Finish what killed conversions to `out` left (`dvlm.atomic.recover`), and remove the
+    `.OUT.converting-PID` folders of dead processes that dvlm versions before the atomic writes
+    left; returns one line per action."""
+    done = recover(out)
+    legacy = re.compile(rf"^\.{re.escape(out.name)}\.converting-(\d+)$")
+    for path in sorted(out.parent.iterdir()) if out.parent.is_dir() else []:
+        match = legacy.match(path.name)
+        if match and not _alive(int(match[1])):
+            shutil.rmtree(path)
+            done.append(f"removed {path.name}, left by an interrupted conversion to {out.name}")
+    return done
+
+
+def save_converted(model: nn.Module, processor: ChatProcessor, tmp: Path, src: Path, dtype_name: str) -> int:
+    """Write model, tokenizer and image processor, sharded like the source; returns the shard count."""
+    whole = sum(t.numel() * t.element_size() for t in model.state_dict().values())  # fits in one file
+    model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_bytes(src) or whole)
+    processor.save_pretrained(tmp)
+    written = saved_dtype(read_config(tmp))
+    if written != dtype_name:
+        raise ConversionError(f"config.json was written with dtype {written!r}, weights in {dtype_name}")
+    return len(weight_files(tmp))
+
+
+# -- the conversion --------------------------------------------------------------------------------
+
+
+@dataclass
+class ConversionPlan:
+    """What is settled before any weight is loaded (every cheap check has passed)."""
+
+    architecture: str
+    diffusion: DiffusionConfig
+    dtype_name: str
+    processor: ChatProcessor
+    used_tokens: dict[str, str]
+
+
+def plan_conversion(src: Path, out: Path, preset: str, settings: dict[str, Any], overwrite: bool,
+                    dtype: str, log: Callable[[str], None]) -> ConversionPlan:
+    architecture = check_source(src)
+    for line in remove_leftovers(out):
+        log(line)
+    check_output(src, out, overwrite)
+    diffusion = DiffusionConfig.from_preset(preset, **settings)  # invalid settings fail before any work
+    dtype_name = conversion_dtype(dtype, src, log)
+    processor = ChatProcessor(load_tokenizer(src), adapter_for_checkpoint(src).load_image_processor(src))
+    used = chat_tokens(processor, read_config(src))
+    check_mask_token(processor.tokenizer, diffusion.mask_token, used)
+    diffusion.eos_token_ids = processor.eos_token_ids
+    diffusion.pad_token_id = processor.pad_token_id
+    return ConversionPlan(architecture, diffusion, dtype_name, processor, used)
 
 
 def convert_checkpoint(
@@ -110,57 +354,45 @@ def convert_checkpoint(
     overrides: dict[str, Any] | None = None,
     overwrite: bool = False,
     device: str | None = None,
+    dtype: str = "auto",
     tolerance: float | None = None,
     log: Callable[[str], None] = print,
 ) -> ConversionReport:
-    """Convert `src` (local AR checkpoint) into a dVLM at `out`; see the module docstring."""
+    """Convert `src` (local AR checkpoint) into a dVLM at `out`; see the module docstring.
+
+    dtype: `auto` (the source's, from its config.json), `float32`, `bfloat16` or `float16`."""
     src, out = Path(src), Path(out)
-    architecture = check_source(src)
-    if src.resolve().is_relative_to(out.resolve()):
-        raise ValueError(f"output {out} would replace the source checkpoint {src}; choose another directory")
-    check_output(out, overwrite)
-    settings = dict(overrides or {})
-    if block_size is not None:
-        settings["block_size"] = block_size
-    diffusion = DiffusionConfig.from_preset(preset, **settings)  # invalid settings fail before any work
-
-    log(f"loading {architecture} from {src}")
-    source = load(src, device=device, dtype="auto" if pick_device(device).type == "cuda" else "float32")
-    tokenizer = load_tokenizer(src)
-    processor = ChatProcessor(tokenizer, source.processor.image_processor)
+    settings = dict(overrides or {}) | ({} if block_size is None else {"block_size": block_size})
+    plan = plan_conversion(src, out, preset, settings, overwrite, dtype, log)
+    processor, diffusion, dev = plan.processor, plan.diffusion, pick_device(device)
+    torch_dtype = pick_dtype(plan.dtype_name, dev)
+    log(f"loading {plan.architecture} from {src} in {plan.dtype_name}")
+    adapter = adapter_for_checkpoint(src)
+    model = adapter.load_model(src, torch_dtype, dev)
     probe = probe_input(processor)
-    reference = causal_logits(source.adapter, source.model, probe, processor.pad_token_id)
+    reference = causal_logits(adapter, model, probe, processor.pad_token_id)
+    require_finite_source(reference, plan.dtype_name)
+    mask = add_mask_token(model, processor.tokenizer, diffusion.mask_token, plan.used_tokens)
+    diffusion.mask_token_id = mask.token_id
+    setattr(model.config, DIFFUSION_CONFIG_KEY, diffusion.to_dict())
+    log(f"added {diffusion.mask_token!r} as id {mask.token_id} ({MASK_ROWS[mask.row]})")
+    parameters = sum(p.numel() for p in model.parameters())
 
-    mask_id, resized = add_mask_token(source.model, tokenizer, diffusion.mask_token)
-    diffusion.mask_token_id = mask_id
-    diffusion.eos_token_ids = processor.eos_token_ids
-    diffusion.pad_token_id = processor.pad_token_id
-    setattr(source.model.config, DIFFUSION_CONFIG_KEY, diffusion.to_dict())
-    log(f"added {diffusion.mask_token!r} as id {mask_id} ({'resized embeddings' if resized else 'spare row'})")
-
-    tmp = out.parent / f".{out.name}.converting-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        source.model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        processor.image_processor.save_pretrained(tmp)
-        converted = load(tmp, device=device, dtype=str(source.model.dtype).removeprefix("torch."))
+    with atomic_directory(out) as tmp:
+        shards = save_converted(model, processor, tmp, src, plan.dtype_name)
+        del model  # free the source before loading the written copy: memory stays near one copy
+        gc.collect()
+        converted = load(tmp, device=device, dtype=plan.dtype_name)
         logits = causal_logits(converted.adapter, converted.model, probe, processor.pad_token_id)
-        diff = max_logit_difference(reference, logits, [mask_id])
-        tol = tolerance if tolerance is not None else (1e-4 if source.model.dtype == torch.float32 else 2e-2)
-        if diff > tol:
-            raise ConversionError(f"converted model differs from the source: max |logit diff| {diff:.3g} > {tol:g}")
+        diff = max_logit_difference(reference, logits, [mask.token_id])
+        tol = tolerance if tolerance is not None else verification_tolerance(reference, torch_dtype)
+        require_match(diff, tol)
         log(f"verified: causal logits match the source (max |diff| {diff:.2e} <= {tol:g})")
         report = ConversionReport(
-            source=str(src), output=str(out), architecture=architecture, preset=preset,
-            block_size=diffusion.block_size, mask_token=diffusion.mask_token, mask_token_id=mask_id,
-            embeddings_resized=resized, max_logit_difference=diff, tolerance=tol,
-            parameters=sum(p.numel() for p in converted.model.parameters()),
+            source=str(src), output=str(out), architecture=plan.architecture, preset=preset,
+            block_size=diffusion.block_size, mask_token=diffusion.mask_token, mask_token_id=mask.token_id,
+            mask_row=mask.row, dtype=plan.dtype_name, shards=shards, max_logit_difference=diff,
+            tolerance=tol, parameters=parameters,
         )
         (tmp / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return report
