@@ -31,7 +31,8 @@ class WriteError(OSError):
     """A directory could not be written (full disk, read-only folder, ...); names it and why."""
 
 
-_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
+# `converting` is the temporary name dvlm convert used before it wrote through this module.
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old|converting)-(?P<pid>\d+)$")
 
 
 def temp_path(final: Path, kind: str = "tmp") -> Path:

@@ -26,12 +26,21 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import dvlm
-from dvlm.config import DECODERS, DTYPES, PRESETS, ConfigError, TrainConfig, from_dict, load_yaml, parse_overrides
+from dvlm.atomic import WriteError
+from dvlm.config import (
+    DECODERS,
+    DTYPES,
+    PRESETS,
+    ConfigError,
+    TrainConfig,
+    from_dict,
+    load_yaml,
+    parse_overrides,
+)
 from dvlm.convert.checkpoint import ConversionError, convert_checkpoint
 from dvlm.convert.registry import UnsupportedArchitectureError
 from dvlm.data.images import ImageError, load_image
 from dvlm.data.processor import PromptTooLongError
-from dvlm.atomic import WriteError
 from dvlm.runtime import pick_device
 
 DEFAULT_MODEL = "tiny-dvlm"  # the built-in model `generate` uses when it is installed
@@ -123,7 +132,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 def train(args: argparse.Namespace) -> None:
     """Fine-tune a model; prints where the model and metrics went."""
-    from dvlm.train.loop import METRICS_FILE, train as run_training
+    from dvlm.train.loop import METRICS_FILE
+    from dvlm.train.loop import train as run_training
 
     cfg = train_config(args)
     result = run_training(
@@ -295,7 +305,13 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
 
 def bench(args: argparse.Namespace) -> None:
     """Accuracy and speed of each decoder setting, with speed-ups measured side by side."""
-    from dvlm.eval.bench import ROWS_FILE, append_row, run_bench, settings_grid, write_report
+    from dvlm.eval.bench import (
+        ROWS_FILE,
+        append_row,
+        run_bench,
+        settings_grid,
+        write_report,
+    )
 
     # Everything that can be refused is refused before any model loads or decodes.
     decoders = split_list(args.decoders, "--decoders")

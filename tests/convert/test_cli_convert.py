@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from dvlm.cli import main
-from tests.convert.sources import build_checkpoint, dead_pid, shard_files, tensor_dtypes, tokenizer_with
+from tests.convert.sources import (
+    build_checkpoint,
+    dead_pid,
+    shard_files,
+    tensor_dtypes,
+    tokenizer_with,
+)
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

@@ -12,7 +12,12 @@ import huggingface_hub.constants
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    Qwen2_5_VLForConditionalGeneration,
+)
 
 import dvlm
 from dvlm.config import ConfigError, DiffusionConfig

@@ -12,12 +12,22 @@ from safetensors.torch import load_file, save_file
 
 import dvlm
 from dvlm.convert.checkpoint import (
-    FP32_TOLERANCE, convert_checkpoint, half_precision_tolerance, max_shard_bytes,
+    FP32_TOLERANCE,
+    convert_checkpoint,
+    half_precision_tolerance,
+    max_shard_bytes,
 )
 from dvlm.convert.registry import CheckpointError
 from dvlm.convert.verify import causal_logits, probe_input
 from tests.convert.sources import (
-    INDEX_FILE, build_checkpoint, config_dtypes, data_bytes, quiet, shard_files, tensor_count, tensor_dtypes,
+    INDEX_FILE,
+    build_checkpoint,
+    config_dtypes,
+    data_bytes,
+    quiet,
+    shard_files,
+    tensor_count,
+    tensor_dtypes,
 )
 
 

@@ -7,7 +7,13 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from dvlm.data.collate import collate
-from dvlm.data.llava_json import LlavaJsonDataset, SampleError, SkipReport, file_fingerprint, read_records
+from dvlm.data.llava_json import (
+    LlavaJsonDataset,
+    SampleError,
+    SkipReport,
+    file_fingerprint,
+    read_records,
+)
 from dvlm.data.processor import IGNORE_INDEX, ChatProcessor
 
 VISION_4 = ["<|vision_start|>"] + ["<|image_pad|>"] * 4 + ["<|vision_end|>"]  # a 56x56 image

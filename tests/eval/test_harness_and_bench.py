@@ -5,7 +5,13 @@ import json
 import pytest
 
 import dvlm
-from dvlm.eval.bench import Setting, markdown_table, run_bench, settings_grid, write_report
+from dvlm.eval.bench import (
+    Setting,
+    markdown_table,
+    run_bench,
+    settings_grid,
+    write_report,
+)
 from dvlm.eval.harness import evaluate, sample_prompt
 from dvlm.zoo.tasks import get_task
 

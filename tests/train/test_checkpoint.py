@@ -19,7 +19,13 @@ from safetensors.torch import load_file
 import dvlm
 from dvlm.config import TrainConfig
 from dvlm.train import checkpoint as checkpoint_module
-from dvlm.train.checkpoint import OPTIMIZER_FILE, RNG_FILE, STATE_FILE, CheckpointError, list_checkpoints
+from dvlm.train.checkpoint import (
+    OPTIMIZER_FILE,
+    RNG_FILE,
+    STATE_FILE,
+    CheckpointError,
+    list_checkpoints,
+)
 from dvlm.train.loop import FINAL_DIR, METRICS_FILE, train
 from dvlm.zoo.tasks import export_llava, get_task
 

@@ -20,7 +20,6 @@ import gc
 import json
 import math
 import re
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -30,10 +29,16 @@ from safetensors import safe_open
 from tokenizers import AddedToken
 from torch import nn
 
-from dvlm.atomic import _alive, atomic_directory, recover
+from dvlm.atomic import atomic_directory, recover
 from dvlm.config import DTYPES, ConfigError, DiffusionConfig
 from dvlm.convert.registry import (
-    CheckpointError, adapter_for_checkpoint, check_weights, read_config, saved_dtype,
+    WEIGHTS_INDEX,
+    CheckpointError,
+    adapter_for_checkpoint,
+    check_weights,
+    read_config,
+    saved_dtype,
+    weight_files,
 )
 from dvlm.convert.verify import causal_logits, max_logit_difference, probe_input
 from dvlm.data.processor import IMAGE_PLACEHOLDER, ChatProcessor, load_tokenizer
@@ -41,7 +46,6 @@ from dvlm.model.wrapper import DIFFUSION_CONFIG_KEY, load
 from dvlm.runtime import pick_device, pick_dtype
 
 REPORT_FILE = "dvlm_conversion.json"
-INDEX_FILE = "model.safetensors.index.json"
 FP32_TOLERANCE = 1e-4
 HALF_PRECISION_ULPS = 4
 """16-bit tolerance, in units in the last place of the largest logit (see half_precision_tolerance)."""
@@ -118,21 +122,6 @@ def check_not_quantized(src: Path, config: dict[str, Any]) -> None:
                                      "dvlm converts only unquantized float checkpoints")
 
 
-def weight_files(src: Path) -> list[Path]:
-    """The safetensors files holding the weights: those the index names, else every one."""
-    index = src / INDEX_FILE
-    if not index.is_file():
-        return sorted(src.glob("*.safetensors"))
-    try:
-        files = sorted({src / name for name in json.loads(index.read_text())["weight_map"].values()})
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
-        raise CheckpointError(f"{index} is not a valid shard index (a 'weight_map' object): {err!r}") from err
-    missing = [p.name for p in files if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"{index} names shard(s) missing from {src}: {', '.join(missing)}")
-    return files
-
-
 def conversion_dtype(requested: str, src: Path, log: Callable[[str], None]) -> str:
     """`auto`: the source's dtype, so a bf16 checkpoint is neither doubled in memory nor on disk."""
     names = [d for d in DTYPES if d != "auto"]
@@ -153,7 +142,7 @@ def conversion_dtype(requested: str, src: Path, log: Callable[[str], None]) -> s
 def max_shard_bytes(src: Path) -> int | None:
     """The size of the source's largest shard, so the output is sharded alike; None when the
     source is a single file (the output then stays one file)."""
-    if not (src / INDEX_FILE).is_file():
+    if not (src / WEIGHTS_INDEX).is_file():
         return None
     return max(p.stat().st_size for p in weight_files(src))
 
@@ -291,17 +280,8 @@ def check_output(src: Path, out: Path, overwrite: bool) -> None:
 
 
 def remove_leftovers(out: Path) -> list[str]:
-    """Finish what killed conversions to `out` left (`dvlm.atomic.recover`), and remove the
-    `.OUT.converting-PID` folders of dead processes that dvlm versions before the atomic writes
-    left; returns one line per action."""
-    done = recover(out)
-    legacy = re.compile(rf"^\.{re.escape(out.name)}\.converting-(\d+)$")
-    for path in sorted(out.parent.iterdir()) if out.parent.is_dir() else []:
-        match = legacy.match(path.name)
-        if match and not _alive(int(match[1])):
-            shutil.rmtree(path)
-            done.append(f"removed {path.name}, left by an interrupted conversion to {out.name}")
-    return done
+    """Finish what killed conversions to `out` left (`dvlm.atomic.recover`); one line per action."""
+    return recover(out)
 
 
 def save_converted(model: nn.Module, processor: ChatProcessor, tmp: Path, src: Path, dtype_name: str) -> int:

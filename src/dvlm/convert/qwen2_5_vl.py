@@ -23,7 +23,9 @@ class Qwen25VLAdapter(Adapter):
         return model.to(device).eval()
 
     def load_image_processor(self, path: str | Path) -> Any:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            Qwen2VLImageProcessorPil,
+        )
 
         return Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
 

@@ -102,6 +102,10 @@ def adapter_for_architecture(architecture: str) -> Adapter:
     return _REGISTRY[architecture]()
 
 
+WEIGHTS_INDEX = "model.safetensors.index.json"
+"""A sharded checkpoint's map of tensor names to shard files."""
+
+
 class CheckpointError(ValueError):
     """A checkpoint directory is incomplete or damaged; the message names the file at fault."""
 
@@ -138,13 +142,28 @@ def check_weights(path: str | Path) -> list[Path]:
         raise CheckpointError(
             f"{p} has no .safetensors weights{' (found ' + ', '.join(found) + ')' if found else ''}; dvlm "
             "loads weights only from safetensors. Re-save the model with save_pretrained(safe_serialization=True).")
-    for file in files:
+    for file in weight_files(p):
         try:
             with safe_open(file, "pt"):  # parses the header and checks it covers the whole file
                 pass
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{file} is not a readable safetensors file ({err}); the checkpoint is "
                                   "truncated or damaged") from err
+    return files
+
+
+def weight_files(src: Path) -> list[Path]:
+    """The safetensors files holding the weights: those the index names, else every one."""
+    index = src / WEIGHTS_INDEX
+    if not index.is_file():
+        return sorted(src.glob("*.safetensors"))
+    try:
+        files = sorted({src / name for name in json.loads(index.read_text())["weight_map"].values()})
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{index} is not a valid shard index (a 'weight_map' object): {err!r}") from err
+    missing = [p.name for p in files if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{index} names shard(s) missing from {src}: {', '.join(missing)}")
     return files
 
 

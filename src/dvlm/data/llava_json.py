@@ -24,7 +24,13 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from dvlm.data.images import ImageError
-from dvlm.data.processor import IGNORE_INDEX, IMAGE_PLACEHOLDER, ChatProcessor, Encoded, PromptTooLongError
+from dvlm.data.processor import (
+    IGNORE_INDEX,
+    IMAGE_PLACEHOLDER,
+    ChatProcessor,
+    Encoded,
+    PromptTooLongError,
+)
 
 # LLaVA speaker names -> chat roles (the chat role names themselves are accepted too).
 SPEAKER_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",

@@ -22,7 +22,9 @@ from typing import Any, Union
 
 import torch
 from transformers import AutoTokenizer
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+    Qwen2VLImageProcessorPil,
+)
 
 from dvlm.data.images import DEFAULT_LIMITS, ImageLimits, ImageSource, load_image
 

@@ -24,7 +24,12 @@ from dvlm.decode.ar import next_token
 from dvlm.decode.output import GenerationOutput
 from dvlm.decode.prefill import make_generator, prefill, text_positions
 from dvlm.decode.rows import Listener, RowTracker
-from dvlm.decode.sampling import select_tokens, steps_schedule_count, unmask_by_count, unmask_by_threshold
+from dvlm.decode.sampling import (
+    select_tokens,
+    steps_schedule_count,
+    unmask_by_count,
+    unmask_by_threshold,
+)
 from dvlm.diffusion.noising import clean_block_ids
 from dvlm.model.cache import KVContext
 from dvlm.runtime import Timer

@@ -17,7 +17,6 @@ import torch
 
 from dvlm.eval.harness import EvalResult, evaluate
 
-
 ROWS_FILE = "bench.rows.jsonl"
 """Rows written one by one as they are measured (bench.json follows at the end)."""
 

@@ -21,7 +21,12 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 
 from dvlm.convert.registry import Adapter
-from dvlm.model.masks import MASK_KINDS, commit_and_draft_mask, context_mask, to_additive
+from dvlm.model.masks import (
+    MASK_KINDS,
+    commit_and_draft_mask,
+    context_mask,
+    to_additive,
+)
 
 
 class PreallocatedLayer(DynamicLayer):

@@ -15,9 +15,21 @@ from PIL import Image
 from torch import nn
 
 from dvlm.config import ConfigError, DecodeConfig, DiffusionConfig, from_dict
-from dvlm.convert.registry import Adapter, CheckpointError, adapter_for_checkpoint, check_weights, read_config, saved_dtype
+from dvlm.convert.registry import (
+    Adapter,
+    CheckpointError,
+    adapter_for_checkpoint,
+    check_weights,
+    read_config,
+    saved_dtype,
+)
 from dvlm.data.images import DEFAULT_LIMITS, ImageLimits
-from dvlm.data.processor import ChatProcessor, Encoded, PromptTooLongError, load_tokenizer
+from dvlm.data.processor import (
+    ChatProcessor,
+    Encoded,
+    PromptTooLongError,
+    load_tokenizer,
+)
 from dvlm.decode.output import GenerationOutput
 from dvlm.runtime import pick_device, pick_dtype
 
@@ -180,7 +192,10 @@ def decoder_function(name: str) -> Callable[..., list[GenerationOutput]]:
     from dvlm.decode.ar import generate_ar
     from dvlm.decode.block import generate_block
     from dvlm.decode.hf import generate_hf
-    from dvlm.decode.speculative import generate_speculative, generate_speculative_quadratic
+    from dvlm.decode.speculative import (
+        generate_speculative,
+        generate_speculative_quadratic,
+    )
 
     decoders = {"ar": generate_ar, "block": generate_block, "spec": generate_speculative,
                 "spec-quadratic": generate_speculative_quadratic, "hf": generate_hf}
@@ -206,7 +221,9 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.exists():
         return path
-    from dvlm.zoo.registry import builtin_path  # lazily: the zoo is optional for library users
+    from dvlm.zoo.registry import (
+        builtin_path,  # lazily: the zoo is optional for library users
+    )
 
     found = builtin_path(str(name_or_path))
     if found is None:

@@ -26,13 +26,23 @@ from tqdm.auto import tqdm
 
 from dvlm.config import ConfigError, DiffusionConfig, TrainConfig, from_dict
 from dvlm.data.collate import Batch, collate
-from dvlm.data.llava_json import LlavaJsonDataset, SampleError, SkipReport, file_fingerprint, read_records
+from dvlm.data.llava_json import (
+    LlavaJsonDataset,
+    SampleError,
+    SkipReport,
+    file_fingerprint,
+    read_records,
+)
 from dvlm.diffusion.noising import IGNORE_INDEX, build_noisy_stream
 from dvlm.diffusion.objective import LossOutput, ar_objective, diffusion_objective
 from dvlm.diffusion.schedule import annealed_block_size
 from dvlm.model.wrapper import DIFFUSION_CONFIG_KEY, DVLM, load
 from dvlm.train.checkpoint import (
-    Checkpoint, newest_usable_checkpoint, restore_training_state, save_checkpoint, write_model,
+    Checkpoint,
+    newest_usable_checkpoint,
+    restore_training_state,
+    save_checkpoint,
+    write_model,
 )
 
 METRICS_FILE = "metrics.jsonl"

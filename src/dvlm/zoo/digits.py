@@ -38,7 +38,9 @@ LAST_PROMPT = "What is the last digit?"
 @lru_cache(maxsize=1)
 def load_source() -> tuple[np.ndarray, np.ndarray]:
     """The 1797 source digits: images (N, 8, 8) float in 0..16 and labels (N,) int."""
-    from sklearn.datasets import load_digits  # imported here: only the digits tasks need it
+    from sklearn.datasets import (
+        load_digits,  # imported here: only the digits tasks need it
+    )
 
     data = load_digits()
     return data.images, data.target
