@@ -64,6 +64,14 @@ def test_ties_keep_torch_topk_order_in_the_diffusionvl_preset():
     assert unmask_by_count(conf, masked, two).nonzero()[:, 1].tolist() == [1, 3]
 
 
+@pytest.mark.parametrize("preset,expected", [("diffusionvl", [5, 6]), ("fast-dvlm", [0, 1])])
+def test_fixed_steps_tie_order_follows_the_preset(preset, expected):
+    """A full block of 8 equally confident masks, 4 steps: the first pass takes 2."""
+    conf, masked = torch.full((1, 8), 0.5), torch.ones(1, 8, dtype=torch.bool)
+    chosen = fixed_steps_choice(conf, masked, masked, 0, 4, 8, DiffusionConfig.from_preset(preset))
+    assert chosen.nonzero()[:, 1].tolist() == expected
+
+
 def test_topk_rule_equals_one_topk_call_per_row():
     """What DiffusionVL does: for each row, topk(row confidences with -inf off the masks,
     min(count, masks)). Rows with different counts must not share one topk call."""

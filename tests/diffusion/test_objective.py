@@ -109,6 +109,12 @@ def test_objective_normalisation_and_weights(models, image):
         out = diffusion_objective(lm.adapter, lm.model, batch, stream, clean_block, cfg, normaliser=10)
     expected = (cfg.diffusion_loss_weight * out.diffusion_sum + cfg.ar_loss_weight * out.ar_sum) / 10
     assert torch.allclose(out.loss, expected)
+    # The AR sum by hand: clean output i scored against the response token at i + 1.
+    with torch.no_grad():
+        _, clean_h = two_stream_hidden(lm.adapter, lm.model, batch, stream, cfg, clean_block)
+        logits = lm.adapter.logits(lm.model, clean_h[0, :-1]).float()
+    ar = torch.nn.functional.cross_entropy(logits, batch.labels[0, 1:], ignore_index=IGNORE_INDEX, reduction="sum")
+    assert torch.allclose(out.ar_sum, ar, rtol=1e-5)
     # With complementary masks and token shift, every response token except block starts is scored once.
     from dvlm.model.masks import block_starts
 

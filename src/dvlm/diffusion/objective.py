@@ -148,10 +148,10 @@ def ar_loss_sum(adapter: Adapter, model: nn.Module, hidden: torch.Tensor, labels
     With `row_tokens` (B,), each token's CE is first divided by its row's count (`rows`)."""
     rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
     logits = adapter.logits(model, hidden[rows, cols]).float()
+    targets = labels[rows, cols + 1]
     if row_tokens is None:
-        return F.cross_entropy(logits, labels[rows, cols + 1], reduction="sum")
-    ce = F.cross_entropy(logits, labels[rows, cols + 1], reduction="none")
-    return (ce / row_tokens[rows]).sum()
+        return F.cross_entropy(logits, targets, reduction="sum")
+    return (F.cross_entropy(logits, targets, reduction="none") / row_tokens[rows]).sum()
 
 
 def ar_objective(adapter: Adapter, model: nn.Module, batch: Batch, normaliser: int) -> LossOutput:
