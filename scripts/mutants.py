@@ -152,8 +152,9 @@ def _patched(tree: Path, mutation: Mutation) -> str:
     text = (tree / "dvlm" / mutation.path).read_text()
     count = text.count(mutation.old)
     if count != 1:
-        raise SystemExit(f"mutation {mutation.name!r}: the patched text occurs {count} times in "
-                         f"src/dvlm/{mutation.path} (expected once); update the mutation to the code")
+        print(f"mutation {mutation.name!r}: the patched text occurs {count} times in src/dvlm/{mutation.path} "
+              "(expected once); update the mutation to the code", file=sys.stderr)
+        raise SystemExit(2)
     return text.replace(mutation.old, mutation.new)
 
 
@@ -176,7 +177,8 @@ def _check_imports_from(src: Path) -> None:
     out = subprocess.run([sys.executable, "-c", "import dvlm; print(dvlm.__file__)"], env=env,
                          capture_output=True, text=True, check=True).stdout.strip()
     if not out.startswith(str(src)):
-        raise SystemExit(f"dvlm is imported from {out}, not from the mutated copy under {src}")
+        print(f"dvlm is imported from {out}, not from the mutated copy under {src}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def main() -> int:
