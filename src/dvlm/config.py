@@ -21,7 +21,11 @@ BLOCK_LAYOUTS = ("response", "absolute")
 CLEAN_ATTENTIONS = ("causal", "block_causal")
 NOISY_STREAMS = ("response", "text", "all")
 T_SAMPLINGS = ("uniform", "antithetic")
+ANTITHETIC_ORDERS = ("permuted", "sequence")
 LOSS_WEIGHTINGS = ("none", "inverse_t")
+LOSS_NORMALISATIONS = ("tokens", "rows")
+STEP_SCHEDULES = ("masks_left", "block_size")
+TIE_BREAKS = ("lowest_index", "topk")
 DECODERS = ("ar", "block", "spec", "spec-quadratic", "hf")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -119,6 +123,11 @@ class DiffusionConfig:
     is then never masked: it is the seed produced by the previous commit."""
     t_sampling: str = "uniform"
     """Per-block masking rate t: independent `uniform` draws or stratified `antithetic` ones."""
+    antithetic_order: str = "permuted"
+    """Which block gets which stratum under `t_sampling='antithetic'` (ignored otherwise):
+    `permuted` assigns the strata to the batch's blocks by a random permutation (dvlm);
+    `sequence` gives stratum j to block j in row-major order over (row, block), so t rises along
+    each sequence and from row to row (BD3-LM, DiffusionVL)."""
     eps_min: float = 1e-3
     """Lower bound of t (masking probability = eps_min + (eps_max - eps_min) * u)."""
     eps_max: float = 1.0
@@ -127,6 +136,11 @@ class DiffusionConfig:
     """Add a second noisy copy with the opposite mask, so every maskable token is masked once."""
     loss_weighting: str = "none"
     """`inverse_t` weights each masked token's CE by 1/t (BD3-LM ELBO weight, DiffusionVL)."""
+    loss_normalisation: str = "tokens"
+    """What the loss is divided by. `tokens`: the summed (weighted) CE of an optimizer step's whole
+    accumulation window over the window's labelled tokens (dvlm). `rows`: each row's summed CE over
+    that row's labelled tokens (at least 1), then the mean over the window's rows (LLaDA-V,
+    DiffusionVL). The two agree only when every row holds equally many labelled tokens."""
     diffusion_loss_weight: float = 0.5
     """alpha: weight of the masked-diffusion CE on the noisy stream."""
     ar_loss_weight: float = 0.5
@@ -139,6 +153,16 @@ class DiffusionConfig:
     """Default confidence threshold tau of block decoding (None: use decode_steps)."""
     decode_steps: int | None = None
     """Default fixed number of denoising steps per block (DiffusionVL's static schedule)."""
+    decode_steps_schedule: str = "masks_left"
+    """How a fixed number of steps shares a block's masks out. `masks_left`: each pass unmasks
+    ceil(masks left / steps left), so a block with fewer masks than B (a prompt tail in it, a seed)
+    still spreads them over every step (dvlm). `block_size`: pass s unmasks B // steps tokens, one
+    more in the first B % steps passes, at most the masks left: the counts of a full block
+    whatever the block holds (DiffusionVL; 3 masks, B=8, 4 steps: 2 then 1)."""
+    decode_tie_break: str = "lowest_index"
+    """Fixed-step unmasking, which of equally confident masked positions goes first:
+    `lowest_index` (dvlm) or `topk`: the order of `torch.topk` over the block (DiffusionVL), which
+    depends on k and the device."""
     mask_token: str = "<|mask|>"
     """The mask token's string, added to the tokenizer at conversion when absent."""
     mask_token_id: int = -1
@@ -154,7 +178,11 @@ class DiffusionConfig:
         _check_choice("clean_attention", self.clean_attention, CLEAN_ATTENTIONS)
         _check_choice("noisy_stream", self.noisy_stream, NOISY_STREAMS)
         _check_choice("t_sampling", self.t_sampling, T_SAMPLINGS)
+        _check_choice("antithetic_order", self.antithetic_order, ANTITHETIC_ORDERS)
         _check_choice("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
+        _check_choice("loss_normalisation", self.loss_normalisation, LOSS_NORMALISATIONS)
+        _check_choice("decode_steps_schedule", self.decode_steps_schedule, STEP_SCHEDULES)
+        _check_choice("decode_tie_break", self.decode_tie_break, TIE_BREAKS)
         if self.block_size < 1:
             raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
         if not 0.0 < self.eps_min < self.eps_max <= 1.0:
@@ -207,13 +235,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         noisy_stream="all",
         token_shift=False,
         t_sampling="antithetic",
+        antithetic_order="sequence",
         complementary_mask=False,
         loss_weighting="inverse_t",
+        loss_normalisation="rows",
         diffusion_loss_weight=1.0,
         ar_loss_weight=0.0,
         anneal_block_size=False,
         decode_threshold=None,
         decode_steps=8,
+        decode_steps_schedule="block_size",
+        decode_tie_break="topk",
     ),
 }
 

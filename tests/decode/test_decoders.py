@@ -53,6 +53,25 @@ def test_cached_block_decoding_equals_recomputation(models, preset, settings):
         assert a.nfe == b.nfe
 
 
+@pytest.mark.parametrize("preset", ["fast-dvlm", "diffusionvl"])
+def test_confident_model_threshold_decoding_unmasks_several_per_pass(confident_models, preset):
+    """Invariants 4 and 7 where a threshold of 0.9 really unmasks several tokens in one pass
+    (on the random weights it only ever takes the one-token fallback)."""
+    lm = confident_models[preset]
+    texts, images = [p for p, _ in PROMPTS], [_images(n) for _, n in PROMPTS]
+    kw = dict(decoder="block", block_size=8, threshold=0.9, max_new_tokens=24)
+    batched = lm.generate(texts, images, **kw)
+    steps = [n for o in batched for n in o.tokens_per_step]
+    assert max(steps) >= 3 and 1 in steps  # both regimes: thresholded passes and the fallback
+    alone = [lm.generate(t, i, **kw) for t, i in zip(texts, images)]
+    assert [o.tokens for o in batched] == [o.tokens for o in alone]
+    assert [o.tokens_per_step for o in batched] == [o.tokens_per_step for o in alone]
+    prompts = _encode(lm, range(4))
+    recomputed = generate_block(lm, prompts, DecodeConfig(**kw), context_cls=RecomputeContext)
+    assert [o.tokens for o in recomputed] == [o.tokens for o in batched]
+    assert [o.nfe for o in recomputed] == [o.nfe for o in batched]
+
+
 def test_cached_ar_decoding_equals_recomputation(models):
     lm = models["fast-dvlm"]
     prompts = _encode(lm, [0, 3])
@@ -152,7 +171,9 @@ def test_fused_commit_saves_forwards_when_the_guess_is_right(models):
     recomputed = generate_block(lm, prompts, DecodeConfig(**kw), context_cls=RecomputeContext)[0]
     assert fused.tokens == plain.tokens == recomputed.tokens
     assert fused.nfe == recomputed.nfe
-    assert plain.nfe - fused.nfe >= 0
+    # Random weights rarely guess the seed, so this cannot show a saving; test_scripted.py pins
+    # the exact count on a model that always guesses right.
+    assert fused.nfe <= plain.nfe
 
 
 def test_diffusionvl_static_schedule_one_token_per_step(models):
@@ -275,3 +296,16 @@ def test_positions_after_a_finished_answer_need_no_denoising():
     # Row 0: EOS with nothing masked before it -> the rest is dropped. Row 1: a mask before the
     # EOS -> keep denoising. Row 2: the EOS is a prompt token (prompt_part 3) -> not an answer end.
     assert after_finished_answer(canvas, masked, [E]).int().tolist() == [[0, 0, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("preset,prefill", [("fast-dvlm", 1), ("diffusionvl", 0)])
+def test_first_block_is_no_wider_than_the_answer(models, preset, prefill):
+    """N2: B=64 for 6 new tokens, one token per pass. fast-dvlm: a first block of 6 (seed + 5
+    masks) after the prefill; diffusionvl: the prompt (shorter than B, so no prefill) and 6 masks
+    in one block of P + 6, as DiffusionVL does. Before, both denoised a block of 64."""
+    lm = models[preset]
+    out = lm.generate("Hi", decoder="block", block_size=64, steps=64, max_new_tokens=6)
+    assert len(lm.encode("Hi")) + 6 <= 64
+    assert len(out.tokens) == 6 and out.finish_reason == "length"
+    assert out.tokens_per_step == [1] * (6 - prefill)  # the seed comes from the prefill
+    assert out.nfe == 6

@@ -138,3 +138,28 @@ def test_annealed_block_size_schedule():
     assert [annealed_block_size(p, 16, 0.5) for p in (0.0, 0.13, 0.26, 0.4, 0.5, 0.99)] == [2, 4, 8, 16, 16, 16]
     assert annealed_block_size(0.0, 16, 0.0) == 16
     assert annealed_block_size(0.0, 1, 0.5) == 1
+
+
+def test_antithetic_sequence_order_literal():
+    """DiffusionVL's assignment: stratum j to flat block j of (row, block), u = u_j / N + j / N,
+    so t rises along each sequence and from one row to the next."""
+    eps_min, eps_max = 1e-3, 1.0
+    t = sample_block_t((2, 3), eps_min, eps_max, True, torch.Generator().manual_seed(0), order="sequence")
+    u = torch.rand(6, generator=torch.Generator().manual_seed(0))
+    expected = eps_min + (eps_max - eps_min) * (u / 6 + torch.arange(6) / 6)
+    assert torch.equal(t.flatten(), expected)
+    assert ((t.flatten() - eps_min) / (eps_max - eps_min) * 6).floor().tolist() == [0, 1, 2, 3, 4, 5]
+    permuted = sample_block_t((2, 3), eps_min, eps_max, True, torch.Generator().manual_seed(0))
+    assert sorted(((permuted.flatten() - eps_min) / (eps_max - eps_min) * 6).floor().tolist()) == [0, 1, 2, 3, 4, 5]
+    assert not torch.equal(permuted, t)  # seed 0 permutes the strata
+    with pytest.raises(ValueError, match="order"):
+        sample_block_t((1, 2), eps_min, eps_max, True, order="sorted")
+
+
+def test_diffusionvl_preset_masking_rate_rises_along_the_sequence():
+    cfg = _cfg(preset="diffusionvl")
+    assert cfg.antithetic_order == "sequence" and _cfg().antithetic_order == "permuted"
+    stream, clean_block = _stream(cfg, block_size=4)
+    blocks = stream.block[stream.valid].unique().tolist()
+    t_by_block = [stream.t[stream.valid & (stream.block == b)].unique().item() for b in blocks]
+    assert len(blocks) == 4 and t_by_block == sorted(t_by_block)

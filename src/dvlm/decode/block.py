@@ -9,6 +9,12 @@ Two layouts, following the model's DiffusionConfig:
 * token shift (Fast-dVLM): the whole prompt is prefilled causally; blocks start right after it.
 * absolute blocks (DiffusionVL): only the prompt's complete blocks are prefilled (block-causal);
   the prompt's tail shares the first decoded block. Rows are padded so block boundaries line up.
+
+The first block is never wider than the answer can be: in the response layout it holds at most
+`max_new_tokens` positions (as the last block does); in the absolute layout a prompt whose answer
+fits in the first block (P + max_new_tokens <= B) gets a first block of exactly P + max_new_tokens
+positions, as DiffusionVL's decoder does; otherwise absolute blocks are B wide, like DiffusionVL's
+(which decodes a last block past the answer's end too).
 """
 
 from __future__ import annotations
@@ -25,10 +31,12 @@ from dvlm.decode.output import GenerationOutput
 from dvlm.decode.prefill import make_generator, prefill, text_positions
 from dvlm.decode.rows import Listener, RowTracker
 from dvlm.decode.sampling import (
+    block_schedule_count,
     select_tokens,
     steps_schedule_count,
     unmask_by_count,
     unmask_by_threshold,
+    unmask_by_topk,
 )
 from dvlm.diffusion.noising import clean_block_ids
 from dvlm.model.cache import KVContext
@@ -44,11 +52,12 @@ class Canvas:
     prompt_part: torch.Tensor  # (R,) leading positions that hold prompt tokens (not generated)
     fixed: torch.Tensor | None = None  # (R, Q) bool: positions whose embedding is given below
     fixed_embeds: torch.Tensor | None = None  # (R, Q, D) prompt-tail embeddings (may be vision)
+    valid: torch.Tensor | None = None  # (R, Q) bool: False past a row's end (None: all valid)
 
     def select(self, rows: torch.Tensor) -> "Canvas":
         pick = (lambda x: None if x is None else x[rows])
         return Canvas(self.ids[rows], self.positions[:, rows], self.prompt_part[rows], pick(self.fixed),
-                      pick(self.fixed_embeds))
+                      pick(self.fixed_embeds), pick(self.valid))
 
 
 def decode_policy(cfg: DecodeConfig, dcfg: DiffusionConfig) -> tuple[float | None, int | None]:
@@ -73,7 +82,7 @@ def generate_block(lm, prompts: list[Encoded], cfg: DecodeConfig, context_cls=KV
             ctx, canvas = _start_response(lm, prompts, dcfg, block_size, cfg, generator, context_cls)
             rows.count_forward()
         else:
-            ctx, canvas, prefilled = _start_absolute(lm, prompts, block_size, context_cls)
+            ctx, canvas, prefilled = _start_absolute(lm, prompts, block_size, cfg.max_new_tokens, context_cls)
             if prefilled:
                 rows.count_forward()
     commit_kind = "causal" if dcfg.clean_attention == "causal" else "block_causal"
@@ -81,7 +90,7 @@ def generate_block(lm, prompts: list[Encoded], cfg: DecodeConfig, context_cls=KV
     first_pass = None
     while True:
         with timer("denoise"):
-            last_logits = _denoise(lm, ctx, canvas, cfg, dcfg, rows, generator, first_pass)
+            last_logits = _denoise(lm, ctx, canvas, cfg, dcfg, block_size, rows, generator, first_pass)
         emitted = [ids[int(p):] for ids, p in zip(canvas.ids.tolist(), canvas.prompt_part)]
         done = rows.extend(emitted)
         if done.all():
@@ -98,7 +107,7 @@ def generate_block(lm, prompts: list[Encoded], cfg: DecodeConfig, context_cls=KV
             if fuse and last_logits is not None and width > 1:
                 canvas, first_pass = _commit_fused(lm, ctx, canvas, last_logits, width, cfg, generator)
             else:
-                hidden = ctx.commit(_embed(lm, canvas), canvas.positions, _ones(canvas), _block_ids(ctx, canvas),
+                hidden = ctx.commit(_embed(lm, canvas), canvas.positions, _valid(canvas), _block_ids(ctx, canvas),
                                     commit_kind)
                 seed = next_token(lm, hidden[:, -1], cfg, generator) if dcfg.token_shift else None
                 canvas, first_pass = _next_canvas(lm, canvas, seed, width), None
@@ -107,8 +116,8 @@ def generate_block(lm, prompts: list[Encoded], cfg: DecodeConfig, context_cls=KV
     return rows.outputs(lm.processor.decode, "block", timer.as_dict(), lengths, block_size)
 
 
-def _denoise(lm, ctx, canvas: Canvas, cfg: DecodeConfig, dcfg: DiffusionConfig, rows: RowTracker, generator,
-             first_pass: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+def _denoise(lm, ctx, canvas: Canvas, cfg: DecodeConfig, dcfg: DiffusionConfig, block_size: int, rows: RowTracker,
+             generator, first_pass: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
     """Unmask the canvas in place, one bidirectional pass at a time, until no [MASK] is left.
 
     `first_pass`: (logits (R, Q, V), valid (R,)) of the first pass from a fused commit, usable
@@ -123,7 +132,7 @@ def _denoise(lm, ctx, canvas: Canvas, cfg: DecodeConfig, dcfg: DiffusionConfig, 
         first_pass = None
         all_usable = usable is not None and bool(usable.all())  # one host sync, only after a fused commit
         if not all_usable:
-            hidden = ctx.peek(_embed(lm, canvas), canvas.positions, _ones(canvas), _block_ids(ctx, canvas),
+            hidden = ctx.peek(_embed(lm, canvas), canvas.positions, _valid(canvas), _block_ids(ctx, canvas),
                               "bidirectional")
             logits = lm.adapter.logits(lm.model, hidden)  # (R, Q, V)
             needed = masked.any(dim=1) if usable is None else masked.any(dim=1) & ~usable
@@ -138,7 +147,7 @@ def _denoise(lm, ctx, canvas: Canvas, cfg: DecodeConfig, dcfg: DiffusionConfig, 
         tokens, conf = select_tokens(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator, lm.banned_token_ids)
         open_ = masked if cfg.sub_block_size is None else current_sub_block(masked, cfg.sub_block_size)
         if steps is not None:
-            chosen = unmask_by_count(conf, open_, steps_schedule_count(masked, steps - step))
+            chosen = fixed_steps_choice(conf, open_, masked, step, steps, block_size, dcfg)
         else:
             chosen = unmask_by_threshold(conf, open_, threshold)
         rows.record_steps(chosen.sum(dim=1))
@@ -147,6 +156,20 @@ def _denoise(lm, ctx, canvas: Canvas, cfg: DecodeConfig, dcfg: DiffusionConfig, 
         masked &= ~after_finished_answer(canvas, masked, lm.eos_token_ids)
         step += 1
     return last
+
+
+def fixed_steps_choice(conf: torch.Tensor, open_: torch.Tensor, masked: torch.Tensor, step: int, steps: int,
+                       block_size: int, dcfg: DiffusionConfig) -> torch.Tensor:
+    """(R, Q) bool: the positions pass `step` of `steps` unmasks, by the recipe's schedule and tie rule.
+
+    conf: (R, Q) confidences; open_: the masked positions that may be unmasked now; masked: all of
+    the block's masks (the `masks_left` schedule spreads them over the steps left)."""
+    if dcfg.decode_steps_schedule == "block_size":
+        count = torch.full_like(masked[:, 0], block_schedule_count(block_size, steps, step), dtype=torch.long)
+    else:
+        count = steps_schedule_count(masked, steps - step)
+    unmask = unmask_by_topk if dcfg.decode_tie_break == "topk" else unmask_by_count
+    return unmask(conf, open_, count)
 
 
 def after_finished_answer(canvas: Canvas, masked: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
@@ -183,7 +206,7 @@ def _commit_fused(lm, ctx, canvas: Canvas, last_logits: torch.Tensor, width: int
     nxt = _next_canvas(lm, canvas, guess, width)
     whole = torch.tensor([canvas.ids.shape[1]], device=canvas.ids.device)  # the next block sees all of this one
     hidden, peeked = ctx.commit_and_draft(
-        (_embed(lm, canvas), canvas.positions, _ones(canvas), _block_ids(ctx, canvas)),
+        (_embed(lm, canvas), canvas.positions, _valid(canvas), _block_ids(ctx, canvas)),
         (_embed(lm, nxt)[:, None], nxt.positions[:, :, None], whole),
     )
     peeked = peeked[:, 0]
@@ -192,7 +215,9 @@ def _commit_fused(lm, ctx, canvas: Canvas, last_logits: torch.Tensor, width: int
     return nxt, (lm.adapter.logits(lm.model, peeked), seed == guess)
 
 
-def _ones(canvas: Canvas) -> torch.Tensor:
+def _valid(canvas: Canvas) -> torch.Tensor:
+    if canvas.valid is not None:
+        return canvas.valid
     return torch.ones_like(canvas.ids, dtype=torch.bool)
 
 
@@ -231,14 +256,15 @@ def _start_response(lm, prompts, dcfg, block_size, cfg, generator, context_cls):
         blocks = clean_block_ids(batch.labels, batch.attention_mask, dcfg, block_size)
     pre = prefill(lm, prompts, context_cls, kind, blocks)
     rows = len(prompts)
-    ids = torch.full((rows, block_size), lm.mask_token_id, dtype=torch.long, device=lm.device)
+    width = min(block_size, cfg.max_new_tokens)  # every position of the first block is emitted
+    ids = torch.full((rows, width), lm.mask_token_id, dtype=torch.long, device=lm.device)
     if dcfg.token_shift:
         ids[:, 0] = next_token(lm, pre.last_hidden, cfg, generator)
     zeros = torch.zeros(rows, dtype=torch.long, device=lm.device)
-    return pre.context, Canvas(ids, text_positions(pre.next_position, block_size), zeros)
+    return pre.context, Canvas(ids, text_positions(pre.next_position, width), zeros)
 
 
-def _start_absolute(lm, prompts, block_size: int, context_cls):
+def _start_absolute(lm, prompts, block_size: int, max_new_tokens: int, context_cls):
     """Prefill each prompt's complete absolute blocks (block-causal); its tail opens block 1.
 
     Row r has P_r prompt tokens: its first cut_r = floor(P_r / B) * B go to the cache, its last
@@ -261,15 +287,20 @@ def _start_absolute(lm, prompts, block_size: int, context_cls):
         ctx.commit(_gather(embeds, source), batch.position_ids.gather(2, source[None].expand(3, -1, -1)),
                    real_index >= 0, real_index.clamp(min=0) // block_size, "block_causal")
     tail = lengths - cut
-    q = torch.arange(block_size, device=lm.device)[None, :]
+    # DiffusionVL decodes a prompt whose answer fits in the first block (P + G <= B) as one block
+    # of exactly P + G positions (its "full diffusion" case); other first blocks are B wide.
+    end = torch.where(lengths + max_new_tokens <= block_size, lengths + max_new_tokens, block_size)  # (R,)
+    q = torch.arange(int(end.max()), device=lm.device)[None, :]
     is_tail = q < tail[:, None]  # (R, Q)
-    source = (first + cut)[:, None] + q
-    source = source.clamp(max=width - 1)
+    valid = q < end[:, None]
+    source = ((first + cut)[:, None] + q).clamp(max=width - 1)
     ids = torch.where(is_tail, batch.input_ids.gather(1, source), lm.mask_token_id)
+    ids = torch.where(valid, ids, lm.processor.pad_token_id)  # past a row's end: never masked, never seen
     start = lengths + batch.rope_deltas  # position of the first generated token
-    generated = text_positions(start, block_size) - tail[None, :, None]
+    generated = text_positions(start, q.shape[1]) - tail[None, :, None]
     positions = torch.where(is_tail[None], batch.position_ids.gather(2, source[None].expand(3, -1, -1)), generated)
-    canvas = Canvas(ids, positions, tail, fixed=is_tail, fixed_embeds=_gather(embeds, source))
+    canvas = Canvas(ids, positions, tail, fixed=is_tail, fixed_embeds=_gather(embeds, source),
+                    valid=None if bool(valid.all()) else valid)
     return ctx, canvas, span > 0
 
 

@@ -81,16 +81,52 @@ def unmask_by_threshold(confidence: torch.Tensor, masked: torch.Tensor, threshol
 
 
 def unmask_by_count(confidence: torch.Tensor, masked: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """Positions to unmask: the `count[r]` most confident masked positions of each row r."""
+    """Positions to unmask: the `count[r]` most confident masked positions of each row r; of equally
+    confident ones the lowest index first."""
     conf = confidence.masked_fill(~masked, float("-inf"))
     rank = conf.argsort(dim=1, descending=True).argsort(dim=1)  # 0 = most confident
     return masked & (rank < count[:, None])
 
 
+def unmask_by_topk(confidence: torch.Tensor, masked: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Like `unmask_by_count`, but equally confident positions are taken in `torch.topk`'s order
+    (DiffusionVL): each row's k = min(count, masks) positions come from `torch.topk(conf, k)` over
+    the whole row, non-masked positions at -inf. topk's order among ties depends on k, so rows
+    are grouped by k rather than taking one topk of the largest k.
+
+    Example: 8 equal confidences, k = 2 -> positions 5 and 6 (CPU, torch 2.13), not 0 and 1.
+    """
+    conf = confidence.masked_fill(~masked, float("-inf"))
+    k = torch.minimum(count, masked.sum(dim=1))  # (R,)
+    chosen = torch.zeros_like(masked)
+    for value in k.unique().tolist():
+        if value == 0:
+            continue
+        rows = (k == value).nonzero(as_tuple=True)[0]
+        picked = torch.topk(conf[rows], value, dim=1).indices  # (rows, k)
+        chosen[rows[:, None], picked] = True
+    return chosen
+
+
 def steps_schedule_count(masked: torch.Tensor, steps_left: int) -> torch.Tensor:
     """(R,) tokens to unmask this step so the rest finish in `steps_left` passes: ceil(n / steps).
 
-    For n masks and s steps this gives DiffusionVL's schedule (the first n mod s steps take one
-    more token than the others)."""
+    The first n mod s steps take one more token than the others; for a full block (n = B) these
+    are DiffusionVL's counts (`block_schedule_count`)."""
     remaining = masked.sum(dim=1)
     return (remaining + steps_left - 1) // max(steps_left, 1)
+
+
+def block_schedule_count(block_size: int, steps: int, step: int) -> int:
+    """Tokens pass `step` unmasks in DiffusionVL's static schedule, from the block size alone:
+    B // steps, plus one in the first B % steps passes. The counts of a full block are used
+    whatever the block holds, so a block with fewer masks finishes early (3 masks, B=8, 4 steps:
+    2, then 1). Passes after the last step (only sub-blocks need them) take B // steps, at least 1.
+
+    >>> [block_schedule_count(8, 3, s) for s in range(3)]
+    [3, 3, 2]
+    """
+    base, extra = divmod(block_size, steps)
+    if step >= steps:
+        return max(base, 1)
+    return base + (1 if step < extra else 0)

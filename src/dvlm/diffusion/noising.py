@@ -87,7 +87,7 @@ def build_noisy_stream(
     num_blocks = int(block.max()) + 1 if block.numel() else 0
     t_block = sample_block_t(
         (input_ids.shape[0], num_blocks), cfg.eps_min, cfg.eps_max,
-        cfg.t_sampling == "antithetic", generator, input_ids.device,
+        cfg.t_sampling == "antithetic", generator, input_ids.device, cfg.antithetic_order,
     )  # (B, K)
     t = t_block.gather(1, block)  # (B, L)
     draw = torch.rand(t.shape, generator=generator, device=t.device)

@@ -8,7 +8,11 @@ model's own, the clean-stream outputs are exactly the AR model's (invariant 2).
 Loss (Fast-dVLM, reference/algorithms.md §5.5):
     loss = alpha * S_diff / N + beta * S_ar / N
 with S_diff the (optionally 1/t-weighted) CE summed over masked noisy positions, S_ar the
-next-token CE summed over response tokens of the clean stream, N the number of response tokens.
+next-token CE summed over response tokens of the clean stream, N the number of response tokens
+of the optimizer step (`loss_normalisation='tokens'`). With `loss_normalisation='rows'` (LLaDA-V,
+DiffusionVL, reference/algorithms.md §1.5) each token's term is first divided by its row's count
+of labelled tokens N_b, and N is the number of rows:
+    loss = (1 / R) * sum_b (alpha * S_diff_b + beta * S_ar_b) / N_b
 """
 
 from __future__ import annotations
@@ -80,33 +84,74 @@ def diffusion_targets(stream: NoisyStream, input_ids: torch.Tensor, token_shift:
     return rows, cols, targets, stream.t[rows, cols + 1]
 
 
+def row_label_counts(labels: torch.Tensor) -> torch.Tensor:
+    """(B,) long: labelled tokens per row, at least 1 (a row without labels then adds 0, not NaN)."""
+    return (labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+
+
+def weigh_token_losses(ce: torch.Tensor, t: torch.Tensor, row_tokens: torch.Tensor, cfg: DiffusionConfig):
+    """The terms the diffusion loss sums, one per scored token (M,).
+
+    Args:
+        ce: (M,) cross-entropies; t: (M,) the masking rate of each token's block;
+        row_tokens: (M,) labelled tokens of each token's row (`row_label_counts`).
+    `inverse_t` multiplies by 1/t (BD3-LM's ELBO weight |-1/t|); `rows` then divides by the row's
+    labelled tokens. Example: ce [2, 3], t [.5, .25], row_tokens [4, 2], both on -> [1, 6].
+    """
+    if cfg.loss_weighting == "inverse_t":
+        ce = ce * (1 / t)
+    if cfg.loss_normalisation == "rows":
+        ce = ce / row_tokens
+    return ce
+
+
+def loss_normaliser(labels: list[torch.Tensor], cfg: DiffusionConfig | None) -> int:
+    """N, the denominator of one optimizer step's loss, from the labels (B, L) of its micro-batches.
+
+    `tokens` (and plain AR training, cfg None): the labelled tokens of the whole accumulation
+    window, so the accumulated gradient is that of one big batch. `rows`: the window's rows, so
+    every row's normalised loss counts once. DiffusionVL (HF Trainer) averages rows within a
+    micro-batch and then micro-batches (and devices); that is the same mean whenever the window's
+    micro-batches hold equally many rows, and weighs every row alike when a last one is smaller.
+    """
+    if cfg is not None and cfg.loss_normalisation == "rows":
+        return sum(int(y.shape[0]) for y in labels)
+    return sum(int((y != IGNORE_INDEX).sum()) for y in labels)
+
+
 def diffusion_objective(
     adapter: Adapter, model: nn.Module, batch: Batch, stream: NoisyStream, clean_block: torch.Tensor,
     cfg: DiffusionConfig, normaliser: int,
 ) -> LossOutput:
-    """alpha * S_diff / N + beta * S_ar / N for one micro-batch (N = `normaliser`, the number of
-    response tokens of the whole accumulation window, so accumulated gradients are exact)."""
+    """alpha * S_diff / N + beta * S_ar / N for one micro-batch, N = `normaliser`: the whole
+    accumulation window's `loss_normaliser`, so accumulated gradients are exact."""
     noisy_h, clean_h = two_stream_hidden(adapter, model, batch, stream, cfg, clean_block)
     rows, cols, targets, t = diffusion_targets(stream, batch.input_ids, cfg.token_shift)
     # Logits only where scored: the full (B, N + L, V) tensor is large for real vocabularies.
     logits = adapter.logits(model, noisy_h[rows, cols]).float()  # CE in fp32
     ce = F.cross_entropy(logits, targets, reduction="none")
-    if cfg.loss_weighting == "inverse_t":
-        ce = ce / t
-    diffusion_sum = ce.sum()
+    row_tokens = row_label_counts(batch.labels)  # (B,)
+    diffusion_sum = weigh_token_losses(ce, t, row_tokens[rows], cfg).sum()
     ar_sum = torch.zeros((), device=diffusion_sum.device)
     if cfg.ar_loss_weight > 0:
-        ar_sum = ar_loss_sum(adapter, model, clean_h, batch.labels)
+        per_row = row_tokens if cfg.loss_normalisation == "rows" else None
+        ar_sum = ar_loss_sum(adapter, model, clean_h, batch.labels, per_row)
     loss = (cfg.diffusion_loss_weight * diffusion_sum + cfg.ar_loss_weight * ar_sum) / max(normaliser, 1)
     num_response = int((batch.labels != IGNORE_INDEX).sum())
     return LossOutput(loss, diffusion_sum.detach(), ar_sum.detach(), int(rows.numel()), num_response)
 
 
-def ar_loss_sum(adapter: Adapter, model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token CE: output i scored against labels[i + 1] where labelled."""
+def ar_loss_sum(adapter: Adapter, model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                row_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed next-token CE: output i scored against labels[i + 1] where labelled.
+
+    With `row_tokens` (B,), each token's CE is first divided by its row's count (`rows`)."""
     rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
     logits = adapter.logits(model, hidden[rows, cols]).float()
-    return F.cross_entropy(logits, labels[rows, cols + 1], reduction="sum")
+    targets = labels[rows, cols + 1]
+    if row_tokens is None:
+        return F.cross_entropy(logits, targets, reduction="sum")
+    return (F.cross_entropy(logits, targets, reduction="none") / row_tokens[rows]).sum()
 
 
 def ar_objective(adapter: Adapter, model: nn.Module, batch: Batch, normaliser: int) -> LossOutput:

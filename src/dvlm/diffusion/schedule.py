@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from dvlm.config import ANTITHETIC_ORDERS
+
 
 def sample_block_t(
     shape: tuple[int, int],
@@ -14,20 +16,32 @@ def sample_block_t(
     antithetic: bool,
     generator: torch.Generator | None = None,
     device: torch.device | None = None,
+    order: str = "permuted",
 ) -> torch.Tensor:
     """Masking rates t (B, K), one per block: t = eps_min + (eps_max - eps_min) * u.
 
     `antithetic` stratifies u over all B*K blocks of the batch (one draw per stratum
-    [j/N, (j+1)/N)), like BD3-LM/DiffusionVL, which lowers the variance of the batch loss. Unlike
-    DiffusionVL, strata are assigned to blocks by a random permutation: assigning stratum j to
-    flat block j would always give the first blocks of the batch the lowest masking rates.
+    [j/N, (j+1)/N)), like BD3-LM/DiffusionVL, which lowers the variance of the batch loss.
+    `order` says which block gets stratum j:
+    * `permuted`: a random permutation (dvlm). With the strata in block order the first blocks of
+      the batch would always get the lowest masking rates.
+    * `sequence`: block j in row-major order over (row, block), as DiffusionVL does, so t rises
+      along each sequence. u = u_j / N + j / N, wrapped into [0, 1) (DiffusionVL's arithmetic).
+
+    Example, shape (1, 4), order `sequence`: u lies in [0, .25), [.25, .5), [.5, .75), [.75, 1).
     """
+    if order not in ANTITHETIC_ORDERS:
+        raise ValueError(f"order={order!r} is not one of {ANTITHETIC_ORDERS}")
     rows, blocks = shape
     n = rows * blocks
     u = torch.rand(n, generator=generator, device=device)
     if antithetic and n > 0:
-        strata = torch.randperm(n, generator=generator, device=device).to(u.dtype)
-        u = (strata + u) / n
+        if order == "sequence":
+            stratum = torch.arange(n, device=u.device) / n
+            u = torch.remainder(u / n + stratum, 1.0)
+        else:
+            strata = torch.randperm(n, generator=generator, device=device).to(u.dtype)
+            u = (strata + u) / n
     return (eps_min + (eps_max - eps_min) * u).view(rows, blocks)
 
 

@@ -1,0 +1,224 @@
+#!/usr/bin/env python
+"""Mutation check: would the tests notice a wrong recipe?
+
+Each mutation is one small deliberate bug: one exact text replacement in one source file. For
+each, the script copies `src/` to a temporary folder, applies the patch there (the working tree is
+never touched), runs the test files that should catch it against the copy, and reports `caught`
+(some test failed; the first failing test is named) or `survived` (every test passed).
+
+A patch must match its file exactly once; if the code it targets has changed, the script stops
+with an error naming the mutation, so mutations are updated together with the code.
+
+    python scripts/mutants.py            # all mutations (a few minutes on 2 CPU cores)
+    python scripts/mutants.py -k spec    # the mutations whose name contains "spec"
+    python scripts/mutants.py -k spec,tie  # ... "spec" or "tie"
+    python scripts/mutants.py --list
+
+Exit status: 0 when every selected mutation is caught, 1 when one survives, 2 when a patch no
+longer applies or the unmutated tests fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_TIMEOUT_S = 300  # a mutation that makes decoding loop forever counts as caught
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str  # relative to src/dvlm
+    old: str
+    new: str
+    tests: tuple[str, ...]
+    bug: str
+
+
+DECODE = "tests/decode"
+OBJECTIVE = "tests/diffusion/test_objective.py"
+NOISING = "tests/diffusion/test_noising.py"
+DVL_TRAIN = "tests/diffusion/test_diffusionvl_reference.py"
+DVL_DECODE = "tests/decode/test_diffusionvl_reference.py"
+SCRIPTED = "tests/decode/test_scripted.py"
+SAMPLING = "tests/decode/test_sampling.py"
+CONSISTENCY = "tests/decode/test_train_consistency.py"
+
+MUTATIONS = [
+    # -- training -----------------------------------------------------------------------------
+    Mutation("target-not-shifted", "diffusion/objective.py",
+             "targets = input_ids[rows, stream.source[rows, cols + 1]]",
+             "targets = input_ids[rows, stream.source[rows, cols]]",
+             (OBJECTIVE,), "token shift: each noisy output learns its own position"),
+    Mutation("inverse-sqrt-t", "diffusion/objective.py",
+             "ce = ce * (1 / t)", "ce = ce * (1 / t.sqrt())",
+             (OBJECTIVE, DVL_TRAIN), "loss weight 1/sqrt(t) instead of 1/t"),
+    Mutation("rows-normalised-by-batch", "diffusion/objective.py",
+             "ce = ce / row_tokens\n", "ce = ce / row_tokens.max()\n",
+             (OBJECTIVE, DVL_TRAIN), "rows rule divides by the longest row, not each row's own count"),
+    Mutation("rows-normaliser-counts-tokens", "diffusion/objective.py",
+             "return sum(int(y.shape[0]) for y in labels)",
+             "return sum(int((y != IGNORE_INDEX).sum()) for y in labels)",
+             (OBJECTIVE, DVL_TRAIN), "rows rule's window normaliser counts tokens"),
+    Mutation("ar-loss-unshifted", "diffusion/objective.py",
+             "targets = labels[rows, cols + 1]", "targets = labels[rows, cols]",
+             (OBJECTIVE,), "AR loss: clean output i scored against its own token"),
+    Mutation("antithetic-stratum-not-scaled", "diffusion/schedule.py",
+             "u = torch.remainder(u / n + stratum, 1.0)", "u = torch.remainder(u + stratum, 1.0)",
+             (NOISING, DVL_TRAIN), "sequence-order antithetic t: the draw is not scaled into its stratum"),
+    Mutation("antithetic-order-ignored", "diffusion/noising.py",
+             "input_ids.device, cfg.antithetic_order,", "input_ids.device, \"permuted\",",
+             (NOISING, DVL_TRAIN), "the diffusionvl preset draws permuted strata"),
+    Mutation("complementary-copy-same-mask", "diffusion/noising.py",
+             "copies = [masked, maskable & ~masked]", "copies = [masked, masked]",
+             (NOISING,), "the complementary copy repeats the first mask"),
+    Mutation("block-start-maskable", "diffusion/noising.py",
+             "        maskable &= ~block_starts(block)\n", "        pass\n",
+             (NOISING, OBJECTIVE), "token shift: a block's first token (the seed) may be masked"),
+    Mutation("noisy-sees-own-clean-block", "model/masks.py",
+             "n2c = clean_block[:, None, :] < noisy_block[:, :, None]",
+             "n2c = clean_block[:, None, :] <= noisy_block[:, :, None]",
+             ("tests/model/test_masks.py", OBJECTIVE), "N2C leaks the clean copy of the noisy token's own block"),
+    Mutation("noisy-positions-off-by-one", "diffusion/objective.py",
+             "+ (stream.index - stream.source)[None]", "+ 1 + (stream.index - stream.source)[None]",
+             (OBJECTIVE,), "noisy stream positions one past their clean copies"),
+    Mutation("training-clean-stream-block-causal", "diffusion/objective.py",
+             '"causal" if cfg.clean_attention == "causal" else "block_causal",',
+             '"block_causal",',
+             (OBJECTIVE,), "fast-dvlm trains a block-causal clean stream"),
+    # -- block decoding -----------------------------------------------------------------------
+    Mutation("commit-block-causal", "decode/block.py",
+             'commit_kind = "causal" if dcfg.clean_attention == "causal" else "block_causal"',
+             'commit_kind = "block_causal"',
+             (CONSISTENCY, f"{DECODE}/test_decoders.py"), "fast-dvlm commits blocks block-causally"),
+    Mutation("absolute-prefill-causal", "decode/block.py",
+             'real_index >= 0, real_index.clamp(min=0) // block_size, "block_causal")',
+             'real_index >= 0, real_index.clamp(min=0) // block_size, "causal")',
+             (CONSISTENCY, DVL_DECODE), "diffusionvl prefills the prompt's blocks causally"),
+    Mutation("fused-commit-off", "decode/block.py",
+             'fuse = cfg.fuse_commit and dcfg.token_shift and commit_kind == "causal"', "fuse = False",
+             (SCRIPTED, f"{DECODE}/test_decoders.py"), "the fused commit is never used"),
+    Mutation("decode-logits-not-shifted", "decode/block.py",
+             "logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)", "logits = logits",
+             (SCRIPTED,), "token shift ignored when decoding"),
+    Mutation("first-block-full-width", "decode/block.py",
+             "width = min(block_size, cfg.max_new_tokens)", "width = block_size",
+             (SCRIPTED, f"{DECODE}/test_decoders.py"), "N2: the first block is B wide whatever the budget"),
+    Mutation("absolute-first-block-full-width", "decode/block.py",
+             "lengths + max_new_tokens <= block_size, lengths + max_new_tokens, block_size)",
+             "lengths + max_new_tokens < 0, lengths + max_new_tokens, block_size)",
+             (SCRIPTED, DVL_DECODE), "diffusionvl: an answer that fits its first block still gets B positions"),
+    Mutation("steps-schedule-ignored", "decode/block.py",
+             'if dcfg.decode_steps_schedule == "block_size":', "if False:",
+             (SAMPLING, DVL_DECODE), "diffusionvl spreads the masks left over the steps left"),
+    Mutation("block-schedule-extra-off-by-one", "decode/sampling.py",
+             "return base + (1 if step < extra else 0)", "return base + (1 if step <= extra else 0)",
+             (SAMPLING, DVL_DECODE), "DiffusionVL's counts give one step too many the extra token"),
+    Mutation("tie-break-ignored", "decode/block.py",
+             'unmask = unmask_by_topk if dcfg.decode_tie_break == "topk" else unmask_by_count',
+             "unmask = unmask_by_count",
+             (SAMPLING, DVL_DECODE), "diffusionvl breaks confidence ties by lowest index"),
+    Mutation("threshold-ignored", "decode/sampling.py",
+             "return chosen | (best & masked.any(dim=1, keepdim=True))",
+             "return best & masked.any(dim=1, keepdim=True)",
+             (SAMPLING, SCRIPTED), "a threshold pass unmasks one token only"),
+    Mutation("threshold-strict", "decode/sampling.py",
+             "chosen = masked & (conf >= threshold)", "chosen = masked & (conf > threshold)",
+             (SAMPLING, SCRIPTED), "confidence must exceed the threshold instead of reach it"),
+    # -- speculative decoding -----------------------------------------------------------------
+    Mutation("spec-draft-off-by-one", "decode/speculative.py",
+             "logits = lm.adapter.logits(lm.model, hidden[:, :-1])  # output j drafts position j + 1",
+             "logits = lm.adapter.logits(lm.model, hidden[:, 1:])",
+             (SCRIPTED, f"{DECODE}/test_speculative.py"), "spec drafts each position from its own output"),
+    Mutation("spec-accepts-one-less", "decode/speculative.py",
+             "agree = (target[:, :-1] == block[:, 1:]).long()",
+             "agree = (target[:, :-1] == block[:, 1:]).long()\n        agree[:, -1:] = 0",
+             (SCRIPTED, f"{DECODE}/test_speculative.py"), "spec never accepts the block's last draft"),
+]
+
+
+def _patched(tree: Path, mutation: Mutation) -> str:
+    """The mutated text of the mutation's file; stops the run if the patch does not apply once."""
+    text = (tree / "dvlm" / mutation.path).read_text()
+    count = text.count(mutation.old)
+    if count != 1:
+        print(f"mutation {mutation.name!r}: the patched text occurs {count} times in src/dvlm/{mutation.path} "
+              "(expected once); update the mutation to the code", file=sys.stderr)
+        raise SystemExit(2)
+    return text.replace(mutation.old, mutation.new)
+
+
+def _run_tests(src: Path, tests: tuple[str, ...]) -> tuple[bool, str]:
+    """(passed, the first failing test or the reason) for `tests` run against `src`."""
+    env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-W", "ignore", *tests]
+    try:
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TEST_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return False, f"timed out after {TEST_TIMEOUT_S}s"
+    if done.returncode == 0:
+        return True, ""
+    failed = re.search(r"^(?:FAILED|ERROR) (\S+)", done.stdout, re.MULTILINE)
+    return False, failed.group(1) if failed else f"pytest exit {done.returncode}"
+
+
+def _check_imports_from(src: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    out = subprocess.run([sys.executable, "-c", "import dvlm; print(dvlm.__file__)"], env=env,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    if not out.startswith(str(src)):
+        print(f"dvlm is imported from {out}, not from the mutated copy under {src}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-k", default="", help="only mutations whose name contains this (or one of these, comma-separated)")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    args = parser.parse_args()
+    selected = [m for m in MUTATIONS if any(k in m.name for k in args.k.split(","))]
+    if args.list:
+        for m in selected:
+            print(f"{m.name:36s} {m.bug}")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="dvlm-mutants-") as tmp:
+        tree = Path(tmp) / "src"
+        shutil.copytree(ROOT / "src", tree, ignore=shutil.ignore_patterns("weights", "__pycache__"))
+        for m in selected:  # every patch must apply before anything runs
+            _patched(tree, m)
+        _check_imports_from(tree)
+        baseline = sorted({t for m in selected for t in m.tests})
+        ok, why = _run_tests(tree, tuple(baseline))
+        if not ok:
+            print(f"the unmutated tests fail ({why}); fix them first", file=sys.stderr)
+            return 2
+        rows = []
+        for m in selected:
+            work = Path(tmp) / m.name / "src"
+            shutil.copytree(tree, work)
+            (work / "dvlm" / m.path).write_text(_patched(tree, m))
+            start = time.monotonic()
+            passed, why = _run_tests(work, m.tests)
+            rows.append((m, "survived" if passed else "caught", why, time.monotonic() - start))
+            print(f"{m.name:36s} {rows[-1][1]:8s} {why}  ({rows[-1][3]:.0f}s)", flush=True)
+            shutil.rmtree(work.parent)
+    print("\n| mutation | bug | result | caught by |\n|---|---|---|---|")
+    for m, result, why, _ in rows:
+        print(f"| `{m.name}` | {m.bug} | {result} | {why} |")
+    survived = [m.name for m, result, _, _ in rows if result == "survived"]
+    print(f"\n{len(rows) - len(survived)} caught, {len(survived)} survived" + (f": {', '.join(survived)}" if survived else ""))
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

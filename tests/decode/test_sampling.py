@@ -1,0 +1,104 @@
+"""The unmasking policy, literally: fixed-step counts, tie order, thresholds."""
+
+import pytest
+import torch
+
+from dvlm.config import DiffusionConfig
+from dvlm.decode.block import fixed_steps_choice
+from dvlm.decode.sampling import (
+    block_schedule_count,
+    steps_schedule_count,
+    unmask_by_count,
+    unmask_by_threshold,
+    unmask_by_topk,
+)
+
+NEG = float("-inf")
+
+
+def test_block_schedule_counts_literal():
+    assert [block_schedule_count(8, 8, s) for s in range(8)] == [1] * 8
+    assert [block_schedule_count(8, 4, s) for s in range(4)] == [2, 2, 2, 2]
+    assert [block_schedule_count(8, 3, s) for s in range(3)] == [3, 3, 2]
+    assert [block_schedule_count(8, 5, s) for s in range(5)] == [2, 2, 2, 1, 1]
+    assert [block_schedule_count(4, 8, s) for s in range(8)] == [1, 1, 1, 1, 0, 0, 0, 0]
+    assert block_schedule_count(8, 3, 3) == 2 and block_schedule_count(4, 8, 9) == 1  # past the last step
+
+
+def _per_pass_counts(preset: str, masked: torch.Tensor, steps: int, block_size: int) -> list[int]:
+    """Run the fixed-step policy on a block until no mask is left; tokens unmasked per pass."""
+    dcfg = DiffusionConfig.from_preset(preset)
+    conf = torch.linspace(0.9, 0.2, masked.shape[1])[None]  # distinct confidences
+    counts, step = [], 0
+    while masked.any():
+        chosen = fixed_steps_choice(conf, masked, masked, step, steps, block_size, dcfg)
+        counts.append(int(chosen.sum()))
+        masked = masked & ~chosen
+        step += 1
+    return counts
+
+
+def test_partial_block_counts_follow_the_block_size_in_the_diffusionvl_preset():
+    """A first block holding a 5-token prompt tail: 3 masks in a block of 8, 4 steps."""
+    masked = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1]], dtype=torch.bool)
+    assert _per_pass_counts("diffusionvl", masked, steps=4, block_size=8) == [2, 1]
+    assert _per_pass_counts("fast-dvlm", masked, steps=4, block_size=8) == [1, 1, 1]
+    full = torch.ones(1, 8, dtype=torch.bool)  # a whole block: both rules agree
+    for steps in (3, 5, 8):
+        assert _per_pass_counts("diffusionvl", full, steps, 8) == _per_pass_counts("fast-dvlm", full, steps, 8)
+
+
+def test_ties_keep_torch_topk_order_in_the_diffusionvl_preset():
+    """Exact ties among 8 masked positions: torch.topk (CPU, torch 2.13) takes positions 5 and 6
+    for k=2, and 4, 5, 6, 7, 2 for k=5; dvlm's own rule takes the lowest indices."""
+    conf = torch.full((1, 8), 0.5)
+    masked = torch.ones(1, 8, dtype=torch.bool)
+    two, five = torch.tensor([2]), torch.tensor([5])
+    assert unmask_by_topk(conf, masked, two).nonzero()[:, 1].tolist() == [5, 6]
+    assert unmask_by_topk(conf, masked, five).nonzero()[:, 1].tolist() == [2, 4, 5, 6, 7]
+    assert unmask_by_count(conf, masked, two).nonzero()[:, 1].tolist() == [0, 1]
+    # A prompt tail at -inf (not masked) and ties among the masks left.
+    conf = torch.tensor([[NEG, 0.5, 0.2, 0.5, NEG, 0.5, 0.5, 0.1]])
+    masked = conf > 0
+    assert unmask_by_topk(conf, masked, two).nonzero()[:, 1].tolist() == [3, 5]
+    assert unmask_by_count(conf, masked, two).nonzero()[:, 1].tolist() == [1, 3]
+
+
+@pytest.mark.parametrize("preset,expected", [("diffusionvl", [5, 6]), ("fast-dvlm", [0, 1])])
+def test_fixed_steps_tie_order_follows_the_preset(preset, expected):
+    """A full block of 8 equally confident masks, 4 steps: the first pass takes 2."""
+    conf, masked = torch.full((1, 8), 0.5), torch.ones(1, 8, dtype=torch.bool)
+    chosen = fixed_steps_choice(conf, masked, masked, 0, 4, 8, DiffusionConfig.from_preset(preset))
+    assert chosen.nonzero()[:, 1].tolist() == expected
+
+
+def test_topk_rule_equals_one_topk_call_per_row():
+    """What DiffusionVL does: for each row, topk(row confidences with -inf off the masks,
+    min(count, masks)). Rows with different counts must not share one topk call."""
+    gen = torch.Generator().manual_seed(0)
+    conf = torch.randint(0, 3, (64, 8), generator=gen).float() / 4  # many exact ties
+    masked = torch.rand(64, 8, generator=gen) < 0.7
+    count = torch.randint(1, 5, (64,), generator=gen)
+    chosen = unmask_by_topk(conf, masked, count)
+    for r in range(64):
+        row = conf[r].masked_fill(~masked[r], NEG)
+        k = min(int(count[r]), int(masked[r].sum()))
+        expected = torch.zeros(8, dtype=torch.bool)
+        if k:
+            expected[torch.topk(row, k).indices] = True
+        assert torch.equal(chosen[r], expected), r
+
+
+def test_steps_schedule_spreads_the_masks_left():
+    masked = torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0], [1] * 8], dtype=torch.bool)
+    assert steps_schedule_count(masked, 4).tolist() == [1, 2]
+    assert steps_schedule_count(masked, 1).tolist() == [3, 8]
+
+
+@pytest.mark.parametrize("threshold,expected", [(0.9, [[0, 1, 0, 1, 0]]), (0.95, [[0, 1, 0, 0, 0]]),
+                                                (1.0, [[0, 1, 0, 0, 0]]), (0.0, [[0, 1, 1, 1, 1]])])
+def test_threshold_rule_literal(threshold, expected):
+    """conf >= threshold on masked positions, and always the most confident mask."""
+    conf = torch.tensor([[0.99, 0.95, 0.5, 0.9, 0.3]])
+    masked = torch.tensor([[0, 1, 1, 1, 1]], dtype=torch.bool)
+    assert unmask_by_threshold(conf, masked, threshold).int().tolist() == expected
