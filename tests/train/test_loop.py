@@ -89,6 +89,25 @@ def test_diffusion_training_reports_both_losses(tmp_path, data, fast_checkpoint)
         assert record["loss"] == pytest.approx(0.5 * record["diffusion_loss"] + 0.5 * record["ar_loss"], rel=1e-4)
 
 
+def test_diffusionvl_step_loss_is_the_mean_of_row_losses(tmp_path, data, dvlm_checkpoints, monkeypatch):
+    """The loop hands each objective the preset's normaliser: rows for diffusionvl (the reference's
+    per-row mean), so the step's loss is the mean over rows of each row's normalised loss."""
+    seen = []
+    real = loop_module.diffusion_objective
+
+    def spy(adapter, model, batch, stream, clean_block, dcfg, normaliser):
+        seen.append((int(batch.labels.shape[0]), normaliser))
+        return real(adapter, model, batch, stream, clean_block, dcfg, normaliser)
+
+    monkeypatch.setattr(loop_module, "diffusion_objective", spy)
+    train(dvlm_checkpoints["diffusionvl"], data, tmp_path / "run", config(max_steps=1, batch_size=4, grad_accum=2),
+          progress=False)
+    assert seen == [(4, 8), (4, 8)]  # two micro-batches of 4 rows, normalised by the step's 8 rows
+    seen.clear()
+    train(dvlm_checkpoints["fast-dvlm"], data, tmp_path / "fast", config(max_steps=1, batch_size=4), progress=False)
+    assert seen[0][1] > 4 * 2  # fast-dvlm: the labelled tokens, more than one per row
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, data, ar_checkpoint):
     # AR loss: no noise, so the two runs see exactly the same objective; the loss is normalised
     # by the response tokens of the whole step, so the accumulated gradient is the big batch's.

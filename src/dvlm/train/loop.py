@@ -34,7 +34,7 @@ from dvlm.data.llava_json import (
     read_records,
 )
 from dvlm.diffusion.noising import IGNORE_INDEX, build_noisy_stream
-from dvlm.diffusion.objective import LossOutput, ar_objective, diffusion_objective
+from dvlm.diffusion.objective import LossOutput, ar_objective, diffusion_objective, loss_normaliser
 from dvlm.diffusion.schedule import annealed_block_size
 from dvlm.model.wrapper import DIFFUSION_CONFIG_KEY, DVLM, load
 from dvlm.train.checkpoint import (
@@ -312,10 +312,11 @@ def _train_step(lm: DVLM, dcfg, cfg: TrainConfig, steps: StepData, step: int, to
     """One optimizer step over the step's micro-batches; raises TrainingError rather than update
     the weights from nothing (no answer token) or from a non-finite loss or gradient."""
     batches = [b.to(lm.device) for b in steps.micro_batches(step)]
-    normaliser = sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)
-    if normaliser == 0:  # every sample skipped or answer-less: the loss would be 0/0
+    response_tokens = sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)
+    if response_tokens == 0:  # every sample skipped or answer-less: the loss would be 0/0
         raise TrainingError(f"step {step + 1}: nothing to train on (none of its {len(steps.indices(step))} samples "
                             f"has an answer token); {steps.skips.summary()}")
+    normaliser = loss_normaliser([b.labels for b in batches], dcfg)  # tokens, or rows (DiffusionVL)
     block_size = None
     if dcfg is not None:
         block_size = dcfg.block_size
@@ -339,7 +340,7 @@ def _train_step(lm: DVLM, dcfg, cfg: TrainConfig, steps: StepData, step: int, to
         "diffusion_loss": float(sum(o.diffusion_sum for o in outputs)) / normaliser,
         "ar_loss": float(sum(o.ar_sum for o in outputs)) / normaliser,
         "masked_tokens": sum(o.num_masked for o in outputs),
-        "response_tokens": normaliser,
+        "response_tokens": response_tokens,
         "block_size": block_size,
         "lr": lr,
         "grad_norm": round(grad_norm, 4),
