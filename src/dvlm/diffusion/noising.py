@@ -7,10 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from dvlm.config import DiffusionConfig
+from dvlm.data.processor import IGNORE_INDEX
 from dvlm.diffusion.schedule import sample_block_t
 from dvlm.model.masks import absolute_block_ids, block_starts, response_block_ids
-
-IGNORE_INDEX = -100
 
 
 @dataclass
