@@ -1,0 +1,1 @@
+"""`dvlm serve`: an OpenAI-compatible server over an engine that batches requests between blocks."""

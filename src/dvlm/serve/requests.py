@@ -1,0 +1,83 @@
+"""What passes between the HTTP layer and the engine: requests in, events out.
+
+The HTTP layer validates and encodes a request (images loaded, chat laid out, in a worker thread),
+then hands an `EngineRequest` to `Engine.submit`. The engine owns the model: one loop thread
+prefills new requests, merges them into the running batch between blocks, advances every row one
+block per step, and reports each request's progress as events on its `RequestHandle`:
+
+    handle = engine.submit(request)          # QueueFullError when the queue is full
+    async for event in handle.events():      # Delta ... Delta, then exactly one Finished
+        ...
+    handle.cancel()                          # the row leaves the batch at the next block boundary
+
+Nothing here touches the model; the engine (`dvlm.serve.engine`) implements the contract.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dvlm.data.processor import Encoded
+from dvlm.decode.output import GenerationOutput
+
+SERVED_DECODERS = ("ar", "block", "spec")
+"""Decoders the engine batches continuously (their step logic joins rows between blocks)."""
+
+FINISH_REASONS = ("stop", "length", "cancelled", "timeout", "error")
+
+
+class QueueFullError(RuntimeError):
+    """The engine's queue holds `max_queue` requests already (HTTP 429)."""
+
+    def __init__(self, max_queue: int, retry_after_s: float = 1.0):
+        super().__init__(f"the server's queue is full ({max_queue} requests waiting); retry shortly")
+        self.retry_after_s = retry_after_s
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine is shutting down or stopped and takes no new requests (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """One generation request, already encoded. Settings that change the shape of a forward
+    (`decoder`, `block_size`, `steps`, `top_k`, `top_p`) put requests into separate groups;
+    the others are per row and share forwards."""
+
+    id: str
+    prompt: Encoded
+    decoder: str = "block"
+    block_size: int | None = None  # None: the model's
+    steps: int | None = None  # block decoding with a fixed step count instead of a threshold
+    top_k: int | None = None
+    top_p: float | None = None
+    threshold: float | None = None  # per row; None: the model's default
+    temperature: float = 0.0  # per row
+    seed: int | None = None  # per row: a row's sampling is reproducible whatever joins its batch
+    max_new_tokens: int = 128  # per row
+    stop: tuple[str, ...] = ()  # per row: the answer ends before the first of these strings
+    timeout_s: float | None = None  # per row: wall-clock limit from submission
+
+    @property
+    def group_key(self) -> tuple:
+        """Requests with equal keys can share a running batch."""
+        return (self.decoder, self.block_size, self.steps, self.top_k, self.top_p)
+
+
+@dataclass(frozen=True)
+class Delta:
+    """Text (and its token ids) committed for a request since its previous Delta."""
+
+    text: str
+    tokens: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of a request. `output.finish_reason` is one of FINISH_REASONS; its text is
+    cut before a stop string when one ended the answer. `error` says why, for "error"/"timeout"."""
+
+    output: GenerationOutput
+    error: str | None = None
+    queue_seconds: float = 0.0  # from submission until the request's prefill started
+    first_token_seconds: float | None = None  # from submission until its first Delta
