@@ -81,3 +81,37 @@ class Finished:
     error: str | None = None
     queue_seconds: float = 0.0  # from submission until the request's prefill started
     first_token_seconds: float | None = None  # from submission until its first Delta
+
+
+class EngineObserver:
+    """Hooks the engine calls from its loop thread (the server's Prometheus metrics implement them).
+    Both must return quickly and never raise."""
+
+    def on_step(self, group_key: tuple, rows: int, forwards: int) -> None:
+        """One engine step advanced `rows` rows of a group with `forwards` model forwards."""
+
+    def on_finished(self, request: EngineRequest, finished: Finished) -> None:
+        """A request ended (any finish reason)."""
+
+
+# The engine's interface (implemented in dvlm.serve.engine; the HTTP layer relies on exactly this):
+#
+#   class Engine:
+#       def __init__(self, lm: DVLM, *, max_batch_size: int = 16, max_queue: int = 64,
+#                    observer: EngineObserver | None = None): ...
+#       def start(self) -> None                      # starts the loop thread
+#       def submit(self, request: EngineRequest) -> RequestHandle
+#                                                    # QueueFullError / EngineStoppedError; thread-safe,
+#                                                    # callable from the event loop (never blocks on the model)
+#       def shutdown(self, timeout_s: float = 10.0) -> None
+#                                                    # refuse new requests; every in-flight one gets a
+#                                                    # Finished(finish_reason "error", error "server shutting down");
+#                                                    # the loop thread ends
+#       queue_depth: int (property)                  # requests submitted, not yet prefilled
+#       running_rows: int (property)                 # rows in running batches
+#
+#   class RequestHandle:
+#       id: str
+#       async def events(self) -> AsyncIterator[Delta | Finished]   # for the event loop it was submitted from
+#       def iter_events(self) -> Iterator[Delta | Finished]          # blocking, for threads and tests
+#       def cancel(self) -> None                     # idempotent; ends with Finished "cancelled"
