@@ -385,7 +385,7 @@ def zoo(args: argparse.Namespace) -> None:
     if not 0 < args.scale <= 1:
         raise CLIError("--scale must be in (0, 1]")
     recipe = ZooRecipe() if args.scale == 1 else ZooRecipe().scaled(args.scale)
-    paths = build_zoo(Path(args.out) if args.out else WEIGHTS_DIR, recipe, work_dir=args.work_dir,
+    paths = build_zoo(writable_directory(Path(args.out) if args.out else WEIGHTS_DIR), recipe, work_dir=args.work_dir,
                       log=lambda line: print(line, flush=True))
     for name, path in paths.items():
         print(f"built {name}: {path}")
