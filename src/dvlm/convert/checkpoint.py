@@ -33,7 +33,6 @@ from dvlm.atomic import atomic_directory, recover
 from dvlm.config import DTYPES, ConfigError, DiffusionConfig
 from dvlm.convert.registry import (
     WEIGHTS_INDEX,
-    CheckpointError,
     adapter_for_checkpoint,
     check_weights,
     read_config,

@@ -16,8 +16,7 @@ import dvlm
 from dvlm.convert.checkpoint import convert_checkpoint
 from dvlm.decode.output import GenerationOutput
 from dvlm.eval.bench import Setting, run_bench
-from dvlm.eval.harness import sample_prompt
-from dvlm.zoo.tasks import get_task
+from dvlm.zoo.tasks import IMAGE_PLACEHOLDER, get_task
 from dvlm.zoo.tiny import TinyShape, build_random_checkpoint
 from dvlm.zoo.tokenizer import build_tokenizer
 
@@ -46,7 +45,7 @@ def run_demo(out: Path, *, limit: int = 20, max_new_tokens: int = 96, progress: 
         log(format_task_table(task, [r for r in rows if r["task"] == task]))
     example = write_example(models, out)
     log("")
-    log(f"[demo] example ({example['image']}): {example['question']!r}")
+    log(f"[demo] example ({example['image']}): {example['question']!r}; try it: {example['command']}")
     for name, answer in example["answers"].items():
         log(f"         {name:<22} {answer!r}")
     results = {"rows": rows, "example": example}
@@ -74,18 +73,19 @@ def format_task_table(task: str, rows: list[dict[str, Any]]) -> str:
 
 
 def write_example(models: dict[str, Any], out: Path) -> dict[str, Any]:
-    """One caption test image saved as PNG, with each model's answer."""
+    """One caption test image saved as PNG at the size the models read, and each model's answer
+    to the plain call a user would type on that file (`dvlm generate --image ... --prompt ...`)."""
     sample = get_task("shapes-caption").generate("test", 1, seed=7)[0]
     image_path = out / "example.png"
-    sample.images[0].resize((224, 224)).save(image_path)
-    prompt = sample_prompt(sample)
+    sample.images[0].save(image_path)  # native size: what the models were trained on
+    question = sample.conversations[-2]["value"].split(IMAGE_PLACEHOLDER, 1)[-1].strip()
     answers = {
-        f"{AR_MODEL} ar": models["baseline"].generate(prompt, sample.images, decoder="ar").text,
-        f"{DIFFUSION_MODEL} block": models["main"].generate(prompt, sample.images, decoder="block").text,
-        f"{DIFFUSION_MODEL} spec": models["main"].generate(prompt, sample.images, decoder="spec").text,
+        f"{AR_MODEL} ar": models["baseline"].generate(question, images=image_path, decoder="ar").text,
+        f"{DIFFUSION_MODEL} block": models["main"].generate(question, images=image_path, decoder="block").text,
+        f"{DIFFUSION_MODEL} spec": models["main"].generate(question, images=image_path, decoder="spec").text,
     }
-    return {"image": str(image_path), "question": prompt[-1]["content"].split("\n")[-1],
-            "reference": sample.answers[-1], "answers": answers}
+    return {"image": str(image_path), "question": question, "reference": sample.answers[-1], "answers": answers,
+            "command": f'dvlm generate --image {image_path} --prompt "{question}"'}
 
 
 def run_random_demo(root: Path, max_new_tokens: int) -> None:
