@@ -8,6 +8,7 @@ import pytest
 
 import dvlm
 from dvlm.eval.harness import evaluate, sample_prompt
+from dvlm.zoo.metrics import score
 from dvlm.zoo.registry import builtin_names
 from dvlm.zoo.tasks import get_task
 
@@ -84,3 +85,34 @@ def test_builtin_names_are_names_not_paths(tmp_path, monkeypatch):
     for name in ("../weights/tiny-ar", "./tiny-ar/../tiny-ar", "tiny-ar/"):
         with pytest.raises(FileNotFoundError, match="no such directory and no built-in model"):
             dvlm.load(name)
+
+
+def test_the_plain_call_is_the_harness_chat(models):
+    """Issue 8 §1: `generate("Read the digits.", images=[img])` is the chat the models trained on, so it
+    answers exactly as the harness does, at the card's accuracy."""
+    samples = get_task("digits-read").generate("test", 16, seed=3)
+    images = [s.images for s in samples]
+    for name, decoder in (("tiny-ar", "ar"), ("tiny-dvlm", "block")):
+        plain = models[name].generate(["Read the digits."] * len(samples), images, decoder=decoder, max_new_tokens=24)
+        harness = models[name].generate([sample_prompt(s) for s in samples], images, decoder=decoder,
+                                         max_new_tokens=24)
+        assert [o.tokens for o in plain] == [o.tokens for o in harness]
+        digits = [score("digits-read", o.text, s)["digit_accuracy"] for o, s in zip(plain, samples)]
+        assert sum(digits) / len(digits) >= 0.9, name
+
+
+@pytest.mark.parametrize("name,decoder,task,question", [
+    ("tiny-ar", "ar", "digits-read", "Read the digits."),
+    ("tiny-dvlm", "block", "shapes-caption", "Describe the image."),
+])
+def test_dvlm_generate_on_a_saved_image(capsys, tmp_path, name, decoder, task, question):
+    """What a newcomer types after the demo: `dvlm generate --image example.png --prompt ...`."""
+    from dvlm.cli import main
+
+    sample = _first(task)
+    sample.images[0].save(tmp_path / "x.png")
+    code = main(["generate", "--model", name, "--decoder", decoder, "--image", str(tmp_path / "x.png"),
+                 "--prompt", question])
+    out = capsys.readouterr()
+    assert code == 0 and out.err == ""
+    assert out.out.strip() == sample.answers[-1]
