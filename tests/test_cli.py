@@ -373,3 +373,12 @@ def test_bench_writes_rows_as_they_are_measured(capsys, tmp_path, fast_checkpoin
     assert code == 2 and "simulated failure" in err
     rows = [json.loads(line) for line in (tmp_path / "b" / bench.ROWS_FILE).read_text().splitlines()]
     assert [r["decoder"] for r in rows] == ["ar", "block"]
+
+
+def test_train_that_fails_leaves_no_run_folder(capsys, tmp_path, fast_checkpoint):
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([{"conversations": [{"from": "human", "value": "hi"}]}]))  # no answer
+    code, _, err = run(capsys, "train", "--model", fast_checkpoint, "--data", data, "--out", tmp_path / "run",
+                       "--steps", "1")
+    assert code == 2 and "nothing to train on" in one_line_error(err.splitlines()[-1], "train")
+    assert not (tmp_path / "run").exists()

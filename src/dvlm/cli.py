@@ -136,11 +136,19 @@ def train(args: argparse.Namespace) -> None:
     from dvlm.train.loop import train as run_training
 
     cfg = train_config(args)
-    result = run_training(
-        args.model, args.data, args.out, cfg, image_root=args.image_root,
-        diffusion_overrides=parse_overrides(args.diffusion) or None, resume=args.resume,
-        device=checked_device(args.device),
-    )
+    run_dir = Path(args.out)
+    created = not run_dir.exists()
+    try:
+        with quiet_hf_progress():  # the training bar is the progress shown; HF's loading bars are noise
+            result = run_training(
+                args.model, args.data, run_dir, cfg, image_root=args.image_root,
+                diffusion_overrides=parse_overrides(args.diffusion) or None, resume=args.resume,
+                device=checked_device(args.device),
+            )
+    except BaseException:
+        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # a run that failed before writing anything leaves no folder behind
+        raise
     resumed = f" (resumed at step {result.start_step})" if result.start_step else ""
     print(f"trained {result.steps} steps{resumed}" + (f", final loss {result.losses[-1]:.4f}" if result.losses else ""))
     print(f"  model    {result.model_dir}")
@@ -415,7 +423,7 @@ def checked_device(name: str | None) -> str | None:
     try:
         pick_device(name)
     except (RuntimeError, ValueError) as err:
-        raise CLIError(str(err)) from err
+        raise CLIError(f"--device {name!r}: {err}") from err
     return name
 
 
