@@ -8,12 +8,8 @@ from PIL import Image
 
 import dvlm
 from dvlm.data.llava_json import LlavaJsonDataset
-from dvlm.data.processor import (
-    DEFAULT_SYSTEM_PROMPT,
-    ChatProcessor,
-    split_placeholders,
-    template_system_prompt,
-)
+from dvlm.data.processor import ChatProcessor, split_placeholders
+from dvlm.data.tokenizer import DEFAULT_SYSTEM_PROMPT, template_system_prompt
 
 
 def slots(parts):

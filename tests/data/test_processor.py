@@ -257,7 +257,7 @@ def test_a_tokenizer_with_its_own_code_is_refused_and_never_run(tiny_processor_d
     import json
     import shutil
 
-    from dvlm.data.processor import UnsafeCheckpointError
+    from dvlm.data.tokenizer import UnsafeCheckpointError
 
     evil = tmp_path / "evil"
     shutil.copytree(tiny_processor_dir, evil)

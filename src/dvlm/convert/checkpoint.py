@@ -40,7 +40,8 @@ from dvlm.convert.registry import (
     weight_files,
 )
 from dvlm.convert.verify import causal_logits, max_logit_difference, probe_input
-from dvlm.data.processor import IMAGE_PLACEHOLDER, ChatProcessor, load_tokenizer
+from dvlm.data.processor import IMAGE_PLACEHOLDER, ChatProcessor
+from dvlm.data.tokenizer import load_tokenizer
 from dvlm.model.wrapper import DIFFUSION_CONFIG_KEY, load
 from dvlm.runtime import pick_device, pick_dtype
 

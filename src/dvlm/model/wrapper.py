@@ -24,12 +24,8 @@ from dvlm.convert.registry import (
     saved_dtype,
 )
 from dvlm.data.images import DEFAULT_LIMITS, ImageLimits
-from dvlm.data.processor import (
-    ChatProcessor,
-    Encoded,
-    PromptTooLongError,
-    load_tokenizer,
-)
+from dvlm.data.processor import ChatProcessor, Encoded, PromptTooLongError
+from dvlm.data.tokenizer import load_tokenizer
 from dvlm.decode.output import GenerationOutput
 from dvlm.runtime import pick_device, pick_dtype
 

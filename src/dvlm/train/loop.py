@@ -34,7 +34,12 @@ from dvlm.data.llava_json import (
     read_records,
 )
 from dvlm.diffusion.noising import IGNORE_INDEX, build_noisy_stream
-from dvlm.diffusion.objective import LossOutput, ar_objective, diffusion_objective, loss_normaliser
+from dvlm.diffusion.objective import (
+    LossOutput,
+    ar_objective,
+    diffusion_objective,
+    loss_normaliser,
+)
 from dvlm.diffusion.schedule import annealed_block_size
 from dvlm.model.wrapper import DIFFUSION_CONFIG_KEY, DVLM, load
 from dvlm.train.checkpoint import (
