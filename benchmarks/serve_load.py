@@ -1,0 +1,264 @@
+"""Load benchmark of `dvlm serve`: the real server on loopback, a fixed request mix, several
+concurrency levels, for each decoder; plus the same requests through `model.generate`, one at a
+time, as the direct-call baseline. Every ratio printed is between figures measured in this run.
+
+    python benchmarks/serve_load.py                          # tiny-dvlm, ar/block/spec, 1/4/16/32
+    python benchmarks/serve_load.py --decoders block --concurrency 1,16 --requests 64
+
+Per decoder and concurrency it reports total tokens/s, requests/s, time to first token and
+per-request latency (p50, p99), the mean number of rows an engine step advanced (from the
+server's /metrics) and tokens per forward, and the failed requests. Needs the `serve` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from dvlm.zoo.tasks import IMAGE_PLACEHOLDER, get_task
+
+MIX = {"shapes-caption": 0.5, "shapes-qa": 0.25, "digits-read": 0.25}  # long and short answers
+MAX_TOKENS = 96
+
+
+@dataclass
+class Request:
+    question: str
+    image_url: str
+
+
+@dataclass
+class Result:
+    ok: bool
+    tokens: int = 0
+    nfe: int = 0
+    ttft_s: float = 0.0
+    latency_s: float = 0.0
+    error: str = ""
+
+
+def request_mix(count: int, seed: int) -> list[Request]:
+    """`count` test-split requests in a fixed order: captions, short questions, digit strips."""
+    per_task = {task: max(1, round(count * share)) for task, share in MIX.items()}
+    requests = []
+    for task, n in per_task.items():
+        for sample in get_task(task).generate("test", n, seed):
+            question = sample.conversations[-2]["value"].split(IMAGE_PLACEHOLDER, 1)[-1].strip()
+            requests.append(Request(question, data_url(sample.images[0])))
+    order = sorted(range(len(requests)), key=lambda i: (i * 7919) % len(requests))  # interleave the tasks
+    return [requests[i] for i in order][:count]
+
+
+def data_url(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def body(request: Request, decoder: str) -> dict:
+    content = [{"type": "image_url", "image_url": {"url": request.image_url}},
+               {"type": "text", "text": request.question}]
+    return {"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": MAX_TOKENS,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "decoder": decoder}
+
+
+async def one_request(client: httpx.AsyncClient, request: Request, decoder: str) -> Result:
+    start = time.perf_counter()
+    first = None
+    usage, dvlm = {}, {}
+    try:
+        async with client.stream("POST", "/v1/chat/completions", json=body(request, decoder)) as response:
+            if response.status_code != 200:
+                return Result(False, error=f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[len("data: "):])
+                if "error" in chunk:
+                    return Result(False, error=str(chunk["error"])[:200])
+                if first is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                    first = time.perf_counter()
+                usage = chunk.get("usage") or usage
+                dvlm = chunk.get("dvlm") or dvlm
+    except httpx.HTTPError as err:
+        return Result(False, error=repr(err))
+    end = time.perf_counter()
+    return Result(True, usage.get("completion_tokens", 0), dvlm.get("nfe", 0), (first or end) - start, end - start)
+
+
+async def run_level(url: str, requests: list[Request], decoder: str, concurrency: int) -> tuple[list[Result], float]:
+    queue: asyncio.Queue[Request] = asyncio.Queue()
+    for request in requests:
+        queue.put_nowait(request)
+    results: list[Result] = []
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while not queue.empty():
+            results.append(await one_request(client, queue.get_nowait(), decoder))
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        return results, time.perf_counter() - start
+
+
+def step_rows(url: str) -> tuple[float, float]:
+    """(sum, count) of the server's dvlm_step_rows histogram: rows advanced per engine step."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    values = {name: float(v) for name, v in re.findall(r"^(dvlm_step_rows_(?:sum|count)) (\S+)$", text, re.M)}
+    return values.get("dvlm_step_rows_sum", 0.0), values.get("dvlm_step_rows_count", 0.0)
+
+
+def summarise(decoder: str, concurrency: int, results: list[Result], wall: float, rows: float) -> dict:
+    done = [r for r in results if r.ok]
+    latencies = sorted(r.latency_s for r in done) or [0.0]
+    tokens = sum(r.tokens for r in done)
+    nfe = sum(r.nfe for r in done)
+    return {"decoder": decoder, "concurrency": concurrency, "requests": len(results), "failed": len(results) - len(done),
+            "tokens_per_s": tokens / wall, "requests_per_s": len(done) / wall,
+            "ttft_p50_ms": 1000 * statistics.median(r.ttft_s for r in done) if done else 0.0,
+            "latency_p50_ms": 1000 * statistics.median(latencies),
+            "latency_p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+            "mean_step_rows": rows, "tokens_per_forward": tokens / nfe if nfe else 0.0,
+            "errors": sorted({r.error for r in results if not r.ok})[:3]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, decoder: str, max_batch: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [sys.executable, "-m", "dvlm", "serve", "--model", model, "--port", str(port), "--decoder", decoder,
+               "--max-batch-size", str(max_batch), "--max-queue", "1024"]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"dvlm serve exited: {server.stderr.read()}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return server, url
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    server.kill()
+    raise RuntimeError("dvlm serve did not become ready in 120 s")
+
+
+def serve_levels(model: str, decoder: str, requests: list[Request], levels: list[int]) -> list[dict]:
+    server, url = start_server(model, decoder, max(levels))
+    try:
+        asyncio.run(run_level(url, requests[:4], decoder, 2))  # warm-up
+        rows = []
+        for concurrency in levels:
+            before = step_rows(url)
+            results, wall = asyncio.run(run_level(url, requests, decoder, concurrency))
+            after = step_rows(url)
+            mean_rows = (after[0] - before[0]) / max(after[1] - before[1], 1)
+            rows.append(summarise(decoder, concurrency, results, wall, mean_rows))
+            print(format_row(rows[-1]), flush=True)
+        return rows
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def direct_baseline(model: str, decoder: str, requests: list[Request]) -> dict:
+    """The same requests through `model.generate`, one at a time, in this process."""
+    import dvlm
+
+    lm = dvlm.load(model)
+    images = [base64.b64decode(r.image_url.split(",", 1)[1]) for r in requests]
+    for request, image in list(zip(requests, images))[:4]:  # warm-up
+        lm.generate(request.question, images=image, decoder=decoder, max_new_tokens=MAX_TOKENS)
+    latencies, tokens, nfe = [], 0, 0
+    start = time.perf_counter()
+    for request, image in zip(requests, images):
+        tick = time.perf_counter()
+        out = lm.generate(request.question, images=image, decoder=decoder, max_new_tokens=MAX_TOKENS)
+        latencies.append(time.perf_counter() - tick)
+        tokens, nfe = tokens + out.num_tokens, nfe + out.nfe
+    wall = time.perf_counter() - start
+    return {"decoder": decoder, "concurrency": "direct", "requests": len(requests), "failed": 0,
+            "tokens_per_s": tokens / wall, "requests_per_s": len(requests) / wall, "ttft_p50_ms": 0.0,
+            "latency_p50_ms": 1000 * statistics.median(latencies),
+            "latency_p99_ms": 1000 * sorted(latencies)[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+            "mean_step_rows": 1.0, "tokens_per_forward": tokens / nfe, "errors": []}
+
+
+def format_row(row: dict) -> str:
+    return (f"{row['decoder']:<6}{str(row['concurrency']):>7}{row['requests']:>5}{row['failed']:>5}"
+            f"{row['tokens_per_s']:>10.1f}{row['requests_per_s']:>8.2f}{row['ttft_p50_ms']:>9.1f}"
+            f"{row['latency_p50_ms']:>10.1f}{row['latency_p99_ms']:>10.1f}{row['mean_step_rows']:>8.2f}"
+            f"{row['tokens_per_forward']:>8.2f}")
+
+
+HEADER = (f"{'dec':<6}{'conc':>7}{'req':>5}{'fail':>5}{'tok/s':>10}{'req/s':>8}{'ttft50':>9}{'lat50':>10}"
+          f"{'lat99':>10}{'rows':>8}{'tok/fw':>8}")
+
+
+def ratios(rows: list[dict]) -> list[str]:
+    """The targets' ratios, each between two rows of this run."""
+    def find(decoder, concurrency):
+        return next((r for r in rows if r["decoder"] == decoder and r["concurrency"] == concurrency), None)
+
+    lines = []
+    for decoder in dict.fromkeys(r["decoder"] for r in rows):
+        direct, one = find(decoder, "direct"), find(decoder, 1)
+        if direct and one:
+            lines.append(f"{decoder}: server at concurrency 1 adds {100 * (one['latency_p50_ms'] / direct['latency_p50_ms'] - 1):+.1f}% "
+                         "to the direct call's p50 latency")
+        sixteen = find(decoder, 16)
+        if one and sixteen:
+            lines.append(f"{decoder}: tokens/s at concurrency 16 = {sixteen['tokens_per_s'] / one['tokens_per_s']:.2f}x "
+                         "its concurrency-1 figure")
+    block, ar = find("block", 16), find("ar", 16)
+    if block and ar:
+        lines.append(f"block vs ar at concurrency 16: {block['tokens_per_s'] / ar['tokens_per_s']:.2f}x tokens/s, "
+                     f"p50 latency {block['latency_p50_ms']:.0f} ms vs {ar['latency_p50_ms']:.0f} ms")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny-dvlm", help="model to serve (default: %(default)s)")
+    parser.add_argument("--decoders", default="ar,block,spec", help="comma-separated (default: %(default)s)")
+    parser.add_argument("--concurrency", default="1,4,16,32", help="comma-separated levels (default: %(default)s)")
+    parser.add_argument("--requests", type=int, default=64, help="requests per level (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=5, help="test-split sample seed (default: %(default)s)")
+    parser.add_argument("--out", type=Path, help="also write the rows as JSON here")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    requests = request_mix(args.requests, args.seed)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    rows = []
+    print(HEADER, flush=True)
+    for decoder in args.decoders.split(","):
+        rows.append(direct_baseline(args.model, decoder, requests))
+        print(format_row(rows[-1]), flush=True)
+        rows += serve_levels(args.model, decoder, requests, levels)
+    print("\n".join(ratios(rows)))
+    if args.out:
+        args.out.write_text(json.dumps({"rows": rows, "requests": len(requests)}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
