@@ -83,7 +83,7 @@ def test_plots_use_a_metric_each_task_reports():
         assert metric in score(task, sample.answers[-1], sample), task
 
 
-def test_plot_legend_names_and_honest_axes(tmp_path):
+def test_plot_legend_names_and_size(tmp_path):
     import matplotlib.image
 
     from dvlm.eval.plots import pareto_plot, setting_label
