@@ -69,7 +69,8 @@ def test_a_row_joining_at_block_k_equals_the_row_alone(confident_models, decoder
     # The joining row has its own budget: fewer tokens than the running rows (and than B for block).
     short = RowSettings(3, threshold=row.threshold)
     together = decode_with_join(lm, decoder, cfg, running, [row, row], joining + running[:1], [short, row], k)
-    alone = [decode_alone(lm, decoder, cfg, p, r) for p, r in zip(running + joining + running[:1], [row, row, short, row])]
+    prompts, rows = running + joining + running[:1], [row, row, short, row]
+    alone = [decode_alone(lm, decoder, cfg, p, r) for p, r in zip(prompts, rows)]
     assert [_stats(o) for o in together] == [_stats(o) for o in alone]
     assert len(together[2].tokens) == 3 and len(together[0].tokens) > 3
     if decoder == "block" and settings.get("threshold"):

@@ -8,12 +8,12 @@ import dvlm
 from dvlm.config import ConfigError, DecodeConfig
 from dvlm.convert.verify import probe_image
 from dvlm.decode.prefill import prefill, text_positions
+from dvlm.decode.sampling import RowSampler
 from dvlm.decode.speculative import (
     accept_drafts,
     generate_speculative,
     generate_speculative_quadratic,
 )
-from dvlm.decode.sampling import RowSampler
 from dvlm.model.cache import KVContext, RecomputeContext
 
 TEXTS = ["What colour is the circle?", "Read the digits.", "Describe the image. Where is the red square?", "Hi"]

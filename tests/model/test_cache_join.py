@@ -8,7 +8,12 @@ from transformers.cache_utils import DynamicLayer
 import dvlm
 from dvlm.convert.verify import probe_image
 from dvlm.decode.prefill import prefill, text_positions
-from dvlm.model.cache import KVContext, PreallocatedLayer, RecomputeContext, joined_layer
+from dvlm.model.cache import (
+    KVContext,
+    PreallocatedLayer,
+    RecomputeContext,
+    joined_layer,
+)
 
 
 @pytest.fixture(scope="module")

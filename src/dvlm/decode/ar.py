@@ -30,13 +30,14 @@ class NextTokens:
     token: torch.Tensor  # (R,) the next token of each row, not yet committed
     position: torch.Tensor  # (R,) its position id
 
-    def select(self, keep: torch.Tensor) -> "NextTokens":
+    def select(self, keep: torch.Tensor) -> NextTokens:
         self.context.select_rows(keep)
         return NextTokens(self.context, self.token[keep], self.position[keep])
 
-    def join(self, other: "NextTokens") -> "NextTokens":
+    def join(self, other: NextTokens) -> NextTokens:
         self.context.join(other.context)
-        return NextTokens(self.context, torch.cat([self.token, other.token]), torch.cat([self.position, other.position]))
+        token, position = torch.cat([self.token, other.token]), torch.cat([self.position, other.position])
+        return NextTokens(self.context, token, position)
 
 
 class NextTokenStepper(Stepper):

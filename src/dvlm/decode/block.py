@@ -20,7 +20,13 @@ import torch
 from dvlm.config import DecodeConfig, DiffusionConfig
 from dvlm.data.processor import Encoded
 from dvlm.decode.ar import next_token
-from dvlm.decode.canvas import Canvas, next_canvas, pad_right, start_absolute, start_response
+from dvlm.decode.canvas import (
+    Canvas,
+    next_canvas,
+    pad_right,
+    start_absolute,
+    start_response,
+)
 from dvlm.decode.output import GenerationOutput
 from dvlm.decode.rows import Listener, RowSettings
 from dvlm.decode.sampling import (
@@ -56,13 +62,13 @@ class NextBlock:
     first_pass: FirstPass | None = None  # the next block's first pass, from a fused commit
     guess_logits: torch.Tensor | None = None  # (R, V) set by denoising: each row's last pass at the block's end
 
-    def select(self, keep: torch.Tensor) -> "NextBlock":
+    def select(self, keep: torch.Tensor) -> NextBlock:
         self.context.select_rows(keep)
         first = None if self.first_pass is None else (self.first_pass[0][keep], self.first_pass[1][keep])
         guess = None if self.guess_logits is None else self.guess_logits[keep]
         return NextBlock(self.context, self.canvas.select(keep), first, guess)
 
-    def join(self, other: "NextBlock", pad_token_id: int) -> "NextBlock":
+    def join(self, other: NextBlock, pad_token_id: int) -> NextBlock:
         """Rows that just started join: they have no fused first pass (they run that pass themselves)."""
         self.context.join(other.context)
         canvas = self.canvas.join(other.canvas, pad_token_id)

@@ -65,12 +65,12 @@ class Canvas:
         """Each row's generated tokens in this block."""
         return [ids[p:end + 1] for ids, p, end in zip(self.ids.tolist(), self.prompt_part.tolist(), self.ends.tolist())]
 
-    def select(self, rows: torch.Tensor) -> "Canvas":
+    def select(self, rows: torch.Tensor) -> Canvas:
         pick = (lambda x: None if x is None else x[rows])
         return Canvas(self.ids[rows], self.positions[:, rows], self.prompt_part[rows], pick(self.fixed),
                       pick(self.fixed_embeds), pick(self.valid))
 
-    def join(self, other: "Canvas", pad_token_id: int) -> "Canvas":
+    def join(self, other: Canvas, pad_token_id: int) -> Canvas:
         """This canvas's rows, then `other`'s, padded to the wider one."""
         width = max(self.ids.shape[1], other.ids.shape[1])
         parts = (self, other)

@@ -117,11 +117,11 @@ class DraftedBlocks:
     position: torch.Tensor  # (R,) position id of the seed
     draft_logits: torch.Tensor  # (R, B-1, V)
 
-    def select(self, keep: torch.Tensor) -> "DraftedBlocks":
+    def select(self, keep: torch.Tensor) -> DraftedBlocks:
         self.context.select_rows(keep)
         return DraftedBlocks(self.context, self.block[keep], self.position[keep], self.draft_logits[keep])
 
-    def join(self, other: "DraftedBlocks") -> "DraftedBlocks":
+    def join(self, other: DraftedBlocks) -> DraftedBlocks:
         self.context.join(other.context)
         return DraftedBlocks(self.context, torch.cat([self.block, other.block]),
                              torch.cat([self.position, other.position]),

@@ -271,7 +271,7 @@ class KVContext:
                 _drop_leading_entries(layer, unused)
             self.key_valid, self.key_block = self.key_valid[:, unused:], self.key_block[:, unused:]
 
-    def join(self, other: "KVContext") -> None:
+    def join(self, other: KVContext) -> None:
         """Append the rows of `other` (a context of the same model) after this context's rows.
 
         Each row keeps its own entries; the shorter context is left-padded with invalid entries
@@ -356,7 +356,7 @@ class RecomputeContext:
             self.key_valid, self.key_block = self.key_valid[:, unused:], self.key_block[:, unused:]
             self.key_kind = self.key_kind[:, unused:]
 
-    def join(self, other: "RecomputeContext") -> None:
+    def join(self, other: RecomputeContext) -> None:
         """KVContext.join without a cache: the kept embeddings and positions are padded instead."""
         width = max(self.length, other.length)
         known = self.embeds if self.embeds is not None else other.embeds
