@@ -13,7 +13,8 @@ import dvlm
 from dvlm.convert.verify import probe_image
 from dvlm.decode.speculative import SpecStepper
 from dvlm.decode.stepper import Stepper
-from dvlm.serve.engine import Engine, held_back, tokens_through_stop
+from dvlm.serve.answer_text import held_back, tokens_through_stop
+from dvlm.serve.engine import Engine
 from dvlm.serve.requests import (
     Delta,
     EngineObserver,
@@ -255,6 +256,31 @@ def test_shutdown_with_requests_in_flight(lm, engine_of, no_eos):
         assert len(finished.output.tokens) < 400
     with pytest.raises(EngineStoppedError):
         engine.submit(_long_request(lm, 4)[0])
+
+
+def test_shutdown_returns_in_time_when_a_step_outlasts_it(lm, engine_of, monkeypatch):
+    """A step that hangs longer than the shutdown timeout: the requests still end at once."""
+    release = threading.Event()
+    original = SpecStepper.step
+
+    def slow(self):
+        release.wait(10)
+        return original(self)
+
+    monkeypatch.setattr(SpecStepper, "step", slow)
+    engine = engine_of(lm)
+    engine.start()
+    handles = [engine.submit(_request(lm, i, decoder="spec", block_size=4, max_new_tokens=8)[0]) for i in range(2)]
+    _wait_for(lambda: engine.running_rows == 2)
+    began = time.monotonic()
+    engine.shutdown(timeout_s=0.2)
+    assert time.monotonic() - began < 2
+    for h in handles:
+        events = list(h.iter_events())
+        assert events[-1].error == "server shutting down" and sum(isinstance(e, Finished) for e in events) == 1
+    release.set()
+    engine._thread.join(10)
+    assert not engine._thread.is_alive()
 
 
 @pytest.mark.parametrize("decoder", ["ar", "block"])

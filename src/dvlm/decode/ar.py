@@ -46,7 +46,7 @@ class NextTokenStepper(Stepper):
     def _prefill(self, prompts: list[Encoded], ids: list[int]) -> NextTokens:
         pre = prefill(self.lm, prompts, self.context_cls)
         token = next_token(self.lm, pre.last_hidden, self._sampler(ids))
-        self.rows.count_forward(ids=ids)
+        self.rows.count_forward_for(ids)
         return NextTokens(pre.context, token, pre.next_position)
 
     def _join(self, running: NextTokens, joining: NextTokens) -> NextTokens:

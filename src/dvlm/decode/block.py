@@ -104,11 +104,11 @@ class BlockStepper(Stepper):
         if self.dcfg.block_layout == "response":
             ctx, canvas = start_response(self.lm, prompts, self.dcfg, self.group.block_size, budgets,
                                          self._sampler(ids), self.context_cls)
-            self.rows.count_forward(ids=ids)
+            self.rows.count_forward_for(ids)
         else:
             ctx, canvas, prefilled = start_absolute(self.lm, prompts, self.group.block_size, budgets, self.context_cls)
             if any(prefilled):  # only rows with a complete prompt block had work in that forward
-                self.rows.count_forward(ids=[i for i, p in zip(ids, prefilled) if p])
+                self.rows.count_forward_for([i for i, p in zip(ids, prefilled) if p])
         return NextBlock(ctx, canvas)
 
     def _join(self, running: NextBlock, joining: NextBlock) -> NextBlock:

@@ -97,14 +97,20 @@ class Rows:
         return RowSampler([r.settings.temperature for r in rows], [r.generator for r in rows], top_k, top_p,
                           self.banned)
 
-    def count_forward(self, rows: torch.Tensor | None = None, ids: list[int] | None = None) -> None:
-        """One model forward did work for the active rows, those where `rows` (R,) is True, or the rows `ids`."""
+    def count_forward(self, rows: torch.Tensor | None = None) -> None:
+        """One model forward did work for the active rows (or those where `rows` (R,) is True)."""
         self.forwards += 1
-        if rows is not None:
-            counted = rows.long()
-            self._pending_forwards = counted if self._pending_forwards is None else self._pending_forwards + counted
+        if rows is None:
+            for row_id in self.active:
+                self.rows[row_id].nfe += 1
             return
-        for row_id in self.active if ids is None else ids:
+        counted = rows.long()
+        self._pending_forwards = counted if self._pending_forwards is None else self._pending_forwards + counted
+
+    def count_forward_for(self, ids: list[int]) -> None:
+        """One model forward did work for the rows `ids` (the prefill of rows not yet in the batch)."""
+        self.forwards += 1
+        for row_id in ids:
             self.rows[row_id].nfe += 1
 
     def record_steps(self, counts: torch.Tensor) -> None:

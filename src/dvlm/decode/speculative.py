@@ -153,7 +153,7 @@ class QuadraticStepper(NextTokenStepper):
         block = _masked_blocks(self.lm, start.token, self.group.block_size)
         positions = text_positions(start.position, self.group.block_size)
         draft_logits = _draft(self.lm, start.context, block, positions, self._sampler(ids))
-        self.rows.count_forward(ids=ids)
+        self.rows.count_forward_for(ids)
         return DraftedBlocks(start.context, block, start.position, draft_logits)
 
     def _advance(self) -> tuple[list[tuple[int, list[int]]], list[int]]:

@@ -24,13 +24,10 @@ seconds its group spent in each phase while the request was in it (shared with i
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -42,7 +39,8 @@ from dvlm.decode.output import GenerationOutput
 from dvlm.decode.rows import RowSettings
 from dvlm.decode.speculative import SpecStepper
 from dvlm.decode.stepper import GroupSettings, Stepper
-from dvlm.decode.stream import IncrementalText
+from dvlm.serve.answer_text import AnswerText
+from dvlm.serve.handle import RequestHandle
 from dvlm.serve.requests import (
     SERVED_DECODERS,
     Delta,
@@ -57,140 +55,6 @@ log = logging.getLogger(__name__)
 
 STEPPERS: dict[str, type[Stepper]] = {"ar": ARStepper, "block": BlockStepper, "spec": SpecStepper}
 assert tuple(STEPPERS) == SERVED_DECODERS
-
-Event = Delta | Finished
-
-
-class RequestHandle:
-    """A submitted request: its events (Delta ... Delta, then one Finished) and its cancellation."""
-
-    def __init__(self, request_id: str, wake_engine: Callable[[], None]) -> None:
-        self.id = request_id
-        self._wake_engine = wake_engine
-        self._events: queue.Queue[Event] = queue.Queue()
-        try:
-            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:  # submitted from a thread without an event loop
-            self._loop = None
-        self._async_events: asyncio.Queue[Event] | None = asyncio.Queue() if self._loop else None
-        self._cancel = threading.Event()
-        self._lock = threading.Lock()
-        self._finished = False
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel.is_set()
-
-    def cancel(self) -> None:
-        """End the request (finish_reason "cancelled"); its row leaves the batch before the next block."""
-        self._cancel.set()
-        self._wake_engine()
-
-    async def events(self) -> AsyncIterator[Event]:
-        """The events, on the event loop that submitted the request."""
-        if self._loop is None or asyncio.get_running_loop() is not self._loop:
-            raise RuntimeError("events() runs on the event loop that called submit(); use iter_events() elsewhere")
-        while True:
-            event = await self._async_events.get()
-            yield event
-            if isinstance(event, Finished):
-                return
-
-    def iter_events(self) -> Iterator[Event]:
-        """The events, blocking (for threads and tests)."""
-        while True:
-            event = self._events.get()
-            yield event
-            if isinstance(event, Finished):
-                return
-
-    def deliver(self, event: Event) -> bool:
-        """Hand an event to the consumers (engine side); nothing after the Finished. Returns
-        whether it was delivered."""
-        with self._lock:  # one order for both queues, and exactly one Finished
-            if self._finished:
-                return False
-            self._finished = isinstance(event, Finished)
-            self._events.put(event)
-            if self._loop is not None:
-                try:
-                    self._loop.call_soon_threadsafe(self._async_events.put_nowait, event)
-                except RuntimeError:  # the event loop is closed: nobody is left to read it
-                    pass
-            return True
-
-
-class AnswerText:
-    """A request's answer as text: the pieces to send as its tokens arrive, held back where a stop
-    string may be starting, and the answer cut before the first stop string."""
-
-    def __init__(self, decode_text: Callable[[list[int]], str], stop: tuple[str, ...]) -> None:
-        self._decode = decode_text
-        self.stop = tuple(s for s in stop if s)
-        self.incremental = IncrementalText(decode_text)
-        self.sent = 0  # characters of incremental.text sent
-        self.sent_tokens = 0  # tokens sent with Deltas
-        self.stopped = False  # a stop string appeared
-
-    def add(self, tokens: list[int]) -> str:
-        """Take newly committed tokens; returns the text that may be sent now."""
-        start = len(self.incremental.text)
-        self.incremental.push(tokens)
-        text = self.incremental.text
-        if not self.stop:
-            return self._take(len(text))
-        hit = first_stop(text, self.stop, max(0, start - max(map(len, self.stop)) + 1))
-        if hit is not None:
-            self.stopped = True
-            return self._take(hit)
-        return self._take(len(text) - held_back(text, self.stop))
-
-    def _take(self, end: int) -> str:
-        piece = self.incremental.text[self.sent:end]
-        self.sent = max(self.sent, end)
-        return piece
-
-    def final(self, tokens: list[int]) -> tuple[str, list[int], bool]:
-        """(text, tokens, whether a stop string ended it) of the whole answer, from one full
-        decoding: cut before the first stop string, keeping the tokens up to the one that completed it."""
-        text = self._decode(tokens)
-        hit = first_stop(text, self.stop)
-        if hit is None:
-            return text, tokens, False
-        return text[:hit], tokens_through_stop(tokens, self._decode, self.stop), True
-
-    def unsent(self, final_text: str) -> str:
-        sent = self.incremental.text[:self.sent]
-        return final_text[len(sent):] if final_text.startswith(sent) else ""
-
-
-def first_stop(text: str, stop: tuple[str, ...], start: int = 0) -> int | None:
-    """Index of the earliest stop string in text[start:] (None: none)."""
-    hits = [i for i in (text.find(s, start) for s in stop) if i >= 0]
-    return min(hits) if hits else None
-
-
-def held_back(text: str, stop: tuple[str, ...]) -> int:
-    """Length of the longest end of `text` that begins a stop string (it may yet become one)."""
-    longest = 0
-    for s in stop:
-        for n in range(min(len(s) - 1, len(text)), longest, -1):
-            if text.endswith(s[:n]):
-                longest = n
-                break
-    return longest
-
-
-def tokens_through_stop(tokens: list[int], decode_text: Callable[[list[int]], str], stop: tuple[str, ...]) -> list[int]:
-    """The shortest prefix of `tokens` whose text contains a stop string (binary search)."""
-    low, high = 1, len(tokens)
-    while low < high:
-        middle = (low + high) // 2
-        if first_stop(decode_text(tokens[:middle]), stop) is not None:
-            high = middle
-        else:
-            low = middle + 1
-    return tokens[:low]
 
 
 @dataclass
@@ -505,7 +369,7 @@ class Engine:
             self._observe("on_finished", entry.request, finished)
 
     def _partial_output(self, entry: _Entry, reason: str) -> GenerationOutput:
-        """The output of a request that ends outside its batch's step: the tokens it was sent."""
+        """The output of a request that ends outside its batch's step: the tokens it committed so far."""
         tokens = list(entry.text.incremental.tokens) if entry.text is not None else []
         total = 0.0 if entry.started is None else time.perf_counter() - entry.started
         return GenerationOutput(text=self.lm.processor.decode(tokens), tokens=tokens, finish_reason=reason,
