@@ -178,25 +178,27 @@ def _wait_for(condition, timeout=10.0):
 def test_cancel_mid_run_frees_the_row(lm, engine_of, no_eos):
     engine = engine_of(lm)
     engine.start()
-    (cancelled, _), (kept, prompt) = _long_request(lm, 0), _request(lm, 1, decoder="ar", max_new_tokens=60)
+    (cancelled, _), (kept, prompt) = _long_request(lm, 0), _request(lm, 1, decoder="ar", max_new_tokens=150)
     handle = engine.submit(cancelled)
     events = handle.iter_events()
     assert isinstance(next(events), Delta)  # running
     other = engine.submit(kept)
-    _wait_for(lambda: engine.running_rows == 2)
+    other_events = other.iter_events()
+    first = next(other_events)
+    assert isinstance(first, Delta) and engine.running_rows == 2  # both running
     handle.cancel()
     _wait_for(lambda: engine.running_rows == 1)
     rest = list(events)
     assert rest[-1].output.finish_reason == "cancelled" and 0 < len(rest[-1].output.tokens) < 400
     handle.cancel()  # idempotent
-    _, finished = _events(other)
+    finished = list(other_events)[-1]
     assert _stats(finished.output) == _stats(_alone(lm, kept, *prompt))
 
 
 def test_timeout_ends_a_request(lm, engine_of, no_eos):
     engine = engine_of(lm)
     engine.start()
-    request, _ = _long_request(lm, 0, timeout_s=0.2)
+    request, _ = _long_request(lm, 0, timeout_s=0.05)
     _, finished = _events(engine.submit(request))
     assert finished.output.finish_reason == "timeout" and "timeout" in finished.error
     assert engine.running_rows == 0
@@ -269,8 +271,8 @@ def test_shutdown_returns_in_time_when_a_step_outlasts_it(lm, engine_of, monkeyp
 
     monkeypatch.setattr(SpecStepper, "step", slow)
     engine = engine_of(lm)
-    engine.start()
     handles = [engine.submit(_request(lm, i, decoder="spec", block_size=4, max_new_tokens=8)[0]) for i in range(2)]
+    engine.start()  # both are admitted in the first iteration, whose step then hangs
     _wait_for(lambda: engine.running_rows == 2)
     began = time.monotonic()
     engine.shutdown(timeout_s=0.2)
