@@ -10,6 +10,7 @@ import time
 import pytest
 
 import dvlm
+from dvlm.config import ConfigError
 from dvlm.convert.verify import probe_image
 from dvlm.decode.speculative import SpecStepper
 from dvlm.decode.stepper import Stepper
@@ -327,7 +328,11 @@ def test_stop_string_text_is_held_back_until_it_is_known(lm, engine_of):
 def test_invalid_settings_end_the_request_with_an_error(lm, engine_of, dvlm_checkpoints):
     engine = engine_of(lm)
     engine.start()
-    _, finished = _events(engine.submit(_request(lm, 0, decoder="hf")[0]))
+    request = _request(lm, 0, decoder="hf")[0]
+    with pytest.raises(ConfigError, match="not served"):
+        engine.check(request)
+    engine.check(_request(lm, 0, decoder="spec")[0])  # servable: no error
+    _, finished = _events(engine.submit(request))
     assert finished.output.finish_reason == "error" and "not served" in finished.error
     other = engine_of(dvlm.load(dvlm_checkpoints["diffusionvl"]))
     other.start()

@@ -141,6 +141,11 @@ class Engine:
             self._lock.notify()
         return handle
 
+    def check(self, request: EngineRequest) -> None:
+        """Raise ConfigError (a ValueError) when the model cannot serve the request's settings, as
+        `submit` would end it with an "error" Finished: lets the HTTP layer answer 400 first."""
+        self._settings(request)
+
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Refuse new requests, end every in-flight one with an "error" Finished ("server shutting
         down") and stop the loop thread (waiting at most `timeout_s` for its current step)."""
