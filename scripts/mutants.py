@@ -53,6 +53,8 @@ DVL_DECODE = "tests/decode/test_diffusionvl_reference.py"
 SCRIPTED = "tests/decode/test_scripted.py"
 SAMPLING = "tests/decode/test_sampling.py"
 CONSISTENCY = "tests/decode/test_train_consistency.py"
+JOIN = "tests/decode/test_join.py"
+JOIN_CACHE = "tests/model/test_cache_join.py"
 
 MUTATIONS = [
     # -- training -----------------------------------------------------------------------------
@@ -98,25 +100,26 @@ MUTATIONS = [
              (OBJECTIVE,), "fast-dvlm trains a block-causal clean stream"),
     # -- block decoding -----------------------------------------------------------------------
     Mutation("commit-block-causal", "decode/block.py",
-             'commit_kind = "causal" if dcfg.clean_attention == "causal" else "block_causal"',
-             'commit_kind = "block_causal"',
+             'self.commit_kind = "causal" if self.dcfg.clean_attention == "causal" else "block_causal"',
+             'self.commit_kind = "block_causal"',
              (CONSISTENCY, f"{DECODE}/test_decoders.py"), "fast-dvlm commits blocks block-causally"),
-    Mutation("absolute-prefill-causal", "decode/block.py",
+    Mutation("absolute-prefill-causal", "decode/canvas.py",
              'real_index >= 0, real_index.clamp(min=0) // block_size, "block_causal")',
              'real_index >= 0, real_index.clamp(min=0) // block_size, "causal")',
              (CONSISTENCY, DVL_DECODE), "diffusionvl prefills the prompt's blocks causally"),
     Mutation("fused-commit-off", "decode/block.py",
-             'fuse = cfg.fuse_commit and dcfg.token_shift and commit_kind == "causal"', "fuse = False",
+             'self.fuse = group.fuse_commit and self.dcfg.token_shift and self.commit_kind == "causal"',
+             "self.fuse = False",
              (SCRIPTED, f"{DECODE}/test_decoders.py"), "the fused commit is never used"),
     Mutation("decode-logits-not-shifted", "decode/block.py",
              "logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)", "logits = logits",
              (SCRIPTED,), "token shift ignored when decoding"),
-    Mutation("first-block-full-width", "decode/block.py",
-             "width = min(block_size, cfg.max_new_tokens)", "width = block_size",
+    Mutation("first-block-full-width", "decode/canvas.py",
+             "[min(block_size, b) for b in budgets]", "[block_size for b in budgets]",
              (SCRIPTED, f"{DECODE}/test_decoders.py"), "N2: the first block is B wide whatever the budget"),
-    Mutation("absolute-first-block-full-width", "decode/block.py",
-             "lengths + max_new_tokens <= block_size, lengths + max_new_tokens, block_size)",
-             "lengths + max_new_tokens < 0, lengths + max_new_tokens, block_size)",
+    Mutation("absolute-first-block-full-width", "decode/canvas.py",
+             "lengths + budget <= block_size, lengths + budget, block_size)",
+             "lengths + budget < 0, lengths + budget, block_size)",
              (SCRIPTED, DVL_DECODE), "diffusionvl: an answer that fits its first block still gets B positions"),
     Mutation("steps-schedule-ignored", "decode/block.py",
              'if dcfg.decode_steps_schedule == "block_size":', "if False:",
@@ -142,8 +145,26 @@ MUTATIONS = [
              (SCRIPTED, f"{DECODE}/test_speculative.py"), "spec drafts each position from its own output"),
     Mutation("spec-accepts-one-less", "decode/speculative.py",
              "agree = (target[:, :-1] == block[:, 1:]).long()",
-             "agree = (target[:, :-1] == block[:, 1:]).long()\n        agree[:, -1:] = 0",
+             "agree = (target[:, :-1] == block[:, 1:]).long()\n    agree[:, -1:] = 0",
              (SCRIPTED, f"{DECODE}/test_speculative.py"), "spec never accepts the block's last draft"),
+    # -- rows joining a running batch, the engine ---------------------------------------------
+    Mutation("join-pads-with-garbage", "model/cache.py",
+             "keys, values = (t.new_zeros(", "keys, values = (torch.nan * t.new_ones(",
+             (JOIN_CACHE,), "a joined context's padding entries hold NaN (masked is not enough)"),
+    Mutation("row-widths-from-the-batch", "decode/block.py",
+             "return [min(self.group.block_size, self.rows[i].remaining) for i in self.rows.active]",
+             "return [min(self.group.block_size, max(self.rows[i].remaining for i in self.rows.active))]"
+             " * self.rows.num_active",
+             (JOIN,), "N2 per row: a row's block takes the widest row's budget"),
+    Mutation("draws-by-canvas-width", "decode/block.py",
+             "draws_per_row=group.block_size", "draws_per_row=None",
+             (JOIN,), "a sampling row's stream advances by the batch's canvas width"),
+    Mutation("fused-draft-sees-padding", "model/cache.py",
+             "            mask[:, :, self.length + q1:] &= d_valid.flatten(1)[:, None, :]", "            pass",
+             (JOIN,), "a fused commit's draft attends to the padding of narrower rows"),
+    Mutation("stop-text-sent-early", "serve/answer_text.py",
+             "return self._take(len(text) - held_back(text, self.stop))", "return self._take(len(text))",
+             ("tests/serve/test_engine.py",), "the beginning of a stop string is streamed before it is known"),
 ]
 
 

@@ -45,6 +45,8 @@ def is_confident(position: torch.Tensor) -> torch.Tensor:
 class _NoCache:
     """Everything KVContext asks of a cache, keeping nothing (the script needs no context)."""
 
+    layers: list = []  # no layers to join or trim
+
     def crop(self, length: int) -> None:
         pass
 

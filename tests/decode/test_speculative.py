@@ -8,6 +8,7 @@ import dvlm
 from dvlm.config import ConfigError, DecodeConfig
 from dvlm.convert.verify import probe_image
 from dvlm.decode.prefill import prefill, text_positions
+from dvlm.decode.sampling import RowSampler
 from dvlm.decode.speculative import (
     accept_drafts,
     generate_speculative,
@@ -87,7 +88,7 @@ def test_commit_and_draft_equals_separate_passes(lm):
         ids = torch.full_like(block, ctx.next_block_id())
         hidden, d_hidden = ctx.commit_and_draft(
             (lm.adapter.embed(lm.model, block), text_positions(position, width), torch.ones_like(block, dtype=torch.bool), ids),
-            (lm.adapter.embed(lm.model, drafts), d_positions, prefix),
+            (lm.adapter.embed(lm.model, drafts), d_positions, prefix, None),
         )
         after = ctx.peek(lm.adapter.embed(lm.model, block[:, :1]), text_positions(position + width, 1),
                          torch.ones(2, 1, dtype=torch.bool), torch.full((2, 1), ctx.next_block_id()), "causal")
@@ -115,11 +116,12 @@ def test_greedy_accept_rule_literal():
     verify = torch.full((1, 4, vocab), -10.0)
     for i, tok in enumerate([1, 7, 3, 9]):
         verify[0, i, tok] = 10.0
-    accepted, seed = accept_drafts(block, None, verify, DecodeConfig(temperature=0.0), None, [])
+    greedy = RowSampler([0.0], [None], None, None, [])
+    accepted, seed = accept_drafts(block, None, verify, greedy)
     assert accepted.tolist() == [2] and seed.tolist() == [7]
     verify[0, 1, 7] = -10.0
     verify[0, 1, 2] = 10.0  # now all drafts agree: keep the whole block, the bonus token seeds the next
-    accepted, seed = accept_drafts(block, None, verify, DecodeConfig(temperature=0.0), None, [])
+    accepted, seed = accept_drafts(block, None, verify, greedy)
     assert accepted.tolist() == [4] and seed.tolist() == [9]
 
 
@@ -134,8 +136,8 @@ def test_sampling_accept_rule_preserves_the_target_distribution():
     drafts = torch.multinomial(q.expand(rows, vocab), 1, replacement=True, generator=gen)
     block = torch.cat([torch.zeros(rows, 1, dtype=torch.long), drafts], dim=1)  # (R, 2)
     verify = torch.stack([p_logits, torch.zeros(vocab)])[None].expand(rows, -1, -1)
-    accepted, seed = accept_drafts(block, q_logits[None, None].expand(rows, 1, -1), verify,
-                                   DecodeConfig(temperature=1.0), gen, [])
+    sampler = RowSampler([1.0] * rows, [None] * rows, None, None, [])  # torch's global stream
+    accepted, seed = accept_drafts(block, q_logits[None, None].expand(rows, 1, -1), verify, sampler)
     emitted = torch.where(accepted == 2, block[:, 1], seed)
     freq = torch.bincount(emitted, minlength=vocab).float() / rows
     assert torch.allclose(freq, torch.softmax(p_logits, -1), atol=0.01)

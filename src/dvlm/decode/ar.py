@@ -9,65 +9,84 @@ import torch
 from dvlm.config import DecodeConfig
 from dvlm.data.processor import Encoded
 from dvlm.decode.output import GenerationOutput
-from dvlm.decode.prefill import make_generator, prefill, text_positions
-from dvlm.decode.rows import Listener, RowTracker
-from dvlm.decode.sampling import select_tokens
-from dvlm.model.cache import KVContext
-from dvlm.runtime import Timer
+from dvlm.decode.prefill import prefill, text_positions
+from dvlm.decode.rows import Listener, RowSettings
+from dvlm.decode.sampling import RowSampler
+from dvlm.decode.stepper import GroupSettings, Stepper, generate_with
+from dvlm.model.cache import DecodeContext, KVContext
 
 
-def next_token(lm, hidden: torch.Tensor, cfg: DecodeConfig, generator) -> torch.Tensor:
-    """(R, D) hidden states -> (R,) sampled next tokens."""
-    logits = lm.adapter.logits(lm.model, hidden)
-    tokens, _ = select_tokens(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator, lm.banned_token_ids)
+def next_token(lm, hidden: torch.Tensor, sampler: RowSampler) -> torch.Tensor:
+    """(R, D) hidden states -> (R,) next tokens, each row by its own sampling settings."""
+    tokens, _ = sampler.select(lm.adapter.logits(lm.model, hidden))
     return tokens
 
 
 @dataclass
-class ARStart:
-    """A batch after its causal prefill: the first generated token of every row is known."""
+class NextTokens:
+    """Rows whose next token is known (AR and speculative decoding, between steps)."""
 
-    timer: Timer
-    generator: torch.Generator | None
-    rows: RowTracker
-    context: KVContext
-    token: torch.Tensor  # (R,) the first generated token
+    context: DecodeContext
+    token: torch.Tensor  # (R,) the next token of each row, not yet committed
     position: torch.Tensor  # (R,) its position id
 
+    def select(self, keep: torch.Tensor) -> NextTokens:
+        self.context.select_rows(keep)
+        return NextTokens(self.context, self.token[keep], self.position[keep])
 
-def start_ar(lm, prompts: list[Encoded], cfg: DecodeConfig, context_cls, listener: Listener | None) -> ARStart:
-    """Prefill the prompts causally and pick each row's first token (AR and spec decoding)."""
-    timer = Timer(lm.device)
-    generator = make_generator(cfg.seed, lm.device)
-    rows = RowTracker(len(prompts), cfg.max_new_tokens, lm.eos_token_ids, listener)
-    with timer("prefill"):
-        pre = prefill(lm, prompts, context_cls)
-        token = next_token(lm, pre.last_hidden, cfg, generator)
-    rows.count_forward()
-    return ARStart(timer, generator, rows, pre.context, token, pre.next_position)
+    def join(self, other: NextTokens) -> NextTokens:
+        self.context.join(other.context)
+        token, position = torch.cat([self.token, other.token]), torch.cat([self.position, other.position])
+        return NextTokens(self.context, token, position)
+
+
+class NextTokenStepper(Stepper):
+    """Prefill the prompts causally and pick each row's first token (AR and speculative decoding)."""
+
+    def _prefill(self, prompts: list[Encoded], ids: list[int]) -> NextTokens:
+        pre = prefill(self.lm, prompts, self.context_cls)
+        token = next_token(self.lm, pre.last_hidden, self._sampler(ids))
+        self.rows.count_forward_for(ids)
+        return NextTokens(pre.context, token, pre.next_position)
+
+    def _join(self, running: NextTokens, joining: NextTokens) -> NextTokens:
+        return running.join(joining)
+
+    def _select(self, state: NextTokens, keep: torch.Tensor) -> NextTokens:
+        return state.select(keep)
+
+
+class ARStepper(NextTokenStepper):
+    """A step commits each row's known token and, for the rows that go on, runs the forward that
+    picks the next one."""
+
+    decoder = "ar"
+
+    @classmethod
+    def settings_for(cls, lm, cfg: DecodeConfig) -> tuple[GroupSettings, RowSettings]:
+        return GroupSettings(top_k=cfg.top_k, top_p=cfg.top_p), RowSettings(cfg.max_new_tokens, cfg.temperature,
+                                                                            cfg.seed)
+
+    def _advance(self) -> tuple[list[tuple[int, list[int]]], list[int]]:
+        with self.timer("decode"):
+            committed, done = self.rows.extend([[t] for t in self.state.token.tolist()])
+            finished = self._leave_finished(done)
+            if self.state is not None:
+                self.state = self._forward(self.state)
+        return committed, finished
+
+    def _forward(self, state: NextTokens) -> NextTokens:
+        ctx, token = state.context, state.token
+        embeds = self.lm.adapter.embed(self.lm.model, token[:, None])
+        valid = torch.ones_like(token[:, None], dtype=torch.bool)
+        block = torch.full_like(token[:, None], ctx.next_block_id())
+        hidden = ctx.commit(embeds, text_positions(state.position, 1), valid, block, "causal")
+        self.rows.count_forward()
+        return NextTokens(ctx, next_token(self.lm, hidden[:, -1], self._sampler()), state.position + 1)
 
 
 @torch.inference_mode()
 def generate_ar(lm, prompts: list[Encoded], cfg: DecodeConfig, context_cls=KVContext,
-        listener: Listener | None = None) -> list[GenerationOutput]:
+                listener: Listener | None = None) -> list[GenerationOutput]:
     """Greedy or sampled AR decoding of a batch; rows leave the batch when they finish."""
-    start = start_ar(lm, prompts, cfg, context_cls, listener)
-    timer, generator, rows, ctx = start.timer, start.generator, start.rows, start.context
-    token, position = start.token, start.position
-    with timer("decode"):
-        while True:
-            done = rows.extend([[t] for t in token.tolist()])
-            if done.all():
-                break
-            if done.any():
-                keep = rows.drop_finished(done).to(lm.device)
-                ctx.select_rows(keep)
-                token, position = token[keep], position[keep]
-            embeds = lm.adapter.embed(lm.model, token[:, None])
-            valid = torch.ones_like(token[:, None], dtype=torch.bool)
-            block = torch.full_like(token[:, None], ctx.next_block_id())
-            hidden = ctx.commit(embeds, text_positions(position, 1), valid, block, "causal")
-            rows.count_forward()
-            token, position = next_token(lm, hidden[:, -1], cfg, generator), position + 1
-    lengths = [len(p) for p in prompts]
-    return rows.outputs(lm.processor.decode, "ar", timer.as_dict(), lengths)
+    return generate_with(ARStepper, lm, prompts, cfg, context_cls, listener)

@@ -11,7 +11,7 @@ from dvlm.config import DecodeConfig
 from dvlm.data.collate import collate
 from dvlm.data.processor import Encoded
 from dvlm.decode.output import GenerationOutput
-from dvlm.decode.rows import RowTracker
+from dvlm.decode.rows import Rows, RowSettings
 from dvlm.runtime import Timer
 
 
@@ -39,11 +39,15 @@ def generate_hf(lm, prompts: list[Encoded], cfg: DecodeConfig, listener=None) ->
             **vision,
             **sampling,
         )
-    rows = RowTracker(len(prompts), cfg.max_new_tokens, lm.eos_token_ids, listener)  # streams all at the end
-    rows.extend(out[:, batch.input_ids.shape[1]:].tolist())
-    for i in range(len(prompts)):
-        rows.nfe[i] = len(rows.tokens[i]) + (rows.finish[i] == "stop")
-    return rows.outputs(lm.processor.decode, "hf", timer.as_dict(), [len(p) for p in prompts])
+    rows = Rows(lm.eos_token_ids, lm.banned_token_ids)
+    ids = rows.add([RowSettings(cfg.max_new_tokens)] * len(prompts), [len(p) for p in prompts], lm.device)
+    rows.enter(ids)
+    committed, _ = rows.extend(out[:, batch.input_ids.shape[1]:].tolist())
+    for row_id, tokens in committed if listener is not None else ():  # streams all at the end
+        listener(ids.index(row_id), tokens)
+    for row_id in ids:
+        rows[row_id].nfe = len(rows[row_id].tokens) + (rows[row_id].finish == "stop")
+    return [rows.output(row_id, lm.processor.decode, "hf", timer.as_dict()) for row_id in ids]
 
 
 @contextmanager

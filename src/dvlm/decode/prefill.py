@@ -39,11 +39,3 @@ def prefill(lm, prompts: list[Encoded], context_cls, kind: str = "causal",
     hidden = ctx.commit(embeds, batch.position_ids, batch.attention_mask, blocks, kind)
     lengths = batch.attention_mask.sum(dim=1)
     return Prefilled(ctx, batch, hidden[:, -1], lengths + batch.rope_deltas.to(lengths.device))
-
-
-def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
-    if seed is None:
-        return None
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return gen

@@ -1,108 +1,175 @@
-"""Per-prompt bookkeeping while the rows of a batch finish at different times."""
+"""Per-row bookkeeping of a running batch whose rows join and leave at different times."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
 from dvlm.decode.output import GenerationOutput
+from dvlm.decode.sampling import RowSampler
 
 Listener = Callable[[int, list[int]], None]  # (prompt index, tokens just committed): for streaming
 
 
-class RowTracker:
-    """Maps the rows still in the batch to their prompts and collects each prompt's tokens.
+@dataclass(frozen=True)
+class RowSettings:
+    """What a row decides for itself inside a shared batch (the forward's shape is the group's)."""
 
-    Finished rows leave the batch: `extend` reports which rows just finished and `drop_finished`
-    returns the batch indices to keep (for `context.select_rows`).
+    max_new_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    seed: int | None = None  # seeds the row's own random stream: its samples do not depend on the batch
+    threshold: float | None = None  # block decoding by threshold (None with fixed steps or other decoders)
+
+
+@dataclass
+class Row:
+    """One row's settings, random stream, committed tokens and statistics."""
+
+    settings: RowSettings
+    prompt_tokens: int
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    finish: str | None = None  # "stop" (EOS) or "length" once finished
+    nfe: int = 0
+    steps: list[int] = field(default_factory=list)  # tokens unmasked by each denoising pass
+    accepts: list[int] = field(default_factory=list)  # speculative decoding: tokens accepted per block
+
+    @property
+    def remaining(self) -> int:
+        return self.settings.max_new_tokens - len(self.tokens)
+
+
+class Rows:
+    """The rows of one decoder: `active` lists the row id at each batch index.
+
+    Rows are created by `add` (their prefill), enter the batch with `enter`, append committed
+    tokens with `extend` (which stops a row at EOS or its own max_new_tokens) and leave with
+    `keep` (finished or cancelled rows). Per-pass statistics given as device tensors stay on the
+    device until the next `extend` (once per block), so denoising passes do not each wait for a
+    host copy.
     """
 
-    def __init__(self, num_prompts: int, max_new_tokens: int, eos_token_ids: list[int],
-                 listener: Listener | None = None) -> None:
-        self.listener = listener
-        self.active = list(range(num_prompts))  # prompt index of each batch row
-        self.max_new_tokens = max_new_tokens
+    def __init__(self, eos_token_ids: list[int], banned_token_ids: list[int]) -> None:
         self.eos = set(eos_token_ids)
-        self.tokens: list[list[int]] = [[] for _ in range(num_prompts)]
-        self.finish: list[str | None] = [None] * num_prompts
-        self.nfe = [0] * num_prompts
-        self.steps: list[list[int]] = [[] for _ in range(num_prompts)]
-        self.accepts: list[list[int]] = [[] for _ in range(num_prompts)]
-        # Per-pass statistics given as device tensors stay on the device until the next `extend`
-        # (once per block), so denoising passes do not each wait for a host copy.
+        self.banned = banned_token_ids
+        self.rows: dict[int, Row] = {}
+        self.active: list[int] = []
+        self.forwards = 0  # model forwards run for this batch, whatever rows they served
+        self._next_id = 0
         self._pending_forwards: torch.Tensor | None = None  # (R,) long
         self._pending_steps: list[torch.Tensor] = []  # each (R,)
+
+    def __getitem__(self, row_id: int) -> Row:
+        return self.rows[row_id]
 
     @property
     def num_active(self) -> int:
         return len(self.active)
 
-    def max_remaining(self) -> int:
-        """The most tokens any active row may still generate."""
-        return max(self.max_new_tokens - len(self.tokens[p]) for p in self.active)
+    def add(self, settings: list[RowSettings], prompt_lengths: list[int], device: torch.device) -> list[int]:
+        """New rows (not yet in the batch); returns their ids."""
+        ids = list(range(self._next_id, self._next_id + len(settings)))
+        self._next_id += len(settings)
+        for row_id, s, length in zip(ids, settings, prompt_lengths):
+            self.rows[row_id] = Row(s, length, make_generator(s.seed, device))
+        return ids
+
+    def enter(self, ids: list[int]) -> None:
+        """The rows `ids` join the batch, after the active ones."""
+        self._flush()
+        self.active = self.active + ids
+
+    def keep(self, indices: list[int]) -> None:
+        """Only the rows at these batch indices stay in the batch."""
+        self._flush()
+        self.active = [self.active[i] for i in indices]
+
+    def forget(self, ids: list[int]) -> None:
+        """Drop the records of rows that are no longer in the batch."""
+        for row_id in ids:
+            self.rows.pop(row_id, None)
+
+    def sampler(self, top_k: int | None, top_p: float | None, ids: list[int] | None = None) -> RowSampler:
+        """Token selection for the active rows (or the rows `ids`), each with its temperature and stream."""
+        rows = [self.rows[i] for i in (self.active if ids is None else ids)]
+        return RowSampler([r.settings.temperature for r in rows], [r.generator for r in rows], top_k, top_p,
+                          self.banned)
 
     def count_forward(self, rows: torch.Tensor | None = None) -> None:
         """One model forward did work for the active rows (or those where `rows` (R,) is True)."""
+        self.forwards += 1
         if rows is None:
-            for prompt in self.active:
-                self.nfe[prompt] += 1
-        else:
-            counted = rows.long()
-            self._pending_forwards = counted if self._pending_forwards is None else self._pending_forwards + counted
+            for row_id in self.active:
+                self.rows[row_id].nfe += 1
+            return
+        counted = rows.long()
+        self._pending_forwards = counted if self._pending_forwards is None else self._pending_forwards + counted
+
+    def count_forward_for(self, ids: list[int]) -> None:
+        """One model forward did work for the rows `ids` (the prefill of rows not yet in the batch)."""
+        self.forwards += 1
+        for row_id in ids:
+            self.rows[row_id].nfe += 1
 
     def record_steps(self, counts: torch.Tensor) -> None:
         """Tokens unmasked per active row by one denoising pass (R,)."""
         self._pending_steps.append(counts)
 
+    def record_accepts(self, accepted: list[int]) -> None:
+        for row_id, n in zip(self.active, accepted):
+            self.rows[row_id].accepts.append(n)
+
     def _flush(self) -> None:
         """Move the pending per-pass statistics to the host: one copy per block."""
         if self._pending_forwards is not None:
-            for prompt, n in zip(self.active, self._pending_forwards.tolist()):
-                self.nfe[prompt] += n
+            for row_id, n in zip(self.active, self._pending_forwards.tolist()):
+                self.rows[row_id].nfe += n
             self._pending_forwards = None
         if self._pending_steps:
             per_pass = torch.stack(self._pending_steps, dim=1).tolist()  # (R, passes)
-            for prompt, counts in zip(self.active, per_pass):
-                self.steps[prompt].extend(n for n in counts if n)
+            for row_id, counts in zip(self.active, per_pass):
+                self.rows[row_id].steps.extend(n for n in counts if n)
             self._pending_steps = []
 
-    def extend(self, new_tokens: list[list[int]]) -> torch.Tensor:
-        """Append each active row's new tokens, stopping at EOS or the length limit.
+    def extend(self, new_tokens: list[list[int]]) -> tuple[list[tuple[int, list[int]]], list[bool]]:
+        """Append each active row's new tokens, stopping at EOS or the row's length limit.
 
-        Returns (R,) bool: True for rows that finished now."""
+        Returns the (row id, tokens appended) of rows that got tokens, and per batch index
+        whether the row finished now."""
         self._flush()
-        done = []
-        for prompt, toks in zip(self.active, new_tokens):
-            out = self.tokens[prompt]
-            before = len(out)
+        committed, done = [], []
+        for row_id, toks in zip(self.active, new_tokens):
+            row = self.rows[row_id]
+            before = len(row.tokens)
             for tok in toks:
                 if tok in self.eos:
-                    self.finish[prompt] = "stop"
+                    row.finish = "stop"
                     break
-                out.append(tok)
-                if len(out) >= self.max_new_tokens:
-                    self.finish[prompt] = "length"
+                row.tokens.append(tok)
+                if row.remaining <= 0:
+                    row.finish = "length"
                     break
-            if self.listener is not None and len(out) > before:
-                self.listener(prompt, out[before:])
-            done.append(self.finish[prompt] is not None)
-        return torch.tensor(done, dtype=torch.bool)
+            if len(row.tokens) > before:
+                committed.append((row_id, row.tokens[before:]))
+            done.append(row.finish is not None)
+        return committed, done
 
-    def drop_finished(self, done: torch.Tensor) -> torch.Tensor:
-        """Forget finished rows; returns the (R',) batch indices of the rows that go on."""
-        keep = (~done).nonzero(as_tuple=True)[0]
-        self.active = [self.active[i] for i in keep.tolist()]
-        return keep
-
-    def outputs(self, decode_text, decoder: str, timings: dict[str, float], prompt_lengths: list[int],
-                block_size: int | None = None) -> list[GenerationOutput]:
+    def output(self, row_id: int, decode_text, decoder: str, timings: dict[str, float],
+               block_size: int | None = None) -> GenerationOutput:
         self._flush()
-        return [
-            GenerationOutput(
-                text=decode_text(self.tokens[i]), tokens=self.tokens[i], finish_reason=self.finish[i] or "length",
-                decoder=decoder, nfe=self.nfe[i], prompt_tokens=prompt_lengths[i], timings=dict(timings),
-                block_size=block_size, tokens_per_step=self.steps[i], accept_lengths=self.accepts[i],
-            )
-            for i in range(len(self.tokens))
-        ]
+        row = self.rows[row_id]
+        return GenerationOutput(
+            text=decode_text(row.tokens), tokens=list(row.tokens), finish_reason=row.finish or "length",
+            decoder=decoder, nfe=row.nfe, prompt_tokens=row.prompt_tokens, timings=dict(timings),
+            block_size=block_size, tokens_per_step=list(row.steps), accept_lengths=list(row.accepts),
+        )
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen

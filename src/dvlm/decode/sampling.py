@@ -1,50 +1,120 @@
-"""Token selection and the unmasking policy: pure functions on logits and confidences."""
+"""Token selection and the unmasking policy: pure functions on logits and confidences, and the
+per-row sampler of a batch (each row its own temperature and random stream)."""
 
 from __future__ import annotations
 
 import torch
 
 
-def select_tokens(
-    logits: torch.Tensor,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-    banned: list[int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick a token per position and its confidence.
+def greedy_tokens(logits: torch.Tensor, banned: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The most likely token per position and its probability.
 
     Args:
         logits: (..., V).
         banned: ids never produced (the mask token).
     Returns:
-        tokens (...) long and confidences (...) float32: the probability of the chosen token under
-        the distribution it was drawn from (argmax probability when greedy).
+        tokens (...) long and confidences (...) float32.
     """
-    if temperature == 0.0:
-        logits = logits.float()  # softmax and confidences in fp32
-        if banned:
-            logits = logits.clone()
-            logits[..., banned] = float("-inf")
-        conf, tokens = torch.softmax(logits, dim=-1).max(dim=-1)
-        return tokens, conf
-    probs = sampling_distribution(logits, temperature, top_k, top_p, banned)
-    flat = probs.reshape(-1, probs.shape[-1])
-    tokens = torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
-    return tokens, probs.gather(-1, tokens[..., None]).squeeze(-1)
+    logits = logits.float()  # softmax and confidences in fp32
+    if banned:
+        logits = logits.clone()
+        logits[..., banned] = float("-inf")
+    conf, tokens = torch.softmax(logits, dim=-1).max(dim=-1)
+    return tokens, conf
 
 
 def sampling_distribution(
-    logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,
+    logits: torch.Tensor, temperature: float | torch.Tensor, top_k: int | None = None, top_p: float | None = None,
     banned: list[int] | None = None,
 ) -> torch.Tensor:
-    """(..., V) fp32 probabilities that `select_tokens` samples from at this temperature."""
+    """(..., V) fp32 probabilities that sampling draws from; `temperature` a float or a tensor
+    that broadcasts against logits (..., 1), e.g. one temperature per row."""
     logits = logits.float()
     if banned:
         logits = logits.clone()
         logits[..., banned] = float("-inf")
     return torch.softmax(_filter_top_p(_filter_top_k(logits / temperature, top_k), top_p), dim=-1)
+
+
+def sample_from(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: (..., V) probabilities and (...) uniforms in [0, 1) -> (...) tokens.
+
+    Token i is drawn when cdf[i-1] <= u * total < cdf[i], so a token with probability 0 is never
+    drawn and every token's chance is its probability. Example: probs [0.5, 0, 0.5], u = 0.6 -> 2.
+    """
+    cdf = probs.cumsum(dim=-1)
+    target = (uniform * cdf[..., -1])[..., None]
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    # Rounding can put u * total at the very top of the CDF: take the last token that has probability.
+    index = torch.arange(probs.shape[-1], device=probs.device)
+    last = torch.where(probs > 0, index, -1).max(dim=-1).values
+    return torch.minimum(tokens, last)
+
+
+class RowSampler:
+    """Token selection for the R rows of a batch: each row has its own temperature (0: greedy)
+    and its own random stream (its generator; None: torch's global one); top_k and top_p are
+    shared. A row's stream advances only in the draws it takes part in, by a count that depends
+    on the row alone, so a seeded row samples the same tokens whatever batch it runs in.
+    """
+
+    def __init__(self, temperatures: list[float], generators: list[torch.Generator | None], top_k: int | None,
+                 top_p: float | None, banned: list[int]) -> None:
+        self.temperatures = temperatures
+        self.generators = generators
+        self.top_k, self.top_p, self.banned = top_k, top_p, banned
+
+    @property
+    def greedy(self) -> bool:
+        return not any(t > 0 for t in self.temperatures)
+
+    def sampling_rows(self, drawing: list[bool] | None = None) -> list[bool]:
+        """Per row: does it sample (temperature > 0) in a draw where only the rows `drawing` take part."""
+        return [t > 0 and (drawing is None or drawing[r]) for r, t in enumerate(self.temperatures)]
+
+    def distribution(self, logits: torch.Tensor) -> torch.Tensor:
+        """(R, ..., V) fp32 sampling probabilities, each row at its own temperature (greedy rows at 1)."""
+        temps = torch.tensor([t if t > 0 else 1.0 for t in self.temperatures], device=logits.device)
+        return sampling_distribution(logits, temps.view(-1, *[1] * (logits.dim() - 1)), self.top_k, self.top_p,
+                                     self.banned)
+
+    def uniforms(self, rows: list[bool], count: int, device: torch.device) -> torch.Tensor:
+        """(R, count) uniforms in [0, 1): `count` from each row's own stream where `rows`, zeros elsewhere."""
+        out = torch.zeros(len(rows), count, device=device)
+        unseeded = [r for r, take in enumerate(rows) if take and self.generators[r] is None]
+        if unseeded:
+            out[unseeded] = torch.rand(len(unseeded), count, device=device)
+        for r, take in enumerate(rows):
+            if take and self.generators[r] is not None:
+                out[r] = torch.rand(count, generator=self.generators[r], device=device)
+        return out
+
+    def select(self, logits: torch.Tensor, drawing: list[bool] | None = None,
+               draws_per_row: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A token per position and its confidence, like `greedy_tokens`, sampled in sampling rows.
+
+        Args:
+            logits: (R, ..., V).
+            drawing: (R,) the rows whose result is used (None: all); the others draw nothing.
+            draws_per_row: uniforms each sampling row draws (at least the positions per row; the
+                first ones are used), so that its stream advances by a count fixed by the caller
+                (e.g. the block size), not by the batch's widest canvas.
+        Returns:
+            tokens (R, ...) and confidences (R, ...) float32: the probability of the chosen token
+            under the distribution it was drawn from.
+        """
+        tokens, conf = greedy_tokens(logits, self.banned)
+        rows = self.sampling_rows(drawing)
+        if not any(rows):
+            return tokens, conf
+        shape = logits.shape[1:-1]
+        positions = shape.numel()
+        u = self.uniforms(rows, draws_per_row or positions, logits.device)[:, :positions].reshape(-1, *shape)
+        probs = self.distribution(logits)
+        sampled = sample_from(probs, u)
+        sampled_conf = probs.gather(-1, sampled[..., None]).squeeze(-1)
+        pick = torch.tensor(rows, device=logits.device).view(-1, *[1] * len(shape))
+        return torch.where(pick, sampled, tokens), torch.where(pick, sampled_conf, conf)
 
 
 def _filter_top_k(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
@@ -65,12 +135,14 @@ def _filter_top_p(logits: torch.Tensor, top_p: float | None) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def unmask_by_threshold(confidence: torch.Tensor, masked: torch.Tensor, threshold: float) -> torch.Tensor:
+def unmask_by_threshold(confidence: torch.Tensor, masked: torch.Tensor,
+                        threshold: float | torch.Tensor) -> torch.Tensor:
     """Positions to unmask: every masked one with confidence >= threshold, and at least the most
     confident masked position of each row that still has masks (so every pass makes progress).
 
     Args:
-        confidence: (R, Q) float; masked: (R, Q) bool.
+        confidence: (R, Q) float; masked: (R, Q) bool; threshold: a float, or (R, 1) per row in
+            the confidences' dtype.
     Returns:
         (R, Q) bool.
     """

@@ -15,16 +15,19 @@ AR sampling from p.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from dvlm.config import ConfigError, DecodeConfig
 from dvlm.data.processor import Encoded
-from dvlm.decode.ar import start_ar
+from dvlm.decode.ar import NextTokens, NextTokenStepper
 from dvlm.decode.output import GenerationOutput
 from dvlm.decode.prefill import text_positions
-from dvlm.decode.rows import Listener
-from dvlm.decode.sampling import sampling_distribution, select_tokens
-from dvlm.model.cache import KVContext
+from dvlm.decode.rows import Listener, RowSettings
+from dvlm.decode.sampling import RowSampler, greedy_tokens, sample_from
+from dvlm.decode.stepper import GroupSettings, generate_with
+from dvlm.model.cache import DecodeContext, KVContext
 
 
 def _check(lm, cfg: DecodeConfig, name: str) -> int:
@@ -39,67 +42,93 @@ def _check(lm, cfg: DecodeConfig, name: str) -> int:
     return block_size
 
 
+def _settings(lm, cfg: DecodeConfig, name: str) -> tuple[GroupSettings, RowSettings]:
+    group = GroupSettings(block_size=_check(lm, cfg, name), top_k=cfg.top_k, top_p=cfg.top_p)
+    return group, RowSettings(cfg.max_new_tokens, cfg.temperature, cfg.seed)
+
+
 def _masked_blocks(lm, first: torch.Tensor, block_size: int) -> torch.Tensor:
     """(*first.shape, block_size) blocks [first, MASK, ..., MASK]."""
-    block = torch.full((*first.shape, block_size), lm.mask_token_id, dtype=torch.long, device=lm.device)
+    block = torch.full((*first.shape, block_size), lm.mask_token_id, dtype=torch.long, device=first.device)
     block[..., 0] = first
     return block
 
 
-def _draft(lm, ctx, block: torch.Tensor, positions: torch.Tensor, cfg: DecodeConfig, generator) -> torch.Tensor:
+def _draft(lm, ctx, block: torch.Tensor, positions: torch.Tensor, sampler: RowSampler) -> torch.Tensor:
     """Fill block[:, 1:] in place from one bidirectional pass; returns the draft logits (R, B-1, V)."""
     ids = torch.full_like(block, ctx.next_block_id())
     valid = torch.ones_like(block, dtype=torch.bool)
     hidden = ctx.peek(lm.adapter.embed(lm.model, block), positions, valid, ids, "bidirectional")
     logits = lm.adapter.logits(lm.model, hidden[:, :-1])  # output j drafts position j + 1
-    block[:, 1:], _ = select_tokens(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator, lm.banned_token_ids)
+    block[:, 1:], _ = sampler.select(logits)
     return logits
 
 
-def _keep(rows, block: torch.Tensor, accepted: torch.Tensor) -> torch.Tensor:
-    """Record the accepted prefixes; returns (R,) True for rows that finished."""
-    for prompt, n in zip(rows.active, accepted.tolist()):
-        rows.accepts[prompt].append(n)
-    return rows.extend([b[:n] for b, n in zip(block.tolist(), accepted.tolist())])
+def _keep_accepted(rows, block: torch.Tensor, accepted: torch.Tensor):
+    """Record and commit the accepted prefixes; returns rows.extend's (committed, done)."""
+    counts = accepted.tolist()
+    rows.record_accepts(counts)
+    return rows.extend([b[:n] for b, n in zip(block.tolist(), counts)])
 
 
-@torch.inference_mode()
-def generate_speculative(lm, prompts: list[Encoded], cfg: DecodeConfig, context_cls=KVContext,
-        listener: Listener | None = None) -> list[GenerationOutput]:
-    block_size = _check(lm, cfg, "spec")
-    start = start_ar(lm, prompts, cfg, context_cls, listener)
-    timer, generator, rows, ctx = start.timer, start.generator, start.rows, start.context
-    seed, position = start.token, start.position
-    while True:
-        block = _masked_blocks(lm, seed, block_size)
-        positions = text_positions(position, block_size)
-        with timer("draft"):
-            draft_logits = _draft(lm, ctx, block, positions, cfg, generator)
-        rows.count_forward()
-        with timer("verify"):
+class SpecStepper(NextTokenStepper):
+    """A step drafts each row's block, verifies it (committing its KV) and keeps the accepted prefix."""
+
+    decoder = "spec"
+
+    @classmethod
+    def settings_for(cls, lm, cfg: DecodeConfig) -> tuple[GroupSettings, RowSettings]:
+        return _settings(lm, cfg, "spec")
+
+    def _advance(self) -> tuple[list[tuple[int, list[int]]], list[int]]:
+        lm, state, block_size, sampler = self.lm, self.state, self.group.block_size, self._sampler()
+        ctx = state.context
+        block = _masked_blocks(lm, state.token, block_size)
+        positions = text_positions(state.position, block_size)
+        with self.timer("draft"):
+            draft_logits = _draft(lm, ctx, block, positions, sampler)
+        self.rows.count_forward()
+        with self.timer("verify"):
             block_start = ctx.length
             valid = torch.ones_like(block, dtype=torch.bool)
             ids = torch.full_like(block, ctx.next_block_id())
             hidden = ctx.commit(lm.adapter.embed(lm.model, block), positions, valid, ids, "causal")
             verify_logits = lm.adapter.logits(lm.model, hidden)  # (R, B, V): output i predicts i + 1
-            accepted, seed = accept_drafts(block, draft_logits, verify_logits, cfg, generator, lm.banned_token_ids)
+            accepted, seed = accept_drafts(block, draft_logits, verify_logits, sampler)
             ctx.crop_rows(block_start, accepted)
-        rows.count_forward()
-        done = _keep(rows, block, accepted)
-        position = position + accepted
-        if done.all():
-            break
-        if done.any():
-            keep = rows.drop_finished(done).to(lm.device)
-            ctx.select_rows(keep)
-            seed, position = seed[keep], position[keep]
-    lengths = [len(p) for p in prompts]
-    return rows.outputs(lm.processor.decode, "spec", timer.as_dict(), lengths, block_size)
+        self.rows.count_forward()
+        committed, done = _keep_accepted(self.rows, block, accepted)
+        self.state = NextTokens(ctx, seed, state.position + accepted)
+        return committed, self._leave_finished(done)
 
 
 @torch.inference_mode()
-def generate_speculative_quadratic(lm, prompts: list[Encoded], cfg: DecodeConfig, context_cls=KVContext,
-        listener: Listener | None = None) -> list[GenerationOutput]:
+def generate_speculative(lm, prompts: list[Encoded], cfg: DecodeConfig, context_cls=KVContext,
+                         listener: Listener | None = None) -> list[GenerationOutput]:
+    return generate_with(SpecStepper, lm, prompts, cfg, context_cls, listener)
+
+
+@dataclass
+class DraftedBlocks:
+    """Quadratic speculative decoding between steps: each row's drafted next block."""
+
+    context: DecodeContext
+    block: torch.Tensor  # (R, B) [seed, drafts]
+    position: torch.Tensor  # (R,) position id of the seed
+    draft_logits: torch.Tensor  # (R, B-1, V)
+
+    def select(self, keep: torch.Tensor) -> DraftedBlocks:
+        self.context.select_rows(keep)
+        return DraftedBlocks(self.context, self.block[keep], self.position[keep], self.draft_logits[keep])
+
+    def join(self, other: DraftedBlocks) -> DraftedBlocks:
+        self.context.join(other.context)
+        return DraftedBlocks(self.context, torch.cat([self.block, other.block]),
+                             torch.cat([self.position, other.position]),
+                             torch.cat([self.draft_logits, other.draft_logits]))
+
+
+class QuadraticStepper(NextTokenStepper):
     """Experimental: self-speculative decoding with verify and next draft fused into one pass.
 
     The pass that verifies the block [x0, d1 .. d(B-1)] also drafts the next block for every
@@ -107,75 +136,97 @@ def generate_speculative_quadratic(lm, prompts: list[Encoded], cfg: DecodeConfig
     positions p+n-1 .. p+n+B-2 that sees the context, the committed d0 .. d(n-2) and itself
     (the training layout of a token-shift block whose first token is clean). Once n is known, that
     candidate's outputs 1 .. B-1 draft positions p+n+1 .. p+n+B-1 behind the verifier's own token.
-    One forward of B + B*B tokens per block (plus one initial draft), against two forwards of B
-    tokens for `spec`. Acceptance is `spec`'s, so greedy output still equals AR greedy decoding.
-    The drafts are a little weaker (the seed position is masked while they are drafted).
+    One forward of B + B*B tokens per block (plus one initial draft, counted with the prefill),
+    against two forwards of B tokens for `spec`. Acceptance is `spec`'s, so greedy output still
+    equals AR greedy decoding. The drafts are a little weaker (the seed position is masked while
+    they are drafted).
     """
-    block_size = _check(lm, cfg, "spec-quadratic")
-    start = start_ar(lm, prompts, cfg, context_cls, listener)
-    timer, generator, rows, ctx = start.timer, start.generator, start.rows, start.context
-    position = start.position
-    block = _masked_blocks(lm, start.token, block_size)
-    with timer("draft"):
-        draft_logits = _draft(lm, ctx, block, text_positions(position, block_size), cfg, generator)
-    rows.count_forward()
-    offsets = torch.arange(block_size, device=lm.device)
-    while True:
-        with timer("verify+draft"):
+
+    decoder = "spec-quadratic"
+
+    @classmethod
+    def settings_for(cls, lm, cfg: DecodeConfig) -> tuple[GroupSettings, RowSettings]:
+        return _settings(lm, cfg, "spec-quadratic")
+
+    def _prefill(self, prompts: list[Encoded], ids: list[int]) -> DraftedBlocks:
+        start = super()._prefill(prompts, ids)
+        block = _masked_blocks(self.lm, start.token, self.group.block_size)
+        positions = text_positions(start.position, self.group.block_size)
+        draft_logits = _draft(self.lm, start.context, block, positions, self._sampler(ids))
+        self.rows.count_forward_for(ids)
+        return DraftedBlocks(start.context, block, start.position, draft_logits)
+
+    def _advance(self) -> tuple[list[tuple[int, list[int]]], list[int]]:
+        lm, state, block_size, sampler = self.lm, self.state, self.group.block_size, self._sampler()
+        ctx, block, position = state.context, state.block, state.position
+        offsets = torch.arange(block_size, device=block.device)
+        with self.timer("verify+draft"):
             block_start = ctx.length
-            n_rows = block.shape[0]
             valid = torch.ones_like(block, dtype=torch.bool)
             ids = torch.full_like(block, ctx.next_block_id())
             candidates = _masked_blocks(lm, block, block_size)  # (R, C=B, L=B): candidate c starts with d_c
             cand_positions = (position[:, None, None] + offsets[None, :, None] + offsets[None, None, :])
             hidden, cand_hidden = ctx.commit_and_draft(
                 (lm.adapter.embed(lm.model, block), text_positions(position, block_size), valid, ids),
-                (lm.adapter.embed(lm.model, candidates), cand_positions[None].expand(3, -1, -1, -1), offsets),
+                (lm.adapter.embed(lm.model, candidates), cand_positions[None].expand(3, -1, -1, -1), offsets, None),
             )
             verify_logits = lm.adapter.logits(lm.model, hidden)
-            accepted, seed = accept_drafts(block, draft_logits, verify_logits, cfg, generator, lm.banned_token_ids)
+            accepted, seed = accept_drafts(block, state.draft_logits, verify_logits, sampler)
             ctx.crop_rows(block_start, accepted)
-            chosen = cand_hidden[torch.arange(n_rows, device=lm.device), accepted - 1, 1:]  # (R, B-1, D)
+            rows = torch.arange(block.shape[0], device=block.device)
+            chosen = cand_hidden[rows, accepted - 1, 1:]  # (R, B-1, D)
             draft_logits = lm.adapter.logits(lm.model, chosen)
             next_block = _masked_blocks(lm, seed, block_size)
-            next_block[:, 1:], _ = select_tokens(draft_logits, cfg.temperature, cfg.top_k, cfg.top_p, generator,
-                                                 lm.banned_token_ids)
-        rows.count_forward()
-        done = _keep(rows, block, accepted)
-        block, position = next_block, position + accepted
-        if done.all():
-            break
-        if done.any():
-            keep = rows.drop_finished(done).to(lm.device)
-            ctx.select_rows(keep)
-            block, position, draft_logits = block[keep], position[keep], draft_logits[keep]
-    lengths = [len(p) for p in prompts]
-    return rows.outputs(lm.processor.decode, "spec-quadratic", timer.as_dict(), lengths, block_size)
+            next_block[:, 1:], _ = sampler.select(draft_logits)
+        self.rows.count_forward()
+        committed, done = _keep_accepted(self.rows, block, accepted)
+        self.state = DraftedBlocks(ctx, next_block, position + accepted, draft_logits)
+        return committed, self._leave_finished(done)
 
 
-def accept_drafts(block, draft_logits, verify_logits, cfg: DecodeConfig, generator, banned):
+@torch.inference_mode()
+def generate_speculative_quadratic(lm, prompts: list[Encoded], cfg: DecodeConfig, context_cls=KVContext,
+                                   listener: Listener | None = None) -> list[GenerationOutput]:
+    return generate_with(QuadraticStepper, lm, prompts, cfg, context_cls, listener)
+
+
+def accept_drafts(block: torch.Tensor, draft_logits: torch.Tensor | None, verify_logits: torch.Tensor,
+                  sampler: RowSampler) -> tuple[torch.Tensor, torch.Tensor]:
     """How many block tokens each row keeps (R,), and the next seed (R,).
 
     block: (R, B) [seed, drafts]; draft_logits: (R, B-1, V) for positions 1..B-1;
     verify_logits: (R, B, V), output i = the AR distribution of position i + 1.
+    Greedy rows keep the drafts the verifier's argmax agrees with; sampling rows use speculative
+    sampling's rule (`_sampled_accept`).
     """
-    if cfg.temperature == 0.0:
-        target, _ = select_tokens(verify_logits, banned=banned)  # (R, B)
-        agree = (target[:, :-1] == block[:, 1:]).long()
-        accepted = 1 + agree.cumprod(dim=1).sum(dim=1)  # (R,) in [1, B]
-        return accepted, target.gather(1, (accepted - 1)[:, None]).squeeze(1)
-    p = sampling_distribution(verify_logits, cfg.temperature, cfg.top_k, cfg.top_p, banned)  # (R, B, V)
-    q = sampling_distribution(draft_logits, cfg.temperature, cfg.top_k, cfg.top_p, banned)  # (R, B-1, V)
+    target, _ = greedy_tokens(verify_logits, sampler.banned)  # (R, B)
+    agree = (target[:, :-1] == block[:, 1:]).long()
+    accepted = 1 + agree.cumprod(dim=1).sum(dim=1)  # (R,) in [1, B]
+    seed = target.gather(1, (accepted - 1)[:, None]).squeeze(1)
+    rows = sampler.sampling_rows()
+    if not any(rows):
+        return accepted, seed
+    s_accepted, s_seed = _sampled_accept(block, draft_logits, verify_logits, sampler, rows)
+    pick = torch.tensor(rows, device=block.device)
+    return torch.where(pick, s_accepted, accepted), torch.where(pick, s_seed, seed)
+
+
+def _sampled_accept(block, draft_logits, verify_logits, sampler: RowSampler, rows: list[bool]):
+    """Speculative sampling: accept draft d with probability min(1, p(d) / q(d)); at the first
+    rejection draw from max(0, p - q), after a fully accepted block from p. Each sampling row
+    draws B uniforms from its own stream (B-1 tests and one draw)."""
+    width = block.shape[1]
+    u = sampler.uniforms(rows, width, block.device)  # (R, B)
+    p = sampler.distribution(verify_logits)  # (R, B, V)
+    q = sampler.distribution(draft_logits)  # (R, B-1, V)
     drafts = block[:, 1:, None]
     ratio = p[:, :-1].gather(2, drafts).squeeze(2) / q.gather(2, drafts).squeeze(2).clamp_min(1e-20)
-    u = torch.rand(ratio.shape, generator=generator, device=ratio.device)
-    keep = (u < ratio.clamp(max=1.0)).long()
+    keep = (u[:, :-1] < ratio.clamp(max=1.0)).long()
     accepted = 1 + keep.cumprod(dim=1).sum(dim=1)
-    rows = torch.arange(block.shape[0], device=block.device)
-    p_next = p[rows, accepted - 1]  # (R, V): distribution of the token after the accepted prefix
+    index = torch.arange(block.shape[0], device=block.device)
+    p_next = p[index, accepted - 1]  # (R, V): distribution of the token after the accepted prefix
     q_pad = torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)  # nothing was drafted after position B-1
-    residual = (p_next - q_pad[rows, accepted - 1]).clamp_min(0)
-    rejected = accepted < block.shape[1]
+    residual = (p_next - q_pad[index, accepted - 1]).clamp_min(0)
+    rejected = accepted < width
     dist = torch.where(rejected[:, None] & (residual.sum(-1, keepdim=True) > 0), residual, p_next)
-    seed = torch.multinomial(dist / dist.sum(-1, keepdim=True), 1, generator=generator).squeeze(1)
-    return accepted, seed
+    return accepted, sample_from(dist / dist.sum(-1, keepdim=True), u[:, -1])

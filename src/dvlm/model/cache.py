@@ -6,6 +6,10 @@
   (block decoding's fused commit, the quadratic speculative pass).
 * `crop`: drop entries from the end; `crop_rows`: per row (rejected speculative tokens).
 * `select_rows`: keep only some batch rows (finished rows leave the batch).
+* `join`: append the rows of another context (rows that join a running batch between blocks).
+
+Contexts are rectangular: (rows, entries) with per-entry validity (`key_valid`) and explicit
+position ids, so rows of different lengths share one cache, padded with invalid entries.
 
 `KVContext` is the real one. `RecomputeContext` has the same interface but keeps no cache: every
 call recomputes the whole prefix from its embeddings. It is the reference that invariant 4
@@ -87,6 +91,13 @@ class PreallocatedLayer(DynamicLayer):
         if self.is_initialized:
             self._views()
 
+    def drop_leading(self, count: int) -> None:
+        """Forget the first `count` entries of every row (a view: no copy)."""
+        if self.is_initialized and count:
+            self.key_buffer, self.value_buffer = self.key_buffer[..., count:, :], self.value_buffer[..., count:, :]
+            self.length -= count
+            self._views()
+
     def _grow(self, size: int) -> None:
         def grown(buffer: torch.Tensor) -> torch.Tensor:
             new = buffer.new_empty(*buffer.shape[:2], size, buffer.shape[3])
@@ -106,6 +117,64 @@ def preallocate(cache: Any, capacity: int) -> Any:
     if layers and all(type(layer) is DynamicLayer and not layer.is_initialized for layer in layers):
         cache.layers = [PreallocatedLayer(capacity) for _ in layers]
     return cache
+
+
+def joined_layer(first: Any, second: Any, rows: tuple[int, int], width: int) -> Any:
+    """A cache layer holding the rows of `first`, then those of `second`, each row's entries
+    right-aligned to `width` columns; the columns before a shorter layer's entries are zeros
+    (finite: a masked entry still enters the attention product with weight 0).
+
+    rows: (rows of first, rows of second). Returns a layer of `first`'s type.
+    """
+    for layer in (first, second):
+        if type(layer) not in (DynamicLayer, PreallocatedLayer):
+            raise NotImplementedError(f"joining cache layers of type {type(layer).__name__} (only full-attention "
+                                      "DynamicLayer and PreallocatedLayer)")
+    parts = [_entries(first), _entries(second)]
+    joined = PreallocatedLayer(max(first.capacity, width)) if isinstance(first, PreallocatedLayer) else DynamicLayer()
+    known = next((p for p in parts if p is not None), None)
+    if known is None:  # neither side has run a forward yet
+        return joined
+    keys, values = (t.new_zeros(rows[0] + rows[1], t.shape[1], width, t.shape[3]) for t in known)  # (R, H, T, hd)
+    for part, start, count in zip(parts, (0, rows[0]), rows):
+        if part is not None:
+            length = part[0].shape[2]
+            keys[start:start + count, :, width - length:] = part[0]
+            values[start:start + count, :, width - length:] = part[1]
+    joined.update(keys, values)
+    return joined
+
+
+def _entries(layer: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A layer's (keys, values), each (R, H, T, hd); None before its first forward."""
+    if not layer.is_initialized or layer.get_seq_length() == 0:
+        return None
+    return layer.keys, layer.values
+
+
+def _drop_leading_entries(layer: Any, count: int) -> None:
+    if isinstance(layer, PreallocatedLayer):
+        layer.drop_leading(count)
+    elif layer.is_initialized and layer.get_seq_length():
+        layer.keys, layer.values = layer.keys[..., count:, :], layer.values[..., count:, :]
+
+
+def pad_left(x: torch.Tensor, width: int, value: Any, dim: int = -1) -> torch.Tensor:
+    """`x` with `value` prepended along `dim` up to `width`."""
+    missing = width - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([torch.full(shape, value, dtype=x.dtype, device=x.device), x], dim=dim)
+
+
+def unused_leading_columns(key_valid: torch.Tensor) -> int:
+    """How many leading columns no row uses (invalid in every row)."""
+    used = key_valid.any(dim=0)  # (T,)
+    if used.numel() == 0:
+        return 0
+    return int(torch.where(used.any(), used.long().argmax(), used.shape[0]))
 
 
 INITIAL_CAPACITY = 1024  # entries per row; doubled when a context outgrows it
@@ -150,16 +219,20 @@ class KVContext:
         """One forward that commits a block (causal) and peeks at C draft blocks branching off it.
 
         commit = (embeds (R, Q, D), position_ids (3, R, Q), valid (R, Q), block ids (R, Q));
-        drafts = (embeds (R, C, L, D), position_ids (3, R, C, L), prefix (C,) long).
-        Draft block c attends to the context, the first prefix[c] committed positions and itself
-        (bidirectionally); drafts never see each other and only the committed block stays.
-        Returns the hidden states (R, Q, D) of the committed block and (R, C, L, D) of the drafts.
+        drafts = (embeds (R, C, L, D), position_ids (3, R, C, L), prefix (C,) long, valid (R, C, L)
+        bool or None: all valid).
+        Draft block c attends to the context, the first prefix[c] committed positions and the valid
+        positions of itself (bidirectionally); drafts never see each other and only the committed
+        block stays. Returns the hidden states (R, Q, D) of the committed block and (R, C, L, D) of
+        the drafts.
         """
         embeds, positions, valid, block = commit
-        d_embeds, d_positions, prefix = drafts
+        d_embeds, d_positions, prefix, d_valid = drafts
         n_drafts, d_len = d_embeds.shape[1:3]
         q1, q2 = embeds.shape[1], n_drafts * d_len
         mask = commit_and_draft_mask(self.key_valid, self.key_block, valid, block, prefix, d_len)
+        if d_valid is not None:  # a draft position past its row's end is no key for anyone
+            mask[:, :, self.length + q1:] &= d_valid.flatten(1)[:, None, :]
         hidden = self.adapter.hidden_states(
             self.model, torch.cat([embeds, d_embeds.flatten(1, 2)], dim=1),
             torch.cat([positions, d_positions.flatten(2, 3)], dim=2), to_additive(mask, self.dtype), cache=self.cache,
@@ -186,9 +259,32 @@ class KVContext:
         _mask_tail(self.key_valid, start, lengths)
 
     def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep the given batch rows (R',), then drop the leading columns none of them uses (the
+        padding that let a shorter row join longer ones), so the cache does not keep the width of
+        rows that left."""
         self.cache.batch_select_indices(rows)
         self.key_valid = self.key_valid[rows]
         self.key_block = self.key_block[rows]
+        unused = unused_leading_columns(self.key_valid)
+        if unused:
+            for layer in self.cache.layers:
+                _drop_leading_entries(layer, unused)
+            self.key_valid, self.key_block = self.key_valid[:, unused:], self.key_block[:, unused:]
+
+    def join(self, other: KVContext) -> None:
+        """Append the rows of `other` (a context of the same model) after this context's rows.
+
+        Each row keeps its own entries; the shorter context is left-padded with invalid entries
+        so that both end at the same column and the next block is appended at one index for all
+        rows. Example, a row of 3 entries joins a row of 5:
+
+            key_valid  [[1 1 1 1 1],
+                        [0 0 1 1 1]]
+        """
+        width, rows = max(self.length, other.length), (self.key_valid.shape[0], other.key_valid.shape[0])
+        self.cache.layers = [joined_layer(a, b, rows, width) for a, b in zip(self.cache.layers, other.cache.layers)]
+        self.key_valid = torch.cat([pad_left(self.key_valid, width, False), pad_left(other.key_valid, width, False)])
+        self.key_block = torch.cat([pad_left(self.key_block, width, 0), pad_left(other.key_block, width, 0)])
 
     def _forward(self, embeds, position_ids, query_valid, query_block, kind: str) -> torch.Tensor:
         keys_valid = torch.cat([self.key_valid, query_valid], dim=1)
@@ -210,7 +306,7 @@ class RecomputeContext:
         self.position_ids: torch.Tensor | None = None  # (3, B, T)
         self.key_valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
         self.key_block = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
-        self.key_kind = torch.zeros(0, dtype=torch.long, device=device)  # (T,) index into MASK_KINDS
+        self.key_kind = torch.zeros(batch_size, 0, dtype=torch.long, device=device)  # (B, T) index into MASK_KINDS
 
     length = KVContext.length
     next_block_id = KVContext.next_block_id
@@ -221,14 +317,15 @@ class RecomputeContext:
         embeds, positions, valid, block = commit
         start = self.length
         hidden = self.commit(embeds, positions, valid, block, "causal")
-        d_embeds, d_positions, prefix = drafts
+        d_embeds, d_positions, prefix, d_valid = drafts
+        if d_valid is None:
+            d_valid = torch.ones(d_embeds.shape[:3], dtype=torch.bool, device=valid.device)
         full = (self.embeds, self.position_ids, self.key_valid, self.key_block, self.key_kind)
         outs = []
         for c in range(d_embeds.shape[1]):
             self.crop(start + int(prefix[c]))
-            d_valid = torch.ones(d_embeds.shape[:1] + d_embeds.shape[2:3], dtype=torch.bool, device=valid.device)
-            d_block = torch.full_like(d_valid, self.next_block_id(), dtype=torch.long)
-            outs.append(self.peek(d_embeds[:, c], d_positions[:, :, c], d_valid, d_block, "bidirectional"))
+            d_block = torch.full_like(d_valid[:, c], self.next_block_id(), dtype=torch.long)
+            outs.append(self.peek(d_embeds[:, c], d_positions[:, :, c], d_valid[:, c], d_block, "bidirectional"))
             self.embeds, self.position_ids, self.key_valid, self.key_block, self.key_kind = full
         return hidden, torch.stack(outs, dim=1)
 
@@ -242,7 +339,7 @@ class RecomputeContext:
         self.embeds = None if self.embeds is None else self.embeds[:, :length]
         self.position_ids = None if self.position_ids is None else self.position_ids[:, :, :length]
         self.key_valid, self.key_block = self.key_valid[:, :length], self.key_block[:, :length]
-        self.key_kind = self.key_kind[:length]
+        self.key_kind = self.key_kind[:, :length]
 
     def crop_rows(self, start: int, lengths: torch.Tensor) -> None:
         self.crop(start + int(lengths.max()))
@@ -251,7 +348,32 @@ class RecomputeContext:
     def select_rows(self, rows: torch.Tensor) -> None:
         if self.embeds is not None:
             self.embeds, self.position_ids = self.embeds[rows], self.position_ids[:, rows]
-        self.key_valid, self.key_block = self.key_valid[rows], self.key_block[rows]
+        self.key_valid, self.key_block, self.key_kind = self.key_valid[rows], self.key_block[rows], self.key_kind[rows]
+        unused = unused_leading_columns(self.key_valid)
+        if unused:
+            if self.embeds is not None:
+                self.embeds, self.position_ids = self.embeds[:, unused:], self.position_ids[:, :, unused:]
+            self.key_valid, self.key_block = self.key_valid[:, unused:], self.key_block[:, unused:]
+            self.key_kind = self.key_kind[:, unused:]
+
+    def join(self, other: RecomputeContext) -> None:
+        """KVContext.join without a cache: the kept embeddings and positions are padded instead."""
+        width = max(self.length, other.length)
+        known = self.embeds if self.embeds is not None else other.embeds
+        if known is not None:
+            kept = [c._kept(known) for c in (self, other)]
+            self.embeds = torch.cat([pad_left(e, width, 0.0, dim=1) for e, _ in kept])
+            self.position_ids = torch.cat([pad_left(p, width, 0, dim=2) for _, p in kept], dim=1)
+        self.key_valid = torch.cat([pad_left(self.key_valid, width, False), pad_left(other.key_valid, width, False)])
+        self.key_block = torch.cat([pad_left(self.key_block, width, 0), pad_left(other.key_block, width, 0)])
+        self.key_kind = torch.cat([pad_left(self.key_kind, width, 0), pad_left(other.key_kind, width, 0)])
+
+    def _kept(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeds (B, T, D), position_ids (3, B, T)) kept so far; empty ones (T = 0) before the first commit."""
+        if self.embeds is not None:
+            return self.embeds, self.position_ids
+        rows = self.key_valid.shape[0]
+        return like.new_zeros(rows, 0, like.shape[2]), torch.zeros(3, rows, 0, dtype=torch.long, device=like.device)
 
     def _forward(self, embeds, position_ids, query_valid, query_block, kind: str, keep: bool) -> torch.Tensor:
         q_len = embeds.shape[1]
@@ -259,8 +381,8 @@ class RecomputeContext:
         all_pos = position_ids if self.position_ids is None else torch.cat([self.position_ids, position_ids], 2)
         valid = torch.cat([self.key_valid, query_valid], dim=1)
         block = torch.cat([self.key_block, query_block], dim=1)
-        code = torch.full((q_len,), MASK_KINDS.index(kind), dtype=torch.long, device=valid.device)
-        kinds = torch.cat([self.key_kind, code])
+        code = torch.full_like(query_block, MASK_KINDS.index(kind))  # (B, Q)
+        kinds = torch.cat([self.key_kind, code], dim=1)
         mask = _mixed_mask(block, valid, kinds)
         hidden = self.adapter.hidden_states(self.model, all_embeds, all_pos, to_additive(mask, self.dtype))
         if keep:
@@ -276,9 +398,9 @@ def _mask_tail(key_valid: torch.Tensor, start: int, lengths: torch.Tensor) -> No
 
 
 def _mixed_mask(block: torch.Tensor, valid: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
-    """(B, K, K) mask where each query row follows the mask kind its entry was written with."""
+    """(B, K, K) mask where each query row follows the mask kind its entry was written with (kinds (B, K))."""
     per_kind = torch.stack([context_mask(block, block, valid, kind) for kind in MASK_KINDS])  # (3, B, K, K)
-    rows = kinds[None, :, None].expand(valid.shape[0], -1, valid.shape[1])  # (B, K, K)
+    rows = kinds[:, :, None].expand(-1, -1, valid.shape[1])  # (B, K, K)
     return per_kind.gather(0, rows[None]).squeeze(0)
 
 

@@ -60,7 +60,8 @@ class EngineRequest:
 
     @property
     def group_key(self) -> tuple:
-        """Requests with equal keys can share a running batch."""
+        """Requests with equal keys can share a running batch. (The engine groups by this key with
+        the model's defaults filled in, so block_size=None and the model's own block size share one.)"""
         return (self.decoder, self.block_size, self.steps, self.top_k, self.top_p)
 
 
@@ -88,7 +89,9 @@ class EngineObserver:
     Both must return quickly and never raise."""
 
     def on_step(self, group_key: tuple, rows: int, forwards: int) -> None:
-        """One engine step advanced `rows` rows of a group with `forwards` model forwards."""
+        """One engine step advanced `rows` rows of a group with `forwards` model forwards (the
+        prefill of rows that joined before the step included). `group_key` has the shape of
+        EngineRequest.group_key, the model's defaults filled in."""
 
     def on_finished(self, request: EngineRequest, finished: Finished) -> None:
         """A request ended (any finish reason)."""
@@ -102,7 +105,12 @@ class EngineObserver:
 #       def start(self) -> None                      # starts the loop thread
 #       def submit(self, request: EngineRequest) -> RequestHandle
 #                                                    # QueueFullError / EngineStoppedError; thread-safe,
-#                                                    # callable from the event loop (never blocks on the model)
+#                                                    # callable from the event loop (never blocks on the model);
+#                                                    # settings the model cannot serve end the request at once
+#                                                    # with Finished(finish_reason "error", error = why)
+#       def check(self, request: EngineRequest) -> None
+#                                                    # ConfigError (ValueError) for those settings, before
+#                                                    # submitting (HTTP 400); cheap, never touches the model
 #       def shutdown(self, timeout_s: float = 10.0) -> None
 #                                                    # refuse new requests; every in-flight one gets a
 #                                                    # Finished(finish_reason "error", error "server shutting down");

@@ -1,0 +1,175 @@
+"""Step-wise decoding: a decoder is a step function over a batch of rows (DESIGN.md §3, "The engine").
+
+A `Stepper` prefills new rows (`start`), merges them into its running batch between blocks
+(`join`: their KV contexts and per-row state), advances every row by one block (`step`: one token
+for `ar`) reporting the tokens each row committed and the rows that finished, and lets rows leave
+unfinished (`drop`). `generate_ar` / `generate_block` / `generate_speculative` drive a stepper to
+completion (`run_to_completion`); the server's engine drives the same steppers while requests
+join and leave. The step logic exists once.
+
+Settings split in two: `GroupSettings` shape the forward (block size, fixed step count, top-k/p)
+and are shared by every row of a stepper; `RowSettings` (max_new_tokens, temperature, seed,
+threshold) are each row's own. `settings_for` maps a `DecodeConfig` onto both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dvlm.config import DecodeConfig
+from dvlm.data.processor import Encoded
+from dvlm.decode.output import GenerationOutput
+from dvlm.decode.rows import Listener, Rows, RowSettings
+from dvlm.decode.sampling import RowSampler
+from dvlm.model.cache import KVContext
+from dvlm.runtime import Timer
+
+
+@dataclass(frozen=True)
+class GroupSettings:
+    """What shapes a forward: rows that differ here cannot share a batch."""
+
+    block_size: int | None = None  # None for ar
+    steps: int | None = None  # block decoding with a fixed step count (None: each row's threshold)
+    top_k: int | None = None
+    top_p: float | None = None
+    sub_block_size: int | None = None
+    fuse_commit: bool = True
+
+
+@dataclass
+class StepReport:
+    """What one step did."""
+
+    committed: list[tuple[int, list[int]]]  # (row id, tokens the row committed in this step)
+    finished: list[int]  # rows that finished in this step (EOS or their max_new_tokens) and left the batch
+    forwards: int  # model forwards the step ran
+
+
+@dataclass
+class Started:
+    """Rows after their prefill, not yet in the running batch."""
+
+    ids: list[int]
+    state: Any  # the decoder's batch state of these rows
+
+
+class Stepper:
+    """One decoder over a batch whose rows join between blocks and leave when they finish.
+
+    Subclasses implement `settings_for`, `_prefill` (new rows -> their batch state), `_advance`
+    (one block for every active row), and `_join` / `_select` on their batch state.
+    """
+
+    decoder = ""  # the name in GenerationOutput
+
+    def __init__(self, lm, group: GroupSettings, context_cls=KVContext) -> None:
+        self.lm = lm
+        self.group = group
+        self.context_cls = context_cls
+        self.timer = Timer(lm.device)
+        self.rows = Rows(lm.eos_token_ids, lm.banned_token_ids)
+        self.state: Any = None  # batch state of the active rows; None when no row is active
+
+    @classmethod
+    def settings_for(cls, lm, cfg: DecodeConfig) -> tuple[GroupSettings, RowSettings]:
+        """The group and row settings a DecodeConfig stands for (the model's defaults filled in);
+        raises ConfigError when this decoder cannot serve the model or the settings."""
+        raise NotImplementedError
+
+    @property
+    def num_active(self) -> int:
+        return self.rows.num_active
+
+    @torch.inference_mode()
+    def start(self, prompts: list[Encoded], settings: list[RowSettings]) -> Started:
+        """Prefill new rows (one forward for all of them); they join the batch with `join`."""
+        ids = self.rows.add(settings, [len(p) for p in prompts], self.lm.device)
+        try:
+            with self.timer("prefill"):
+                state = self._prefill(prompts, ids)
+        except BaseException:
+            self.rows.forget(ids)
+            raise
+        return Started(ids, state)
+
+    @torch.inference_mode()
+    def join(self, started: Started) -> None:
+        """Merge started rows into the running batch (between two steps)."""
+        self.state = started.state if self.state is None else self._join(self.state, started.state)
+        self.rows.enter(started.ids)
+
+    @torch.inference_mode()
+    def step(self) -> StepReport:
+        """Advance every active row by one block (one token for ar); finished rows leave the batch."""
+        before = self.rows.forwards
+        committed, finished = self._advance()
+        return StepReport(committed, finished, self.rows.forwards - before)
+
+    @torch.inference_mode()
+    def drop(self, ids: list[int]) -> None:
+        """Rows leave the batch unfinished (cancelled, timed out); their records stay until `forget`."""
+        leaving = set(ids)
+        self._keep([i for i, row_id in enumerate(self.rows.active) if row_id not in leaving])
+
+    def forget(self, ids: list[int]) -> None:
+        self.rows.forget(ids)
+
+    def output(self, row_id: int, timings: dict[str, float]) -> GenerationOutput:
+        return self.rows.output(row_id, self.lm.processor.decode, self.decoder, timings, self.group.block_size)
+
+    def _leave_finished(self, done: list[bool]) -> list[int]:
+        """Finished rows leave the batch; returns their ids."""
+        finished = [row_id for row_id, d in zip(self.rows.active, done) if d]
+        if finished:
+            self._keep([i for i, d in enumerate(done) if not d])
+        return finished
+
+    def _keep(self, indices: list[int]) -> None:
+        if len(indices) == self.rows.num_active:
+            return
+        self.rows.keep(indices)
+        # An empty batch holds no context: its memory goes back before the next rows start.
+        self.state = self._select(self.state, torch.tensor(indices, device=self.lm.device)) if indices else None
+
+    def _sampler(self, ids: list[int] | None = None) -> RowSampler:
+        return self.rows.sampler(self.group.top_k, self.group.top_p, ids)
+
+    def _prefill(self, prompts: list[Encoded], ids: list[int]) -> Any:
+        raise NotImplementedError
+
+    def _advance(self) -> tuple[list[tuple[int, list[int]]], list[int]]:
+        raise NotImplementedError
+
+    def _join(self, running: Any, joining: Any) -> Any:
+        raise NotImplementedError
+
+    def _select(self, state: Any, keep: torch.Tensor) -> Any:
+        raise NotImplementedError
+
+
+def run_to_completion(stepper: Stepper, prompts: list[Encoded], row: RowSettings,
+                      listener: Listener | None = None) -> list[GenerationOutput]:
+    """Decode `prompts` as one batch, every row with the same settings: what `generate` does.
+
+    Every output carries the batch's timings (seconds per phase for the whole batch)."""
+    started = stepper.start(prompts, [row] * len(prompts))
+    stepper.join(started)
+    index = {row_id: i for i, row_id in enumerate(started.ids)}
+    while stepper.num_active:
+        report = stepper.step()
+        if listener is not None:
+            for row_id, tokens in report.committed:
+                listener(index[row_id], tokens)
+    timings = stepper.timer.as_dict()
+    return [stepper.output(row_id, timings) for row_id in started.ids]
+
+
+def generate_with(stepper_cls: type[Stepper], lm, prompts: list[Encoded], cfg: DecodeConfig, context_cls=KVContext,
+                  listener: Listener | None = None) -> list[GenerationOutput]:
+    """`generate` for a step-wise decoder: its settings from `cfg`, then one batch to completion."""
+    group, row = stepper_cls.settings_for(lm, cfg)
+    return run_to_completion(stepper_cls(lm, group, context_cls), prompts, row, listener)
