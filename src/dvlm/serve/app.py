@@ -1,0 +1,410 @@
+"""The OpenAI-compatible HTTP app: `create_app(engine, model, settings)`.
+
+    POST /v1/chat/completions   OpenAI chat completions (streamed as SSE or not), dvlm knobs as extra fields
+    GET  /v1/models             the one served model
+    GET  /health                200 while serving, 503 once shutting down
+    GET  /metrics               Prometheus text
+
+A request is read (body size capped), parsed, its images loaded and its chat encoded in a worker
+thread, then submitted to the engine, which owns the model. The handler only relays the engine's
+events: as SSE chunks (one per committed block) or as one JSON body. A client that goes away has
+its request cancelled, which frees its row at the next block boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, AsyncIterator, Callable, Iterator, Protocol, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dvlm.serve.errors import APIError, bad_request, error_body, queue_full, too_large, unavailable
+from dvlm.serve.images import ImagePolicy
+from dvlm.serve.metrics import CONTENT_TYPE, ServeMetrics
+from dvlm.serve.prepare import Prepared, prepare
+from dvlm.serve.requests import Delta, EngineRequest, EngineStoppedError, Finished, QueueFullError
+from dvlm.serve.schemas import (
+    ChatCompletionRequest,
+    chunk_body,
+    completion_body,
+    dvlm_body,
+    usage,
+    validation_message,
+)
+from dvlm.serve.settings import ServedModel, ServeSettings
+
+log = logging.getLogger("dvlm.serve")
+T = TypeVar("T")
+
+# Past its own timeout the engine ends a request itself; the HTTP layer gives up this much later,
+# so a stuck engine can never hold a connection forever.
+TIMEOUT_GRACE_S = 5.0
+# An oversize body is read (and dropped) up to this multiple of the limit before the 413, so the
+# client, still sending, reads the answer instead of a reset connection; beyond it we just close.
+DRAIN_FACTOR = 4
+KNOWN_PATHS = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+class EngineLike(Protocol):
+    """What the app uses of `dvlm.serve.engine.Engine` (see dvlm.serve.requests)."""
+
+    def start(self) -> None: ...
+    def submit(self, request: EngineRequest) -> Any: ...
+    def shutdown(self, timeout_s: float = 10.0) -> None: ...
+    @property
+    def queue_depth(self) -> int: ...
+    @property
+    def running_rows(self) -> int: ...
+
+
+class ServerState:
+    """Everything one app instance shares between requests."""
+
+    def __init__(self, engine: EngineLike, model: ServedModel, settings: ServeSettings,
+                 metrics: ServeMetrics) -> None:
+        self.engine = engine
+        self.model = model
+        self.settings = settings
+        self.metrics = metrics
+        self.policy = ImagePolicy(settings.allow_local_images, settings.allow_remote_images,
+                                  settings.remote_timeout_s, model.image_limits)
+        self.pool = ThreadPoolExecutor(settings.encode_workers, thread_name_prefix="dvlm-encode")
+        self.created = int(time.time())
+        self.preparing = 0  # admitted requests not yet submitted (touched on the event loop only)
+        self.shutting_down = False
+        self._shutdown_lock = threading.Lock()
+        self._engine_stopped = False
+
+    async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def begin_shutdown(self) -> None:
+        """Refuse new requests and stop the engine, which ends every in-flight request with an error
+        (streams get an error event). Idempotent; blocking; callable from any thread."""
+        self.shutting_down = True
+        with self._shutdown_lock:
+            if self._engine_stopped:
+                return
+            self._engine_stopped = True
+        self.engine.shutdown()
+
+    @contextmanager
+    def admission(self) -> Iterator[None]:
+        """Bound the work waiting to start: requests being prepared count against the queue too, so a
+        burst of large images is refused with 429 instead of piling up in the encode threads."""
+        waiting = self.preparing + self.engine.queue_depth
+        if waiting >= self.settings.max_queue:
+            raise queue_full(f"the server's queue is full ({waiting} requests waiting); retry shortly", 1.0)
+        self.preparing += 1
+        try:
+            yield
+        finally:
+            self.preparing -= 1
+
+    def check_open(self) -> None:
+        if self.shutting_down:
+            raise unavailable("the server is shutting down")
+
+    def check_api_key(self, request: Request) -> None:
+        key = self.settings.api_key
+        if key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        # Constant time: the comparison must not reveal how much of a guessed key is right.
+        if not hmac.compare_digest(given.strip().encode(), key.encode()):
+            raise APIError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def create_app(engine: EngineLike, model: ServedModel, settings: ServeSettings,
+               metrics: ServeMetrics | None = None) -> FastAPI:
+    """The app over `engine` (started and stopped with the app's lifespan). Pass the `metrics` the
+    engine was built with as its observer so that steps and finished requests are counted."""
+    metrics = metrics or ServeMetrics()
+    metrics.watch(lambda: engine.queue_depth, lambda: engine.running_rows)
+    state = ServerState(engine, model, settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(state.begin_shutdown)
+            state.pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="dvlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.dvlm = state
+    _add_error_handlers(app)
+    _add_routes(app, state)
+    app.add_middleware(ResponseCounter, metrics=metrics)
+    return app
+
+
+def _add_routes(app: FastAPI, state: ServerState) -> None:
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if state.shutting_down:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.exposition(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        state.check_api_key(request)
+        card = {"id": state.model.name, "object": "model", "created": state.created, "owned_by": "dvlm"}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _chat_completions(request, state)
+
+
+async def _chat_completions(request: Request, state: ServerState) -> Response:
+    arrived = time.monotonic()
+    state.check_api_key(request)
+    state.check_open()
+    with state.admission():
+        raw = await read_body(request, state.settings.max_body_bytes)
+        body = await state.run_blocking(parse_request, raw)
+        if body.model != state.model.name:
+            raise APIError(404, f"the model {body.model!r} does not exist; this server serves {state.model.name!r} "
+                           "(GET /v1/models)", code="model_not_found", param="model")
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        prepared = await state.run_blocking(prepare, body, request_id, state.model, state.settings, state.policy)
+        handle = submit(state, prepared.request)
+    run = Run(state, handle, prepared, body, arrived)
+    if body.stream:
+        return StreamingResponse(run.stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await run.complete(request)
+
+
+def parse_request(raw: bytes) -> ChatCompletionRequest:
+    try:
+        return ChatCompletionRequest.model_validate_json(raw)
+    except ValidationError as err:
+        raise bad_request(validation_message(err)) from err
+
+
+def submit(state: ServerState, request: EngineRequest) -> Any:
+    try:
+        return state.engine.submit(request)
+    except QueueFullError as err:
+        raise queue_full(str(err), err.retry_after_s) from err
+    except EngineStoppedError as err:
+        raise unavailable(f"the server is not taking requests ({err})") from err
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, or 413 past `limit` bytes (from Content-Length, else while reading)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        await _drain(request, limit * DRAIN_FACTOR)
+        raise _body_too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            await _drain(request, limit * DRAIN_FACTOR - size)
+            raise _body_too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _drain(request: Request, budget: int) -> None:
+    async for chunk in request.stream():
+        budget -= len(chunk)
+        if budget < 0:
+            return
+
+
+def _body_too_large(limit: int) -> APIError:
+    error = too_large(f"the request body is larger than this server's limit of {limit} bytes (--max-body-mb)")
+    error.headers["Connection"] = "close"
+    return error
+
+
+class Run:
+    """One submitted request: relays its engine events to the client, streamed or as one body."""
+
+    def __init__(self, state: ServerState, handle: Any, prepared: Prepared, body: ChatCompletionRequest,
+                 arrived: float) -> None:
+        self.state = state
+        self.handle = handle
+        self.prepared = prepared
+        self.include_usage = body.include_usage
+        self.arrived = arrived
+        self.created = int(time.time())
+        self.finished: Finished | None = None
+        timeout = state.settings.request_timeout_s
+        self.deadline = None if timeout is None else arrived + timeout + TIMEOUT_GRACE_S
+
+    @property
+    def id(self) -> str:
+        return self.prepared.request.id
+
+    async def events(self) -> AsyncIterator[Delta | Finished]:
+        """The engine's events up to Finished; a Finished "timeout" if the engine overruns the deadline."""
+        events = self.handle.events().__aiter__()
+        first = True
+        while self.finished is None:
+            remaining = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+            try:
+                event = await asyncio.wait_for(events.__anext__(), remaining)
+            except asyncio.TimeoutError:
+                self.handle.cancel()
+                raise APIError(504, "the request ran past the server's timeout", type="timeout", code="timeout")
+            except StopAsyncIteration:
+                raise APIError(500, "the engine ended the request without a result", type="server_error",
+                               code="engine_error")
+            if isinstance(event, Finished):
+                self._record_finished(event)
+            elif first and event.text:
+                first = False
+                self.state.metrics.time_to_first_token.observe(time.monotonic() - self.arrived)
+            yield event
+
+    def _record_finished(self, finished: Finished) -> None:
+        self.finished = finished
+        if finished.output.finish_reason in ("stop", "length"):
+            self.state.metrics.latency.observe(time.monotonic() - self.arrived)
+
+    def error(self) -> APIError | None:
+        """The error a Finished stands for, None for an answer (finish reason stop or length)."""
+        reason = self.finished.output.finish_reason
+        if reason in ("stop", "length"):
+            return None
+        if reason == "timeout":
+            limit = self.state.settings.request_timeout_s
+            return APIError(504, f"the request ran past the server's timeout of {limit:g} s", type="timeout",
+                            code="timeout")
+        if self.state.shutting_down:
+            return unavailable("the server is shutting down; retry on another instance")
+        detail = self.finished.error or reason
+        return APIError(500, f"generation failed: {detail}", type="server_error", code="engine_error")
+
+    async def complete(self, request: Request) -> Response:
+        """Wait for the whole answer, cancelling the request if the client disconnects first."""
+        collect = asyncio.ensure_future(self._collect())
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not collect.done():
+                collect.cancel()
+                self.handle.cancel()
+        if collect not in done:
+            return Response(status_code=499)  # nobody reads it: the client has gone
+        collect.result()  # raises the APIError of an engine overrun
+        error = self.error()
+        if error is not None:
+            raise error
+        output = self.finished.output
+        return JSONResponse(completion_body(self.id, self.created, self.state.model.name, output,
+                                            dvlm_body(self.prepared.settings, output)))
+
+    async def _collect(self) -> None:
+        async for _ in self.events():
+            pass
+
+    async def stream(self) -> AsyncIterator[str]:
+        """SSE: a role chunk, one chunk per committed text, a final chunk (finish reason, `dvlm`), the
+        usage chunk if asked for, `[DONE]`; an error event instead of the final chunk on failure."""
+        try:
+            yield self._sse(self._chunk({"role": "assistant", "content": ""}))
+            async for event in self.events():
+                if isinstance(event, Delta) and event.text:
+                    yield self._sse(self._chunk({"content": event.text}))
+            error = self.error()
+            if error is not None:
+                yield self._sse(error.body())
+            else:
+                output = self.finished.output
+                yield self._sse(self._chunk({}, output.finish_reason, dvlm=dvlm_body(self.prepared.settings, output)))
+                if self.include_usage:
+                    yield self._sse(self._chunk(None, usage=usage(output)))
+        except APIError as err:
+            yield self._sse(err.body())
+        finally:
+            if self.finished is None:  # the client went away (or the engine overran): free the row
+                self.handle.cancel()
+        yield "data: [DONE]\n\n"
+
+    def _chunk(self, delta: dict[str, str] | None, finish_reason: str | None = None, **extra: Any) -> dict:
+        if self.include_usage:
+            extra.setdefault("usage", None)
+        return chunk_body(self.id, self.created, self.state.model.name, delta, finish_reason, **extra)
+
+    @staticmethod
+    def _sse(payload: dict[str, Any]) -> str:
+        return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# -- errors and response counting ----------------------------------------------------------------
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, err: APIError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        # Unknown paths and wrong methods, in the OpenAI error shape like every other refusal.
+        message = {404: f"no such endpoint: {request.url.path}",
+                   405: f"method {request.method} is not allowed on {request.url.path}"}.get(err.status_code,
+                                                                                        str(err.detail))
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
+        return JSONResponse(error_body(message, "invalid_request_error", code), status_code=err.status_code,
+                            headers=getattr(err, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, err: Exception) -> JSONResponse:
+        # A bug, not the client's fault: log the traceback here, never send it.
+        log.error("internal error", exc_info=err)
+        return JSONResponse(error_body("internal server error", "server_error", "internal_error"), status_code=500)
+
+
+class ResponseCounter:
+    """ASGI middleware counting responses by path and status (a pure ASGI wrapper: it does not
+    buffer streamed responses or interfere with disconnect detection)."""
+
+    def __init__(self, app: Any, metrics: ServeMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        path = path if path in KNOWN_PATHS else "other"
+
+        async def counting_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.on_response(path, message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
