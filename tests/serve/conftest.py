@@ -3,6 +3,7 @@ port, over the fake engine (tests/serve/fake_engine.py) and the built-in model's
 
 from __future__ import annotations
 
+import signal
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -57,8 +58,8 @@ class Running:
 
     def stop(self) -> None:
         self.http.close()
-        self.server.should_exit = True
-        self.thread.join(15)
+        self.server.handle_exit(signal.SIGTERM, None)  # what a SIGTERM does: stop the engine, then uvicorn
+        self.thread.join(20)
         assert not self.thread.is_alive(), "the server did not stop"
 
 

@@ -8,7 +8,7 @@ one block (`block_tokens`, or the request's block_size) per step.
 
 Tests steer it: `full` (submit raises QueueFullError), `block_delay_s` (slow steps), `fail_with`
 (every row ends with an error), `hang` (rows never advance: only cancel, timeout or shutdown end
-them), and read back `submitted`, `cancelled` and the observer calls.
+them), `honour_timeouts` (False: a broken engine that lets requests overrun), and read back `submitted`, `cancelled` and the observer calls.
 """
 
 from __future__ import annotations
@@ -101,6 +101,7 @@ class FakeEngine:
         self.full = False
         self.fail_with: str | None = None
         self.hang = False
+        self.honour_timeouts = True
         self.submitted: list[EngineRequest] = []
         self.cancelled: list[str] = []
         self.started = self.stopped = False
@@ -178,7 +179,7 @@ class FakeEngine:
             if row.handle.cancel_requested.is_set():
                 self.cancelled.append(row.request.id)
                 self._finish(row, "cancelled")
-            elif timeout is not None and time.monotonic() - row.submitted > timeout:
+            elif self.honour_timeouts and timeout is not None and time.monotonic() - row.submitted > timeout:
                 self._finish(row, "timeout", f"the request took longer than {timeout:g} s")
             elif self.fail_with is not None:
                 self._finish(row, "error", self.fail_with)

@@ -126,10 +126,11 @@ def _read_file(path: Path, shown: str, limits: ImageLimits, where: str) -> bytes
     except OSError as err:
         reason = "file not found" if isinstance(err, FileNotFoundError) else f"cannot open it ({err.strerror})"
         raise bad_request(f"{where}: {shown!r}: {reason}", code="invalid_image", param=where) from err
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise bad_request(f"{where}: {shown!r} is not a regular file", code="invalid_image", param=where)
     with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise bad_request(f"{where}: {shown!r} is not a regular file", code="invalid_image", param=where)
         _check_size(info.st_size, limits, where)
         data = f.read(limits.max_bytes + 1)
     _check_size(len(data), limits, where)  # the file grew while we read it

@@ -53,7 +53,11 @@ class Message(_Strict):
     def _string_is_one_text_part(cls, value: Any) -> Any:
         # A string and a single text part lay out the same tokens in the processor, so one form
         # is enough downstream (and a validation error names a single expected type).
-        return [{"type": "text", "text": value}] if isinstance(value, str) else value
+        if isinstance(value, str):
+            return [{"type": "text", "text": value}]
+        if not isinstance(value, list):
+            raise ValueError("content must be a string or a list of content parts")
+        return value
 
 
 class StreamOptions(_Strict):
