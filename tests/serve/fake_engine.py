@@ -8,7 +8,7 @@ one block (`block_tokens`, or the request's block_size) per step.
 
 Tests steer it: `full` (submit raises QueueFullError), `block_delay_s` (slow steps), `fail_with`
 (every row ends with an error), `hang` (rows never advance: only cancel, timeout or shutdown end
-them), `honour_timeouts` (False: a broken engine that lets requests overrun), and read back `submitted`, `cancelled` and the observer calls.
+them; `hang_if(request)` for some rows only), `honour_timeouts` (False: a broken engine that lets requests overrun), and read back `submitted`, `cancelled` and the observer calls.
 """
 
 from __future__ import annotations
@@ -101,6 +101,7 @@ class FakeEngine:
         self.full = False
         self.fail_with: str | None = None
         self.hang = False
+        self.hang_if: Callable[[EngineRequest], bool] = lambda request: False
         self.honour_timeouts = True
         self.submitted: list[EngineRequest] = []
         self.cancelled: list[str] = []
@@ -183,7 +184,7 @@ class FakeEngine:
                 self._finish(row, "timeout", f"the request took longer than {timeout:g} s")
             elif self.fail_with is not None:
                 self._finish(row, "error", self.fail_with)
-            elif not self.hang:
+            elif not (self.hang or self.hang_if(row.request)):
                 self._advance(row)
         self.observer.on_step(rows[0].request.group_key, len(rows), 1)
 

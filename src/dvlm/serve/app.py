@@ -215,21 +215,23 @@ def submit(state: ServerState, request: EngineRequest) -> Any:
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, or 413 past `limit` bytes (from Content-Length, else while reading)."""
     declared = request.headers.get("content-length", "")
+    stream = request.stream()
     if declared.isdigit() and int(declared) > limit:
-        await _drain(request, limit * DRAIN_FACTOR)
+        await _drain(stream, limit * DRAIN_FACTOR)
         raise _body_too_large(limit)
     chunks, size = [], 0
-    async for chunk in request.stream():
+    async for chunk in stream:
         size += len(chunk)
         if size > limit:
-            await _drain(request, limit * DRAIN_FACTOR - size)
+            await _drain(stream, limit * DRAIN_FACTOR - size)
             raise _body_too_large(limit)
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-async def _drain(request: Request, budget: int) -> None:
-    async for chunk in request.stream():
+async def _drain(stream: AsyncIterator[bytes], budget: int) -> None:
+    """Read and drop the rest of an oversize body (at most `budget` bytes more)."""
+    async for chunk in stream:
         budget -= len(chunk)
         if budget < 0:
             return

@@ -17,6 +17,10 @@ from typing import Any, Callable, Iterator
 
 import uvicorn
 
+from dvlm.serve.app import create_app
+from dvlm.serve.metrics import ServeMetrics
+from dvlm.serve.settings import ServedModel, ServeSettings
+
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 GRACEFUL_TIMEOUT_S = 15.0  # uvicorn's last resort if a connection still does not close
 
@@ -75,6 +79,15 @@ class Server(uvicorn.Server):
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+def build_app(lm: Any, name: str, settings: ServeSettings) -> Any:
+    """The app over a real engine driving `lm`; the engine reports to the app's metrics."""
+    from dvlm.serve.engine import Engine
+
+    metrics = ServeMetrics()
+    engine = Engine(lm, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue, observer=metrics)
+    return create_app(engine, ServedModel.from_lm(lm, name), settings, metrics)
 
 
 def run(app: Any, sock: socket.socket, *, on_ready: Callable[[], None], on_stop: Callable[[], None],
