@@ -412,10 +412,12 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="block size of requests that give none (default: the model's)")
     policy = p.add_mutually_exclusive_group()
     policy.add_argument("--threshold", type=float, metavar="T",
-                        help="confidence threshold of block decoding for requests that give none (default: the model's)")
+                        help="confidence threshold of block decoding for requests that give none "
+                             "(default: the model's)")
     policy.add_argument("--steps", type=int, metavar="S",
                         help="fixed denoising steps per block for requests that give neither threshold nor steps")
-    p.add_argument("--max-batch-size", type=int, default=16, metavar="N", help="rows decoded together (default: %(default)s)")
+    p.add_argument("--max-batch-size", type=int, default=16, metavar="N",
+                   help="rows decoded together (default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=64, metavar="N",
                    help="requests waiting to start; more are refused with 429 and Retry-After (default: %(default)s)")
     p.add_argument("--max-prompt-tokens", type=int, metavar="N",
@@ -427,7 +429,8 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="wall-clock limit of one request in seconds (default: %(default)s)")
     p.add_argument("--max-body-mb", type=float, default=48.0, metavar="MB",
                    help="largest request body in MiB; data: URL images travel inside it (default: %(default)s)")
-    p.add_argument("--max-images", type=int, default=16, metavar="N", help="most images per request (default: %(default)s)")
+    p.add_argument("--max-images", type=int, default=16, metavar="N",
+                   help="most images per request (default: %(default)s)")
     p.add_argument("--allow-local-images", metavar="DIR",
                    help="let requests name image files inside DIR (file:// URLs or paths; nothing outside DIR, "
                         "symlinks included); default: no local files")
@@ -529,11 +532,14 @@ def chat_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help=f"checkpoint directory or built-in name (default: {DEFAULT_MODEL})")
     p.add_argument("--image", action="append", metavar="FILE", help="image for your first message (repeatable)")
     p.add_argument("--decoder", choices=DECODERS, help="default: block for converted models, else ar")
-    p.add_argument("--block-size", type=int, metavar="N", help="block size for block and spec decoding (default: the model's)")
+    p.add_argument("--block-size", type=int, metavar="N",
+                   help="block size for block and spec decoding (default: the model's)")
     policy = p.add_mutually_exclusive_group()
-    policy.add_argument("--threshold", type=float, metavar="T", help="block decoding: unmask every position with confidence >= T")
+    policy.add_argument("--threshold", type=float, metavar="T",
+                        help="block decoding: unmask every position with confidence >= T")
     policy.add_argument("--steps", type=int, metavar="S", help="block decoding: fixed denoising steps per block")
-    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="answer length limit (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
+                   help="answer length limit (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default: %(default)s)")
     p.add_argument("--verbose", action="store_true", help="print each answer's tokens and forwards on stderr")
     p.add_argument("--device", help="e.g. cpu, cuda:0 (default: auto)")

@@ -8,7 +8,8 @@ one block (`block_tokens`, or the request's block_size) per step.
 
 Tests steer it: `full` (submit raises QueueFullError), `block_delay_s` (slow steps), `fail_with`
 (every row ends with an error), `hang` (rows never advance: only cancel, timeout or shutdown end
-them; `hang_if(request)` for some rows only), `honour_timeouts` (False: a broken engine that lets requests overrun), and read back `submitted`, `cancelled` and the observer calls.
+them; `hang_if(request)` for some rows only), `honour_timeouts` (False: a broken engine that lets
+requests overrun), `broken_events` (the event stream raises: an engine bug), and read back `submitted`, `cancelled` and the observer calls.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class FakeHandle:
         self._async_queue: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
         self._queue: queue.Queue = queue.Queue()
         self.cancel_requested = threading.Event()
+        self.broken = False
 
     def push(self, event: Delta | Finished) -> None:
         if self._loop is None:
@@ -61,6 +63,8 @@ class FakeHandle:
     async def events(self) -> AsyncIterator[Delta | Finished]:
         while True:
             event = await self._async_queue.get()
+            if self.broken:
+                raise RuntimeError("the fake engine's event stream broke")
             yield event
             if isinstance(event, Finished):
                 return
@@ -103,6 +107,7 @@ class FakeEngine:
         self.hang = False
         self.hang_if: Callable[[EngineRequest], bool] = lambda request: False
         self.honour_timeouts = True
+        self.broken_events = False
         self.submitted: list[EngineRequest] = []
         self.cancelled: list[str] = []
         self.started = self.stopped = False
@@ -130,6 +135,7 @@ class FakeEngine:
             if self.full or len(self._pending) >= self.max_queue:
                 raise QueueFullError(self.max_queue, retry_after_s=2.5)
             handle = FakeHandle(request.id, loop)
+            handle.broken = self.broken_events
             answer = self.tokenize(answer_text(len(request.prompt)))
             self._pending.append(_Row(request, handle, answer, time.monotonic()))
             self.submitted.append(request)

@@ -8,7 +8,6 @@ import base64
 import io
 import json
 
-import pytest
 import torch
 
 from tests.serve.conftest import MODEL_NAME

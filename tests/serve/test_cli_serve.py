@@ -54,6 +54,17 @@ def test_a_taken_port_is_one_line(capsys, monkeypatch):
     assert "in use" in err
 
 
+def test_an_unknown_model_is_one_line_and_frees_the_port(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "serve_modules", lambda: server_module)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code, _, err = run(capsys, "serve", "--model", "/nonexistent/model", "--port", port)
+    assert code == 2 and "model '/nonexistent/model': no such directory" in one_line_error(err, "serve")
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))  # the server's socket was closed
+
+
 def test_without_the_engine_serve_says_so(capsys):
     try:
         import dvlm.serve.engine  # noqa: F401
@@ -118,7 +129,8 @@ def test_the_process_serves_then_sigterm_ends_streams_with_an_error_and_exits_cl
     with httpx.Client(base_url=server.url, headers=headers, timeout=30) as http:
         assert http.get("/v1/models").json()["data"][0]["id"] == "tiny-dvlm"
         assert http.post("/v1/chat/completions", json=request).json()["choices"][0]["finish_reason"] == "stop"
-        assert http.post("/v1/chat/completions", json=request, headers={"Authorization": "Bearer no"}).status_code == 401
+        refused = http.post("/v1/chat/completions", json=request, headers={"Authorization": "Bearer no"})
+        assert refused.status_code == 401
         streams = []
         for _ in range(2):
             response = http.send(http.build_request("POST", "/v1/chat/completions", json={**hanging, "stream": True}),

@@ -192,7 +192,8 @@ def test_api_key(serve):
                               ({"Authorization": "Basic sesame"}, "missing API key"),
                               ({"Authorization": "Bearer sesam"}, "invalid API key")):
         for path, method in (("/v1/chat/completions", "post"), ("/v1/models", "get")):
-            response = getattr(server.http, method)(path, headers=headers, **({"json": body()} if method == "post" else {}))
+            extra = {"json": body()} if method == "post" else {}
+            response = getattr(server.http, method)(path, headers=headers, **extra)
             assert_error(response, 401, fragment, "invalid_api_key")
             assert response.headers["www-authenticate"] == "Bearer"
     assert server.engine.submitted == []

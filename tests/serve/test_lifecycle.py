@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from dvlm.serve import app as app_module
+from dvlm.serve import relay as relay_module
 from dvlm.serve.metrics import ServeMetrics
 from tests.serve.conftest import MODEL_NAME
 from tests.serve.test_app import sse_events
@@ -69,7 +69,7 @@ def test_engine_timeout_is_504_or_an_error_event(serve):
 
 def test_an_engine_that_overruns_the_timeout_is_cut_off(serve, monkeypatch):
     """The HTTP layer's own deadline (timeout + grace): a stuck engine cannot hold a connection forever."""
-    monkeypatch.setattr(app_module, "TIMEOUT_GRACE_S", 0.2)
+    monkeypatch.setattr(relay_module, "TIMEOUT_GRACE_S", 0.2)
     server = serve(request_timeout_s=0.2)
     server.engine.hang, server.engine.honour_timeouts = True, False
     started = time.monotonic()
@@ -94,6 +94,17 @@ def test_engine_failure_is_500_with_its_reason_or_an_error_event(serve):
     assert_still_serving(server)
 
 
+def test_an_engine_bug_is_a_500_or_an_error_event_never_a_trace(serve):
+    server = serve()
+    server.engine.broken_events = True
+    assert_error(server.http.post("/v1/chat/completions", json=body()), 500, "internal server error", "internal_error")
+    events = sse_events(server.http.post("/v1/chat/completions", json=body(stream=True)).text)
+    assert json.loads(events[-2])["error"]["code"] == "internal_error" and events[-1] == "[DONE]"
+    server.engine.broken_events = False
+    wait_for(lambda: server.engine.running_rows == 0)
+    assert_still_serving(server)
+
+
 def test_shutdown_ends_streams_in_flight_with_an_error_and_refuses_new_requests(serve):
     server = serve()
     server.engine.hang = True
@@ -102,7 +113,7 @@ def test_shutdown_ends_streams_in_flight_with_an_error_and_refuses_new_requests(
     thread = threading.Thread(target=lambda: waiting.append(
         httpx.post(f"{server.url}/v1/chat/completions", json=body(), timeout=30)))
     thread.start()
-    wait_for(lambda: server.engine.running_rows == 4, message=lambda: (server.engine.running_rows, server.engine.queue_depth))
+    wait_for(lambda: server.engine.running_rows == 4)
     stopper = threading.Thread(target=server.state.begin_shutdown)
     stopper.start()
     for response, events in streams:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import threading
 import time
@@ -25,31 +24,22 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Any, AsyncIterator, Callable, Iterator, Protocol, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dvlm.serve.errors import APIError, bad_request, error_body, queue_full, too_large, unavailable
 from dvlm.serve.images import ImagePolicy
 from dvlm.serve.metrics import CONTENT_TYPE, ServeMetrics
-from dvlm.serve.prepare import Prepared, prepare
-from dvlm.serve.requests import Delta, EngineRequest, EngineStoppedError, Finished, QueueFullError
-from dvlm.serve.schemas import (
-    ChatCompletionRequest,
-    chunk_body,
-    completion_body,
-    dvlm_body,
-    usage,
-    validation_message,
-)
+from dvlm.serve.prepare import prepare
+from dvlm.serve.relay import Run
+from dvlm.serve.requests import EngineRequest, EngineStoppedError, QueueFullError
+from dvlm.serve.schemas import ChatCompletionRequest, validation_message
 from dvlm.serve.settings import ServedModel, ServeSettings
 
 log = logging.getLogger("dvlm.serve")
 T = TypeVar("T")
 
-# Past its own timeout the engine ends a request itself; the HTTP layer gives up this much later,
-# so a stuck engine can never hold a connection forever.
-TIMEOUT_GRACE_S = 5.0
 # An oversize body is read (and dropped) up to this multiple of the limit before the 413, so the
 # client, still sending, reads the answer instead of a reset connection; beyond it we just close.
 DRAIN_FACTOR = 4
@@ -191,8 +181,7 @@ async def _chat_completions(request: Request, state: ServerState) -> Response:
         handle = submit(state, prepared.request)
     run = Run(state, handle, prepared, body, arrived)
     if body.stream:
-        return StreamingResponse(run.stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return run.streaming_response()
     return await run.complete(request)
 
 
@@ -241,129 +230,6 @@ def _body_too_large(limit: int) -> APIError:
     error = too_large(f"the request body is larger than this server's limit of {limit} bytes (--max-body-mb)")
     error.headers["Connection"] = "close"
     return error
-
-
-class Run:
-    """One submitted request: relays its engine events to the client, streamed or as one body."""
-
-    def __init__(self, state: ServerState, handle: Any, prepared: Prepared, body: ChatCompletionRequest,
-                 arrived: float) -> None:
-        self.state = state
-        self.handle = handle
-        self.prepared = prepared
-        self.include_usage = body.include_usage
-        self.arrived = arrived
-        self.created = int(time.time())
-        self.finished: Finished | None = None
-        timeout = state.settings.request_timeout_s
-        self.deadline = None if timeout is None else arrived + timeout + TIMEOUT_GRACE_S
-
-    @property
-    def id(self) -> str:
-        return self.prepared.request.id
-
-    async def events(self) -> AsyncIterator[Delta | Finished]:
-        """The engine's events up to Finished; a Finished "timeout" if the engine overruns the deadline."""
-        events = self.handle.events().__aiter__()
-        first = True
-        while self.finished is None:
-            remaining = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
-            try:
-                event = await asyncio.wait_for(events.__anext__(), remaining)
-            except asyncio.TimeoutError:
-                self.handle.cancel()
-                raise APIError(504, "the request ran past the server's timeout", type="timeout", code="timeout")
-            except StopAsyncIteration:
-                raise APIError(500, "the engine ended the request without a result", type="server_error",
-                               code="engine_error")
-            if isinstance(event, Finished):
-                self._record_finished(event)
-            elif first and event.text:
-                first = False
-                self.state.metrics.time_to_first_token.observe(time.monotonic() - self.arrived)
-            yield event
-
-    def _record_finished(self, finished: Finished) -> None:
-        self.finished = finished
-        if finished.output.finish_reason in ("stop", "length"):
-            self.state.metrics.latency.observe(time.monotonic() - self.arrived)
-
-    def error(self) -> APIError | None:
-        """The error a Finished stands for, None for an answer (finish reason stop or length)."""
-        reason = self.finished.output.finish_reason
-        if reason in ("stop", "length"):
-            return None
-        if reason == "timeout":
-            limit = self.state.settings.request_timeout_s
-            return APIError(504, f"the request ran past the server's timeout of {limit:g} s", type="timeout",
-                            code="timeout")
-        if self.state.shutting_down:
-            return unavailable("the server is shutting down; retry on another instance")
-        detail = self.finished.error or reason
-        return APIError(500, f"generation failed: {detail}", type="server_error", code="engine_error")
-
-    async def complete(self, request: Request) -> Response:
-        """Wait for the whole answer, cancelling the request if the client disconnects first."""
-        collect = asyncio.ensure_future(self._collect())
-        gone = asyncio.ensure_future(_disconnected(request))
-        try:
-            done, _ = await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-            if not collect.done():
-                collect.cancel()
-                self.handle.cancel()
-        if collect not in done:
-            return Response(status_code=499)  # nobody reads it: the client has gone
-        collect.result()  # raises the APIError of an engine overrun
-        error = self.error()
-        if error is not None:
-            raise error
-        output = self.finished.output
-        return JSONResponse(completion_body(self.id, self.created, self.state.model.name, output,
-                                            dvlm_body(self.prepared.settings, output)))
-
-    async def _collect(self) -> None:
-        async for _ in self.events():
-            pass
-
-    async def stream(self) -> AsyncIterator[str]:
-        """SSE: a role chunk, one chunk per committed text, a final chunk (finish reason, `dvlm`), the
-        usage chunk if asked for, `[DONE]`; an error event instead of the final chunk on failure."""
-        try:
-            yield self._sse(self._chunk({"role": "assistant", "content": ""}))
-            async for event in self.events():
-                if isinstance(event, Delta) and event.text:
-                    yield self._sse(self._chunk({"content": event.text}))
-            error = self.error()
-            if error is not None:
-                yield self._sse(error.body())
-            else:
-                output = self.finished.output
-                yield self._sse(self._chunk({}, output.finish_reason, dvlm=dvlm_body(self.prepared.settings, output)))
-                if self.include_usage:
-                    yield self._sse(self._chunk(None, usage=usage(output)))
-        except APIError as err:
-            yield self._sse(err.body())
-        finally:
-            if self.finished is None:  # the client went away (or the engine overran): free the row
-                self.handle.cancel()
-        yield "data: [DONE]\n\n"
-
-    def _chunk(self, delta: dict[str, str] | None, finish_reason: str | None = None, **extra: Any) -> dict:
-        if self.include_usage:
-            extra.setdefault("usage", None)
-        return chunk_body(self.id, self.created, self.state.model.name, delta, finish_reason, **extra)
-
-    @staticmethod
-    def _sse(payload: dict[str, Any]) -> str:
-        return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns when the client closes the connection (the body has been read already)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 # -- errors and response counting ----------------------------------------------------------------
