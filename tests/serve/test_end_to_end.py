@@ -111,7 +111,7 @@ def test_greedy_output_equals_generate_alone(client, lm, samples, decoder, strea
         assert ask(client, question, image, stream, 64, decoder=decoder) == want, question
 
 
-def test_32_concurrent_streaming_clients_equal_their_sequential_outputs(client, lm, samples):
+def test_32_concurrent_streaming_clients_equal_their_sequential_outputs(server, client, lm, samples):
     rng = random.Random(0)
     jobs = []
     for i in range(32):
@@ -121,6 +121,8 @@ def test_32_concurrent_streaming_clients_equal_their_sequential_outputs(client, 
             knobs["threshold"] = rng.choice([0.5, 0.7, 0.9, 1.0])
         jobs.append((question, image, rng.choice([4, 16, 48, 96]), knobs, rng.uniform(0, 1.0)))
     wanted = [expected(lm, q, img, n, **knobs) for q, img, n, knobs, _ in jobs]
+    assert len({text for text, _, _ in wanted}) >= 10  # real, varied answers
+    steps, single = metric(server, "dvlm_step_rows_count"), metric(server, "dvlm_step_rows_bucket", le="1.0")
 
     def run(job):
         question, image, max_tokens, knobs, delay = job
@@ -131,6 +133,8 @@ def test_32_concurrent_streaming_clients_equal_their_sequential_outputs(client, 
         got = list(pool.map(run, jobs))
     mismatches = [(job[:1] + job[2:4], g, w) for job, g, w in zip(jobs, got, wanted, strict=True) if g != w]
     assert not mismatches, mismatches
+    # The requests really shared batches (some engine steps advanced several rows).
+    assert metric(server, "dvlm_step_rows_count") - steps > metric(server, "dvlm_step_rows_bucket", le="1.0") - single
 
 
 def metric(url: str, name: str, **labels) -> float:
