@@ -178,6 +178,7 @@ async def _chat_completions(request: Request, state: ServerState) -> Response:
                            "(GET /v1/models)", code="model_not_found", param="model")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         prepared = await state.run_blocking(prepare, body, request_id, state.model, state.settings, state.policy)
+        state.check_open()  # a shutdown may have begun while the request was being prepared
         handle = submit(state, prepared.request)
     run = Run(state, handle, prepared, body, arrived)
     if body.stream:
