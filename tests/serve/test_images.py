@@ -85,6 +85,12 @@ def test_missing_and_unusual_files_inside_the_root(root):
     assert "file URLs must name a local path" in refused("file://example.com/cat.png", policy).message
 
 
+@pytest.mark.parametrize("url, message", [("cat\x00.png", "NUL character"), ("http://[::1/cat.png", "not a valid URL")])
+def test_malformed_urls_are_400(root, url, message):
+    error = refused(url, ImagePolicy(local_root=root, allow_remote=True))
+    assert error.status == 400 and message in error.message
+
+
 def test_local_file_over_the_byte_limit_is_413(root):
     error = refused("cat.png", ImagePolicy(local_root=root, limits=ImageLimits(max_bytes=64)))
     assert error.status == 413

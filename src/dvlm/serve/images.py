@@ -16,6 +16,7 @@ anything else 400; each names the request part it is about.
 
 from __future__ import annotations
 
+import http.client
 import os
 import stat
 import time
@@ -58,7 +59,9 @@ class ImagePolicy:
 def load_image_url(url: str, policy: ImagePolicy, where: str) -> Image.Image:
     """The decoded RGB image an `image_url` names, or an APIError naming `where` (e.g.
     `messages[0].content[1].image_url`). Blocking: call it from a worker thread."""
-    scheme = urllib.parse.urlsplit(url).scheme.lower() if "://" in url else ""
+    if "\x00" in url:
+        raise bad_request(f"{where}: the image URL contains a NUL character", param=where)
+    scheme = _scheme(url, where)
     if url.startswith("data:"):
         _check_data_url_size(url, policy.limits, where)
         return _decode(url, where, policy.limits)
@@ -73,6 +76,16 @@ def load_image_url(url: str, policy: ImagePolicy, where: str) -> Image.Image:
     raise bad_request(f"{where}: unsupported image URL scheme {scheme!r} (use a data: URL"
                       + (", a local path" if policy.local_root else "")
                       + (" or http(s)" if policy.allow_remote else "") + ")", param=where)
+
+
+def _scheme(url: str, where: str) -> str:
+    """The URL's scheme ("" for a plain path)."""
+    if "://" not in url:
+        return ""
+    try:
+        return urllib.parse.urlsplit(url).scheme.lower()
+    except ValueError as err:  # e.g. an unclosed IPv6 bracket
+        raise bad_request(f"{where}: not a valid URL ({err})", param=where) from err
 
 
 def _decode(source: str | bytes, where: str, limits: ImageLimits) -> Image.Image:
@@ -159,7 +172,7 @@ def _fetch(url: str, policy: ImagePolicy, where: str) -> bytes:
             return _read_until(response, deadline, policy, where)
     except APIError:
         raise
-    except (urllib.error.URLError, OSError, ValueError) as err:
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as err:
         raise bad_request(f"{where}: downloading {url!r} failed ({getattr(err, 'reason', err)})",
                           code="invalid_image", param=where) from err
 
