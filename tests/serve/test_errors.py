@@ -227,3 +227,53 @@ def test_requests_waiting_to_start_are_bounded_before_encoding(serve):
             response = server.http.post("/v1/chat/completions", json=body())
             assert_error(response, 429, "queue is full (1 requests waiting)")
             assert len(server.engine.submitted) == 2
+
+
+ODD_VALUES = (None, True, False, 0, -1, 2.5, 1e308, "", "x", "<|im_end|>", "data:image/png;base64,AAAA",
+              "file:///etc/passwd", "http://[::1", [], [1], {}, {"type": "text"}, {"url": 5}, "\x00", 2**70)
+
+
+def mutations(seed: int, count: int):
+    """Deterministic random damage to a valid request: every value of its tree, in turn, replaced by an
+    odd one, deleted, or joined by an unknown sibling."""
+    import copy
+    import random
+
+    from PIL import Image
+
+    rng = random.Random(seed)
+    image = data_url(Image.new("RGB", (28, 28), "white"))
+    valid = body(max_tokens=4, temperature=0, stream=False, stop=["."], threshold=0.5, decoder="block",
+                 messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                                        {"type": "text", "text": "Hi"}]}])
+    for _ in range(count):
+        request = copy.deepcopy(valid)
+        node = request
+        while True:  # walk down to a random container
+            keys = list(node) if isinstance(node, dict) else list(range(len(node)))
+            key = rng.choice(keys)
+            if isinstance(node[key], (dict, list)) and node[key] and rng.random() < 0.6:
+                node = node[key]
+                continue
+            break
+        action = rng.random()
+        if action < 0.7:
+            node[key] = rng.choice(ODD_VALUES)
+        elif action < 0.85 and isinstance(node, dict):
+            del node[key]
+        elif isinstance(node, dict):
+            node["unexpected"] = rng.choice(ODD_VALUES)
+        yield request
+
+
+def test_damaged_requests_never_get_a_500(serve):
+    server = serve()
+    statuses = set()
+    for request in mutations(seed=0, count=300):
+        response = server.http.post("/v1/chat/completions", json=request)
+        statuses.add(response.status_code)
+        assert response.status_code < 500, (request, response.text)
+        if response.status_code != 200:
+            assert response.json()["error"]["message"], request
+    assert {400, 200} <= statuses
+    assert_still_serving(server)
