@@ -9,7 +9,8 @@ one block (`block_tokens`, or the request's block_size) per step.
 Tests steer it: `full` (submit raises QueueFullError), `block_delay_s` (slow steps), `fail_with`
 (every row ends with an error), `hang` (rows never advance: only cancel, timeout or shutdown end
 them; `hang_if(request)` for some rows only), `honour_timeouts` (False: a broken engine that lets
-requests overrun), `broken_events` (the event stream raises: an engine bug), and read back `submitted`, `cancelled` and the observer calls.
+requests overrun), `broken_events` (the event stream raises: an engine bug), and read back
+`submitted`, `cancelled` and the observer calls.
 """
 
 from __future__ import annotations
