@@ -6,6 +6,8 @@ parsed arguments, plus one function declaring those arguments; `VERBS` maps name
     dvlm generate --model runs/r1/model --image cat.png --prompt "What is in the picture?"
     dvlm eval     --task shapes-caption --model tiny-dvlm --decoder spec
     dvlm bench    --decoders ar,hf,block,spec --block-sizes 8,16 --thresholds 0.7,0.9
+    dvlm serve    --model runs/r1/model --port 8000
+    dvlm chat     --model runs/r1/model --image cat.png
     dvlm demo
 
 Adding a verb = two functions and one `VERBS` entry. Expected failures (bad paths, bad settings,
@@ -399,6 +401,179 @@ def zoo(args: argparse.Namespace) -> None:
         print(f"built {name}: {path}")
 
 
+# -- serve / chat --------------------------------------------------------------------------------
+def serve_arguments(p: argparse.ArgumentParser) -> None:
+    from dvlm.serve.requests import SERVED_DECODERS
+
+    p.add_argument("--model", help=f"checkpoint directory or built-in name (default: {DEFAULT_MODEL}); clients "
+                                   "send this as their `model`")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: %(default)s, this machine only; 0.0.0.0 for every "
+                        "interface, with --api-key)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s; 0: any free port)")
+    p.add_argument("--api-key", metavar="KEY",
+                   help="require the header 'Authorization: Bearer KEY' on /v1 (default: the DVLM_API_KEY "
+                        "environment variable, else no key)")
+    p.add_argument("--decoder", choices=SERVED_DECODERS,
+                   help="decoder of requests that name none (default: block for converted models, else ar)")
+    p.add_argument("--block-size", type=int, metavar="N",
+                   help="block size of requests that give none (default: the model's)")
+    policy = p.add_mutually_exclusive_group()
+    policy.add_argument("--threshold", type=float, metavar="T",
+                        help="confidence threshold of block decoding for requests that give none "
+                             "(default: the model's)")
+    policy.add_argument("--steps", type=int, metavar="S",
+                        help="fixed denoising steps per block for requests that give neither threshold nor steps")
+    p.add_argument("--max-batch-size", type=int, default=16, metavar="N",
+                   help="rows decoded together (default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=64, metavar="N",
+                   help="requests waiting to start; more are refused with 429 and Retry-After (default: %(default)s)")
+    p.add_argument("--max-prompt-tokens", type=int, metavar="N",
+                   help="longest prompt in tokens, image tokens included (default: the model's positions)")
+    p.add_argument("--max-tokens", type=int, default=512, metavar="N",
+                   help="largest max_tokens a request may ask for, and the answer limit when it gives none "
+                        "(default: %(default)s)")
+    p.add_argument("--request-timeout", type=float, default=600.0, metavar="S",
+                   help="wall-clock limit of one request in seconds (default: %(default)s)")
+    p.add_argument("--max-body-mb", type=float, default=48.0, metavar="MB",
+                   help="largest request body in MiB; data: URL images travel inside it (default: %(default)s)")
+    p.add_argument("--max-images", type=int, default=16, metavar="N",
+                   help="most images per request (default: %(default)s)")
+    p.add_argument("--allow-local-images", metavar="DIR",
+                   help="let requests name image files inside DIR (file:// URLs or paths; nothing outside DIR, "
+                        "symlinks included); default: no local files")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="let requests name http(s) image URLs, which the server downloads (size-capped, "
+                        "time-limited) from whatever address a client names; default: data: URLs only")
+    p.add_argument("--access-log", action="store_true", help="log every HTTP request on stderr")
+    p.add_argument("--device", help="e.g. cpu, cuda:0 (default: auto)")
+    p.add_argument("--dtype", choices=DTYPES, help="model dtype (default: auto = bfloat16 on CUDA, float32 on CPU)")
+
+
+def serve_settings(args: argparse.Namespace) -> Any:
+    from dvlm.data.images import MIB
+    from dvlm.serve.settings import ServeSettings
+
+    local = None
+    if args.allow_local_images is not None:
+        local = Path(args.allow_local_images).expanduser()
+        if not local.is_dir():
+            raise CLIError(f"--allow-local-images: {local} is not a directory")
+    if not args.max_body_mb > 0:
+        raise CLIError(f"--max-body-mb must be > 0, got {args.max_body_mb:g}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("DVLM_API_KEY") or None
+    try:
+        return ServeSettings(
+            api_key=api_key, decoder=args.decoder, block_size=args.block_size, threshold=args.threshold,
+            steps=args.steps, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+            max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
+            request_timeout_s=args.request_timeout, max_body_bytes=int(args.max_body_mb * MIB),
+            max_images=args.max_images, allow_local_images=local, allow_remote_images=args.allow_remote_images)
+    except ConfigError as err:
+        raise ConfigError(_flag_names(str(err))) from err
+
+
+# ServeSettings fields whose messages should name the command-line flag the user typed.
+SERVE_FLAGS = {"max_batch_size": "--max-batch-size", "max_queue": "--max-queue", "max_tokens": "--max-tokens",
+               "max_prompt_tokens": "--max-prompt-tokens", "max_images": "--max-images",
+               "request_timeout_s": "--request-timeout", "the API key": "--api-key (or DVLM_API_KEY)"}
+
+
+def _flag_names(message: str) -> str:
+    for field, flag in SERVE_FLAGS.items():
+        if message.startswith(f"{field} "):
+            return flag + message[len(field):]
+    return message
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API until SIGTERM or Ctrl-C."""
+    settings = serve_settings(args)  # every setting is refused before the port is taken or the model loads
+    if not 0 <= args.port <= 65535:
+        raise CLIError(f"--port must be in [0, 65535], got {args.port}")
+    server_modules = serve_modules()
+    if args.host not in LOOPBACK_HOSTS and settings.api_key is None:
+        print(f"dvlm serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
+              "machine can use the model", file=sys.stderr, flush=True)
+    sock = listening_socket(args.host, args.port)
+    try:
+        name = model_name(args.model)
+        with quiet_hf_progress():
+            lm = dvlm.load(name, device=checked_device(args.device), dtype=args.dtype)
+        app = server_modules.build_app(lm, name, settings)
+        url = server_modules.url_of(sock)
+        server_modules.run(app, sock, access_log=args.access_log, on_stop=app.state.dvlm.begin_shutdown,
+                           on_ready=lambda: print(f"dvlm serve: {name} at {url} (OpenAI API under {url}/v1; "
+                                                  "Ctrl-C to stop)", flush=True))
+    finally:
+        sock.close()
+    print("dvlm serve: stopped", flush=True)
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def serve_modules() -> Any:
+    """dvlm.serve.server, imported lazily: FastAPI and uvicorn come with the `serve` extra."""
+    import importlib
+
+    try:
+        server = importlib.import_module("dvlm.serve.server")
+        importlib.import_module("dvlm.serve.engine")  # checked now, before the model loads
+    except ImportError as err:
+        if err.name == "dvlm.serve.engine":
+            raise CLIError("this installation of dvlm has no serving engine (dvlm.serve.engine)") from err
+        raise CLIError(f"dvlm serve needs the serve extra ({err.name} is missing): pip install 'dvlm[serve]'") from err
+    return server
+
+
+def listening_socket(host: str, port: int) -> Any:
+    from dvlm.serve.server import bind
+
+    try:
+        return bind(host, port)
+    except OSError as err:
+        raise CLIError(f"cannot listen on {host}:{port}: {err.strerror or err}") from err
+
+
+def chat_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help=f"checkpoint directory or built-in name (default: {DEFAULT_MODEL})")
+    p.add_argument("--image", action="append", metavar="FILE", help="image for your first message (repeatable)")
+    p.add_argument("--decoder", choices=DECODERS, help="default: block for converted models, else ar")
+    p.add_argument("--block-size", type=int, metavar="N",
+                   help="block size for block and spec decoding (default: the model's)")
+    policy = p.add_mutually_exclusive_group()
+    policy.add_argument("--threshold", type=float, metavar="T",
+                        help="block decoding: unmask every position with confidence >= T")
+    policy.add_argument("--steps", type=int, metavar="S", help="block decoding: fixed denoising steps per block")
+    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
+                   help="answer length limit (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default: %(default)s)")
+    p.add_argument("--verbose", action="store_true", help="print each answer's tokens and forwards on stderr")
+    p.add_argument("--device", help="e.g. cpu, cuda:0 (default: auto)")
+    p.add_argument("--dtype", choices=DTYPES, help="model dtype (default: auto = bfloat16 on CUDA, float32 on CPU)")
+
+
+def chat(args: argparse.Namespace) -> None:
+    """Talk to a model in the terminal; answers stream as blocks are committed."""
+    from dvlm.config import DecodeConfig
+    from dvlm.serve.chat import ChatSession, run_chat
+
+    options = {k: v for k, v in (("block_size", args.block_size), ("threshold", args.threshold),
+                                 ("steps", args.steps)) if v is not None}
+    options.update(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    DecodeConfig(**options)  # a bad setting fails now, not at the first question
+    images = [load_image(path) for path in args.image or []]  # bad images fail before the model loads
+    with quiet_hf_progress():
+        lm = dvlm.load(model_name(args.model), device=checked_device(args.device), dtype=args.dtype)
+    decoder = args.decoder or ("block" if lm.diffusion else "ar")
+    if decoder not in ("ar", "hf"):
+        lm.require_diffusion(decoder)
+    session = ChatSession(lm, {**options, "decoder": decoder})
+    session.pending_images.extend(images)
+    run_chat(session, input, sys.stdout, sys.stderr, verbose=args.verbose)
+
+
 # -- the verb table and main ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class Verb:
@@ -413,6 +588,8 @@ VERBS: dict[str, Verb] = {
     "generate": Verb("answer a prompt (with images) using a model", generate_arguments, generate),
     "eval": Verb("score a model on a built-in task (accuracy and speed)", eval_arguments, evaluate),
     "bench": Verb("benchmark decoders side by side: accuracy, tokens/forward, tokens/s", bench_arguments, bench),
+    "serve": Verb("serve a model over an OpenAI-compatible HTTP API", serve_arguments, serve),
+    "chat": Verb("chat with a model in the terminal, answers streamed", chat_arguments, chat),
     "demo": Verb("the whole pipeline on the built-in models, offline, in a few minutes", demo_arguments, demo),
     "zoo": Verb("rebuild (or list) the built-in models", zoo_arguments, zoo),
 }

@@ -1,0 +1,64 @@
+"""`dvlm chat` with typed input: streamed answers equal `model.generate` of the conversation so far,
+/image, /reset and /quit do what they say, and mistakes are reported without leaving the chat."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from dvlm.zoo.tasks import get_task
+from tests.test_cli import one_line_error, run
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    path = tmp_path_factory.mktemp("chat") / "scene.png"
+    image = get_task("shapes-caption").generate("test", 1, seed=3)[0].images[0]
+    image.save(path)
+    return path, image
+
+
+def chat(capsys, monkeypatch, lines: list[str], *argv: str) -> tuple[int, list[str], str]:
+    """Run `dvlm chat` on typed `lines`; returns the exit code, the answers printed, and stderr."""
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(f"{line}\n" for line in lines)))
+    code, out, err = run(capsys, "chat", *argv)
+    answers = [piece.strip("\n") for piece in out.split("> ") if piece.strip()]
+    return code, answers, err
+
+
+def test_conversation_images_reset_and_quit(capsys, monkeypatch, lm, scene):
+    path, image = scene
+    lines = [f"/image {path}", "Describe the image.", "How many shapes are there?", "/reset", "Describe the image.",
+             "/image missing.png", "/nonsense", "/quit", "never asked"]
+    code, answers, err = chat(capsys, monkeypatch, lines, "--model", "tiny-dvlm", "--max-new-tokens", "48")
+    assert code == 0 and len(answers) == 3
+    first = [{"role": "user", "content": [{"type": "image", "image": image},
+                                          {"type": "text", "text": "Describe the image."}]}]
+    expected = lm.generate(first, max_new_tokens=48).text
+    assert answers[0] == expected and expected.startswith("There")  # a real caption, streamed whole
+    second = [*first, {"role": "assistant", "content": expected},
+              {"role": "user", "content": [{"type": "text", "text": "How many shapes are there?"}]}]
+    assert answers[1] == lm.generate(second, max_new_tokens=48).text
+    assert answers[2] == lm.generate("Describe the image.", max_new_tokens=48).text  # no image after /reset
+    assert "conversation cleared" in err and "error: cannot load image missing.png: file not found" in err
+    assert "unknown command '/nonsense'" in err
+
+
+def test_end_of_input_leaves_and_bad_questions_do_not(capsys, monkeypatch):
+    code, answers, err = chat(capsys, monkeypatch, ["Hi <|im_end|>", "Read the digits."],
+                              "--decoder", "spec", "--verbose", "--max-new-tokens", "8")
+    assert code == 0 and len(answers) == 1
+    assert "error: text contains the special token '<|im_end|>'" in err
+    assert "tokens/forward" in err  # --verbose statistics
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--threshold", "2"], "threshold must be in [0, 1], got 2.0"),
+    (["--image", "missing.png"], "cannot load image missing.png: file not found"),
+    (["--max-new-tokens", "0"], "max_new_tokens must be >= 1, got 0"),
+])
+def test_bad_settings_are_one_line_errors(capsys, monkeypatch, argv, message):
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    code, _, err = run(capsys, "chat", *argv)
+    assert code == 2 and message in one_line_error(err, "chat")
