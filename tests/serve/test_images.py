@@ -173,3 +173,10 @@ def test_remote_size_cap_timeout_and_failures(site):
     allowed = ImagePolicy(allow_remote=True)
     assert "downloading" in refused(f"{site}/missing.png", allowed).message
     assert "non-http(s)" in refused(f"{site}/to-ftp", allowed).message  # urllib alone would follow it
+
+
+def test_too_many_pixels_is_413_and_a_bad_aspect_ratio_400(image):
+    error = refused(data_url(image), ImagePolicy(limits=ImageLimits(max_pixels=100)))
+    assert error.status == 413 and "too large" in error.message
+    error = refused(data_url(Image.new("RGB", (402, 2))), ImagePolicy())
+    assert error.status == 400 and "aspect ratio" in error.message

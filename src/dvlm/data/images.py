@@ -64,6 +64,10 @@ class ImageError(ValueError):
         self.reason = reason
 
 
+class ImageTooLargeError(ImageError):
+    """More encoded bytes or pixels than the limits allow (a server answers 413)."""
+
+
 def load_image(source: ImageSource, *, allow_remote: bool = False,
                limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
     """Load ``source`` as a fully decoded RGB image (transparency composited onto white).
@@ -115,7 +119,7 @@ def _load_path(path: Path, limits: ImageLimits) -> Image.Image:
 
 def _check_bytes(size: int, name: str, limits: ImageLimits) -> None:
     if size > limits.max_bytes:
-        raise ImageError(name, f"{size} bytes, more than the limit of {limits.max_bytes} "
+        raise ImageTooLargeError(name, f"{size} bytes, more than the limit of {limits.max_bytes} "
                                f"({limits.max_bytes / MIB:g} MiB)")
 
 
@@ -171,7 +175,7 @@ def _check_size(width: int, height: int, name: str, limits: ImageLimits) -> None
     if width <= 0 or height <= 0:
         raise ImageError(name, f"zero-sized image ({width}x{height})")
     if width * height > limits.max_pixels:
-        raise ImageError(name, f"too large ({width}x{height} = {width * height} pixels, "
+        raise ImageTooLargeError(name, f"too large ({width}x{height} = {width * height} pixels, "
                                f"limit {limits.max_pixels})")
     ratio = max(width, height) / min(width, height)
     if ratio > limits.max_aspect_ratio:

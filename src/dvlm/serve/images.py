@@ -28,7 +28,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from dvlm.data.images import DEFAULT_LIMITS, MIB, ImageError, ImageLimits, load_image
+from dvlm.data.images import DEFAULT_LIMITS, MIB, ImageError, ImageLimits, ImageTooLargeError, load_image
 from dvlm.serve.errors import APIError, bad_request, too_large
 
 READ_CHUNK = 64 * 1024
@@ -91,6 +91,8 @@ def _scheme(url: str, where: str) -> str:
 def _decode(source: str | bytes, where: str, limits: ImageLimits) -> Image.Image:
     try:
         return load_image(source, limits=limits)
+    except ImageTooLargeError as err:
+        raise too_large(f"{where}: cannot load the image: {err.reason}", param=where) from err
     except ImageError as err:
         raise bad_request(f"{where}: cannot load the image: {err.reason}", code="invalid_image", param=where) from err
 
