@@ -45,10 +45,7 @@ def write_model_card(path: Path, name: str, summary: str, info: dict[str, Any], 
         f"{info['recipe']['seed']})",
         *([f"- conversion: `dvlm convert --preset fast-dvlm`, block size {info['recipe']['block_size']}, "
            f"overrides {json.dumps(info['recipe'].get('diffusion_overrides', {}))}"] if info["stage"] == "dvlm" else []),
-        *(f"- stage {i}: {st['max_steps']} steps, batch {st['batch_size']}, AdamW lr {st['learning_rate']} "
-          f"(warmup {st['warmup_ratio']}, cosine), {st['dtype']}, "
-          f"{'next-token loss' if st['ar_loss'] else 'diffusion + AR loss (fast-dvlm recipe)'}"
-          for i, st in enumerate(stages, start=1)),
+        *(stage_line(i, st) for i, st in enumerate(stages, start=1)),
         f"- training time: about {info['train_seconds'] / 60:.0f} min (sum of measured step times) on "
         f"{info['hardware']}",
         "- rebuild: `dvlm zoo build` (the recipe in `src/dvlm/zoo/recipe.py`)",
@@ -64,3 +61,12 @@ def write_model_card(path: Path, name: str, summary: str, info: dict[str, Any], 
     card = path / "README.md"
     card.write_text("\n".join(line for line in lines if line is not None) + "\n")
     return card
+
+
+def stage_line(index: int, stage: dict[str, Any]) -> str:
+    """One training stage of a card, e.g. "- stage 1: 6000 steps, ..., vision tower frozen, next-token loss"."""
+    vision = stage.get("vision_learning_rate")
+    vision_text = "" if vision is None else ", vision tower frozen" if vision == 0 else f", vision lr {vision}"
+    loss = "next-token loss" if stage["ar_loss"] else "diffusion + AR loss (fast-dvlm recipe)"
+    return (f"- stage {index}: {stage['max_steps']} steps, batch {stage['batch_size']}, AdamW lr "
+            f"{stage['learning_rate']} (warmup {stage['warmup_ratio']}, cosine), {stage['dtype']}{vision_text}, {loss}")
