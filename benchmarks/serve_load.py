@@ -69,19 +69,19 @@ def data_url(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def body(request: Request, decoder: str) -> dict:
+def body(request: Request, decoder: str, model: str) -> dict:
     content = [{"type": "image_url", "image_url": {"url": request.image_url}},
                {"type": "text", "text": request.question}]
-    return {"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": MAX_TOKENS,
+    return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": MAX_TOKENS,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "decoder": decoder}
 
 
-async def one_request(client: httpx.AsyncClient, request: Request, decoder: str) -> Result:
+async def one_request(client: httpx.AsyncClient, request: Request, decoder: str, model: str) -> Result:
     start = time.perf_counter()
     first = None
     usage, dvlm = {}, {}
     try:
-        async with client.stream("POST", "/v1/chat/completions", json=body(request, decoder)) as response:
+        async with client.stream("POST", "/v1/chat/completions", json=body(request, decoder, model)) as response:
             if response.status_code != 200:
                 return Result(False, error=f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
             async for line in response.aiter_lines():
@@ -100,7 +100,8 @@ async def one_request(client: httpx.AsyncClient, request: Request, decoder: str)
     return Result(True, usage.get("completion_tokens", 0), dvlm.get("nfe", 0), (first or end) - start, end - start)
 
 
-async def run_level(url: str, requests: list[Request], decoder: str, concurrency: int) -> tuple[list[Result], float]:
+async def run_level(url: str, model: str, requests: list[Request], decoder: str,
+                    concurrency: int) -> tuple[list[Result], float]:
     queue: asyncio.Queue[Request] = asyncio.Queue()
     for request in requests:
         queue.put_nowait(request)
@@ -108,7 +109,7 @@ async def run_level(url: str, requests: list[Request], decoder: str, concurrency
 
     async def worker(client: httpx.AsyncClient) -> None:
         while not queue.empty():
-            results.append(await one_request(client, queue.get_nowait(), decoder))
+            results.append(await one_request(client, queue.get_nowait(), decoder, model))
 
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
@@ -166,11 +167,11 @@ def start_server(model: str, decoder: str, max_batch: int) -> tuple[subprocess.P
 def serve_levels(model: str, decoder: str, requests: list[Request], levels: list[int]) -> list[dict]:
     server, url = start_server(model, decoder, max(levels))
     try:
-        asyncio.run(run_level(url, requests[:4], decoder, 2))  # warm-up
+        asyncio.run(run_level(url, model, requests[:4], decoder, 2))  # warm-up
         rows = []
         for concurrency in levels:
             before = step_rows(url)
-            results, wall = asyncio.run(run_level(url, requests, decoder, concurrency))
+            results, wall = asyncio.run(run_level(url, model, requests, decoder, concurrency))
             after = step_rows(url)
             mean_rows = (after[0] - before[0]) / max(after[1] - before[1], 1)
             rows.append(summarise(decoder, concurrency, results, wall, mean_rows))
@@ -223,15 +224,15 @@ def ratios(rows: list[dict]) -> list[str]:
     lines = []
     for decoder in dict.fromkeys(r["decoder"] for r in rows):
         direct, one = find(decoder, "direct"), find(decoder, 1)
-        if direct and one:
+        if direct and one and one["latency_p50_ms"] and direct["latency_p50_ms"]:
             lines.append(f"{decoder}: server at concurrency 1 adds {100 * (one['latency_p50_ms'] / direct['latency_p50_ms'] - 1):+.1f}% "
                          "to the direct call's p50 latency")
         sixteen = find(decoder, 16)
-        if one and sixteen:
+        if one and sixteen and one["tokens_per_s"]:
             lines.append(f"{decoder}: tokens/s at concurrency 16 = {sixteen['tokens_per_s'] / one['tokens_per_s']:.2f}x "
                          "its concurrency-1 figure")
     block, ar = find("block", 16), find("ar", 16)
-    if block and ar:
+    if block and ar and ar["tokens_per_s"]:
         lines.append(f"block vs ar at concurrency 16: {block['tokens_per_s'] / ar['tokens_per_s']:.2f}x tokens/s, "
                      f"p50 latency {block['latency_p50_ms']:.0f} ms vs {ar['latency_p50_ms']:.0f} ms")
     return lines
