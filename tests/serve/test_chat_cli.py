@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 
@@ -23,7 +24,11 @@ def chat(capsys, monkeypatch, lines: list[str], *argv: str) -> tuple[int, list[s
     """Run `dvlm chat` on typed `lines`; returns the exit code, the answers printed, and stderr."""
     monkeypatch.setattr("sys.stdin", io.StringIO("".join(f"{line}\n" for line in lines)))
     code, out, err = run(capsys, "chat", *argv)
-    answers = [piece.strip("\n") for piece in out.split("> ") if piece.strip()]
+    # Every answer ends its line (an empty answer too); each line starts with the prompts "> " of the
+    # inputs read before it (commands print nothing on stdout).
+    answers = [re.sub(r"^(?:> )*", "", line) for line in out.split("\n")[:-1]]
+    if "/quit" not in lines:
+        answers = answers[:-1]  # at the end of input the chat ends the prompt's line
     return code, answers, err
 
 
