@@ -8,6 +8,7 @@ they are built: an invalid or unknown setting is an error that says what to chan
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -51,12 +52,18 @@ def check_field_types(config: Any) -> None:
     not an ``int``, ``True`` is not a number, floats must be finite. An ``int`` is accepted where a
     ``float`` is expected.
     """
-    hints = typing.get_type_hints(type(config))
+    hints = _field_hints(type(config))
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if not _has_type(value, hints[f.name]):
             raise ConfigError(f"{type(config).__name__}.{f.name}={value!r} is not valid: "
                               f"expected {_type_name(hints[f.name])}")
+
+
+@functools.lru_cache(maxsize=None)
+def _field_hints(cls: type) -> dict[str, Any]:
+    """The resolved annotations of a config class (resolving them costs more than the checks)."""
+    return typing.get_type_hints(cls)
 
 
 def _has_type(value: Any, hint: Any) -> bool:
