@@ -167,12 +167,7 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="block (diffusion), spec (self-speculative: AR's output, fewer forwards), "
                         "spec-quadratic (experimental spec, one pass per block), ar (our KV-cached loop) or "
                         "hf (transformers generate); default: block for converted models, else ar")
-    p.add_argument("--block-size", type=int, metavar="N",
-                   help="block size for block and spec decoding (default: the model's)")
-    policy = p.add_mutually_exclusive_group()
-    policy.add_argument("--threshold", type=float, metavar="T",
-                        help="block decoding: unmask every position with confidence >= T")
-    policy.add_argument("--steps", type=int, metavar="S", help="block decoding: fixed denoising steps per block")
+    add_block_arguments(p)
     p.add_argument("--sub-block-size", type=int, metavar="S",
                    help="block decoding: unmask sub-blocks of S positions left to right")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
@@ -213,6 +208,16 @@ def generate(args: argparse.Namespace) -> None:
     if args.verbose:
         print(f"decoder={out.decoder} tokens={out.num_tokens} nfe={out.nfe} tokens/nfe={out.tokens_per_nfe:.2f} "
               f"tokens/s={out.tokens_per_second:.1f} finish={out.finish_reason}", file=sys.stderr)
+
+
+def add_block_arguments(p: argparse.ArgumentParser) -> None:
+    """--block-size and the unmasking policy (--threshold or --steps), as generate, eval and chat take them."""
+    p.add_argument("--block-size", type=int, metavar="N",
+                   help="block size for block and spec decoding (default: the model's)")
+    policy = p.add_mutually_exclusive_group()
+    policy.add_argument("--threshold", type=float, metavar="T",
+                        help="block decoding: unmask every position with confidence >= T")
+    policy.add_argument("--steps", type=int, metavar="S", help="block decoding: fixed denoising steps per block")
 
 
 def model_name(model: str | None) -> str:
@@ -267,10 +272,7 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="sample seed; a new seed draws fresh samples (default: 0)")
     p.add_argument("--limit", type=int, default=100, metavar="N", help="samples to evaluate (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=1, metavar="N", help="prompts decoded together (default: 1)")
-    p.add_argument("--block-size", type=int, metavar="N", help="block size for block/spec decoding")
-    policy = p.add_mutually_exclusive_group()
-    policy.add_argument("--threshold", type=float, metavar="T", help="block decoding confidence threshold")
-    policy.add_argument("--steps", type=int, metavar="S", help="block decoding: fixed steps per block")
+    add_block_arguments(p)
     p.add_argument("--max-new-tokens", type=int, default=96, metavar="N", help="(default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.add_argument("--device", help="e.g. cpu, cuda:0 (default: auto)")
@@ -540,12 +542,7 @@ def chat_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help=f"checkpoint directory or built-in name (default: {DEFAULT_MODEL})")
     p.add_argument("--image", action="append", metavar="FILE", help="image for your first message (repeatable)")
     p.add_argument("--decoder", choices=DECODERS, help="default: block for converted models, else ar")
-    p.add_argument("--block-size", type=int, metavar="N",
-                   help="block size for block and spec decoding (default: the model's)")
-    policy = p.add_mutually_exclusive_group()
-    policy.add_argument("--threshold", type=float, metavar="T",
-                        help="block decoding: unmask every position with confidence >= T")
-    policy.add_argument("--steps", type=int, metavar="S", help="block decoding: fixed denoising steps per block")
+    add_block_arguments(p)
     p.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
                    help="answer length limit (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default: %(default)s)")
