@@ -1,0 +1,1 @@
+"""What models are evaluated on: published benchmarks read from local files (`benchmarks/`)."""

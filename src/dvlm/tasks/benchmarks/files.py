@@ -1,0 +1,93 @@
+"""Reading benchmark files from local disk: JSON, JSON lines, parquet (the Hugging Face layout).
+
+The Hugging Face copies of the benchmarks (lmms-lab/*, MMMU/MMMU: what lmms-eval downloads) are
+parquet files whose image columns hold `{"bytes": ..., "path": ...}` structs. Parquet needs
+pyarrow (the `benchmarks` extra); JSON layouts need nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from dvlm.tasks.benchmarks.items import BenchmarkDataError
+
+SPLIT_PREFIXES = ("train", "dev", "validation", "val", "test")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise BenchmarkDataError(f"{path}: no such file") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BenchmarkDataError(f"{path}: not valid JSON ({err})") from err
+
+
+def read_json_lines(path: Path) -> list[dict[str, Any]]:
+    """One JSON object per line (blank lines skipped); a file holding one JSON list is read too."""
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        return read_json(path)
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise BenchmarkDataError(f"{path}, line {number}: not valid JSON ({err})") from err
+    return records
+
+
+def is_parquet(path: Path) -> bool:
+    return path.suffix == ".parquet" or (path.is_dir() and any(path.rglob("*.parquet")))
+
+
+def parquet_files(path: Path, split: str) -> list[Path]:
+    """`path` itself, or the parquet files under a folder; of those named by split (`test-0000...`,
+    `validation-...`), only `split`'s, as lmms-eval reads only its task's split."""
+    if path.is_file():
+        return [path]
+    files = sorted(path.rglob("*.parquet"))
+    named = [f for f in files if f.name.split("-")[0] in SPLIT_PREFIXES]
+    chosen = [f for f in named if f.name.split("-")[0] == split] if named else files
+    if not chosen:
+        raise BenchmarkDataError(f"{path}: no {split} parquet files (found {', '.join(f.name for f in files[:5])})")
+    return chosen
+
+
+def parquet_rows(path: Path, split: str, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
+    """The rows of the split's parquet files under `path`, as dicts."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise BenchmarkDataError("reading parquet files needs pyarrow: pip install 'dvlm[benchmarks]'") from err
+    for file in parquet_files(path, split):
+        table = pq.read_table(file)
+        missing = [c for c in columns or [] if c not in table.column_names]
+        if missing:
+            raise BenchmarkDataError(f"{file}: no column(s) {', '.join(missing)}; it has {', '.join(table.column_names)}")
+        yield from table.to_pylist()
+
+
+def image_bytes(value: Any, where: str) -> bytes:
+    """The encoded image of a parquet image cell (`{"bytes": b"..."}` or raw bytes)."""
+    data = value.get("bytes") if isinstance(value, dict) else value
+    if not isinstance(data, (bytes, bytearray)) or not data:
+        raise BenchmarkDataError(f"{where}: the image cell holds no encoded image")
+    return bytes(data)
+
+
+def image_file(root: Path, name: str, where: str) -> Path:
+    """`root / name`, which must exist: a missing image fails before any decoding starts."""
+    path = root / name
+    if not path.is_file():
+        raise BenchmarkDataError(f"{where}: image {path} not found (give the image folder with --images)")
+    return path
+
+
+def require(record: dict[str, Any], keys: tuple[str, ...], where: str) -> None:
+    missing = [k for k in keys if k not in record]
+    if missing:
+        raise BenchmarkDataError(f"{where}: no field(s) {', '.join(missing)}; found {', '.join(map(str, record))}")
