@@ -265,7 +265,17 @@ def demo(args: argparse.Namespace) -> None:
 
 # -- eval / bench --------------------------------------------------------------------------------
 def eval_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True, help="built-in task: shapes-qa, shapes-caption, digits-read, multi-turn")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--task", help="built-in task: shapes-qa, shapes-caption, digits-read, multi-turn")
+    which.add_argument("--benchmark", help="published benchmark read from --data: mme, pope, ai2d, chartqa, docvqa, "
+                                           "textvqa, mmmu")
+    p.add_argument("--data", metavar="PATH", help="--benchmark: its file or folder (official release or the "
+                                                  "Hugging Face parquet)")
+    p.add_argument("--images", metavar="DIR", help="--benchmark: the image folder, where the data names image files")
+    p.add_argument("--decoders", metavar="LIST", help="--benchmark: comma-separated decoders run side by side "
+                                                      "(default: --decoder, or the model's)")
+    p.add_argument("--out", metavar="DIR", help="--benchmark: write JSON, a Markdown table, the plot and the "
+                                                "answers here")
     p.add_argument("--model", help=f"checkpoint directory or built-in name (default: {DEFAULT_MODEL})")
     p.add_argument("--decoder", choices=DECODERS, help="default: block for converted models, else ar")
     p.add_argument("--split", default="test", choices=("train", "validation", "test"), help="(default: %(default)s)")
@@ -273,7 +283,8 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=100, metavar="N", help="samples to evaluate (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=1, metavar="N", help="prompts decoded together (default: 1)")
     add_block_arguments(p)
-    p.add_argument("--max-new-tokens", type=int, default=96, metavar="N", help="(default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, metavar="N",
+                   help="(default: 96 for --task; the benchmark's lmms-eval setting for --benchmark)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.add_argument("--device", help="e.g. cpu, cuda:0 (default: auto)")
 
@@ -284,12 +295,14 @@ def evaluate(args: argparse.Namespace) -> None:
 
     if args.limit < 1 or args.batch_size < 1:
         raise CLIError("--limit and --batch-size must be >= 1")
+    if args.benchmark:
+        return evaluate_benchmark(args)
     with quiet_hf_progress():
         lm = dvlm.load(model_name(args.model), device=checked_device(args.device))
     options = {k: v for k, v in (("block_size", args.block_size), ("threshold", args.threshold),
                                  ("steps", args.steps)) if v is not None}
     result = run_eval(lm, args.task, split=args.split, limit=args.limit, seed=args.seed, decoder=args.decoder,
-                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, **options)
+                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens or 96, **options)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return
@@ -298,6 +311,39 @@ def evaluate(args: argparse.Namespace) -> None:
         print(f"  {name:<18}{value:.4f}")
     print(f"  {'tokens/forward':<18}{result.speed['tokens_per_nfe']:.3f}")
     print(f"  {'tokens/s':<18}{result.speed['tokens_per_second']:.1f}")
+
+
+def evaluate_benchmark(args: argparse.Namespace) -> None:
+    """`dvlm eval --benchmark`: the files are read (and refused) before the model loads."""
+    from dvlm.eval.benchmark import run_benchmark, write_report
+    from dvlm.tasks.benchmarks import get_benchmark
+
+    if not args.data:
+        raise CLIError("--benchmark needs --data (the benchmark's file or folder)")
+    benchmark = get_benchmark(args.benchmark)
+    items = benchmark.read(Path(args.data).expanduser(), Path(args.images).expanduser() if args.images else None)
+    if not items:
+        raise CLIError(f"{args.data}: no {benchmark.name} items")
+    items = items[:args.limit]
+    decoders = split_list(args.decoders, "--decoders") if args.decoders else [args.decoder] if args.decoder else None
+    unknown = [d for d in decoders or [] if d not in DECODERS]
+    if unknown:
+        raise ConfigError(f"unknown decoder(s) {', '.join(unknown)}; choose from {', '.join(DECODERS)}")
+    out = writable_directory(Path(args.out)) if args.out else None
+    with quiet_hf_progress():
+        lm = dvlm.load(model_name(args.model), device=checked_device(args.device))
+    runs = run_benchmark(lm, benchmark, items, decoders or ["block" if lm.diffusion else "ar"],
+                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, progress=True,
+                         block_size=args.block_size, threshold=args.threshold, steps=args.steps)
+    if args.json:
+        print(json.dumps([run.row for run in runs], indent=2))
+    else:
+        from dvlm.eval.benchmark import markdown_table
+
+        print(markdown_table(benchmark, [run.row for run in runs], describe_device(lm.device)))
+    if out is not None:
+        paths = write_report(benchmark, runs, out, describe_device(lm.device))
+        print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
 
 
 def bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -583,7 +629,8 @@ VERBS: dict[str, Verb] = {
     "convert": Verb("convert an AR vision-language checkpoint into a block-diffusion one", convert_arguments, convert),
     "train": Verb("fine-tune a converted model on LLaVA-format data", train_arguments, train),
     "generate": Verb("answer a prompt (with images) using a model", generate_arguments, generate),
-    "eval": Verb("score a model on a built-in task (accuracy and speed)", eval_arguments, evaluate),
+    "eval": Verb("score a model on a built-in task or a benchmark's files (accuracy and speed)", eval_arguments,
+                 evaluate),
     "bench": Verb("benchmark decoders side by side: accuracy, tokens/forward, tokens/s", bench_arguments, bench),
     "serve": Verb("serve a model over an OpenAI-compatible HTTP API", serve_arguments, serve),
     "chat": Verb("chat with a model in the terminal, answers streamed", chat_arguments, chat),
