@@ -5,6 +5,10 @@
     out = model.generate("What colour is the circle?", images=[image], decoder="block")
 """
 
+from dvlm.quantize import quiet_torchao_import
+
+quiet_torchao_import()  # before anything imports transformers, which imports torchao when installed
+
 from dvlm.config import DecodeConfig, DiffusionConfig, TrainConfig
 from dvlm.decode.output import GenerationOutput
 from dvlm.model.wrapper import DVLM, load

@@ -8,6 +8,7 @@ parsed arguments, plus one function declaring those arguments; `VERBS` maps name
     dvlm bench    --decoders ar,hf,block,spec --block-sizes 8,16 --thresholds 0.7,0.9
     dvlm serve    --model runs/r1/model --port 8000
     dvlm chat     --model runs/r1/model --image cat.png
+    dvlm quantize --model runs/r1/model --out r1-int8 --scheme int8-dynamic
     dvlm demo
 
 Adding a verb = two functions and one `VERBS` entry. Expected failures (bad paths, bad settings,
@@ -421,6 +422,34 @@ def describe_device(device: Any) -> str:
     return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+# -- quantize ------------------------------------------------------------------------------------
+def quantize_arguments(p: argparse.ArgumentParser) -> None:
+    from dvlm.quantize import SCHEMES
+
+    p.add_argument("--model", required=True, help="checkpoint directory or built-in name to quantize")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to write the quantized model to")
+    p.add_argument("--scheme", required=True, choices=SCHEMES,
+                   help="int8-weight (weights only), int8-dynamic (W8A8) or fp8 (W8A8, CUDA compute capability "
+                        ">= 8.9)")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists and is not empty")
+    p.add_argument("--device", help="device to check the result on, e.g. cpu, cuda:0 (default: auto)")
+
+
+def quantize(args: argparse.Namespace) -> None:
+    """Write a model that dvlm.load quantizes with --scheme, after checking it loads and quantizes here."""
+    from dvlm.model.wrapper import resolve_model_path
+    from dvlm.quantize import check_can_quantize, write_quantized
+
+    src = resolve_model_path(args.model)
+    check_can_quantize(args.scheme, pick_device(checked_device(args.device)))  # before anything is written
+    out = write_quantized(src, Path(args.out), args.scheme, overwrite=args.overwrite)
+    with quiet_hf_progress():
+        lm = dvlm.load(out, device=args.device)  # proves the result loads (and quantizes) here
+    print(f"quantized {src} -> {out} ({args.scheme}; vision encoder and output layer kept in "
+          f"{lm.adapter.model_dtype(lm.model)})")
+    print("  the weights are stored in full precision and quantized by dvlm.load: serve or evaluate DIR as any model")
+
+
 # -- zoo -----------------------------------------------------------------------------------------
 def zoo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=("build", "list"), help="build: rebuild the built-in models; list: show them")
@@ -636,6 +665,7 @@ VERBS: dict[str, Verb] = {
     "chat": Verb("chat with a model in the terminal, answers streamed", chat_arguments, chat),
     "demo": Verb("the whole pipeline on the built-in models, offline, in a few minutes", demo_arguments, demo),
     "zoo": Verb("rebuild (or list) the built-in models", zoo_arguments, zoo),
+    "quantize": Verb("quantize a model's language layers with torchao (int8, fp8)", quantize_arguments, quantize),
 }
 
 

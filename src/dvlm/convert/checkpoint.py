@@ -43,6 +43,7 @@ from dvlm.convert.verify import causal_logits, max_logit_difference, probe_input
 from dvlm.data.processor import IMAGE_PLACEHOLDER, ChatProcessor
 from dvlm.data.tokenizer import load_tokenizer
 from dvlm.model.wrapper import DIFFUSION_CONFIG_KEY, load
+from dvlm.quantize import RECIPE_KEY as QUANTIZATION_RECIPE
 from dvlm.runtime import pick_device, pick_dtype
 
 REPORT_FILE = "dvlm_conversion.json"
@@ -113,6 +114,12 @@ def check_not_quantized(src: Path, config: dict[str, Any]) -> None:
             method = settings.get("quant_method", "unknown method") if isinstance(settings, dict) else settings
             raise ValueError(f"{src} is quantized (quantization_config: {method}); dvlm converts only "
                              "unquantized float checkpoints: convert the original bf16/fp32 model")
+    if QUANTIZATION_RECIPE in config:
+        # Its weights are float and the recipe would be copied: verification would compare the float
+        # source with a converted copy that dvlm.load quantizes, and report a quantization error
+        # as a conversion error (or, within tolerance, "verify" a model it never ran as saved).
+        raise ValueError(f"{src} is a `dvlm quantize` output ({QUANTIZATION_RECIPE} in config.json); convert its "
+                         "full-precision source, then quantize the converted model")
     for file in weight_files(src):
         with safe_open(file, "pt") as f:
             for name in f.keys():

@@ -27,6 +27,7 @@ from dvlm.data.images import DEFAULT_LIMITS, ImageLimits
 from dvlm.data.processor import ChatProcessor, Encoded, PromptTooLongError
 from dvlm.data.tokenizer import load_tokenizer
 from dvlm.decode.output import GenerationOutput
+from dvlm.quantize import check_can_quantize, quantize_model, scheme_to_apply
 from dvlm.runtime import pick_device, pick_dtype
 
 if TYPE_CHECKING:
@@ -228,17 +229,25 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
 
 
 def load(name_or_path: str | Path, *, device: str | None = None, dtype: str | None = None,
-         max_length: int | None = None, image_limits: ImageLimits = DEFAULT_LIMITS) -> DVLM:
+         max_length: int | None = None, image_limits: ImageLimits = DEFAULT_LIMITS,
+         quantize: str | None = None) -> DVLM:
     """Load a converted dVLM or a plain AR checkpoint from a local directory (safetensors only).
 
-    `dtype` None/"auto": the checkpoint's own dtype (see `runtime.pick_dtype`)."""
+    `dtype` None/"auto": the checkpoint's own dtype (see `runtime.pick_dtype`). `quantize`: a
+    `dvlm.quantize` scheme applied after loading; a checkpoint written by `dvlm quantize` applies
+    its own."""
     path = resolve_model_path(name_or_path)
     config = read_config(path)
     adapter = adapter_for_checkpoint(path)
     check_weights(path)
     _check_processor_files(path)
     dev = pick_device(device)
+    scheme = scheme_to_apply(quantize, config)
+    if scheme is not None:
+        check_can_quantize(scheme, dev)  # an unusable scheme fails before the weights load
     model = adapter.load_model(path, pick_dtype(dtype, dev, saved_dtype(config)), dev)
+    if scheme is not None:
+        quantize_model(model, adapter, scheme)
     processor = ChatProcessor(load_tokenizer(path), adapter.load_image_processor(path), max_length=max_length,
                               image_limits=image_limits)
     return DVLM(model, adapter, processor, diffusion_config_of(model, str(path / "config.json")), str(path))
