@@ -28,9 +28,10 @@ copies the full-precision checkpoint and records the scheme in config.json (`dvl
 `dvlm.load` quantizes at load time. The directory is as large as its source; loading costs one
 quantization pass (seconds).
 
-On CPU, int8 is not a speed-up for models this small: torchao's int8 CPU path is not faster than
-fp32/bf16 matmuls at batch 1 (measure with benchmarks/quantize.py). It saves weight memory at
-run time.
+On CPU, int8 is not a speed-up: torchao writes its CPU int8 paths as decomposed ops for
+torch.compile to fuse, and dvlm decodes eagerly (int8-weight converts its weights to float inside
+every matmul; int8-dynamic adds the activation quantization as separate ops). It saves weight
+memory at run time; `benchmarks/quantize.py` measures the speed.
 
 torchao is an optional extra (`pip install 'dvlm[quantize]'`), imported only when quantizing.
 """
