@@ -37,15 +37,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.utils import logging as hf_logging
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # forward_cost.py, run as a script or imported
-
-import dvlm
+import dvlm  # first: it quiets torchao's import, which forward_cost's transformers import triggers
 from dvlm.convert.qwen2_5_vl import Qwen25VLAdapter
 from dvlm.eval.harness import evaluate
 from dvlm.eval.plots import primary_metric
 from dvlm.quantize import FP8_MIN_CAPABILITY, quantize_model
 from dvlm.runtime import pick_device
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # forward_cost.py, run as a script or imported
 from forward_cost import build, forward_cost
 
 MODEL = "tiny-dvlm"
@@ -150,6 +151,7 @@ def main() -> None:
         args.limit, args.cache, args.repeats = 4, 32, 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    hf_logging.disable_progress_bar()  # a bar per model load would bury the tables
     device = pick_device(args.device)
     precisions = precisions_here(device)
     print(f"device {device}, {torch.get_num_threads()} threads; precisions {', '.join(p.name for p in precisions)}"
