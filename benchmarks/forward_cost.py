@@ -25,8 +25,8 @@ import time
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from dvlm.convert.qwen2_5_vl import Qwen25VLAdapter
 from dvlm.decode.prefill import text_positions
+from dvlm.model.adapters.qwen2_5_vl import Qwen25VLAdapter
 from dvlm.model.cache import KVContext
 from dvlm.runtime import pick_device, pick_dtype, synchronize
 

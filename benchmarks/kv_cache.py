@@ -14,13 +14,12 @@ import argparse
 import time
 
 import torch
+from forward_cost import SIZES, build  # noqa: E402  (run from this folder or with it on sys.path)
 
-from dvlm.convert.qwen2_5_vl import Qwen25VLAdapter
 from dvlm.decode.prefill import text_positions
+from dvlm.model.adapters.qwen2_5_vl import Qwen25VLAdapter
 from dvlm.model.cache import KVContext
 from dvlm.runtime import pick_device, pick_dtype, synchronize
-
-from forward_cost import SIZES, build  # noqa: E402  (run from this folder or with it on sys.path)
 
 
 @torch.inference_mode()

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # One thread: as fast as two for these tiny models, and far faster when the 2 cores are shared.
 torch.set_num_threads(1)
 
-from dvlm.convert.checkpoint import convert_checkpoint  # noqa: E402
+from dvlm.convert.conversion import convert_checkpoint  # noqa: E402
 from dvlm.convert.verify import probe_image  # noqa: E402
 from dvlm.zoo.tiny import TinyShape, build_random_checkpoint  # noqa: E402
 from dvlm.zoo.tokenizer import build_tokenizer  # noqa: E402

@@ -180,7 +180,7 @@ def test_train_config_precedence(tmp_path):
 
 
 def test_train_and_resume(capsys, tmp_path, fast_checkpoint):
-    from dvlm.zoo.tasks import export_llava, get_task
+    from dvlm.tasks.builtin import export_llava, get_task
 
     data = export_llava(get_task("shapes-qa").generate("train", 8), tmp_path / "data")
     run_dir = tmp_path / "run"

@@ -5,9 +5,9 @@
     out = model.generate("What colour is the circle?", images=[image], decoder="block")
 """
 
+from dvlm.api import DVLM, load
 from dvlm.config import DecodeConfig, DiffusionConfig, TrainConfig
 from dvlm.decode.output import GenerationOutput
-from dvlm.model.wrapper import DVLM, load
 
 __all__ = ["DVLM", "DecodeConfig", "DiffusionConfig", "GenerationOutput", "TrainConfig", "load"]
 __version__ = "0.1.0"

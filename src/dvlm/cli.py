@@ -39,10 +39,10 @@ from dvlm.config import (
     load_yaml,
     parse_overrides,
 )
-from dvlm.convert.checkpoint import ConversionError, convert_checkpoint
-from dvlm.convert.registry import UnsupportedArchitectureError
+from dvlm.convert.conversion import ConversionError, convert_checkpoint
 from dvlm.data.images import ImageError, load_image
 from dvlm.data.processor import PromptTooLongError
+from dvlm.model.adapters.registry import UnsupportedArchitectureError
 from dvlm.runtime import pick_device
 
 DEFAULT_MODEL = "tiny-dvlm"  # the built-in model `generate` uses when it is installed

@@ -21,10 +21,10 @@ from transformers import (
 
 import dvlm
 from dvlm.config import ConfigError, DiffusionConfig
-from dvlm.convert import checkpoint as convert_module
-from dvlm.convert.checkpoint import REPORT_FILE, ConversionError, convert_checkpoint
-from dvlm.convert.registry import UnsupportedArchitectureError
+from dvlm.convert import conversion as convert_module
+from dvlm.convert.conversion import REPORT_FILE, ConversionError, convert_checkpoint
 from dvlm.convert.verify import causal_logits, max_logit_difference, probe_input
+from dvlm.model.adapters.registry import UnsupportedArchitectureError
 from tests.convert.sources import SHAPE, build_checkpoint, quiet
 
 PRESETS = ("fast-dvlm", "diffusionvl")

@@ -23,7 +23,7 @@ import gc, json, sys
 from pathlib import Path
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
-from dvlm.convert.checkpoint import convert_checkpoint
+from dvlm.convert.conversion import convert_checkpoint
 from dvlm.zoo.tiny import TinyShape, build_random_checkpoint, tiny_config, tiny_image_processor
 from dvlm.zoo.tokenizer import build_tokenizer
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dvlm.api import DVLM
 from dvlm.config import DiffusionConfig
-from dvlm.convert.registry import Adapter
 from dvlm.data.processor import IGNORE_INDEX, Encoded
-from dvlm.model.wrapper import DVLM
+from dvlm.model.adapters.base import Adapter
 
 VOCAB = 16
 MASK = 15

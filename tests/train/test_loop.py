@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 
 import dvlm
 from dvlm.config import ConfigError, TrainConfig
+from dvlm.tasks.builtin import export_llava, get_task
 from dvlm.train import loop as loop_module
 from dvlm.train.loop import FINAL_DIR, METRICS_FILE, TrainingError, lr_lambda, train
-from dvlm.zoo.tasks import export_llava, get_task
 
 FIXED_BATCH = 12  # the whole dataset: every step sees the same batch
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from dvlm.zoo.tasks import TASKS, vocabulary_texts
+from dvlm.tasks.builtin import TASKS, vocabulary_texts
 from dvlm.zoo.tokenizer import (
     ENDOFTEXT_TOKEN,
     IM_END_TOKEN,

@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from dvlm.convert.registry import Adapter
 from dvlm.data.collate import collate
 from dvlm.data.processor import ChatProcessor, Encoded
+from dvlm.model.adapters.base import Adapter
 from dvlm.model.masks import context_mask, to_additive
 
 PROBE_TEXT = "Describe the image in one sentence."

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dvlm.config import DiffusionConfig
-from dvlm.convert.registry import Adapter
 from dvlm.data.collate import Batch
 from dvlm.diffusion.noising import IGNORE_INDEX, NoisyStream
+from dvlm.model.adapters.base import Adapter
 from dvlm.model.masks import context_mask, to_additive, two_stream_mask
 
 

@@ -8,8 +8,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from dvlm.decode.output import GenerationOutput
-from dvlm.zoo.metrics import aggregate, score
-from dvlm.zoo.tasks import IMAGE_PLACEHOLDER, Sample, get_task
+from dvlm.tasks.builtin import IMAGE_PLACEHOLDER, Sample, get_task
+from dvlm.tasks.metrics import aggregate, score
 
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 

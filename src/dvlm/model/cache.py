@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 
-from dvlm.convert.registry import Adapter
+from dvlm.model.adapters.base import Adapter
 from dvlm.model.masks import (
     MASK_KINDS,
     commit_and_draft_mask,

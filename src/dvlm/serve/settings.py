@@ -17,7 +17,7 @@ from dvlm.data.processor import Encoded
 from dvlm.serve.requests import SERVED_DECODERS
 
 if TYPE_CHECKING:
-    from dvlm.model.wrapper import DVLM
+    from dvlm.api import DVLM
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from dvlm.api import DIFFUSION_CONFIG_KEY, DVLM, load
 from dvlm.config import ConfigError, DiffusionConfig, TrainConfig, from_dict
 from dvlm.data.collate import Batch, collate
 from dvlm.data.llava_json import (
@@ -41,8 +42,7 @@ from dvlm.diffusion.objective import (
     loss_normaliser,
 )
 from dvlm.diffusion.schedule import annealed_block_size
-from dvlm.model.wrapper import DIFFUSION_CONFIG_KEY, DVLM, load
-from dvlm.train.checkpoint import (
+from dvlm.train.resume import (
     Checkpoint,
     newest_usable_checkpoint,
     restore_training_state,

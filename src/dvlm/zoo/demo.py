@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import dvlm
-from dvlm.convert.checkpoint import convert_checkpoint
+from dvlm.convert.conversion import convert_checkpoint
 from dvlm.decode.output import GenerationOutput
 from dvlm.eval.bench import Setting, run_bench
-from dvlm.zoo.tasks import IMAGE_PLACEHOLDER, get_task
+from dvlm.tasks.builtin import IMAGE_PLACEHOLDER, get_task
 from dvlm.zoo.tiny import TinyShape, build_random_checkpoint
 from dvlm.zoo.tokenizer import build_tokenizer
 

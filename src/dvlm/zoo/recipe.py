@@ -20,8 +20,8 @@ from typing import Any, Callable
 import torch
 
 from dvlm.config import TrainConfig
-from dvlm.convert.checkpoint import convert_checkpoint
-from dvlm.zoo.tasks import export_llava, get_task
+from dvlm.convert.conversion import convert_checkpoint
+from dvlm.tasks.builtin import export_llava, get_task
 from dvlm.zoo.tiny import TinyShape, build_random_checkpoint, tiny_image_processor
 from dvlm.zoo.tokenizer import build_tokenizer
 
@@ -142,7 +142,7 @@ CARD_SUMMARIES = {
 
 
 def write_cards(paths: dict[str, Path], infos: dict[str, dict[str, Any]], recipe: ZooRecipe, progress: bool) -> None:
-    from dvlm.model.wrapper import load
+    from dvlm.api import load
     from dvlm.zoo.card import evaluate_builtin, write_model_card
 
     decoders = {

@@ -8,7 +8,7 @@ byte-level decoder maps pieces back and concatenates them, so decoding reproduce
 of known pieces exactly, including no space before "." or "?".
 
 Vocabulary: the Qwen-style special tokens first, at fixed ids (``SPECIAL_TOKENS``), then every
-piece of ``dvlm.zoo.tasks.vocabulary_texts()`` and the chat-template role names, each both bare
+piece of ``dvlm.tasks.builtin.vocabulary_texts()`` and the chat-template role names, each both bare
 and space-prefixed (so a word is known wherever it lands in a sentence), plus lone "Ġ" and "Ċ"
 for stray whitespace, sorted. ``<image>`` (the LLaVA placeholder in the task conversations) is a
 special token too, so it is never split into unknown pieces; the data pipeline replaces it with
@@ -26,7 +26,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from dvlm.zoo.tasks import IMAGE_PLACEHOLDER, vocabulary_texts
+from dvlm.tasks.builtin import IMAGE_PLACEHOLDER, vocabulary_texts
 
 UNK_TOKEN = "<unk>"
 ENDOFTEXT_TOKEN = "<|endoftext|>"  # also the pad token, as in Qwen

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache, Qwen2_5_VLForConditionalGeneration
 
-from dvlm.convert.registry import Adapter, register
+from dvlm.model.adapters.base import Adapter
+from dvlm.model.adapters.registry import register
 
 
 @register

@@ -19,7 +19,7 @@ Text (all generated here, so the tokenizer can enumerate it from these constants
   center. ..." with one sentence per shape in row-major cell order ("There is 1 shape." for one).
 
 This module is mechanism only; which scenes belong to which split is decided by the caller
-through ``buckets`` (see ``dvlm.zoo.tasks``).
+through ``buckets`` (see ``dvlm.tasks.builtin``).
 """
 
 from __future__ import annotations

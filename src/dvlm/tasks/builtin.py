@@ -1,6 +1,6 @@
 """The built-in model's synthetic tasks: the ``Sample`` type, splits, the registry, LLaVA export.
 
-Tasks (see ``dvlm.zoo.shapes`` and ``dvlm.zoo.digits`` for image and text formats):
+Tasks (see ``dvlm.tasks.shapes`` and ``dvlm.tasks.digits`` for image and text formats):
 
 * ``shapes-qa``: one short question about a shapes scene (colour of a kind or at a place / kind at a
   place / count / place of a colour+kind).
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from dvlm.zoo import digits, shapes
+from dvlm.tasks import digits, shapes
 
 SPLITS = ("train", "validation", "test")
 NUM_BUCKETS = 10
@@ -44,7 +44,7 @@ SPLIT_BUCKETS: dict[str, frozenset[int]] = {
 }
 IMAGE_PLACEHOLDER = "<image>"
 
-# How an answer is scored (dvlm.zoo.metrics): exact match, caption facts, or digit sequence.
+# How an answer is scored (dvlm.tasks.metrics): exact match, caption facts, or digit sequence.
 SHORT = "short"
 CAPTION = "caption"
 DIGITS = "digits"

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from dvlm.atomic import first_line, written_whole
-from dvlm.convert.registry import CheckpointError, check_weights
+from dvlm.model.checkpoint_files import CheckpointError, check_weights
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"

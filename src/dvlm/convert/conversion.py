@@ -29,20 +29,14 @@ from safetensors import safe_open
 from tokenizers import AddedToken
 from torch import nn
 
+from dvlm.api import DIFFUSION_CONFIG_KEY, load
 from dvlm.atomic import atomic_directory, recover
 from dvlm.config import DTYPES, ConfigError, DiffusionConfig
-from dvlm.convert.registry import (
-    WEIGHTS_INDEX,
-    adapter_for_checkpoint,
-    check_weights,
-    read_config,
-    saved_dtype,
-    weight_files,
-)
 from dvlm.convert.verify import causal_logits, max_logit_difference, probe_input
 from dvlm.data.processor import IMAGE_PLACEHOLDER, ChatProcessor
 from dvlm.data.tokenizer import load_tokenizer
-from dvlm.model.wrapper import DIFFUSION_CONFIG_KEY, load
+from dvlm.model.adapters.registry import adapter_for_checkpoint
+from dvlm.model.checkpoint_files import WEIGHTS_INDEX, check_weights, read_config, saved_dtype, weight_files
 from dvlm.runtime import pick_device, pick_dtype
 
 REPORT_FILE = "dvlm_conversion.json"

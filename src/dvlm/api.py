@@ -15,18 +15,13 @@ from PIL import Image
 from torch import nn
 
 from dvlm.config import ConfigError, DecodeConfig, DiffusionConfig, from_dict
-from dvlm.convert.registry import (
-    Adapter,
-    CheckpointError,
-    adapter_for_checkpoint,
-    check_weights,
-    read_config,
-    saved_dtype,
-)
 from dvlm.data.images import DEFAULT_LIMITS, ImageLimits
 from dvlm.data.processor import ChatProcessor, Encoded, PromptTooLongError
 from dvlm.data.tokenizer import load_tokenizer
 from dvlm.decode.output import GenerationOutput
+from dvlm.model.adapters.base import Adapter
+from dvlm.model.adapters.registry import adapter_for_checkpoint
+from dvlm.model.checkpoint_files import CheckpointError, check_weights, read_config, saved_dtype
 from dvlm.runtime import pick_device, pick_dtype
 
 if TYPE_CHECKING:

@@ -18,16 +18,16 @@ from safetensors.torch import load_file
 
 import dvlm
 from dvlm.config import TrainConfig
-from dvlm.train import checkpoint as checkpoint_module
-from dvlm.train.checkpoint import (
+from dvlm.tasks.builtin import export_llava, get_task
+from dvlm.train import resume as checkpoint_module
+from dvlm.train.loop import FINAL_DIR, METRICS_FILE, train
+from dvlm.train.resume import (
     OPTIMIZER_FILE,
     RNG_FILE,
     STATE_FILE,
     CheckpointError,
     list_checkpoints,
 )
-from dvlm.train.loop import FINAL_DIR, METRICS_FILE, train
-from dvlm.zoo.tasks import export_llava, get_task
 
 CHECKPOINT_FILES = {"model.safetensors", "config.json", OPTIMIZER_FILE, RNG_FILE, STATE_FILE}
 

@@ -1,0 +1,54 @@
+"""Adapters: what dvlm needs to know about one family of HF vision-language models.
+
+An adapter is keyed by the `architectures` entry of a checkpoint's `config.json`. Supporting a new
+family (Qwen2-VL, a LLaVA-style model, ...) means one new module with an `Adapter` subclass
+decorated with `@register`; nothing else in dvlm changes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dvlm.model.adapters.base import Adapter
+from dvlm.model.checkpoint_files import read_config
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The checkpoint's architecture has no adapter."""
+
+
+_REGISTRY: dict[str, type[Adapter]] = {}
+
+
+def register(cls: type[Adapter]) -> type[Adapter]:
+    """Class decorator: make an adapter available for its architectures."""
+    for arch in cls.architectures:
+        _REGISTRY[arch] = cls
+    return cls
+
+
+def supported_architectures() -> list[str]:
+    _load_builtin_adapters()
+    return sorted(_REGISTRY)
+
+
+def adapter_for_architecture(architecture: str) -> Adapter:
+    _load_builtin_adapters()
+    if architecture not in _REGISTRY:
+        raise UnsupportedArchitectureError(
+            f"architecture {architecture!r} is not supported; supported: {', '.join(sorted(_REGISTRY))}"
+        )
+    return _REGISTRY[architecture]()
+
+
+def adapter_for_checkpoint(path: str | Path) -> Adapter:
+    config = read_config(path)
+    architectures = config.get("architectures") or []
+    if not architectures:
+        raise UnsupportedArchitectureError(f"{path}/config.json names no architectures")
+    return adapter_for_architecture(architectures[0])
+
+
+def _load_builtin_adapters() -> None:
+    # Importing the modules runs their @register decorators.
+    from dvlm.model.adapters import qwen2_5_vl  # noqa: F401
