@@ -172,7 +172,7 @@ def test_train_config_precedence(tmp_path):
     args = build_parser().parse_args(["train", "--model", "m", "--data", "d", "--out", "o", "--config", str(yaml_file),
                                       "--set", "batch_size=5", "--set", "learning_rate=0.2", "--lr", "0.3", "--ar"])
     cfg = train_config(args)
-    assert (cfg.learning_rate, cfg.batch_size, cfg.warmup_ratio, cfg.ar_loss) == (0.3, 5, 0.2, True)
+    assert (cfg.learning_rate, cfg.batch_size, cfg.warmup_ratio, cfg.objective) == (0.3, 5, 0.2, "autoregressive")
     assert cfg.gradient_checkpointing is False  # an absent flag does not override
     bad = build_parser().parse_args(["train", "--model", "m", "--data", "d", "--out", "o", "--set", "nope=1"])
     with pytest.raises(ConfigError, match="nope"):

@@ -1,8 +1,8 @@
 """The `dvlm` command line. The CLI is a dict of verbs: each verb is one function taking the
 parsed arguments, plus one function declaring those arguments; `VERBS` maps names to both.
 
-    dvlm convert  --model Qwen2.5-VL-3B-Instruct --out qwen-dvlm
-    dvlm train    --model qwen-dvlm --data train.json --out runs/r1 --steps 1000
+    dvlm convert  --model ./my-ar-vlm --out my-dvlm
+    dvlm train    --model my-dvlm --data train.json --out runs/r1 --steps 1000
     dvlm generate --model runs/r1/model --image cat.png --prompt "What is in the picture?"
     dvlm eval     --task shapes-caption --model tiny-dvlm --decoder spec
     dvlm bench    --decoders ar,hf,block,spec --block-sizes 8,16 --thresholds 0.7,0.9
@@ -114,14 +114,14 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (bfloat16: autocast)")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None,
                    help="recompute activations in the backward pass to save memory")
-    p.add_argument("--ar", action="store_true", default=None,
-                   help="pure autoregressive training (next-token loss, no diffusion)")
+    p.add_argument("--ar", action="store_const", const="autoregressive", default=None,
+                   help="pure autoregressive training (next-token loss, no diffusion): objective=autoregressive")
     p.add_argument("--device", help="training device, e.g. cpu, cuda:0 (default: auto)")
 
 
 # Explicit flags -> TrainConfig fields; they beat --set, which beats --config.
 TRAIN_FLAGS = {"steps": "max_steps", "batch_size": "batch_size", "grad_accum": "grad_accum", "lr": "learning_rate",
-               "dtype": "dtype", "gradient_checkpointing": "gradient_checkpointing", "ar": "ar_loss"}
+               "dtype": "dtype", "gradient_checkpointing": "gradient_checkpointing", "ar": "objective"}
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:

@@ -63,8 +63,8 @@ def hf_forward_logits(model, sample) -> torch.Tensor:
     with torch.inference_mode():
         out = model(
             input_ids=sample.input_ids[None],
-            pixel_values=sample.pixel_values,
-            image_grid_thw=sample.image_grid_thw,
+            pixel_values=sample.vision["pixel_values"],
+            image_grid_thw=sample.vision["image_grid_thw"],
             mm_token_type_ids=sample.mm_token_type_ids[None],
         )
     return out.logits[0].float()

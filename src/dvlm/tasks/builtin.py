@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from dvlm.data.chat import IMAGE_PLACEHOLDER
 from dvlm.tasks import digits, shapes
 
 SPLITS = ("train", "validation", "test")
@@ -42,7 +43,6 @@ SPLIT_BUCKETS: dict[str, frozenset[int]] = {
     "validation": frozenset({7}),
     "test": frozenset({8, 9}),
 }
-IMAGE_PLACEHOLDER = "<image>"
 
 # How an answer is scored (dvlm.tasks.metrics): exact match, caption facts, or digit sequence.
 SHORT = "short"

@@ -67,6 +67,8 @@ def stage_line(index: int, stage: dict[str, Any]) -> str:
     """One training stage of a card, e.g. "- stage 1: 6000 steps, ..., vision tower frozen, next-token loss"."""
     vision = stage.get("vision_learning_rate")
     vision_text = "" if vision is None else ", vision tower frozen" if vision == 0 else f", vision lr {vision}"
-    loss = "next-token loss" if stage["ar_loss"] else "diffusion + AR loss (fast-dvlm recipe)"
+    # Stages recorded before TrainConfig.ar_loss became `objective` carry the old key.
+    autoregressive = stage.get("objective", "autoregressive" if stage.get("ar_loss") else "diffusion") == "autoregressive"
+    loss = "next-token loss" if autoregressive else "diffusion + AR loss (fast-dvlm recipe)"
     return (f"- stage {index}: {stage['max_steps']} steps, batch {stage['batch_size']}, AdamW lr "
             f"{stage['learning_rate']} (warmup {stage['warmup_ratio']}, cosine), {stage['dtype']}{vision_text}, {loss}")

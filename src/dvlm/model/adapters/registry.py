@@ -52,3 +52,11 @@ def adapter_for_checkpoint(path: str | Path) -> Adapter:
 def _load_builtin_adapters() -> None:
     # Importing the modules runs their @register decorators.
     from dvlm.model.adapters import qwen2_5_vl  # noqa: F401
+
+
+REFERENCE_ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
+"""The family of the built-in models and of the test fixtures' random models."""
+
+
+def reference_adapter() -> Adapter:
+    return adapter_for_architecture(REFERENCE_ARCHITECTURE)
