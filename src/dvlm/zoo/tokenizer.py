@@ -29,13 +29,21 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from transformers import PreTrainedTokenizerFast
 
 from dvlm.data.chat import IMAGE_PLACEHOLDER, ROLES
+from dvlm.model.adapters.base import Adapter, TokenizerSpec
 from dvlm.model.adapters.registry import reference_adapter
 from dvlm.tasks.builtin import vocabulary_texts
 
 UNK_TOKEN = "<unk>"
-FAMILY = reference_adapter().tokenizer_spec()
-# Order fixes the ids (0, 1, ...): the shipped weights depend on it, so only ever append.
-SPECIAL_TOKENS = (UNK_TOKEN, *FAMILY.special_tokens, IMAGE_PLACEHOLDER)
+
+
+def special_tokens(family: TokenizerSpec) -> tuple[str, ...]:
+    """The special tokens in id order. Order fixes the ids (0, 1, ...): the shipped weights depend
+    on it, so a family only ever appends to its own list."""
+    return (UNK_TOKEN, *family.special_tokens, IMAGE_PLACEHOLDER)
+
+
+SPECIAL_TOKENS = special_tokens(reference_adapter().tokenizer_spec())
+"""The built-in models' (the reference family's) special tokens, in id order."""
 
 SPLIT_PATTERN = r" ?[A-Za-z]+| ?[0-9]| ?[^\sA-Za-z0-9]|\s"
 SPACE_MARK = "Ġ"  # how the byte-level map shows " "
@@ -50,38 +58,41 @@ def pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     ])
 
 
-def vocabulary() -> list[str]:
-    """All tokens in id order: ``SPECIAL_TOKENS``, then the sorted task pieces."""
+def vocabulary(specials: tuple[str, ...] = SPECIAL_TOKENS) -> list[str]:
+    """All tokens in id order: the special tokens, then the sorted task pieces."""
     splitter = pre_tokenizer()
     texts = [*vocabulary_texts(), *ROLES]
     pieces = {SPACE_MARK, NEWLINE_MARK}
     for text in texts:
-        for special in SPECIAL_TOKENS:  # specials are matched before pre-tokenization
+        for special in specials:  # specials are matched before pre-tokenization
             text = text.replace(special, " ")
         for piece, _ in splitter.pre_tokenize_str(text):
             word = piece.removeprefix(SPACE_MARK)
             if word and word != NEWLINE_MARK:
                 pieces.update((word, SPACE_MARK + word))
-    return [*SPECIAL_TOKENS, *sorted(pieces - set(SPECIAL_TOKENS))]
+    return [*specials, *sorted(pieces - set(specials))]
 
 
-def build_tokenizer(out_dir: str | Path | None = None) -> PreTrainedTokenizerFast:
-    """Build the tokenizer (and ``save_pretrained`` it to ``out_dir`` when given)."""
-    vocab = {token: i for i, token in enumerate(vocabulary())}
+def build_tokenizer(out_dir: str | Path | None = None, adapter: Adapter | None = None) -> PreTrainedTokenizerFast:
+    """Build the tokenizer (and ``save_pretrained`` it to ``out_dir`` when given) with the special
+    tokens and chat template of `adapter`'s family (default: the reference family, the built-in models')."""
+    family = (adapter or reference_adapter()).tokenizer_spec()
+    specials = special_tokens(family)
+    vocab = {token: i for i, token in enumerate(vocabulary(specials))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
     backend.pre_tokenizer = pre_tokenizer()
     backend.decoder = decoders.ByteLevel()
     # Specials already have ids in the vocab; registering them keeps them whole in any text.
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t in SPECIAL_TOKENS])
-    named = {UNK_TOKEN, FAMILY.pad_token, FAMILY.eos_token}
+                                for t in specials])
+    named = {UNK_TOKEN, family.pad_token, family.eos_token}
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         unk_token=UNK_TOKEN,
-        pad_token=FAMILY.pad_token,
-        eos_token=FAMILY.eos_token,
-        extra_special_tokens=[t for t in SPECIAL_TOKENS if t not in named],
-        chat_template=FAMILY.chat_template,
+        pad_token=family.pad_token,
+        eos_token=family.eos_token,
+        extra_special_tokens=[t for t in specials if t not in named],
+        chat_template=family.chat_template,
         # The decoder already reproduces spacing exactly; the cleanup would only corrupt it.
         clean_up_tokenization_spaces=False,
     )

@@ -1,12 +1,16 @@
 """Adapters: what dvlm needs to know about one family of HF vision-language models.
 
 An adapter is keyed by the `architectures` entry of a checkpoint's `config.json`. Supporting a new
-family (Qwen2-VL, a LLaVA-style model, ...) means one new module with an `Adapter` subclass
-decorated with `@register`; nothing else in dvlm changes.
+family (Qwen2-VL, a LLaVA-style model, ...) means one new module in this package with an `Adapter`
+subclass decorated with `@register`: every module here is imported on first use, so nothing
+else in dvlm changes.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import pkgutil
 from pathlib import Path
 
 from dvlm.model.adapters.base import Adapter
@@ -49,9 +53,12 @@ def adapter_for_checkpoint(path: str | Path) -> Adapter:
     return adapter_for_architecture(architectures[0])
 
 
+@functools.cache
 def _load_builtin_adapters() -> None:
-    # Importing the modules runs their @register decorators.
-    from dvlm.model.adapters import qwen2_5_vl  # noqa: F401
+    """Import every module of this package (once): importing runs their @register decorators."""
+    package = importlib.import_module(__package__)
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{__package__}.{module.name}")
 
 
 REFERENCE_ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
