@@ -179,6 +179,12 @@ def test_train_config_precedence(tmp_path):
         train_config(bad)
 
 
+def test_the_renamed_ar_loss_key_points_at_objective():
+    args = build_parser().parse_args(["train", "--model", "m", "--data", "d", "--out", "o", "--set", "ar_loss=true"])
+    with pytest.raises(ConfigError, match="TrainConfig.ar_loss was renamed: write objective: autoregressive"):
+        train_config(args)
+
+
 def test_train_and_resume(capsys, tmp_path, fast_checkpoint):
     from dvlm.tasks.builtin import export_llava, get_task
 

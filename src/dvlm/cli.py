@@ -31,6 +31,7 @@ import dvlm
 from dvlm.atomic import WriteError
 from dvlm.config import (
     DECODERS,
+    DEFAULT_THRESHOLD,
     DTYPES,
     PRESETS,
     ConfigError,
@@ -308,7 +309,7 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoders", default="ar,hf,block,spec",
                    help=f"comma-separated, from {', '.join(DECODERS)} (default: %(default)s)")
     p.add_argument("--block-sizes", default="16", help="comma-separated block sizes (default: %(default)s)")
-    p.add_argument("--thresholds", default="0.9", help="comma-separated thresholds (default: %(default)s)")
+    p.add_argument("--thresholds", default=str(DEFAULT_THRESHOLD), help="comma-separated thresholds (default: %(default)s)")
     p.add_argument("--limit", type=int, default=20, metavar="N", help="samples per task (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=96, metavar="N", help="(default: %(default)s)")
     p.add_argument("--out", default="bench-results", metavar="DIR", help="JSON, Markdown and plot (default: %(default)s)")

@@ -7,12 +7,9 @@ they are built: an invalid or unknown setting is an error that says what to chan
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import functools
-import inspect
 import math
-import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -340,7 +337,7 @@ class DecodeConfig:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
         if self.sub_block_size is not None and self.sub_block_size < 1:
             raise ConfigError(f"sub_block_size must be >= 1, got {self.sub_block_size}")
-        self.sampling  # checks temperature, top_k, top_p and seed
+        Sampling(self.temperature, self.top_k, self.top_p, self.seed)  # checks them: one place for the rules
 
     @property
     def sampling(self) -> Sampling:
@@ -434,20 +431,6 @@ def from_dict(cls: type[C], values: dict[str, Any]) -> C:
     if unknown:
         raise ConfigError(f"unknown {cls.__name__} keys {unknown}; valid keys: {', '.join(sorted(names))}")
     return cls(**values)
-
-
-@functools.lru_cache(maxsize=None)
-def field_docs(cls: type) -> dict[str, str]:
-    """Each field's docstring (the string under it in the class body), one line: the text the
-    command line shows as the help of the field's flag, written once here."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs = {}
-    for node, after in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and \
-                isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(after.value.value).split())
-    return docs
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from dvlm.config import TrainConfig
+from dvlm.config import DEFAULT_THRESHOLD, TrainConfig
 from dvlm.convert.conversion import convert_checkpoint
 from dvlm.model.adapters.base import TinyShape
 from dvlm.model.adapters.registry import reference_adapter
@@ -149,7 +149,7 @@ def write_cards(paths: dict[str, Path], infos: dict[str, dict[str, Any]], recipe
 
     decoders = {
         "tiny-ar": [("ar", {})],
-        "tiny-dvlm": [("block", {"block_size": recipe.block_size, "threshold": 0.9}),
+        "tiny-dvlm": [("block", {"block_size": recipe.block_size, "threshold": DEFAULT_THRESHOLD}),
                       ("spec", {"block_size": recipe.block_size}), ("ar", {})],
     }
     for name, path in paths.items():
