@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 import dvlm
-from dvlm.data.llava_json import LlavaJsonDataset
 from dvlm.data.chat import split_placeholders
+from dvlm.data.llava_json import LlavaJsonDataset
 from dvlm.model.adapters.qwen_chat import DEFAULT_SYSTEM_PROMPT, template_system_prompt
 from tests.data.conftest import qwen_processor
 

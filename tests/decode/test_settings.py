@@ -5,14 +5,16 @@ GenerationOutput records the settings its row actually ran with."""
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 
 from dvlm.config import DEFAULT_THRESHOLD, ConfigError, DecodeConfig, DiffusionConfig
 from dvlm.decode.ar import generate_ar
 from dvlm.decode.block import generate_block
-from dvlm.decode.settings import joined, resolve, split
+from dvlm.decode.settings import RowSettings, joined, resolve, split
 from dvlm.decode.speculative import generate_speculative
+from dvlm.decode.stepper import Started, StepReport, run_to_completion
 
 from .scripted import prompt, scripted_lm
 
@@ -83,3 +85,37 @@ def test_every_output_records_the_settings_it_ran_with(decoder, run):
     expected_block = None if decoder == "ar" else 4
     expected_threshold = 0.8 if decoder == "block" else None
     assert (out.settings["block_size"], out.settings["threshold"]) == (expected_block, expected_threshold)
+
+
+class _ScriptedSteps:
+    """A stepper stand-in whose rows finish one per step, a few milliseconds apart."""
+
+    def __init__(self, rows: int) -> None:
+        self.waiting = list(range(rows))
+        self.timer = type("Timer", (), {"as_dict": lambda _: {"prefill_s": 0.0, "total_s": 1e9}})()
+
+    def start(self, prompts, settings) -> Started:
+        return Started(list(range(len(prompts))), None)
+
+    def join(self, started: Started) -> None:
+        pass
+
+    @property
+    def num_active(self) -> int:
+        return len(self.waiting)
+
+    def step(self) -> StepReport:
+        time.sleep(0.005)
+        return StepReport([], [self.waiting.pop(0)], 1)
+
+    def output(self, row_id: int, timings: dict[str, float]) -> dict[str, float]:
+        return timings
+
+
+def test_in_a_batch_each_row_is_timed_until_it_finished():
+    """A row's tokens per second divide its tokens by its own time, not by the whole batch's."""
+    timings = run_to_completion(_ScriptedSteps(3), [prompt(4)] * 3, RowSettings(4))
+    totals = [t["total_s"] for t in timings]
+    assert totals == sorted(totals) and len(set(totals)) == 3  # the first row finished first
+    assert totals[-1] < 1e9  # every row's own clock, not the batch timer's total
+    assert all(t["prefill_s"] == 0.0 for t in timings)  # the batch's phases are shared

@@ -35,7 +35,13 @@ from dvlm.data.chat import IMAGE_PLACEHOLDER
 from dvlm.data.processor import ChatProcessor
 from dvlm.model.adapters.base import Adapter
 from dvlm.model.adapters.registry import adapter_for_checkpoint
-from dvlm.model.checkpoint_files import WEIGHTS_INDEX, check_weights, read_config, saved_dtype, weight_files
+from dvlm.model.checkpoint_files import (
+    WEIGHTS_INDEX,
+    check_weights,
+    read_config,
+    saved_dtype,
+    weight_files,
+)
 from dvlm.model.loaded import LoadedModel, has_recipe, save_model, write_recipe
 from dvlm.runtime import pick_device, pick_dtype
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from dvlm.data.images import ImageSource
 from dvlm.data.positions import PositionScheme
@@ -21,12 +21,14 @@ from dvlm.data.vision import VisionInputs
 
 ROLES = ("system", "user", "assistant")
 """The roles of a chat's messages."""
-SPEAKER_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+HUMAN, GPT = "human", "gpt"
+"""The speakers of a LLaVA record's user and assistant turns (its "from" values)."""
+SPEAKER_ROLES = {HUMAN: "user", "user": "user", GPT: "assistant", "assistant": "assistant", "system": "system"}
 """LLaVA record speakers (and the role names themselves) -> chat roles."""
 IMAGE_PLACEHOLDER = "<image>"
 """Where an image goes in a text (LLaVA's convention); its image tokens replace it."""
 
-Messages = Union[str, Sequence[Mapping[str, Any]]]
+Messages = str | Sequence[Mapping[str, Any]]
 TextEncoder = Callable[[str], list[int]]
 """Text -> token ids, refusing special tokens typed as text (`ChatProcessor._text`)."""
 Segment = tuple[list[int], bool]
@@ -50,7 +52,7 @@ class ImagePart:
 @dataclass
 class Turn:
     role: str
-    parts: list[Union[str, ImageSlot]]
+    parts: list[str | ImageSlot]
 
 
 class ChatFormat:
@@ -68,7 +70,7 @@ class ChatFormat:
         self.image_processor = image_processor
         self.positions = positions
 
-    def turn(self, role: str, parts: list[Union[str, ImagePart]], text: TextEncoder) -> list[Segment]:
+    def turn(self, role: str, parts: list[str | ImagePart], text: TextEncoder) -> list[Segment]:
         """One turn in tokens, as the family's chat template renders it.
 
         Args:
@@ -121,14 +123,14 @@ class ChatFormat:
         self.image_processor.save_pretrained(path)
 
 
-def message_parts(index: int, content: Any) -> list[Union[str, ImageSlot]]:
+def message_parts(index: int, content: Any) -> list[str | ImageSlot]:
     """Parts of one OpenAI-style message content (a string or a list of typed parts)."""
     if isinstance(content, str):
         return [content]
     if not isinstance(content, Sequence):
         raise ValueError(f"message {index}: content must be a string or a list of parts, "
                          f"got {type(content).__name__}")
-    parts: list[Union[str, ImageSlot]] = []
+    parts: list[str | ImageSlot] = []
     for part in content:
         kind = part.get("type") if isinstance(part, Mapping) else None
         if kind == "text" and isinstance(part.get("text"), str):
@@ -170,7 +172,7 @@ def to_turns(messages: Messages, images: Sequence[ImageSource] | None) -> list[T
     return bind_images(turns, extra)
 
 
-def split_placeholders(text: str) -> list[Union[str, ImageSlot]]:
+def split_placeholders(text: str) -> list[str | ImageSlot]:
     """Text with ``<image>`` placeholders -> text pieces and empty image slots, in order.
 
     The canonical layout is the family's chat template: an image's tokens are followed directly
@@ -183,7 +185,7 @@ def split_placeholders(text: str) -> list[Union[str, ImageSlot]]:
         "A <image> and <image>."   -> ["A ", slot, " and ", slot, "."]
     """
     pieces = text.split(IMAGE_PLACEHOLDER)
-    parts: list[Union[str, ImageSlot]] = []
+    parts: list[str | ImageSlot] = []
     for k, piece in enumerate(pieces):
         if k > 0:
             parts.append(ImageSlot())
@@ -200,7 +202,7 @@ def bind_images(turns: list[Turn], extra: list[ImageSource]) -> list[Turn]:
     queue = iter(extra)
     wanted = 0
     for turn in turns:
-        parts: list[Union[str, ImageSlot]] = []
+        parts: list[str | ImageSlot] = []
         for part in turn.parts:
             parts.extend(split_placeholders(part) if isinstance(part, str) else [part])
         for part in parts:

@@ -25,7 +25,12 @@ from torch.utils.data import Dataset
 
 from dvlm.data.chat import IMAGE_PLACEHOLDER, SPEAKER_ROLES
 from dvlm.data.images import ImageError
-from dvlm.data.processor import ChatProcessor, Encoded, PromptTooLongError, response_mask
+from dvlm.data.processor import (
+    ChatProcessor,
+    Encoded,
+    PromptTooLongError,
+    response_mask,
+)
 
 
 class SampleError(ValueError):

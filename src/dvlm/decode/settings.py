@@ -17,7 +17,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from dvlm.config import DEFAULT_THRESHOLD, ConfigError, DecodeConfig, DiffusionConfig, Sampling
+from dvlm.config import (
+    DEFAULT_THRESHOLD,
+    ConfigError,
+    DecodeConfig,
+    DiffusionConfig,
+    Sampling,
+)
 from dvlm.model.loaded import require_recipe
 
 SPECULATIVE = ("spec", "spec-quadratic")

@@ -9,9 +9,9 @@ The recipe travels inside the checkpoint's `config.json`, under `RECIPE_KEY`; `r
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,7 +22,12 @@ from dvlm.data.positions import PositionScheme
 from dvlm.data.processor import ChatProcessor, Encoded
 from dvlm.model.adapters.base import Adapter
 from dvlm.model.adapters.registry import adapter_for_checkpoint
-from dvlm.model.checkpoint_files import CheckpointError, check_weights, read_config, saved_dtype
+from dvlm.model.checkpoint_files import (
+    CheckpointError,
+    check_weights,
+    read_config,
+    saved_dtype,
+)
 from dvlm.runtime import pick_device, pick_dtype
 
 RECIPE_KEY = "dvlm"

@@ -36,10 +36,10 @@ from dvlm.config import ConfigError, DecodeConfig
 from dvlm.decode.ar import ARStepper
 from dvlm.decode.block import BlockStepper
 from dvlm.decode.output import GenerationOutput
-from dvlm.model.loaded import LoadedModel
 from dvlm.decode.settings import GroupSettings, RowSettings
 from dvlm.decode.speculative import SpecStepper
 from dvlm.decode.stepper import Stepper
+from dvlm.model.loaded import LoadedModel
 from dvlm.serve.answer_text import AnswerText
 from dvlm.serve.handle import RequestHandle
 from dvlm.serve.requests import (

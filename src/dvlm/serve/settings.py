@@ -17,6 +17,7 @@ from dvlm.data.processor import Encoded
 from dvlm.model.loaded import LoadedModel
 from dvlm.serve.requests import SERVED_DECODERS
 
+
 @dataclass(frozen=True)
 class ServeSettings:
     """`dvlm serve` options; validated when built (a ConfigError says what to change)."""

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from dvlm.data.chat import IMAGE_PLACEHOLDER
+from dvlm.data.chat import GPT, HUMAN, IMAGE_PLACEHOLDER
 from dvlm.tasks import digits, shapes
 
 SPLITS = ("train", "validation", "test")
@@ -78,7 +78,7 @@ class Sample:
 
     def __post_init__(self) -> None:
         roles = [turn["from"] for turn in self.conversations]
-        if not roles or roles != ["human", "gpt"] * (len(roles) // 2):
+        if not roles or roles != [HUMAN, GPT] * (len(roles) // 2):
             raise ValueError(f"{self.id}: conversations must alternate human/gpt, got {roles}")
         if self.answers != [turn["value"] for turn in self.conversations[1::2]]:
             raise ValueError(f"{self.id}: answers must equal the gpt values in order")
@@ -141,8 +141,8 @@ def _conversation(turns: list[Turn], n_images: int) -> list[dict[str, str]]:
     conversation = []
     for k, (question, answer, _) in enumerate(turns):
         prefix = f"{IMAGE_PLACEHOLDER}\n" * n_images if k == 0 else ""
-        conversation.append({"from": "human", "value": prefix + question})
-        conversation.append({"from": "gpt", "value": answer})
+        conversation.append({"from": HUMAN, "value": prefix + question})
+        conversation.append({"from": GPT, "value": answer})
     return conversation
 
 

@@ -7,7 +7,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import DynamicCache, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import (
+    DynamicCache,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
     Qwen2VLImageProcessorPil,
 )
@@ -16,7 +20,12 @@ from dvlm.data.chat import ChatFormat
 from dvlm.data.vision import VisionInputs
 from dvlm.model.adapters.base import Adapter, TinyShape, TokenizerSpec
 from dvlm.model.adapters.mrope import MRopePositions
-from dvlm.model.adapters.qwen_chat import CHAT_TEMPLATE, ENDOFTEXT, SPECIAL_TOKENS, QwenChatFormat
+from dvlm.model.adapters.qwen_chat import (
+    CHAT_TEMPLATE,
+    ENDOFTEXT,
+    SPECIAL_TOKENS,
+    QwenChatFormat,
+)
 from dvlm.model.adapters.registry import register
 
 PATCH_SIZE = 14

@@ -16,7 +16,7 @@ for Qwen3-VL).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from dvlm.data.chat import ChatFormat, ImagePart, Segment, TextEncoder
 from dvlm.data.positions import PositionScheme
@@ -69,7 +69,7 @@ class ChatTokenIds:
     image_pad: int
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: Any) -> "ChatTokenIds":
+    def from_tokenizer(cls, tokenizer: Any) -> ChatTokenIds:
         # get_vocab, not convert_tokens_to_ids: the latter maps a missing token to <unk> silently.
         vocab = tokenizer.get_vocab()
         missing = [s for s in CHAT_TOKEN_STRINGS.values() if s not in vocab]
@@ -88,7 +88,7 @@ class QwenChatFormat(ChatFormat):
         self.token_ids = ChatTokenIds.from_tokenizer(tokenizer)
         self.merge_size = int(image_processor.merge_size)
 
-    def turn(self, role: str, parts: list[Union[str, ImagePart]], text: TextEncoder) -> list[Segment]:
+    def turn(self, role: str, parts: list[str | ImagePart], text: TextEncoder) -> list[Segment]:
         """``<|im_start|>role\\n content <|im_end|>\\n``; an assistant's text and <|im_end|> are trained."""
         ids, trained = self.token_ids, role == "assistant"
         segments: list[Segment] = [([ids.im_start, *text(f"{role}\n")], False)]
