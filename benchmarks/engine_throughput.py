@@ -19,8 +19,8 @@ import time
 import torch
 
 import dvlm
-from dvlm.api import decoder_function
 from dvlm.config import DecodeConfig
+from dvlm.decode.generate import decoder_function
 from dvlm.eval.harness import sample_prompt
 from dvlm.serve.engine import Engine
 from dvlm.serve.requests import EngineObserver, EngineRequest, Finished
