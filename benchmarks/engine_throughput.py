@@ -20,11 +20,11 @@ import torch
 
 import dvlm
 from dvlm.config import DecodeConfig
+from dvlm.decode.generate import decoder_function
 from dvlm.eval.harness import sample_prompt
-from dvlm.model.wrapper import decoder_function
 from dvlm.serve.engine import Engine
 from dvlm.serve.requests import EngineObserver, EngineRequest, Finished
-from dvlm.zoo.tasks import get_task
+from dvlm.tasks.builtin import get_task
 
 
 class StepRows(EngineObserver):

@@ -25,10 +25,12 @@ import time
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from dvlm.convert.qwen2_5_vl import Qwen25VLAdapter
-from dvlm.decode.prefill import text_positions
+from dvlm.model.adapters.mrope import MRopePositions
+from dvlm.model.adapters.qwen2_5_vl import Qwen25VLAdapter
 from dvlm.model.cache import KVContext
 from dvlm.runtime import pick_device, pick_dtype, synchronize
+
+POSITIONS = MRopePositions(spatial_merge_size=2)  # text positions: equal on the three axes
 
 SIZES = {
     # ~50M parameters: a CPU-sized decoder.
@@ -63,10 +65,10 @@ def forward_cost(model, cache_len: int, query_len: int, repeats: int, device: to
     ctx = KVContext(adapter, model, 1, device)
     ids = torch.randint(10, 1000, (1, cache_len), device=device)
     zero = torch.zeros(1, dtype=torch.long, device=device)
-    ctx.commit(adapter.embed(model, ids), text_positions(zero, cache_len), torch.ones_like(ids, dtype=torch.bool),
+    ctx.commit(adapter.embed(model, ids), POSITIONS.text(zero, cache_len), torch.ones_like(ids, dtype=torch.bool),
                torch.zeros_like(ids), "causal")
     block = torch.randint(10, 1000, (1, query_len), device=device)
-    pos = text_positions(zero + cache_len, query_len)
+    pos = POSITIONS.text(zero + cache_len, query_len)
     valid, blocks = torch.ones_like(block, dtype=torch.bool), torch.ones_like(block)
     times = []
     for i in range(repeats + 2):

@@ -14,13 +14,14 @@ import argparse
 import time
 
 import torch
+from forward_cost import SIZES, build  # noqa: E402  (run from this folder or with it on sys.path)
 
-from dvlm.convert.qwen2_5_vl import Qwen25VLAdapter
-from dvlm.decode.prefill import text_positions
+from dvlm.model.adapters.mrope import MRopePositions
+from dvlm.model.adapters.qwen2_5_vl import Qwen25VLAdapter
 from dvlm.model.cache import KVContext
 from dvlm.runtime import pick_device, pick_dtype, synchronize
 
-from forward_cost import SIZES, build  # noqa: E402  (run from this folder or with it on sys.path)
+POSITIONS = MRopePositions(spatial_merge_size=2)  # text positions: equal on the three axes
 
 
 @torch.inference_mode()
@@ -30,13 +31,13 @@ def decode_seconds(model, prompt_len: int, new_tokens: int, capacity: int | None
     ctx = KVContext(adapter, model, 1, device, capacity=capacity)
     ids = torch.randint(10, 1000, (1, prompt_len), device=device)
     zero = torch.zeros(1, dtype=torch.long, device=device)
-    ctx.commit(adapter.embed(model, ids), text_positions(zero, prompt_len), torch.ones_like(ids, dtype=torch.bool),
+    ctx.commit(adapter.embed(model, ids), POSITIONS.text(zero, prompt_len), torch.ones_like(ids, dtype=torch.bool),
                torch.zeros_like(ids), "causal")
     token = ids[:, -1:]
     synchronize(device)
     start = time.perf_counter()
     for step in range(new_tokens):
-        hidden = ctx.commit(adapter.embed(model, token), text_positions(zero + prompt_len + step, 1),
+        hidden = ctx.commit(adapter.embed(model, token), POSITIONS.text(zero + prompt_len + step, 1),
                             torch.ones_like(token, dtype=torch.bool), torch.full_like(token, step + 1), "causal")
         token = adapter.logits(model, hidden[:, -1:]).argmax(-1)
     synchronize(device)

@@ -40,10 +40,10 @@ import torch
 from transformers.utils import logging as hf_logging
 
 import dvlm  # first: it quiets torchao's import, which forward_cost's transformers import triggers
-from dvlm.convert.qwen2_5_vl import Qwen25VLAdapter
+from dvlm.model.adapters.qwen2_5_vl import Qwen25VLAdapter
 from dvlm.eval.harness import evaluate
 from dvlm.eval.plots import primary_metric
-from dvlm.quantize import FP8_MIN_CAPABILITY, quantize_model
+from dvlm.model.quantize import FP8_MIN_CAPABILITY, quantize_model
 from dvlm.runtime import pick_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # forward_cost.py, run as a script or imported
@@ -60,7 +60,7 @@ QUERY_LENGTHS = (1, 16)  # an AR step; a block forward at B=16
 class Precision:
     name: str
     dtype: str
-    scheme: str | None  # a dvlm.quantize scheme applied on top of `dtype`
+    scheme: str | None  # a dvlm.model.quantize scheme applied on top of `dtype`
 
 
 PRECISIONS = (Precision("fp32", "float32", None), Precision("bf16", "bfloat16", None),

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import httpx
 
-from dvlm.zoo.tasks import IMAGE_PLACEHOLDER, get_task
+from dvlm.tasks.builtin import IMAGE_PLACEHOLDER, get_task
 
 MIX = {"shapes-caption": 0.5, "shapes-qa": 0.25, "digits-read": 0.25}  # long and short answers
 MAX_TOKENS = 96

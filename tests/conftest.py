@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny random Qwen2.5-VL checkpoints built on the spot (AR + both presets)."""
+"""Shared fixtures: tiny random checkpoints of every family in FAMILIES, built on the spot (AR + both
+presets). Tests that take `ar_checkpoint`, `dvlm_checkpoints`, `fast_checkpoint` or `tokenizer` run
+once per family."""
 
 from __future__ import annotations
 
@@ -12,9 +14,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # One thread: as fast as two for these tiny models, and far faster when the 2 cores are shared.
 torch.set_num_threads(1)
 
-from dvlm.convert.checkpoint import convert_checkpoint  # noqa: E402
+from dvlm.convert.conversion import convert_checkpoint  # noqa: E402
 from dvlm.convert.verify import probe_image  # noqa: E402
-from dvlm.zoo.tiny import TinyShape, build_random_checkpoint  # noqa: E402
+from dvlm.model.adapters.base import Adapter, TinyShape  # noqa: E402
+from dvlm.model.adapters.registry import (  # noqa: E402
+    REFERENCE_ARCHITECTURE,
+    adapter_for_architecture,
+)
+from dvlm.zoo.tiny import build_random_checkpoint  # noqa: E402
 from dvlm.zoo.tokenizer import build_tokenizer  # noqa: E402
 
 # A larger init std than HF's 0.02 makes random models give varied, non-repeating outputs, so
@@ -22,14 +29,24 @@ from dvlm.zoo.tokenizer import build_tokenizer  # noqa: E402
 TEST_SHAPE = TinyShape(initializer_range=0.3)
 
 
-@pytest.fixture(scope="session")
-def tokenizer():
-    return build_tokenizer()
+FAMILIES = (REFERENCE_ARCHITECTURE,)
+"""The architectures the shared checkpoint fixtures are built for: a new family adds its own here."""
+
+
+@pytest.fixture(scope="session", params=FAMILIES, ids=lambda a: adapter_for_architecture(a).family)
+def adapter(request) -> Adapter:
+    return adapter_for_architecture(request.param)
 
 
 @pytest.fixture(scope="session")
-def ar_checkpoint(tmp_path_factory, tokenizer) -> Path:
-    return build_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "ar", tokenizer, TEST_SHAPE, seed=0)
+def tokenizer(adapter):
+    return build_tokenizer(adapter=adapter)
+
+
+@pytest.fixture(scope="session")
+def ar_checkpoint(tmp_path_factory, tokenizer, adapter) -> Path:
+    return build_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "ar", tokenizer, TEST_SHAPE, seed=0,
+                                   adapter=adapter)
 
 
 @pytest.fixture(scope="session")

@@ -172,15 +172,21 @@ def test_train_config_precedence(tmp_path):
     args = build_parser().parse_args(["train", "--model", "m", "--data", "d", "--out", "o", "--config", str(yaml_file),
                                       "--set", "batch_size=5", "--set", "learning_rate=0.2", "--lr", "0.3", "--ar"])
     cfg = train_config(args)
-    assert (cfg.learning_rate, cfg.batch_size, cfg.warmup_ratio, cfg.ar_loss) == (0.3, 5, 0.2, True)
+    assert (cfg.learning_rate, cfg.batch_size, cfg.warmup_ratio, cfg.objective) == (0.3, 5, 0.2, "autoregressive")
     assert cfg.gradient_checkpointing is False  # an absent flag does not override
     bad = build_parser().parse_args(["train", "--model", "m", "--data", "d", "--out", "o", "--set", "nope=1"])
     with pytest.raises(ConfigError, match="nope"):
         train_config(bad)
 
 
+def test_the_renamed_ar_loss_key_points_at_objective():
+    args = build_parser().parse_args(["train", "--model", "m", "--data", "d", "--out", "o", "--set", "ar_loss=true"])
+    with pytest.raises(ConfigError, match="TrainConfig.ar_loss was renamed: write objective: autoregressive"):
+        train_config(args)
+
+
 def test_train_and_resume(capsys, tmp_path, fast_checkpoint):
-    from dvlm.zoo.tasks import export_llava, get_task
+    from dvlm.tasks.builtin import export_llava, get_task
 
     data = export_llava(get_task("shapes-qa").generate("train", 8), tmp_path / "data")
     run_dir = tmp_path / "run"

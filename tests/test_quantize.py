@@ -19,12 +19,12 @@ import torch
 from torch import nn
 
 import dvlm
-from dvlm.convert.checkpoint import convert_checkpoint
+from dvlm.convert.conversion import convert_checkpoint
 from dvlm.convert.verify import causal_logits
 from dvlm.data.processor import IGNORE_INDEX, Encoded
-from dvlm.quantize import RECIPE_KEY, QuantizationError, write_quantized
+from dvlm.model.quantize import RECIPE_KEY, QuantizationError, write_quantized
 from dvlm.zoo.registry import builtin_path
-from dvlm.zoo.tasks import get_task
+from dvlm.tasks.builtin import get_task
 from tests.test_cli import one_line_error, run
 
 needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
@@ -87,10 +87,10 @@ NEAR_TIE = 0.1  # logits: int8-dynamic moves them by up to ~0.07 between forward
 def continued(encoded: Encoded, tokens: list[int]) -> Encoded:
     """The prompt followed by generated `tokens`, as one sample (text positions continue the prompt's)."""
     ids = torch.tensor(tokens, dtype=encoded.input_ids.dtype)
-    start = len(encoded) + encoded.rope_delta
-    positions = torch.arange(start, start + len(tokens))[None].expand(3, -1)
+    start = encoded.next_position
+    positions = torch.arange(start, start + len(tokens))[None].expand(encoded.position_ids.shape[0], -1)
     return dataclasses.replace(
-        encoded, input_ids=torch.cat([encoded.input_ids, ids]),
+        encoded, input_ids=torch.cat([encoded.input_ids, ids]), next_position=start + len(tokens),
         labels=torch.cat([encoded.labels, torch.full_like(ids, IGNORE_INDEX)]),
         mm_token_type_ids=torch.cat([encoded.mm_token_type_ids, torch.zeros_like(ids)]),
         position_ids=torch.cat([encoded.position_ids, positions], 1))

@@ -1,8 +1,8 @@
 """The `dvlm` command line. The CLI is a dict of verbs: each verb is one function taking the
 parsed arguments, plus one function declaring those arguments; `VERBS` maps names to both.
 
-    dvlm convert  --model Qwen2.5-VL-3B-Instruct --out qwen-dvlm
-    dvlm train    --model qwen-dvlm --data train.json --out runs/r1 --steps 1000
+    dvlm convert  --model ./my-ar-vlm --out my-dvlm
+    dvlm train    --model my-dvlm --data train.json --out runs/r1 --steps 1000
     dvlm generate --model runs/r1/model --image cat.png --prompt "What is in the picture?"
     dvlm eval     --task shapes-caption --model tiny-dvlm --decoder spec
     dvlm bench    --decoders ar,hf,block,spec --block-sizes 8,16 --thresholds 0.7,0.9
@@ -32,6 +32,7 @@ import dvlm
 from dvlm.atomic import WriteError
 from dvlm.config import (
     DECODERS,
+    DEFAULT_THRESHOLD,
     DTYPES,
     PRESETS,
     ConfigError,
@@ -40,10 +41,10 @@ from dvlm.config import (
     load_yaml,
     parse_overrides,
 )
-from dvlm.convert.checkpoint import ConversionError, convert_checkpoint
-from dvlm.convert.registry import UnsupportedArchitectureError
+from dvlm.convert.conversion import ConversionError, convert_checkpoint
 from dvlm.data.images import ImageError, load_image
 from dvlm.data.processor import PromptTooLongError
+from dvlm.model.adapters.registry import UnsupportedArchitectureError
 from dvlm.runtime import pick_device
 
 DEFAULT_MODEL = "tiny-dvlm"  # the built-in model `generate` uses when it is installed
@@ -115,14 +116,14 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (bfloat16: autocast)")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None,
                    help="recompute activations in the backward pass to save memory")
-    p.add_argument("--ar", action="store_true", default=None,
-                   help="pure autoregressive training (next-token loss, no diffusion)")
+    p.add_argument("--ar", action="store_const", const="autoregressive", default=None,
+                   help="pure autoregressive training (next-token loss, no diffusion): objective=autoregressive")
     p.add_argument("--device", help="training device, e.g. cpu, cuda:0 (default: auto)")
 
 
 # Explicit flags -> TrainConfig fields; they beat --set, which beats --config.
 TRAIN_FLAGS = {"steps": "max_steps", "batch_size": "batch_size", "grad_accum": "grad_accum", "lr": "learning_rate",
-               "dtype": "dtype", "gradient_checkpointing": "gradient_checkpointing", "ar": "ar_loss"}
+               "dtype": "dtype", "gradient_checkpointing": "gradient_checkpointing", "ar": "objective"}
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -355,7 +356,7 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoders", default="ar,hf,block,spec",
                    help=f"comma-separated, from {', '.join(DECODERS)} (default: %(default)s)")
     p.add_argument("--block-sizes", default="16", help="comma-separated block sizes (default: %(default)s)")
-    p.add_argument("--thresholds", default="0.9", help="comma-separated thresholds (default: %(default)s)")
+    p.add_argument("--thresholds", default=str(DEFAULT_THRESHOLD), help="comma-separated thresholds (default: %(default)s)")
     p.add_argument("--limit", type=int, default=20, metavar="N", help="samples per task (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=96, metavar="N", help="(default: %(default)s)")
     p.add_argument("--out", default="bench-results", metavar="DIR", help="JSON, Markdown and plot (default: %(default)s)")
@@ -424,7 +425,7 @@ def describe_device(device: Any) -> str:
 
 # -- quantize ------------------------------------------------------------------------------------
 def quantize_arguments(p: argparse.ArgumentParser) -> None:
-    from dvlm.quantize import SCHEMES
+    from dvlm.model.quantize import SCHEMES
 
     p.add_argument("--model", required=True, help="checkpoint directory or built-in name to quantize")
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write the quantized model to")
@@ -437,8 +438,8 @@ def quantize_arguments(p: argparse.ArgumentParser) -> None:
 
 def quantize(args: argparse.Namespace) -> None:
     """Write a model that dvlm.load quantizes with --scheme, after checking it loads and quantizes here."""
-    from dvlm.model.wrapper import resolve_model_path
-    from dvlm.quantize import check_can_quantize, write_quantized
+    from dvlm.api import resolve_model_path
+    from dvlm.model.quantize import check_can_quantize, write_quantized
 
     src = resolve_model_path(args.model)
     check_can_quantize(args.scheme, pick_device(checked_device(args.device)))  # before anything is written

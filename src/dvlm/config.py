@@ -29,11 +29,15 @@ STEP_SCHEDULES = ("masks_left", "block_size")
 TIE_BREAKS = ("lowest_index", "topk")
 DECODERS = ("ar", "block", "spec", "spec-quadratic", "hf")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+OBJECTIVES = ("diffusion", "autoregressive")
 
 
 class ConfigError(ValueError):
     """An invalid configuration value, with a message saying what to change."""
 
+
+DEFAULT_THRESHOLD = 0.9
+"""The confidence threshold of block decoding when neither the request nor the model says otherwise."""
 
 SEED_LIMIT = 2**32
 """Seeds are in [0, SEED_LIMIT): derived per-step seeds stay inside torch's 64-bit generator range."""
@@ -156,7 +160,7 @@ class DiffusionConfig:
     """Grow the training block size over {2, 4, ..., block_size} with training progress."""
     anneal_fraction: float = 0.5
     """Fraction of training over which the block size anneals (the rest uses block_size)."""
-    decode_threshold: float | None = 0.9
+    decode_threshold: float | None = DEFAULT_THRESHOLD
     """Default confidence threshold tau of block decoding (None: use decode_steps)."""
     decode_steps: int | None = None
     """Default fixed number of denoising steps per block (DiffusionVL's static schedule)."""
@@ -257,9 +261,39 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How a row picks its tokens: the sampling arguments travel together as this one object."""
+
+    temperature: float = 0.0
+    """0 = greedy; > 0 samples from softmax(logits / temperature)."""
+    top_k: int | None = None
+    """Sample from the k most likely tokens only."""
+    top_p: float | None = None
+    """Nucleus sampling: the smallest set of tokens with cumulative probability >= top_p."""
+    seed: int | None = None
+    """Seed of the row's own random stream (reproducible sampling, whatever batch the row runs in)."""
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        _check_seed("seed", self.seed)
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
 @dataclass
 class DecodeConfig:
-    """How to decode; `None` fields fall back to the model's DiffusionConfig defaults."""
+    """How to decode; `None` fields fall back to the model's DiffusionConfig defaults
+    (`dvlm.decode.settings.resolve` fills them in, once). The fields are `generate`'s keywords and,
+    with dashes, the decoding flags of the command line."""
 
     decoder: str = "block"
     """`ar` (our KV-cached loop), `block` (block diffusion), `spec` (self-speculative block
@@ -290,7 +324,6 @@ class DecodeConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        _check_seed("seed", self.seed)
         _check_choice("decoder", self.decoder, DECODERS)
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
@@ -302,14 +335,13 @@ class DecodeConfig:
             raise ConfigError(f"threshold must be in [0, 1], got {self.threshold}")
         if self.steps is not None and self.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
         if self.sub_block_size is not None and self.sub_block_size < 1:
             raise ConfigError(f"sub_block_size must be >= 1, got {self.sub_block_size}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        Sampling(self.temperature, self.top_k, self.top_p, self.seed)  # checks them: one place for the rules
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.temperature, self.top_k, self.top_p, self.seed)
 
 
 @dataclass
@@ -351,9 +383,11 @@ class TrainConfig:
     """Optimizer steps between checkpoints (0: only at the end)."""
     keep_checkpoints: int = 2
     """How many step checkpoints to keep (older ones are deleted)."""
-    ar_loss: bool = False
-    """Train the model purely autoregressively (next-token CE, causal mask, no noise): how the
-    built-in AR model is made before conversion."""
+    objective: str = "diffusion"
+    """`diffusion`: the model's block-diffusion recipe (its DiffusionConfig: masked-diffusion CE,
+    plus the AR CE weighted by `ar_loss_weight`). `autoregressive`: plain next-token training
+    (causal mask, no noise) of an AR model, as the built-in AR model is made before conversion.
+    (Called `ar_loss: true` before; that key is refused with a pointer here.)"""
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -372,7 +406,17 @@ class TrainConfig:
         if self.save_every < 0:
             raise ConfigError(f"save_every must be >= 0, got {self.save_every}")
         _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
+        _check_choice("objective", self.objective, OBJECTIVES)
 
+    @property
+    def autoregressive(self) -> bool:
+        return self.objective == "autoregressive"
+
+
+RENAMED_KEYS: dict[type, dict[str, str]] = {
+    TrainConfig: {"ar_loss": "objective: autoregressive (ar_loss: true) or objective: diffusion (ar_loss: false)"},
+}
+"""Keys of earlier versions, per config class -> what to write instead (a clear error, not 'unknown key')."""
 
 C = TypeVar("C")
 
@@ -380,6 +424,9 @@ C = TypeVar("C")
 def from_dict(cls: type[C], values: dict[str, Any]) -> C:
     """Build a config dataclass from a dict, rejecting unknown keys with the list of valid ones."""
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    renamed = RENAMED_KEYS.get(cls, {})
+    for old in sorted(set(values) & set(renamed)):
+        raise ConfigError(f"{cls.__name__}.{old} was renamed: write {renamed[old]}")
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(f"unknown {cls.__name__} keys {unknown}; valid keys: {', '.join(sorted(names))}")

@@ -40,9 +40,31 @@ def pick_dtype(name: str | None, device: torch.device, saved: str | None = None)
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators (model initialisation)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def seeded_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """A private torch generator seeded with `seed` (None: none, use torch's global stream)."""
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+@contextmanager
+def seeded_global_rng(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Seed torch's global generator for the duration (for code that samples from it, such as HF
+    `generate`) and restore the caller's state afterwards, as private generators leave it."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def synchronize(device: torch.device) -> None:

@@ -14,7 +14,9 @@ from safetensors import safe_open
 from tokenizers import AddedToken
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from dvlm.zoo.tiny import TinyShape, tiny_config, tiny_image_processor
+from dvlm.model.adapters.base import TinyShape
+from dvlm.model.adapters.qwen2_5_vl import tiny_config
+from dvlm.zoo.tiny import tiny_image_processor
 from dvlm.zoo.tokenizer import build_tokenizer
 
 SHAPE = TinyShape(initializer_range=0.3)

@@ -21,10 +21,10 @@ from transformers import (
 
 import dvlm
 from dvlm.config import ConfigError, DiffusionConfig
-from dvlm.convert import checkpoint as convert_module
-from dvlm.convert.checkpoint import REPORT_FILE, ConversionError, convert_checkpoint
-from dvlm.convert.registry import UnsupportedArchitectureError
+from dvlm.convert import conversion as convert_module
+from dvlm.convert.conversion import REPORT_FILE, ConversionError, convert_checkpoint
 from dvlm.convert.verify import causal_logits, max_logit_difference, probe_input
+from dvlm.model.adapters.registry import UnsupportedArchitectureError
 from tests.convert.sources import SHAPE, build_checkpoint, quiet
 
 PRESETS = ("fast-dvlm", "diffusionvl")
@@ -63,8 +63,8 @@ def hf_forward_logits(model, sample) -> torch.Tensor:
     with torch.inference_mode():
         out = model(
             input_ids=sample.input_ids[None],
-            pixel_values=sample.pixel_values,
-            image_grid_thw=sample.image_grid_thw,
+            pixel_values=sample.vision["pixel_values"],
+            image_grid_thw=sample.vision["image_grid_thw"],
             mm_token_type_ids=sample.mm_token_type_ids[None],
         )
     return out.logits[0].float()

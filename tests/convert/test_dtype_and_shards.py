@@ -11,14 +11,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dvlm
-from dvlm.convert.checkpoint import (
+from dvlm.convert.conversion import (
     FP32_TOLERANCE,
     convert_checkpoint,
     half_precision_tolerance,
     max_shard_bytes,
 )
-from dvlm.convert.registry import CheckpointError
 from dvlm.convert.verify import causal_logits, probe_input
+from dvlm.model.checkpoint_files import CheckpointError
 from tests.convert.sources import (
     INDEX_FILE,
     build_checkpoint,

@@ -16,7 +16,7 @@ import torch
 
 import dvlm
 from dvlm.config import ConfigError
-from dvlm.convert.checkpoint import MASK_ROWS, REPORT_FILE, convert_checkpoint
+from dvlm.convert.conversion import MASK_ROWS, REPORT_FILE, convert_checkpoint
 from tests.convert.sources import SHAPE, build_checkpoint, quiet, tokenizer_with
 
 UNUSED_SPECIAL = "<|box_start|>"  # one of the Qwen2.5 tokenizer's special tokens no chat uses

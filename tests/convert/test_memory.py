@@ -23,8 +23,10 @@ import gc, json, sys
 from pathlib import Path
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
-from dvlm.convert.checkpoint import convert_checkpoint
-from dvlm.zoo.tiny import TinyShape, build_random_checkpoint, tiny_config, tiny_image_processor
+from dvlm.convert.conversion import convert_checkpoint
+from dvlm.model.adapters.base import TinyShape
+from dvlm.model.adapters.qwen2_5_vl import tiny_config
+from dvlm.zoo.tiny import build_random_checkpoint, tiny_image_processor
 from dvlm.zoo.tokenizer import build_tokenizer
 
 torch.set_num_threads(1)

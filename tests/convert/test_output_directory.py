@@ -8,8 +8,8 @@ import os
 import pytest
 
 import dvlm
-from dvlm.convert import checkpoint as convert_module
-from dvlm.convert.checkpoint import ConversionError, convert_checkpoint
+from dvlm.convert import conversion as convert_module
+from dvlm.convert.conversion import ConversionError, convert_checkpoint
 from tests.convert.sources import dead_pid, quiet
 
 

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from dvlm.convert import checkpoint as convert_module
-from dvlm.convert.checkpoint import ConversionError, convert_checkpoint
+from dvlm.convert import conversion as convert_module
+from dvlm.convert.conversion import ConversionError, convert_checkpoint
 from tests.convert.sources import build_checkpoint, quiet
 
 

@@ -21,6 +21,9 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
 )
 
 from dvlm.data.processor import ChatProcessor
+from dvlm.model.adapters.qwen2_5_vl import Qwen25VLAdapter
+
+ADAPTER = Qwen25VLAdapter()
 
 QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                        "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -63,11 +66,21 @@ def build_tiny_processor_dir(path: str | Path, **tokenizer_kwargs) -> Path:
     return path
 
 
+def qwen_processor(tokenizer, image_processor, **options) -> ChatProcessor:
+    """A ChatProcessor laying chats out in the Qwen format; `options` go to ChatProcessor."""
+    return ChatProcessor(ADAPTER.chat_format(tokenizer, image_processor), **options)
+
+
+def load_processor(path, **options) -> ChatProcessor:
+    """The Qwen adapter's processor of a local directory; `options` go to ChatProcessor."""
+    return ADAPTER.load_processor(path, **options)
+
+
 def build_tiny_vlm(processor: ChatProcessor, vocab_size: int = 128):
     """A random tiny Qwen2_5_VLForConditionalGeneration whose token ids match ``processor``."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    ids = processor.token_ids
+    ids = processor.format.token_ids
     config = Qwen2_5_VLConfig(
         text_config=dict(vocab_size=vocab_size, hidden_size=128, intermediate_size=256,
                          bos_token_id=None, eos_token_id=processor.eos_token_ids[0],
@@ -98,7 +111,7 @@ def tiny_processor_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def processor(tiny_processor_dir) -> ChatProcessor:
-    return ChatProcessor.from_pretrained(tiny_processor_dir)
+    return load_processor(tiny_processor_dir)
 
 
 @pytest.fixture
@@ -109,13 +122,13 @@ def build_processor(tmp_path):
               special_tokens=QWEN_SPECIAL_TOKENS, **processor_kwargs) -> ChatProcessor:
         path = build_tiny_processor_dir(tmp_path / "built", eos_token=eos_token,
                                         pad_token=pad_token, special_tokens=special_tokens)
-        return ChatProcessor.from_pretrained(path, **processor_kwargs)
+        return load_processor(path, **processor_kwargs)
     return build
 
 
 @pytest.fixture(scope="session")
 def tiny_vlm(tiny_processor_dir):
-    return build_tiny_vlm(ChatProcessor.from_pretrained(tiny_processor_dir))
+    return build_tiny_vlm(load_processor(tiny_processor_dir))
 
 
 @pytest.fixture

@@ -7,9 +7,10 @@ import pytest
 from PIL import Image
 
 import dvlm
+from dvlm.data.chat import split_placeholders
 from dvlm.data.llava_json import LlavaJsonDataset
-from dvlm.data.processor import ChatProcessor, split_placeholders
-from dvlm.data.tokenizer import DEFAULT_SYSTEM_PROMPT, template_system_prompt
+from dvlm.model.adapters.qwen_chat import DEFAULT_SYSTEM_PROMPT, template_system_prompt
+from tests.data.conftest import qwen_processor
 
 
 def slots(parts):
@@ -85,6 +86,6 @@ def test_default_system_prompt_follows_the_template(builtin, processor):
     assert template_system_prompt(tokenizer) == "Be brief"
     tokenizer.chat_template = "[INST] {{ messages[0]['content'] }}"
     with pytest.raises(ValueError, match="not a Qwen system turn"):
-        ChatProcessor(tokenizer, processor.image_processor)
+        qwen_processor(tokenizer, processor.image_processor)
     # An explicit choice beats the template.
-    assert ChatProcessor(tokenizer, processor.image_processor, system_prompt=None).system_prompt is None
+    assert qwen_processor(tokenizer, processor.image_processor, system_prompt=None).system_prompt is None

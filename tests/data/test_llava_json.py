@@ -14,7 +14,8 @@ from dvlm.data.llava_json import (
     file_fingerprint,
     read_records,
 )
-from dvlm.data.processor import IGNORE_INDEX, ChatProcessor
+from dvlm.data.processor import IGNORE_INDEX
+from tests.data.conftest import load_processor
 
 VISION_4 = ["<|vision_start|>"] + ["<|image_pad|>"] * 4 + ["<|vision_end|>"]  # a 56x56 image
 
@@ -77,7 +78,7 @@ def test_text_only_jsonl_multi_turn(tmp_path, processor, as_tokens):
     data = LlavaJsonDataset(path, processor)
     assert len(data) == 2
     encoded = data[0]
-    assert encoded.pixel_values is None
+    assert encoded.vision is None
     trained = [n for n, l in zip(as_tokens(encoded.input_ids), encoded.labels.tolist())
                if l != IGNORE_INDEX]
     assert trained == ["No", "<|im_end|>", "welcome", "<|im_end|>"]
@@ -92,8 +93,8 @@ def test_dataloader_with_collate(tmp_path, image_dir, processor):
     loader = DataLoader(data, batch_size=2, collate_fn=partial(collate,
                                                                pad_token_id=processor.pad_token_id))
     batch = next(iter(loader))
-    assert batch.image_grid_thw.tolist() == [[1, 4, 4], [1, 8, 8]]
-    assert batch.pixel_values.shape == (16 + 64, 1176)
+    assert batch.vision["image_grid_thw"].tolist() == [[1, 4, 4], [1, 8, 8]]
+    assert batch.vision["pixel_values"].shape == (16 + 64, 1176)
 
 
 @pytest.mark.parametrize("record, match", [
@@ -117,7 +118,7 @@ def test_bad_records_raise_sample_error(tmp_path, image_dir, processor, record, 
 
 
 def test_too_long_sample_is_a_sample_error(tmp_path, tiny_processor_dir):
-    processor = ChatProcessor.from_pretrained(tiny_processor_dir, max_length=10)
+    processor = load_processor(tiny_processor_dir, max_length=10)
     records = [{"id": "long", "conversations": [{"from": "human", "value": "Yes"}]}]
     data = LlavaJsonDataset(write_json(tmp_path / "d.json", records), processor)
     with pytest.raises(SampleError, match=r"id='long'.*more than max_length=10"):

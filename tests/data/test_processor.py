@@ -5,13 +5,10 @@ import torch
 from PIL import Image
 
 from dvlm.data.images import ImageError
-from dvlm.data.processor import (
-    IGNORE_INDEX,
-    ChatProcessor,
-    ChatTokenIds,
-    PromptTooLongError,
-    mrope_position_ids,
-)
+from dvlm.data.processor import IGNORE_INDEX, PromptTooLongError
+from dvlm.model.adapters.mrope import mrope_position_ids
+from dvlm.model.adapters.qwen_chat import ChatTokenIds
+from tests.data.conftest import load_processor, qwen_processor
 
 SYSTEM = ["<|im_start|>", "system", "\n", "You", "are", "a", "helpful", "assistant", ".",
           "<|im_end|>", "\n"]
@@ -35,8 +32,8 @@ def test_plain_prompt_with_image_exact_tokens(processor, as_tokens):
     assert (encoded.labels == IGNORE_INDEX).all()
     assert encoded.mm_token_type_ids.tolist() == [
         int(t == "<|image_pad|>") for t in as_tokens(encoded.input_ids)]
-    assert encoded.image_grid_thw.tolist() == [[1, 4, 4]]
-    assert encoded.pixel_values.shape == (16, 3 * 2 * 14 * 14)
+    assert encoded.vision["image_grid_thw"].tolist() == [[1, 4, 4]]
+    assert encoded.vision["pixel_values"].shape == (16, 3 * 2 * 14 * 14)
     assert len(encoded) == encoded.input_ids.shape[0] == encoded.position_ids.shape[1]
     assert encoded.input_ids.dtype == encoded.labels.dtype == encoded.position_ids.dtype == torch.long
 
@@ -46,7 +43,7 @@ def test_two_turn_label_mask_is_exact(processor, as_tokens):
                 {"role": "assistant", "content": "A cat."},
                 {"role": "user", "content": "Thanks"},
                 {"role": "assistant", "content": "welcome"}]
-    encoded = ChatProcessor(processor.tokenizer, processor.image_processor,
+    encoded = qwen_processor(processor.tokenizer, processor.image_processor,
                             system_prompt=None).encode(messages)
     x = None
     assert as_tokens(encoded.input_ids) == [
@@ -59,7 +56,7 @@ def test_two_turn_label_mask_is_exact(processor, as_tokens):
         x, x, x, "A", "cat", ".", "<|im_end|>", x,
         x, x, x, x, x, x,
         x, x, x, "welcome", "<|im_end|>", x]
-    assert encoded.pixel_values is None and encoded.image_grid_thw is None
+    assert encoded.vision is None
     assert encoded.mm_token_type_ids.sum() == 0
 
 
@@ -71,7 +68,7 @@ def test_generation_prompt(processor, as_tokens):
 
 
 def test_system_prompt_choices(processor, as_tokens):
-    custom = ChatProcessor(processor.tokenizer, processor.image_processor, system_prompt="Be brief")
+    custom = qwen_processor(processor.tokenizer, processor.image_processor, system_prompt="Be brief")
     assert as_tokens(custom.encode("Yes").input_ids)[:6] == [
         "<|im_start|>", "system", "\n", "Be", "brief", "<|im_end|>"]
     # An explicit system message replaces the default one.
@@ -93,11 +90,11 @@ def test_openai_parts_keep_their_order(processor, as_tokens, make_png):
     vision_16 = ["<|vision_start|>"] + ["<|image_pad|>"] * 16 + ["<|vision_end|>"]
     assert as_tokens(encoded.input_ids)[len(SYSTEM):] == [
         "<|im_start|>", "user", "\n", "Compare", *VISION_4, "and", *vision_16, "<|im_end|>", "\n"]
-    assert encoded.image_grid_thw.tolist() == [[1, 4, 4], [1, 8, 8]]
-    assert encoded.pixel_values.shape == (16 + 64, 1176)
+    assert encoded.vision["image_grid_thw"].tolist() == [[1, 4, 4], [1, 8, 8]]
+    assert encoded.vision["pixel_values"].shape == (16 + 64, 1176)
     # image_url given as a bare string is accepted too.
     bare = processor.encode([{"role": "user", "content": [{"type": "image_url", "image_url": url}]}])
-    assert bare.image_grid_thw.tolist() == [[1, 4, 4]]
+    assert bare.vision["image_grid_thw"].tolist() == [[1, 4, 4]]
 
 
 def test_image_placeholders_take_images_in_order(processor, as_tokens):
@@ -106,10 +103,10 @@ def test_image_placeholders_take_images_in_order(processor, as_tokens):
     vision_16 = ["<|vision_start|>"] + ["<|image_pad|>"] * 16 + ["<|vision_end|>"]
     assert as_tokens(encoded.input_ids)[len(SYSTEM) + 3:] == [
         *VISION_4, "first", *vision_16, "second", "<|im_end|>", "\n"]
-    assert encoded.image_grid_thw.tolist() == [[1, 4, 4], [1, 8, 8]]
+    assert encoded.vision["image_grid_thw"].tolist() == [[1, 4, 4], [1, 8, 8]]
     # An image part without data is a placeholder too (HF chat-template style).
     parts = processor.encode([{"role": "user", "content": [{"type": "image"}]}], images=[red()])
-    assert parts.image_grid_thw.tolist() == [[1, 4, 4]]
+    assert parts.vision["image_grid_thw"].tolist() == [[1, 4, 4]]
 
 
 def test_plain_prompt_without_placeholder_puts_all_images_first(processor, as_tokens):
@@ -144,16 +141,16 @@ def test_image_errors_propagate(processor, tmp_path):
 
 def test_max_length(processor):
     length = len(processor.encode("Yes"))
-    exact = ChatProcessor(processor.tokenizer, processor.image_processor, max_length=length)
+    exact = qwen_processor(processor.tokenizer, processor.image_processor, max_length=length)
     assert len(exact.encode("Yes")) == length
-    short = ChatProcessor(processor.tokenizer, processor.image_processor, max_length=length - 1)
+    short = qwen_processor(processor.tokenizer, processor.image_processor, max_length=length - 1)
     with pytest.raises(PromptTooLongError, match=f"{length} tokens, more than max_length={length - 1}"):
         short.encode("Yes")
 
 
 def test_special_ids_eos_pad_and_decode(processor, tiny_processor_dir):
     vocab = processor.tokenizer.get_vocab()
-    assert processor.token_ids == ChatTokenIds(
+    assert processor.format.token_ids == ChatTokenIds(
         vocab["<|im_start|>"], vocab["<|im_end|>"], vocab["<|vision_start|>"],
         vocab["<|vision_end|>"], vocab["<|image_pad|>"])
     assert processor.eos_token_ids == [vocab["<|im_end|>"]]  # eos is <|im_end|>: no duplicate
@@ -182,21 +179,21 @@ def test_missing_special_token_in_a_saved_tokenizer(build_processor):
 
 def test_from_pretrained_beside_a_qwen2_5_vl_config(tiny_processor_dir, tiny_vlm, tmp_path):
     # A real checkpoint directory also holds config.json; loading must not trip over it.
-    processor = ChatProcessor.from_pretrained(tiny_processor_dir, system_prompt=None,
+    processor = load_processor(tiny_processor_dir, system_prompt=None,
                                               max_length=64)
     processor.save_pretrained(tmp_path)
     tiny_vlm.config.save_pretrained(tmp_path)
     assert processor.system_prompt is None and processor.max_length == 64
-    reloaded = ChatProcessor.from_pretrained(tmp_path)
-    assert reloaded.token_ids == processor.token_ids
+    reloaded = load_processor(tmp_path)
+    assert reloaded.format.token_ids == processor.format.token_ids
     assert reloaded.image_processor.size == processor.image_processor.size
-    default = ChatProcessor(processor.tokenizer, processor.image_processor)
+    default = qwen_processor(processor.tokenizer, processor.image_processor)
     assert torch.equal(reloaded.encode("Yes").input_ids, default.encode("Yes").input_ids)
 
 
 def test_from_pretrained_requires_a_local_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="local directories only"):
-        ChatProcessor.from_pretrained(tmp_path / "Qwen" / "Qwen2.5-VL-3B-Instruct")
+        load_processor(tmp_path / "Qwen" / "Qwen2.5-VL-3B-Instruct")
 
 
 def test_missing_special_token_is_a_clear_error():
@@ -247,9 +244,9 @@ def test_mrope_matches_qwen2_5_vl_get_rope_index(processor, tiny_vlm, messages, 
     encoded = processor.encode(messages, images=images or None, add_generation_prompt=True)
     expected, deltas = tiny_vlm.model.get_rope_index(
         encoded.input_ids[None], mm_token_type_ids=encoded.mm_token_type_ids[None],
-        image_grid_thw=encoded.image_grid_thw)
+        image_grid_thw=encoded.vision["image_grid_thw"] if encoded.vision else None)
     assert torch.equal(encoded.position_ids, expected[:, 0])
-    assert encoded.rope_delta == int(deltas[0, 0])
+    assert encoded.next_position == len(encoded) + int(deltas[0, 0])
 
 
 def test_a_tokenizer_with_its_own_code_is_refused_and_never_run(tiny_processor_dir, tmp_path):
@@ -268,5 +265,5 @@ def test_a_tokenizer_with_its_own_code_is_refused_and_never_run(tiny_processor_d
     (evil / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
                                   "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
     with pytest.raises(UnsafeCheckpointError, match="never runs checkpoint code"):
-        ChatProcessor.from_pretrained(evil)
+        load_processor(evil)
     assert not marker.exists()

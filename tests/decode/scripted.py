@@ -18,10 +18,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dvlm.api import DVLM
 from dvlm.config import DiffusionConfig
-from dvlm.convert.registry import Adapter
+from dvlm.data.positions import PositionScheme
 from dvlm.data.processor import IGNORE_INDEX, Encoded
-from dvlm.model.wrapper import DVLM
+from dvlm.model.adapters.base import Adapter
 
 VOCAB = 16
 MASK = 15
@@ -57,7 +58,7 @@ class _NoCache:
 class ScriptedAdapter(Adapter):
     architectures = ()
 
-    def embed(self, model, input_ids, pixel_values=None, image_grid_thw=None) -> torch.Tensor:
+    def embed(self, model, input_ids, vision=None) -> torch.Tensor:
         return nn.functional.one_hot(input_ids, VOCAB).float()  # (B, L, V)
 
     def hidden_states(self, model, inputs_embeds, position_ids, attention_mask, cache=None) -> torch.Tensor:
@@ -72,8 +73,15 @@ class ScriptedAdapter(Adapter):
         return _NoCache()
 
 
+class _ThreeAxes(PositionScheme):
+    """Text positions on three equal axes, like the reference family's prompts."""
+
+    axes = 3
+
+
 class _Processor:
     pad_token_id = PAD
+    positions = _ThreeAxes()
 
     @staticmethod
     def decode(tokens: list[int]) -> str:
@@ -93,5 +101,5 @@ def prompt(length: int) -> Encoded:
     return Encoded(
         input_ids=script_token(positions), labels=torch.full((length,), IGNORE_INDEX),
         mm_token_type_ids=torch.zeros(length, dtype=torch.long), position_ids=positions[None].expand(3, -1).clone(),
-        rope_delta=0, pixel_values=None, image_grid_thw=None,
+        next_position=length, vision=None,
     )

@@ -70,8 +70,8 @@ def _prompt(length: int, seed: int, vocab_limit: int) -> Encoded:
     ids = torch.randint(0, vocab_limit, (length,), generator=torch.Generator().manual_seed(seed))
     return Encoded(input_ids=ids, labels=torch.full((length,), IGNORE_INDEX),
                    mm_token_type_ids=torch.zeros(length, dtype=torch.long),
-                   position_ids=torch.arange(length)[None].expand(3, -1).clone(), rope_delta=0,
-                   pixel_values=None, image_grid_thw=None)
+                   position_ids=torch.arange(length)[None].expand(3, -1).clone(), next_position=length,
+                   vision=None)
 
 
 @pytest.fixture(scope="module", params=["random", "confident"])

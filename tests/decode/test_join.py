@@ -5,11 +5,11 @@ engine drives them: start, join, step, drop."""
 
 import pytest
 
-from dvlm.config import DecodeConfig
+from dvlm.config import DecodeConfig, Sampling
 from dvlm.convert.verify import probe_image
 from dvlm.decode.ar import ARStepper
 from dvlm.decode.block import BlockStepper
-from dvlm.decode.rows import RowSettings
+from dvlm.decode.settings import RowSettings
 from dvlm.decode.speculative import SpecStepper
 from dvlm.decode.stepper import run_to_completion
 from dvlm.model.cache import KVContext, RecomputeContext
@@ -97,12 +97,12 @@ def test_seeded_sampling_does_not_depend_on_the_batch(confident_models, decoder,
     lm = confident_models[preset]
     cfg = DecodeConfig(decoder=decoder, max_new_tokens=12, **settings)
     _, greedy = STEPPERS[decoder].settings_for(lm, cfg)
-    hot = [RowSettings(n, temperature=1.5, seed=s, threshold=greedy.threshold) for n, s in ((7, 3), (3, 4))]
+    hot = [RowSettings(n, Sampling(temperature=1.5, seed=s), threshold=greedy.threshold) for n, s in ((7, 3), (3, 4))]
     running, joining = [_encode(lm, *p) for p in RUNNING], [_encode(lm, *JOINING)]
     together = decode_with_join(lm, decoder, cfg, running, [hot[0], greedy], joining, [hot[1]], 1)
     alone = [decode_alone(lm, decoder, cfg, p, r) for p, r in zip(running + joining, [hot[0], greedy, hot[1]])]
     assert [_stats(o) for o in together] == [_stats(o) for o in alone]
-    reseeded = [decode_alone(lm, decoder, cfg, running[0], RowSettings(12, 1.5, s, greedy.threshold)) for s in (3, 5)]
+    reseeded = [decode_alone(lm, decoder, cfg, running[0], RowSettings(12, Sampling(1.5, seed=s), greedy.threshold)) for s in (3, 5)]
     assert reseeded[0].tokens != reseeded[1].tokens
 
 

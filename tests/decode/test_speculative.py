@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import dvlm
-from dvlm.config import ConfigError, DecodeConfig
+from dvlm.config import ConfigError, DecodeConfig, Sampling
 from dvlm.convert.verify import probe_image
-from dvlm.decode.prefill import prefill, text_positions
+from dvlm.decode.prefill import prefill
 from dvlm.decode.sampling import RowSampler
 from dvlm.decode.speculative import (
     accept_drafts,
@@ -84,13 +84,13 @@ def test_commit_and_draft_equals_separate_passes(lm):
         pre = prefill(lm, prompts, context_cls)
         ctx, position = pre.context, pre.next_position
         offsets = prefix[None, :, None] + torch.arange(d_len)[None, None, :]
-        d_positions = (position[:, None, None] + offsets)[None].expand(3, -1, -1, -1)
+        d_positions = lm.positions.along_axes(position[:, None, None] + offsets)
         ids = torch.full_like(block, ctx.next_block_id())
         hidden, d_hidden = ctx.commit_and_draft(
-            (lm.adapter.embed(lm.model, block), text_positions(position, width), torch.ones_like(block, dtype=torch.bool), ids),
+            (lm.adapter.embed(lm.model, block), lm.positions.text(position, width), torch.ones_like(block, dtype=torch.bool), ids),
             (lm.adapter.embed(lm.model, drafts), d_positions, prefix, None),
         )
-        after = ctx.peek(lm.adapter.embed(lm.model, block[:, :1]), text_positions(position + width, 1),
+        after = ctx.peek(lm.adapter.embed(lm.model, block[:, :1]), lm.positions.text(position + width, 1),
                          torch.ones(2, 1, dtype=torch.bool), torch.full((2, 1), ctx.next_block_id()), "causal")
         results.append((hidden, d_hidden, after, ctx.length))
     (h1, d1, a1, n1), (h2, d2, a2, n2) = results
@@ -116,7 +116,7 @@ def test_greedy_accept_rule_literal():
     verify = torch.full((1, 4, vocab), -10.0)
     for i, tok in enumerate([1, 7, 3, 9]):
         verify[0, i, tok] = 10.0
-    greedy = RowSampler([0.0], [None], None, None, [])
+    greedy = RowSampler([Sampling()], [None], [])
     accepted, seed = accept_drafts(block, None, verify, greedy)
     assert accepted.tolist() == [2] and seed.tolist() == [7]
     verify[0, 1, 7] = -10.0
@@ -136,7 +136,7 @@ def test_sampling_accept_rule_preserves_the_target_distribution():
     drafts = torch.multinomial(q.expand(rows, vocab), 1, replacement=True, generator=gen)
     block = torch.cat([torch.zeros(rows, 1, dtype=torch.long), drafts], dim=1)  # (R, 2)
     verify = torch.stack([p_logits, torch.zeros(vocab)])[None].expand(rows, -1, -1)
-    sampler = RowSampler([1.0] * rows, [None] * rows, None, None, [])  # torch's global stream
+    sampler = RowSampler([Sampling(temperature=1.0)] * rows, [None] * rows, [])  # torch's global stream
     accepted, seed = accept_drafts(block, q_logits[None, None].expand(rows, 1, -1), verify, sampler)
     emitted = torch.where(accepted == 2, block[:, 1], seed)
     freq = torch.bincount(emitted, minlength=vocab).float() / rows

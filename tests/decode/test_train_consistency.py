@@ -39,14 +39,14 @@ def recording_context(passes: list):
 def _as_training_sample(prompt: Encoded, answer: list[int]) -> Encoded:
     """The prompt followed by the decoded answer (labelled), positions continuing the prompt's."""
     n = len(answer)
-    start = len(prompt) + prompt.rope_delta
+    start = prompt.next_position
     answer_positions = (start + torch.arange(n))[None].expand(3, -1)
     return Encoded(
         input_ids=torch.cat([prompt.input_ids, torch.tensor(answer)]),
         labels=torch.cat([torch.full((len(prompt),), IGNORE_INDEX), torch.tensor(answer)]),
         mm_token_type_ids=torch.cat([prompt.mm_token_type_ids, torch.zeros(n, dtype=torch.long)]),
         position_ids=torch.cat([prompt.position_ids, answer_positions], dim=1),
-        rope_delta=prompt.rope_delta, pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw,
+        next_position=start + n, vision=prompt.vision,
     )
 
 
@@ -74,8 +74,8 @@ def _check_decoder_against_training(lm, prompt: Encoded, cfg: DecodeConfig):
     assert len(out.tokens) == cfg.max_new_tokens  # a whole answer: every decoded block is complete
     batch = collate([_as_training_sample(prompt, out.tokens)], lm.processor.pad_token_id)
     clean_block = clean_block_ids(batch.labels, batch.attention_mask, lm.diffusion, cfg.block_size)
-    stream = _passes_as_noisy_stream(lm, passes, batch, clean_block, prompt.rope_delta)
-    clean = lm.adapter.embed(lm.model, batch.input_ids, batch.pixel_values, batch.image_grid_thw)
+    stream = _passes_as_noisy_stream(lm, passes, batch, clean_block, prompt.next_position - len(prompt))
+    clean = lm.adapter.embed(lm.model, batch.input_ids, batch.vision)
     noisy_h, _ = two_stream_hidden(lm.adapter, lm.model, batch, stream, lm.diffusion, clean_block)
     offset = 0
     for i, (embeds, _, hidden) in enumerate(passes):

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 import dvlm
 from dvlm.data.collate import collate
-from dvlm.diffusion.noising import IGNORE_INDEX, build_noisy_stream
+from dvlm.data.processor import IGNORE_INDEX
+from dvlm.diffusion.noising import build_noisy_stream
 from dvlm.diffusion.objective import diffusion_objective, loss_normaliser
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from dvlm.config import ConfigError, DiffusionConfig
-from dvlm.diffusion.noising import IGNORE_INDEX, build_noisy_stream
+from dvlm.data.processor import IGNORE_INDEX
+from dvlm.diffusion.noising import build_noisy_stream
 from dvlm.diffusion.schedule import annealed_block_size, sample_block_t
 
 MASK = 99

@@ -7,7 +7,8 @@ import dvlm
 from dvlm.config import DiffusionConfig
 from dvlm.convert.verify import causal_logits
 from dvlm.data.collate import collate
-from dvlm.diffusion.noising import IGNORE_INDEX, NoisyStream, build_noisy_stream
+from dvlm.data.processor import IGNORE_INDEX
+from dvlm.diffusion.noising import NoisyStream, build_noisy_stream
 from dvlm.diffusion.objective import (
     diffusion_objective,
     diffusion_targets,
@@ -59,8 +60,8 @@ def test_clean_stream_is_the_ar_model(models, image, noisy_stream):
     assert torch.allclose(clean_logits, reference, atol=ATOL)
     # And against HF's own forward (its own mask and rope index), independently of our seams.
     with torch.no_grad():
-        hf = lm.model(input_ids=sample.input_ids[None], pixel_values=sample.pixel_values,
-                      image_grid_thw=sample.image_grid_thw, mm_token_type_ids=sample.mm_token_type_ids[None]).logits[0]
+        hf = lm.model(input_ids=sample.input_ids[None], pixel_values=sample.vision["pixel_values"],
+                      image_grid_thw=sample.vision["image_grid_thw"], mm_token_type_ids=sample.mm_token_type_ids[None]).logits[0]
     assert torch.allclose(clean_logits, hf, atol=ATOL)
 
 
@@ -76,7 +77,7 @@ def test_training_block_equals_decode_block_over_cache(models, image, preset, bl
     _, batch, stream, clean_block, noisy_h, _ = _forward(lm, image, cfg, block_size)
     noisy_logits = lm.adapter.logits(lm.model, noisy_h)[0]
     with torch.no_grad():
-        clean = lm.adapter.embed(lm.model, batch.input_ids, batch.pixel_values, batch.image_grid_thw)
+        clean = lm.adapter.embed(lm.model, batch.input_ids, batch.vision)
     mask_embed = lm.model.get_input_embeddings().weight[cfg.mask_token_id]
     kind = "causal" if cfg.clean_attention == "causal" else "block_causal"
     checked = 0

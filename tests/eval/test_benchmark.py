@@ -11,7 +11,7 @@ from dvlm.eval.benchmark import markdown_table, run_benchmark, write_report
 from dvlm.tasks.benchmarks import get_benchmark
 from dvlm.tasks.benchmarks.items import Item
 from dvlm.zoo.registry import builtin_names
-from dvlm.zoo.tasks import get_task
+from dvlm.tasks.builtin import get_task
 
 
 class ScriptedModel:

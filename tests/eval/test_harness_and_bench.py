@@ -13,7 +13,7 @@ from dvlm.eval.bench import (
     write_report,
 )
 from dvlm.eval.harness import evaluate, sample_prompt
-from dvlm.zoo.tasks import get_task
+from dvlm.tasks.builtin import get_task
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_bench_rows_ratios_and_report(lm, tmp_path):
 
 def test_plots_use_a_metric_each_task_reports():
     from dvlm.eval.plots import PRIMARY_METRIC
-    from dvlm.zoo.metrics import score
+    from dvlm.tasks.metrics import score
 
     for task, metric in PRIMARY_METRIC.items():
         sample = get_task(task).generate("test", 1)[0]

@@ -29,7 +29,7 @@ from dvlm.eval.lmms_answers import (
     plugin_settings,
 )
 from dvlm.zoo.registry import builtin_names
-from dvlm.zoo.tasks import get_task
+from dvlm.tasks.builtin import get_task
 
 REPO = Path(__file__).resolve().parents[2]
 LMMS_EVAL = "lmms-eval==0.7.3"
@@ -90,7 +90,7 @@ LIMIT = 6
 
 TASK_UTILS = '''
 """Task functions of the exported built-in tasks: the question text, the image, dvlm's own scorer."""
-from dvlm.zoo.metrics import score_answer
+from dvlm.tasks.metrics import score_answer
 
 
 def doc_to_visual(doc):

@@ -7,7 +7,7 @@ from transformers.cache_utils import DynamicLayer
 
 import dvlm
 from dvlm.convert.verify import probe_image
-from dvlm.decode.prefill import prefill, text_positions
+from dvlm.decode.prefill import prefill
 from dvlm.model.cache import (
     KVContext,
     PreallocatedLayer,
@@ -51,7 +51,7 @@ def _context(lm, context_cls, length, first_block=0):
     gen = torch.Generator().manual_seed(length)
     ctx = context_cls(lm.adapter, lm.model, 1, torch.device("cpu"))
     embeds = torch.randn(1, length, lm.model.config.text_config.hidden_size, generator=gen)
-    ctx.commit(embeds, text_positions(torch.tensor([0]), length), torch.ones(1, length, dtype=torch.bool),
+    ctx.commit(embeds, lm.positions.text(torch.tensor([0]), length), torch.ones(1, length, dtype=torch.bool),
                torch.full((1, length), first_block), "causal")
     return ctx
 
@@ -86,9 +86,9 @@ def test_cached_join_equals_recomputed_join_and_each_row_alone(lm):
             ctx.join(pre.context)
         ids = block[rows]
         valid = torch.ones_like(ids, dtype=torch.bool)
-        committed = ctx.commit(lm.adapter.embed(lm.model, ids), text_positions(position, 4), valid,
+        committed = ctx.commit(lm.adapter.embed(lm.model, ids), lm.positions.text(position, 4), valid,
                                torch.full_like(ids, ctx.next_block_id()), "causal")
-        peeked = ctx.peek(lm.adapter.embed(lm.model, ids), text_positions(position + 4, 4), valid,
+        peeked = ctx.peek(lm.adapter.embed(lm.model, ids), lm.positions.text(position + 4, 4), valid,
                           torch.full_like(ids, ctx.next_block_id()), "bidirectional")
         return committed, peeked
 

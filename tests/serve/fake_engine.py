@@ -223,7 +223,8 @@ class FakeEngine:
                 self._pending.remove(row)
         req = row.request
         output = GenerationOutput(text=row.text, tokens=row.tokens, finish_reason=reason, decoder=req.decoder,
-                                  nfe=row.nfe + 1, prompt_tokens=len(req.prompt), block_size=req.block_size)
+                                  nfe=row.nfe + 1, prompt_tokens=len(req.prompt),
+                                  settings={"decoder": req.decoder, "block_size": req.block_size})
         now = time.monotonic()
         finished = Finished(output, error=error, queue_seconds=(row.started or now) - row.submitted,
                             first_token_seconds=None if row.first_token is None else row.first_token - row.submitted)

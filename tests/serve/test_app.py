@@ -140,9 +140,9 @@ def test_openai_request_encodes_like_generate(serve, lm, image):
                     {"role": "user", "content": "And here?\n<image>"}]
     for expected in (lm.encode(chat), lm.encode(placeholders, [image, other])):
         assert torch.equal(sent.input_ids, expected.input_ids)
-        assert torch.equal(sent.position_ids, expected.position_ids) and sent.rope_delta == expected.rope_delta
-        assert torch.equal(sent.pixel_values, expected.pixel_values)
-        assert torch.equal(sent.image_grid_thw, expected.image_grid_thw)
+        assert torch.equal(sent.position_ids, expected.position_ids) and sent.next_position == expected.next_position
+        assert torch.equal(sent.vision["pixel_values"], expected.vision["pixel_values"])
+        assert torch.equal(sent.vision["image_grid_thw"], expected.vision["image_grid_thw"])
 
 
 def test_single_prompt_with_image_matches_the_plain_prompt_form(serve, lm, image):

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from dvlm.zoo.tasks import get_task
+from dvlm.tasks.builtin import get_task
 from tests.test_cli import one_line_error, run
 
 

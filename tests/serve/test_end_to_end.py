@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dvlm.zoo.tasks import get_task
+from dvlm.tasks.builtin import get_task
 from tests.serve.test_app import data_url
 from tests.serve.test_cli_serve import read_line, wait_healthy
 

@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 
 import dvlm
 from dvlm.config import ConfigError, TrainConfig
+from dvlm.tasks.builtin import export_llava, get_task
 from dvlm.train import loop as loop_module
 from dvlm.train.loop import FINAL_DIR, METRICS_FILE, TrainingError, lr_lambda, train
-from dvlm.zoo.tasks import export_llava, get_task
 
 FIXED_BATCH = 12  # the whole dataset: every step sees the same batch
 
@@ -62,7 +62,7 @@ def fixed_noise_loss(model_dir: Path, data: Path, out: Path, cfg: TrainConfig) -
 @pytest.mark.parametrize("preset", ["fast-dvlm", "diffusionvl", "ar"])
 def test_training_lowers_loss_on_fixed_batch(tmp_path, data, eval_data, ar_checkpoint, dvlm_checkpoints, preset):
     start = ar_checkpoint if preset == "ar" else dvlm_checkpoints[preset]
-    cfg = config(max_steps=15, batch_size=FIXED_BATCH, learning_rate=3e-3, ar_loss=preset == "ar")
+    cfg = config(max_steps=15, batch_size=FIXED_BATCH, learning_rate=3e-3, objective="autoregressive" if preset == "ar" else "diffusion")
     result = train(start, data, tmp_path / "run", cfg, progress=False)
     assert len(result.losses) == 15 and all(math.isfinite(x) for x in result.losses)
     first, last = sum(result.losses[:3]) / 3, sum(result.losses[-3:]) / 3
@@ -74,7 +74,7 @@ def test_training_lowers_loss_on_fixed_batch(tmp_path, data, eval_data, ar_check
 
 
 def test_ar_training_keeps_model_autoregressive(tmp_path, data, ar_checkpoint):
-    result = train(ar_checkpoint, data, tmp_path / "run", config(ar_loss=True), progress=False)
+    result = train(ar_checkpoint, data, tmp_path / "run", config(objective="autoregressive"), progress=False)
     record = metrics(result.run_dir)[-1]
     assert record["diffusion_loss"] == 0.0 and record["masked_tokens"] == 0
     assert record["ar_loss"] == pytest.approx(record["loss"], rel=1e-5)
@@ -111,9 +111,9 @@ def test_diffusionvl_step_loss_is_the_mean_of_row_losses(tmp_path, data, dvlm_ch
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, data, ar_checkpoint):
     # AR loss: no noise, so the two runs see exactly the same objective; the loss is normalised
     # by the response tokens of the whole step, so the accumulated gradient is the big batch's.
-    big = train(ar_checkpoint, data, tmp_path / "big", config(max_steps=3, batch_size=12, ar_loss=True), progress=False)
+    big = train(ar_checkpoint, data, tmp_path / "big", config(max_steps=3, batch_size=12, objective="autoregressive"), progress=False)
     accumulated = train(ar_checkpoint, data, tmp_path / "acc",
-                        config(max_steps=3, batch_size=6, grad_accum=2, ar_loss=True), progress=False)
+                        config(max_steps=3, batch_size=6, grad_accum=2, objective="autoregressive"), progress=False)
     assert torch.allclose(torch.tensor(accumulated.losses), torch.tensor(big.losses), rtol=1e-4, atol=1e-5)
     assert big.losses[2] < big.losses[0]  # the steps did update the model
 
@@ -325,9 +325,9 @@ def test_invalid_diffusion_overrides_raise_before_writing(tmp_path, data, fast_c
     assert not (tmp_path / "run").exists()
 
 
-def test_ar_loss_rejects_diffusion_overrides(tmp_path, data, ar_checkpoint):
-    with pytest.raises(ConfigError, match="ar_loss"):
-        train(ar_checkpoint, data, tmp_path / "run", config(ar_loss=True),
+def test_autoregressive_objective_rejects_diffusion_overrides(tmp_path, data, ar_checkpoint):
+    with pytest.raises(ConfigError, match="objective='autoregressive'"):
+        train(ar_checkpoint, data, tmp_path / "run", config(objective="autoregressive"),
               diffusion_overrides={"block_size": 4}, progress=False)
     assert not (tmp_path / "run").exists()
 

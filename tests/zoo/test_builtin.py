@@ -8,9 +8,9 @@ import pytest
 
 import dvlm
 from dvlm.eval.harness import evaluate, sample_prompt
-from dvlm.zoo.metrics import score
+from dvlm.tasks.builtin import get_task
+from dvlm.tasks.metrics import score
 from dvlm.zoo.registry import builtin_names
-from dvlm.zoo.tasks import get_task
 
 pytestmark = pytest.mark.skipif(
     not {"tiny-ar", "tiny-dvlm"} <= set(builtin_names()), reason="built-in weights not installed"

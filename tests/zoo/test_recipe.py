@@ -9,7 +9,7 @@ from dvlm.zoo.recipe import BUILD_INFO, STAGE_STAMP, ZooRecipe, build_zoo
 def test_zoo_recipe_builds_loadable_ar_and_diffusion_models(tmp_path):
     recipe = ZooRecipe().scaled(0.001)
     assert [c.max_steps for c in recipe.ar_stages] == [6, 4]
-    assert all(c.ar_loss for c in recipe.ar_stages) and not recipe.dvlm.ar_loss
+    assert all(c.autoregressive for c in recipe.ar_stages) and not recipe.dvlm.autoregressive
     lines = []
     paths = build_zoo(tmp_path / "zoo", recipe, progress=False, log=lines.append)
     assert set(paths) == {"tiny-ar", "tiny-dvlm"}

@@ -5,14 +5,12 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from dvlm.zoo.tasks import TASKS, vocabulary_texts
-from dvlm.zoo.tokenizer import (
-    ENDOFTEXT_TOKEN,
-    IM_END_TOKEN,
-    SPECIAL_TOKENS,
-    UNK_TOKEN,
-    build_tokenizer,
-)
+from dvlm.tasks.builtin import TASKS, vocabulary_texts
+from dvlm.zoo.tokenizer import SPECIAL_TOKENS, UNK_TOKEN, build_tokenizer
+
+# The built-in models are of the reference family (Qwen2.5-VL): its pad and eos tokens.
+ENDOFTEXT_TOKEN = "<|endoftext|>"
+IM_END_TOKEN = "<|im_end|>"
 
 EXAMPLE = "There are 3 shapes. A red circle is in the top left."
 MAX_VOCAB = 200

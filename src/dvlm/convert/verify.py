@@ -7,10 +7,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from dvlm.convert.registry import Adapter
 from dvlm.data.collate import collate
 from dvlm.data.processor import ChatProcessor, Encoded
-from dvlm.model.masks import context_mask, to_additive
+from dvlm.model.adapters.base import Adapter
 
 PROBE_TEXT = "Describe the image in one sentence."
 
@@ -23,7 +22,7 @@ def probe_image(size: int = 56) -> Image.Image:
 
 
 def probe_input(processor: ChatProcessor) -> Encoded:
-    """A short chat with one image: text, vision tokens and M-RoPE positions all take part."""
+    """A short chat with one image: text, image tokens and the family's positions all take part."""
     return processor.encode(PROBE_TEXT, [probe_image()], add_generation_prompt=True)
 
 
@@ -32,11 +31,7 @@ def causal_logits(adapter: Adapter, model: nn.Module, sample: Encoded, pad_token
     """(L, V) logits of a plain causal forward, through the same seams decoding uses."""
     device = next(model.parameters()).device
     batch = collate([sample], pad_token_id).to(device)
-    embeds = adapter.embed(model, batch.input_ids, batch.pixel_values, batch.image_grid_thw)
-    blocks = torch.zeros_like(batch.input_ids)
-    mask = to_additive(context_mask(blocks, blocks, batch.attention_mask, "causal"), embeds.dtype)
-    hidden = adapter.hidden_states(model, embeds, batch.position_ids, mask)
-    return adapter.logits(model, hidden)[0].float()
+    return adapter.logits(model, adapter.causal_hidden_states(model, batch))[0].float()
 
 
 def max_logit_difference(reference: torch.Tensor, converted: torch.Tensor, ignore_ids: list[int]) -> float:

@@ -39,9 +39,10 @@ class ImageLimits:
     """Largest encoded image (file, bytes, data URL payload or download), checked before reading."""
     max_pixels: int = 25_000_000
     """Largest width x height, read from the header before decoding. Decoding and converting a
-    25 MP image costs about half a GB; the Qwen image processor shrinks anything above ~12.8 MP."""
+    25 MP image costs about half a GB; image processors shrink far larger images than models read (the
+    reference family's to ~12.8 MP at most)."""
     max_aspect_ratio: float = 200.0
-    """Qwen's smart_resize rejects aspect ratios above 200."""
+    """Patch-grid image processors' resizing rejects aspect ratios above 200 (the reference family's does)."""
     formats: tuple[str, ...] = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")
     """PIL format names that may be opened (JPEG covers cameras' multi-picture MPO files)."""
 
@@ -180,7 +181,7 @@ def _check_size(width: int, height: int, name: str, limits: ImageLimits) -> None
     ratio = max(width, height) / min(width, height)
     if ratio > limits.max_aspect_ratio:
         raise ImageError(name, f"aspect ratio {ratio:.1f} of {width}x{height} exceeds "
-                               f"{limits.max_aspect_ratio:g} (the Qwen resize rejects it)")
+                               f"{limits.max_aspect_ratio:g} (image processors reject it)")
 
 
 # Single-channel modes with more than 8 bits: PIL's convert("RGB") clips them (16-bit grey

@@ -23,18 +23,14 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from dvlm.data.chat import IMAGE_PLACEHOLDER, SPEAKER_ROLES
 from dvlm.data.images import ImageError
 from dvlm.data.processor import (
-    IGNORE_INDEX,
-    IMAGE_PLACEHOLDER,
     ChatProcessor,
     Encoded,
     PromptTooLongError,
+    response_mask,
 )
-
-# LLaVA speaker names -> chat roles (the chat role names themselves are accepted too).
-SPEAKER_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                 "system": "system"}
 
 
 class SampleError(ValueError):
@@ -181,7 +177,7 @@ class LlavaJsonDataset(Dataset):
             encoded = self.processor.encode(messages, images=images)
         except (ImageError, PromptTooLongError, ValueError) as err:
             raise SampleError(index, record.get("id"), str(err)) from err
-        if not bool((encoded.labels != IGNORE_INDEX).any()):
+        if not bool(response_mask(encoded.labels).any()):
             # Only answers are trained: without one the sample adds nothing but a 0/0 to the loss.
             raise SampleError(index, record.get("id"), "nothing to train on: no assistant answer")
         return encoded

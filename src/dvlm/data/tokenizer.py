@@ -1,8 +1,4 @@
-"""Loading a checkpoint's tokenizer safely, and reading what its chat template does.
-
-The chat structure is Qwen's (``CHAT_TOKEN_STRINGS``); the processor builds prompts token by token
-and takes only the default system prompt from the tokenizer's own template.
-"""
+"""Loading a checkpoint's tokenizer safely: local files only, never code shipped with it."""
 
 from __future__ import annotations
 
@@ -11,13 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from transformers import AutoTokenizer
-
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-
-# Field of ChatTokenIds -> the token string it is looked up by.
-CHAT_TOKEN_STRINGS = {"im_start": "<|im_start|>", "im_end": "<|im_end|>",
-                      "vision_start": "<|vision_start|>", "vision_end": "<|vision_end|>",
-                      "image_pad": "<|image_pad|>"}
 
 
 class UnsafeCheckpointError(ValueError):
@@ -49,32 +38,3 @@ def load_tokenizer(path: str | Path) -> Any:
                 f"{config_file} maps the tokenizer to code shipped in the checkpoint (auto_map); dvlm never "
                 "runs checkpoint code. Remove 'auto_map' if the tokenizer is a standard one.")
     return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-
-
-class _FromTemplate:
-    """Marker: take the default system prompt from the tokenizer's chat template."""
-
-
-FROM_TEMPLATE = _FromTemplate()
-_PROBE_TEXT = "dvlm-probe"
-
-
-def template_system_prompt(tokenizer: Any) -> str | None:
-    """The system prompt the tokenizer's chat template adds to a chat that has none.
-
-    Qwen2.5-VL's template adds "You are a helpful assistant."; Qwen3-VL's and dvlm's built-in
-    models' add none. Without a chat template: the Qwen default, ``DEFAULT_SYSTEM_PROMPT``.
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        return DEFAULT_SYSTEM_PROMPT
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": _PROBE_TEXT}], tokenize=False)
-    prefix = rendered.split(f"{CHAT_TOKEN_STRINGS['im_start']}user", 1)[0]
-    head, end = f"{CHAT_TOKEN_STRINGS['im_start']}system\n", f"{CHAT_TOKEN_STRINGS['im_end']}\n"
-    if not prefix:
-        return None
-    if not (prefix.startswith(head) and prefix.endswith(end)):
-        raise ValueError(f"the tokenizer's chat template starts a chat with {prefix!r}, not a Qwen "
-                         "system turn; dvlm's ChatProcessor cannot follow it")
-    return prefix[len(head):-len(end)]
-
-

@@ -9,14 +9,15 @@ import torch
 from dvlm.config import DecodeConfig
 from dvlm.data.processor import Encoded
 from dvlm.decode.output import GenerationOutput
-from dvlm.decode.prefill import prefill, text_positions
-from dvlm.decode.rows import Listener, RowSettings
+from dvlm.decode.prefill import prefill
+from dvlm.decode.rows import Listener
 from dvlm.decode.sampling import RowSampler
-from dvlm.decode.stepper import GroupSettings, Stepper, generate_with
+from dvlm.decode.stepper import Stepper, generate_with
 from dvlm.model.cache import DecodeContext, KVContext
+from dvlm.model.loaded import LoadedModel
 
 
-def next_token(lm, hidden: torch.Tensor, sampler: RowSampler) -> torch.Tensor:
+def next_token(lm: LoadedModel, hidden: torch.Tensor, sampler: RowSampler) -> torch.Tensor:
     """(R, D) hidden states -> (R,) next tokens, each row by its own sampling settings."""
     tokens, _ = sampler.select(lm.adapter.logits(lm.model, hidden))
     return tokens
@@ -62,11 +63,6 @@ class ARStepper(NextTokenStepper):
 
     decoder = "ar"
 
-    @classmethod
-    def settings_for(cls, lm, cfg: DecodeConfig) -> tuple[GroupSettings, RowSettings]:
-        return GroupSettings(top_k=cfg.top_k, top_p=cfg.top_p), RowSettings(cfg.max_new_tokens, cfg.temperature,
-                                                                            cfg.seed)
-
     def _advance(self) -> tuple[list[tuple[int, list[int]]], list[int]]:
         with self.timer("decode"):
             committed, done = self.rows.extend([[t] for t in self.state.token.tolist()])
@@ -80,13 +76,13 @@ class ARStepper(NextTokenStepper):
         embeds = self.lm.adapter.embed(self.lm.model, token[:, None])
         valid = torch.ones_like(token[:, None], dtype=torch.bool)
         block = torch.full_like(token[:, None], ctx.next_block_id())
-        hidden = ctx.commit(embeds, text_positions(state.position, 1), valid, block, "causal")
+        hidden = ctx.commit(embeds, self.lm.positions.text(state.position, 1), valid, block, "causal")
         self.rows.count_forward()
         return NextTokens(ctx, next_token(self.lm, hidden[:, -1], self._sampler()), state.position + 1)
 
 
 @torch.inference_mode()
-def generate_ar(lm, prompts: list[Encoded], cfg: DecodeConfig, context_cls=KVContext,
+def generate_ar(lm: LoadedModel, prompts: list[Encoded], cfg: DecodeConfig, context_cls=KVContext,
                 listener: Listener | None = None) -> list[GenerationOutput]:
     """Greedy or sampled AR decoding of a batch; rows leave the batch when they finish."""
     return generate_with(ARStepper, lm, prompts, cfg, context_cls, listener)

@@ -28,7 +28,7 @@ from dvlm.decode.canvas import (
     start_response,
 )
 from dvlm.decode.output import GenerationOutput
-from dvlm.decode.rows import Listener, RowSettings
+from dvlm.decode.rows import Listener
 from dvlm.decode.sampling import (
     RowSampler,
     block_schedule_count,
@@ -38,19 +38,12 @@ from dvlm.decode.sampling import (
     unmask_by_threshold,
     unmask_by_topk,
 )
-from dvlm.decode.stepper import GroupSettings, Stepper, generate_with
+from dvlm.decode.settings import GroupSettings
+from dvlm.decode.stepper import Stepper, generate_with
 from dvlm.model.cache import DecodeContext, KVContext
+from dvlm.model.loaded import LoadedModel
 
 FirstPass = tuple[torch.Tensor, torch.Tensor]  # (logits (R, Q, V), usable (R,) bool) from a fused commit
-
-
-def decode_policy(cfg: DecodeConfig, dcfg: DiffusionConfig) -> tuple[float | None, int | None]:
-    """(threshold, steps): the request's, else the model's defaults."""
-    if cfg.threshold is not None or cfg.steps is not None:
-        return cfg.threshold, cfg.steps
-    if dcfg.decode_threshold is None and dcfg.decode_steps is None:
-        return 0.9, None
-    return dcfg.decode_threshold, dcfg.decode_steps
 
 
 @dataclass
@@ -85,19 +78,10 @@ class NextBlock:
 class BlockStepper(Stepper):
     decoder = "block"
 
-    @classmethod
-    def settings_for(cls, lm, cfg: DecodeConfig) -> tuple[GroupSettings, RowSettings]:
-        dcfg = lm.require_diffusion("block")
-        threshold, steps = decode_policy(cfg, dcfg)
-        group = GroupSettings(block_size=cfg.block_size or dcfg.block_size, steps=steps, top_k=cfg.top_k,
-                              top_p=cfg.top_p, sub_block_size=cfg.sub_block_size, fuse_commit=cfg.fuse_commit)
-        return group, RowSettings(cfg.max_new_tokens, cfg.temperature, cfg.seed, threshold)
-
-    def __init__(self, lm, group: GroupSettings, context_cls=KVContext) -> None:
+    def __init__(self, lm: LoadedModel, group: GroupSettings, context_cls=KVContext) -> None:
         super().__init__(lm, group, context_cls)
         self.dcfg = lm.require_diffusion("block")
         self.commit_kind = "causal" if self.dcfg.clean_attention == "causal" else "block_causal"
-        self.fuse = group.fuse_commit and self.dcfg.token_shift and self.commit_kind == "causal"
 
     def _prefill(self, prompts: list[Encoded], ids: list[int]) -> NextBlock:
         budgets = [self.rows[i].settings.max_new_tokens for i in ids]
@@ -140,7 +124,7 @@ class BlockStepper(Stepper):
         """One forward writes the finished blocks' keys/values; with token shift it seeds the next."""
         lm, ctx, canvas = self.lm, state.context, state.canvas
         widths, sampler = self._next_widths(), self._sampler()
-        if self.fuse and state.guess_logits is not None and max(widths) > 1:
+        if self.group.fuse_commit and state.guess_logits is not None and max(widths) > 1:
             canvas, first_pass = _commit_fused(lm, ctx, canvas, state.guess_logits, widths, sampler)
         else:
             hidden = ctx.commit(_embed(lm, canvas), canvas.positions, canvas.validity(), _block_ids(ctx, canvas),
@@ -234,7 +218,7 @@ def current_sub_block(masked: torch.Tensor, size: int) -> torch.Tensor:
     return masked & (sub[None, :] == first)
 
 
-def _commit_fused(lm, ctx, canvas: Canvas, guess_logits: torch.Tensor, widths: list[int],
+def _commit_fused(lm: LoadedModel, ctx, canvas: Canvas, guess_logits: torch.Tensor, widths: list[int],
                   sampler: RowSampler) -> tuple[Canvas, FirstPass]:
     """Commit the finished block and run the next block's first denoising pass in one forward.
 
@@ -260,7 +244,7 @@ def _block_ids(ctx, canvas: Canvas) -> torch.Tensor:
     return torch.full_like(canvas.ids, ctx.next_block_id())
 
 
-def _embed(lm, canvas: Canvas) -> torch.Tensor:
+def _embed(lm: LoadedModel, canvas: Canvas) -> torch.Tensor:
     embeds = lm.adapter.embed(lm.model, canvas.ids)  # (R, Q, D)
     if canvas.fixed is None:
         return embeds
@@ -268,6 +252,6 @@ def _embed(lm, canvas: Canvas) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def generate_block(lm, prompts: list[Encoded], cfg: DecodeConfig, context_cls=KVContext,
+def generate_block(lm: LoadedModel, prompts: list[Encoded], cfg: DecodeConfig, context_cls=KVContext,
                    listener: Listener | None = None) -> list[GenerationOutput]:
     return generate_with(BlockStepper, lm, prompts, cfg, context_cls, listener)

@@ -29,9 +29,10 @@ from dvlm.config import DiffusionConfig
 from dvlm.data.collate import collate
 from dvlm.data.processor import Encoded
 from dvlm.decode.ar import next_token
-from dvlm.decode.prefill import prefill, text_positions
+from dvlm.decode.prefill import prefill
 from dvlm.decode.sampling import RowSampler
 from dvlm.diffusion.noising import clean_block_ids
+from dvlm.model.loaded import LoadedModel
 
 
 @dataclass
@@ -39,7 +40,7 @@ class Canvas:
     """The block being decoded, for the R rows in the batch."""
 
     ids: torch.Tensor  # (R, Q) token ids, mask_token_id where still unknown, pad past a row's end
-    positions: torch.Tensor  # (3, R, Q)
+    positions: torch.Tensor  # (A, R, Q), the family's position axes
     prompt_part: torch.Tensor  # (R,) leading positions that hold prompt tokens (not generated)
     fixed: torch.Tensor | None = None  # (R, Q) bool: positions whose embedding is given below
     fixed_embeds: torch.Tensor | None = None  # (R, Q, D) prompt-tail embeddings (may be vision)
@@ -106,7 +107,7 @@ def pad_right(x: torch.Tensor, width: int, value, dim: int = -1) -> torch.Tensor
     return torch.cat([x, torch.full(shape, value, dtype=x.dtype, device=x.device)], dim=dim)
 
 
-def masked_canvas(lm, seed: torch.Tensor | None, start: torch.Tensor, widths: list[int]) -> Canvas:
+def masked_canvas(lm: LoadedModel, seed: torch.Tensor | None, start: torch.Tensor, widths: list[int]) -> Canvas:
     """Row r's block: [seed, MASK, ...] with token shift, else all [MASK], `widths[r]` positions
     from position id start[r] (R,); narrower rows are padded to the widest."""
     rows, width = len(widths), max(widths)
@@ -119,16 +120,17 @@ def masked_canvas(lm, seed: torch.Tensor | None, start: torch.Tensor, widths: li
         valid = torch.arange(width, device=device)[None, :] < torch.tensor(widths, device=device)[:, None]
         ids = torch.where(valid, ids, lm.processor.pad_token_id)
     zeros = torch.zeros(rows, dtype=torch.long, device=device)
-    return Canvas(ids, text_positions(start, width), zeros, valid=valid)
+    return Canvas(ids, lm.positions.text(start, width), zeros, valid=valid)
 
 
-def next_canvas(lm, canvas: Canvas, seed: torch.Tensor | None, widths: list[int]) -> Canvas:
-    """The block after `canvas`: positions continue after each row's last one."""
+def next_canvas(lm: LoadedModel, canvas: Canvas, seed: torch.Tensor | None, widths: list[int]) -> Canvas:
+    """The block after `canvas`: positions continue after each row's last one (text: every axis
+    holds the same position, so the first axis says where the text is)."""
     start = canvas.at_ends(canvas.positions[0]) + 1
     return masked_canvas(lm, seed, start, widths)
 
 
-def start_response(lm, prompts: list[Encoded], dcfg: DiffusionConfig, block_size: int, budgets: list[int],
+def start_response(lm: LoadedModel, prompts: list[Encoded], dcfg: DiffusionConfig, block_size: int, budgets: list[int],
                    sampler: RowSampler, context_cls):
     """Prefill the whole prompt; with token shift its last output is the AR seed of block 1.
 
@@ -144,7 +146,7 @@ def start_response(lm, prompts: list[Encoded], dcfg: DiffusionConfig, block_size
     return pre.context, masked_canvas(lm, seed, pre.next_position, [min(block_size, b) for b in budgets])
 
 
-def start_absolute(lm, prompts: list[Encoded], block_size: int, budgets: list[int], context_cls):
+def start_absolute(lm: LoadedModel, prompts: list[Encoded], block_size: int, budgets: list[int], context_cls):
     """Prefill each prompt's complete absolute blocks (block-causal); its tail opens block 1.
 
     Row r has P_r prompt tokens: its first cut_r = floor(P_r / B) * B go to the cache, its last
@@ -153,7 +155,7 @@ def start_absolute(lm, prompts: list[Encoded], block_size: int, budgets: list[in
     Returns (context, canvas, per row whether the prefill forward held any of its tokens (R,) list).
     """
     batch = collate(prompts, lm.processor.pad_token_id, padding_side="left").to(lm.device)
-    embeds = lm.adapter.embed(lm.model, batch.input_ids, batch.pixel_values, batch.image_grid_thw)  # (R, P, D)
+    embeds = lm.adapter.embed(lm.model, batch.input_ids, batch.vision)  # (R, P, F)
     width = batch.input_ids.shape[1]
     lengths = batch.attention_mask.sum(dim=1)  # (R,)
     cut = lengths // block_size * block_size
@@ -164,7 +166,7 @@ def start_absolute(lm, prompts: list[Encoded], block_size: int, budgets: list[in
         col = torch.arange(span, device=lm.device)[None, :]
         real_index = col - (span - cut)[:, None]  # index of the token within its prompt (< 0: padding)
         source = (first[:, None] + real_index).clamp(min=0, max=width - 1)
-        ctx.commit(_gather(embeds, source), batch.position_ids.gather(2, source[None].expand(3, -1, -1)),
+        ctx.commit(_gather(embeds, source), _gather_positions(batch.position_ids, source),
                    real_index >= 0, real_index.clamp(min=0) // block_size, "block_causal")
     tail = lengths - cut
     # DiffusionVL decodes a prompt whose answer fits in the first block (P + G <= B) as one block
@@ -177,14 +179,19 @@ def start_absolute(lm, prompts: list[Encoded], block_size: int, budgets: list[in
     source = ((first + cut)[:, None] + q).clamp(max=width - 1)
     ids = torch.where(is_tail, batch.input_ids.gather(1, source), lm.mask_token_id)
     ids = torch.where(valid, ids, lm.processor.pad_token_id)  # past a row's end: never masked, never seen
-    start = lengths + batch.rope_deltas  # position of the first generated token
-    generated = text_positions(start, q.shape[1]) - tail[None, :, None]
-    positions = torch.where(is_tail[None], batch.position_ids.gather(2, source[None].expand(3, -1, -1)), generated)
+    # The prompt tail keeps its own positions (images included); the rest continue it as text.
+    generated = lm.positions.text(batch.next_positions - tail, q.shape[1])
+    positions = torch.where(is_tail[None], _gather_positions(batch.position_ids, source), generated)
     canvas = Canvas(ids, positions, tail, fixed=is_tail, fixed_embeds=_gather(embeds, source),
                     valid=None if bool(valid.all()) else valid)
     return ctx, canvas, (cut > 0).tolist()
 
 
 def _gather(embeds: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """embeds (R, P, D) gathered at index (R, Q) -> (R, Q, D)."""
+    """embeds (R, P, F) gathered at index (R, Q) -> (R, Q, F)."""
     return embeds.gather(1, index[..., None].expand(-1, -1, embeds.shape[-1]))
+
+
+def _gather_positions(positions: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """positions (A, R, P) gathered at index (R, Q) -> (A, R, Q)."""
+    return positions.gather(2, index[None].expand(positions.shape[0], -1, -1))

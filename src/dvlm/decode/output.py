@@ -11,7 +11,9 @@ class GenerationOutput:
     """One decoded answer with the statistics needed to judge its speed.
 
     `nfe` counts every model forward that did work for this row, the prefill included, so AR
-    decoding has exactly one token per forward (tokens_per_nfe == 1.0).
+    decoding has exactly one token per forward (tokens_per_nfe == 1.0). `settings` are the decoding
+    settings the row actually ran with: every `DecodeConfig` field, the model's defaults filled in
+    and the ones its decoder does not use set to None (`dvlm.decode.settings.resolve`).
     """
 
     text: str
@@ -20,8 +22,10 @@ class GenerationOutput:
     decoder: str
     nfe: int
     prompt_tokens: int
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase for the whole batch
-    block_size: int | None = None
+    # Seconds per phase of the batch the row ran in (`prefill_s`, `denoise_s`, ...), and `total_s`:
+    # this row's own time, from the start of its prefill until it finished.
+    timings: dict[str, float] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
     tokens_per_step: list[int] = field(default_factory=list)  # tokens unmasked by each denoising pass
     accept_lengths: list[int] = field(default_factory=list)  # speculative decoding: tokens accepted per block
 
@@ -36,6 +40,7 @@ class GenerationOutput:
 
     @property
     def tokens_per_second(self) -> float:
+        """This row's generated tokens over its own time (in a batch: until the row finished)."""
         total = self.timings.get("total_s", 0.0)
         return self.num_tokens / total if total > 0 else 0.0
 

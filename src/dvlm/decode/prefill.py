@@ -9,6 +9,7 @@ import torch
 from dvlm.data.collate import Batch, collate
 from dvlm.data.processor import Encoded
 from dvlm.model.cache import DecodeContext
+from dvlm.model.loaded import LoadedModel
 
 
 @dataclass
@@ -19,13 +20,7 @@ class Prefilled:
     next_position: torch.Tensor  # (R,) position id of the first generated token
 
 
-def text_positions(start: torch.Tensor, length: int) -> torch.Tensor:
-    """(3, R, Q) M-RoPE positions of Q text tokens from `start` (R,): equal in all three dims."""
-    pos = start[:, None] + torch.arange(length, device=start.device)[None, :]
-    return pos[None].expand(3, -1, -1)
-
-
-def prefill(lm, prompts: list[Encoded], context_cls, kind: str = "causal",
+def prefill(lm: LoadedModel, prompts: list[Encoded], context_cls, kind: str = "causal",
             block_ids: torch.Tensor | None = None) -> Prefilled:
     """Encode the left-padded prompts (with images) and commit them to a new context.
 
@@ -34,8 +29,7 @@ def prefill(lm, prompts: list[Encoded], context_cls, kind: str = "causal",
     """
     batch = collate(prompts, lm.processor.pad_token_id, padding_side="left").to(lm.device)
     ctx = context_cls(lm.adapter, lm.model, len(prompts), lm.device)
-    embeds = lm.adapter.embed(lm.model, batch.input_ids, batch.pixel_values, batch.image_grid_thw)
+    embeds = lm.adapter.embed(lm.model, batch.input_ids, batch.vision)
     blocks = torch.zeros_like(batch.input_ids) if block_ids is None else block_ids
     hidden = ctx.commit(embeds, batch.position_ids, batch.attention_mask, blocks, kind)
-    lengths = batch.attention_mask.sum(dim=1)
-    return Prefilled(ctx, batch, hidden[:, -1], lengths + batch.rope_deltas.to(lengths.device))
+    return Prefilled(ctx, batch, hidden[:, -1], batch.next_positions)

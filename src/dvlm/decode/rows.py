@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -9,18 +10,10 @@ import torch
 
 from dvlm.decode.output import GenerationOutput
 from dvlm.decode.sampling import RowSampler
+from dvlm.decode.settings import GroupSettings, RowSettings, joined
+from dvlm.runtime import seeded_generator
 
 Listener = Callable[[int, list[int]], None]  # (prompt index, tokens just committed): for streaming
-
-
-@dataclass(frozen=True)
-class RowSettings:
-    """What a row decides for itself inside a shared batch (the forward's shape is the group's)."""
-
-    max_new_tokens: int
-    temperature: float = 0.0  # 0: greedy
-    seed: int | None = None  # seeds the row's own random stream: its samples do not depend on the batch
-    threshold: float | None = None  # block decoding by threshold (None with fixed steps or other decoders)
 
 
 @dataclass
@@ -73,7 +66,7 @@ class Rows:
         ids = list(range(self._next_id, self._next_id + len(settings)))
         self._next_id += len(settings)
         for row_id, s, length in zip(ids, settings, prompt_lengths):
-            self.rows[row_id] = Row(s, length, make_generator(s.seed, device))
+            self.rows[row_id] = Row(s, length, seeded_generator(s.sampling.seed, device))
         return ids
 
     def enter(self, ids: list[int]) -> None:
@@ -91,11 +84,10 @@ class Rows:
         for row_id in ids:
             self.rows.pop(row_id, None)
 
-    def sampler(self, top_k: int | None, top_p: float | None, ids: list[int] | None = None) -> RowSampler:
-        """Token selection for the active rows (or the rows `ids`), each with its temperature and stream."""
+    def sampler(self, ids: list[int] | None = None) -> RowSampler:
+        """Token selection for the active rows (or the rows `ids`), each with its sampling and stream."""
         rows = [self.rows[i] for i in (self.active if ids is None else ids)]
-        return RowSampler([r.settings.temperature for r in rows], [r.generator for r in rows], top_k, top_p,
-                          self.banned)
+        return RowSampler([r.settings.sampling for r in rows], [r.generator for r in rows], self.banned)
 
     def count_forward(self, rows: torch.Tensor | None = None) -> None:
         """One model forward did work for the active rows (or those where `rows` (R,) is True)."""
@@ -157,19 +149,13 @@ class Rows:
         return committed, done
 
     def output(self, row_id: int, decode_text, decoder: str, timings: dict[str, float],
-               block_size: int | None = None) -> GenerationOutput:
+               group: GroupSettings) -> GenerationOutput:
+        """The row's GenerationOutput; its settings are the resolved ones it ran with."""
         self._flush()
         row = self.rows[row_id]
         return GenerationOutput(
             text=decode_text(row.tokens), tokens=list(row.tokens), finish_reason=row.finish or "length",
             decoder=decoder, nfe=row.nfe, prompt_tokens=row.prompt_tokens, timings=dict(timings),
-            block_size=block_size, tokens_per_step=list(row.steps), accept_lengths=list(row.accepts),
+            settings=dataclasses.asdict(joined(decoder, group, row.settings)), tokens_per_step=list(row.steps),
+            accept_lengths=list(row.accepts),
         )
-
-
-def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
-    if seed is None:
-        return None
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return gen

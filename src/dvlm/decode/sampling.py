@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from dvlm.config import Sampling
+
 
 def greedy_tokens(logits: torch.Tensor, banned: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The most likely token per position and its probability.
@@ -23,17 +25,18 @@ def greedy_tokens(logits: torch.Tensor, banned: list[int] | None = None) -> tupl
     return tokens, conf
 
 
-def sampling_distribution(
-    logits: torch.Tensor, temperature: float | torch.Tensor, top_k: int | None = None, top_p: float | None = None,
-    banned: list[int] | None = None,
-) -> torch.Tensor:
-    """(..., V) fp32 probabilities that sampling draws from; `temperature` a float or a tensor
-    that broadcasts against logits (..., 1), e.g. one temperature per row."""
+def sampling_distribution(logits: torch.Tensor, samplings: list[Sampling], banned: list[int] | None = None
+                          ) -> torch.Tensor:
+    """(R, ..., V) fp32 probabilities that sampling draws from, row r by samplings[r] (its
+    temperature, top-k and top-p; a greedy row at temperature 1)."""
     logits = logits.float()
     if banned:
         logits = logits.clone()
         logits[..., banned] = float("-inf")
-    return torch.softmax(_filter_top_p(_filter_top_k(logits / temperature, top_k), top_p), dim=-1)
+    per_row = (-1, *[1] * (logits.dim() - 1))  # broadcasts one value per row against (R, ..., V)
+    temps = torch.tensor([s.temperature if s.temperature > 0 else 1.0 for s in samplings], device=logits.device)
+    logits = _filter_top_k(logits / temps.view(per_row), [s.top_k for s in samplings], per_row)
+    return torch.softmax(_filter_top_p(logits, [s.top_p for s in samplings], per_row), dim=-1)
 
 
 def sample_from(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
@@ -52,31 +55,29 @@ def sample_from(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
 
 
 class RowSampler:
-    """Token selection for the R rows of a batch: each row has its own temperature (0: greedy)
-    and its own random stream (its generator; None: torch's global one); top_k and top_p are
-    shared. A row's stream advances only in the draws it takes part in, by a count that depends
-    on the row alone, so a seeded row samples the same tokens whatever batch it runs in.
+    """Token selection for the R rows of a batch: each row has its own `Sampling` (temperature,
+    0: greedy; top-k; top-p) and its own random stream (its generator; None: torch's global one).
+    A row's stream advances only in the draws it takes part in, by a count that depends on the
+    row alone, so a seeded row samples the same tokens whatever batch it runs in.
     """
 
-    def __init__(self, temperatures: list[float], generators: list[torch.Generator | None], top_k: int | None,
-                 top_p: float | None, banned: list[int]) -> None:
-        self.temperatures = temperatures
+    def __init__(self, samplings: list[Sampling], generators: list[torch.Generator | None],
+                 banned: list[int]) -> None:
+        self.samplings = samplings
         self.generators = generators
-        self.top_k, self.top_p, self.banned = top_k, top_p, banned
+        self.banned = banned
 
     @property
     def greedy(self) -> bool:
-        return not any(t > 0 for t in self.temperatures)
+        return all(s.greedy for s in self.samplings)
 
     def sampling_rows(self, drawing: list[bool] | None = None) -> list[bool]:
         """Per row: does it sample (temperature > 0) in a draw where only the rows `drawing` take part."""
-        return [t > 0 and (drawing is None or drawing[r]) for r, t in enumerate(self.temperatures)]
+        return [not s.greedy and (drawing is None or drawing[r]) for r, s in enumerate(self.samplings)]
 
     def distribution(self, logits: torch.Tensor) -> torch.Tensor:
-        """(R, ..., V) fp32 sampling probabilities, each row at its own temperature (greedy rows at 1)."""
-        temps = torch.tensor([t if t > 0 else 1.0 for t in self.temperatures], device=logits.device)
-        return sampling_distribution(logits, temps.view(-1, *[1] * (logits.dim() - 1)), self.top_k, self.top_p,
-                                     self.banned)
+        """(R, ..., V) fp32 sampling probabilities, each row by its own sampling (greedy rows at temperature 1)."""
+        return sampling_distribution(logits, self.samplings, self.banned)
 
     def uniforms(self, rows: list[bool], count: int, device: torch.device) -> torch.Tensor:
         """(R, count) uniforms in [0, 1): `count` from each row's own stream where `rows`, zeros elsewhere."""
@@ -117,20 +118,30 @@ class RowSampler:
         return torch.where(pick, sampled, tokens), torch.where(pick, sampled_conf, conf)
 
 
-def _filter_top_k(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
-    if top_k is None or top_k >= logits.shape[-1]:
+def _filter_top_k(logits: torch.Tensor, top_k: list[int | None], per_row: tuple[int, ...]) -> torch.Tensor:
+    """Keep each row's top_k[r] most likely tokens (None, or k >= V: all)."""
+    vocab = logits.shape[-1]
+    ks = [vocab if k is None else min(k, vocab) for k in top_k]
+    if min(ks) >= vocab:
         return logits
-    kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
+    top = torch.topk(logits, max(k for k in ks if k < vocab), dim=-1).values  # (R, ..., k_max)
+    index = torch.tensor([k - 1 if k < vocab else 0 for k in ks], device=logits.device).view(per_row)
+    kth = top.gather(-1, index.expand(*top.shape[:-1], 1))
+    filtered = torch.tensor([k < vocab for k in ks], device=logits.device).view(per_row)
+    return logits.masked_fill(filtered & (logits < kth), float("-inf"))
 
 
-def _filter_top_p(logits: torch.Tensor, top_p: float | None) -> torch.Tensor:
-    if top_p is None or top_p >= 1.0:
+def _filter_top_p(logits: torch.Tensor, top_p: list[float | None], per_row: tuple[int, ...]) -> torch.Tensor:
+    """Keep each row's nucleus of probability top_p[r] (None, or p >= 1: all)."""
+    filtered = [p is not None and p < 1.0 for p in top_p]
+    if not any(filtered):
         return logits
+    p = torch.tensor([p if f else 1.0 for p, f in zip(top_p, filtered)], device=logits.device).view(per_row)
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
     # Drop a token when the tokens before it already reach top_p (the top token always stays).
-    drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= top_p
+    drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= p
+    drop_sorted &= torch.tensor(filtered, device=logits.device).view(per_row)
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 

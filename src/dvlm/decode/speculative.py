@@ -1,7 +1,7 @@
 """Self-speculative block decoding, "linear" (Fast-dVLM; reference/algorithms.md §6.3).
 
-The same weights draft and verify. Per block of B positions starting with the known seed x0:
-  1. draft: one bidirectional pass over [x0, MASK * (B-1)] fills every mask at once;
+The same weights draft and verify. Per block of B positions starting with the known seed s:
+  1. draft: one bidirectional pass over [s, MASK * (B-1)] fills every mask at once;
   2. verify: one causal pass over the drafted block writes its KV; its output i is the AR model's
      prediction for position i + 1;
   3. accept the longest draft prefix the AR model agrees with; the AR model's own token at the
@@ -19,42 +19,25 @@ from dataclasses import dataclass
 
 import torch
 
-from dvlm.config import ConfigError, DecodeConfig
+from dvlm.config import DecodeConfig
 from dvlm.data.processor import Encoded
 from dvlm.decode.ar import NextTokens, NextTokenStepper
 from dvlm.decode.output import GenerationOutput
-from dvlm.decode.prefill import text_positions
-from dvlm.decode.rows import Listener, RowSettings
+from dvlm.decode.rows import Listener
 from dvlm.decode.sampling import RowSampler, greedy_tokens, sample_from
-from dvlm.decode.stepper import GroupSettings, generate_with
+from dvlm.decode.stepper import generate_with
 from dvlm.model.cache import DecodeContext, KVContext
+from dvlm.model.loaded import LoadedModel
 
 
-def _check(lm, cfg: DecodeConfig, name: str) -> int:
-    """The block size, after refusing models and settings speculative decoding cannot serve."""
-    dcfg = lm.require_diffusion(name)
-    if not dcfg.token_shift or dcfg.clean_attention != "causal":
-        raise ConfigError(f"decoder={name!r} needs a token-shift model with a causal clean stream "
-                          "(the fast-dvlm recipe)")
-    block_size = cfg.block_size or dcfg.block_size
-    if block_size < 2:
-        raise ConfigError(f"decoder={name!r} needs block_size >= 2")
-    return block_size
-
-
-def _settings(lm, cfg: DecodeConfig, name: str) -> tuple[GroupSettings, RowSettings]:
-    group = GroupSettings(block_size=_check(lm, cfg, name), top_k=cfg.top_k, top_p=cfg.top_p)
-    return group, RowSettings(cfg.max_new_tokens, cfg.temperature, cfg.seed)
-
-
-def _masked_blocks(lm, first: torch.Tensor, block_size: int) -> torch.Tensor:
+def _masked_blocks(lm: LoadedModel, first: torch.Tensor, block_size: int) -> torch.Tensor:
     """(*first.shape, block_size) blocks [first, MASK, ..., MASK]."""
     block = torch.full((*first.shape, block_size), lm.mask_token_id, dtype=torch.long, device=first.device)
     block[..., 0] = first
     return block
 
 
-def _draft(lm, ctx, block: torch.Tensor, positions: torch.Tensor, sampler: RowSampler) -> torch.Tensor:
+def _draft(lm: LoadedModel, ctx, block: torch.Tensor, positions: torch.Tensor, sampler: RowSampler) -> torch.Tensor:
     """Fill block[:, 1:] in place from one bidirectional pass; returns the draft logits (R, B-1, V)."""
     ids = torch.full_like(block, ctx.next_block_id())
     valid = torch.ones_like(block, dtype=torch.bool)
@@ -76,15 +59,11 @@ class SpecStepper(NextTokenStepper):
 
     decoder = "spec"
 
-    @classmethod
-    def settings_for(cls, lm, cfg: DecodeConfig) -> tuple[GroupSettings, RowSettings]:
-        return _settings(lm, cfg, "spec")
-
     def _advance(self) -> tuple[list[tuple[int, list[int]]], list[int]]:
         lm, state, block_size, sampler = self.lm, self.state, self.group.block_size, self._sampler()
         ctx = state.context
         block = _masked_blocks(lm, state.token, block_size)
-        positions = text_positions(state.position, block_size)
+        positions = lm.positions.text(state.position, block_size)
         with self.timer("draft"):
             draft_logits = _draft(lm, ctx, block, positions, sampler)
         self.rows.count_forward()
@@ -103,7 +82,7 @@ class SpecStepper(NextTokenStepper):
 
 
 @torch.inference_mode()
-def generate_speculative(lm, prompts: list[Encoded], cfg: DecodeConfig, context_cls=KVContext,
+def generate_speculative(lm: LoadedModel, prompts: list[Encoded], cfg: DecodeConfig, context_cls=KVContext,
                          listener: Listener | None = None) -> list[GenerationOutput]:
     return generate_with(SpecStepper, lm, prompts, cfg, context_cls, listener)
 
@@ -131,7 +110,7 @@ class DraftedBlocks:
 class QuadraticStepper(NextTokenStepper):
     """Experimental: self-speculative decoding with verify and next draft fused into one pass.
 
-    The pass that verifies the block [x0, d1 .. d(B-1)] also drafts the next block for every
+    The pass that verifies the block [d0 = s, d1 .. d(B-1)] also drafts the next block for every
     possible outcome: for each accepted length n in 1..B, a draft block [d(n-1), MASK * (B-1)] at
     positions p+n-1 .. p+n+B-2 that sees the context, the committed d0 .. d(n-2) and itself
     (the training layout of a token-shift block whose first token is clean). Once n is known, that
@@ -144,14 +123,10 @@ class QuadraticStepper(NextTokenStepper):
 
     decoder = "spec-quadratic"
 
-    @classmethod
-    def settings_for(cls, lm, cfg: DecodeConfig) -> tuple[GroupSettings, RowSettings]:
-        return _settings(lm, cfg, "spec-quadratic")
-
     def _prefill(self, prompts: list[Encoded], ids: list[int]) -> DraftedBlocks:
         start = super()._prefill(prompts, ids)
         block = _masked_blocks(self.lm, start.token, self.group.block_size)
-        positions = text_positions(start.position, self.group.block_size)
+        positions = self.lm.positions.text(start.position, self.group.block_size)
         draft_logits = _draft(self.lm, start.context, block, positions, self._sampler(ids))
         self.rows.count_forward_for(ids)
         return DraftedBlocks(start.context, block, start.position, draft_logits)
@@ -167,8 +142,8 @@ class QuadraticStepper(NextTokenStepper):
             candidates = _masked_blocks(lm, block, block_size)  # (R, C=B, L=B): candidate c starts with d_c
             cand_positions = (position[:, None, None] + offsets[None, :, None] + offsets[None, None, :])
             hidden, cand_hidden = ctx.commit_and_draft(
-                (lm.adapter.embed(lm.model, block), text_positions(position, block_size), valid, ids),
-                (lm.adapter.embed(lm.model, candidates), cand_positions[None].expand(3, -1, -1, -1), offsets, None),
+                (lm.adapter.embed(lm.model, block), lm.positions.text(position, block_size), valid, ids),
+                (lm.adapter.embed(lm.model, candidates), lm.positions.along_axes(cand_positions), offsets, None),
             )
             verify_logits = lm.adapter.logits(lm.model, hidden)
             accepted, seed = accept_drafts(block, state.draft_logits, verify_logits, sampler)
@@ -185,7 +160,7 @@ class QuadraticStepper(NextTokenStepper):
 
 
 @torch.inference_mode()
-def generate_speculative_quadratic(lm, prompts: list[Encoded], cfg: DecodeConfig, context_cls=KVContext,
+def generate_speculative_quadratic(lm: LoadedModel, prompts: list[Encoded], cfg: DecodeConfig, context_cls=KVContext,
                                    listener: Listener | None = None) -> list[GenerationOutput]:
     return generate_with(QuadraticStepper, lm, prompts, cfg, context_cls, listener)
 

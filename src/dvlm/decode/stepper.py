@@ -7,13 +7,16 @@ unfinished (`drop`). `generate_ar` / `generate_block` / `generate_speculative` d
 completion (`run_to_completion`); the server's engine drives the same steppers while requests
 join and leave. The step logic exists once.
 
-Settings split in two: `GroupSettings` shape the forward (block size, fixed step count, top-k/p)
-and are shared by every row of a stepper; `RowSettings` (max_new_tokens, temperature, seed,
-threshold) are each row's own. `settings_for` maps a `DecodeConfig` onto both.
+Settings (`dvlm.decode.settings`): `GroupSettings` shape the forward (block size, fixed step count,
+sub-blocks, the fused commit) and are shared by every row of a stepper; `RowSettings`
+(max_new_tokens, sampling, threshold) are each row's own. `settings_for` resolves a `DecodeConfig`
+against the model and splits it into both.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,22 +25,12 @@ import torch
 from dvlm.config import DecodeConfig
 from dvlm.data.processor import Encoded
 from dvlm.decode.output import GenerationOutput
-from dvlm.decode.rows import Listener, Rows, RowSettings
+from dvlm.decode.rows import Listener, Rows
 from dvlm.decode.sampling import RowSampler
+from dvlm.decode.settings import GroupSettings, RowSettings, resolve, split
 from dvlm.model.cache import KVContext
+from dvlm.model.loaded import LoadedModel
 from dvlm.runtime import Timer
-
-
-@dataclass(frozen=True)
-class GroupSettings:
-    """What shapes a forward: rows that differ here cannot share a batch."""
-
-    block_size: int | None = None  # None for ar
-    steps: int | None = None  # block decoding with a fixed step count (None: each row's threshold)
-    top_k: int | None = None
-    top_p: float | None = None
-    sub_block_size: int | None = None
-    fuse_commit: bool = True
 
 
 @dataclass
@@ -60,13 +53,13 @@ class Started:
 class Stepper:
     """One decoder over a batch whose rows join between blocks and leave when they finish.
 
-    Subclasses implement `settings_for`, `_prefill` (new rows -> their batch state), `_advance`
-    (one block for every active row), and `_join` / `_select` on their batch state.
+    Subclasses implement `_prefill` (new rows -> their batch state), `_advance` (one block for
+    every active row), and `_join` / `_select` on their batch state.
     """
 
-    decoder = ""  # the name in GenerationOutput
+    decoder = ""  # the name in DecodeConfig and GenerationOutput
 
-    def __init__(self, lm, group: GroupSettings, context_cls=KVContext) -> None:
+    def __init__(self, lm: LoadedModel, group: GroupSettings, context_cls=KVContext) -> None:
         self.lm = lm
         self.group = group
         self.context_cls = context_cls
@@ -75,10 +68,10 @@ class Stepper:
         self.state: Any = None  # batch state of the active rows; None when no row is active
 
     @classmethod
-    def settings_for(cls, lm, cfg: DecodeConfig) -> tuple[GroupSettings, RowSettings]:
-        """The group and row settings a DecodeConfig stands for (the model's defaults filled in);
-        raises ConfigError when this decoder cannot serve the model or the settings."""
-        raise NotImplementedError
+    def settings_for(cls, lm: LoadedModel, cfg: DecodeConfig) -> tuple[GroupSettings, RowSettings]:
+        """The group and row settings `cfg` stands for with this decoder (the model's defaults
+        filled in, `resolve`); raises ConfigError when this decoder cannot serve the model or the settings."""
+        return split(resolve(dataclasses.replace(cfg, decoder=cls.decoder), lm.diffusion, lm.path))
 
     @property
     def num_active(self) -> int:
@@ -119,7 +112,7 @@ class Stepper:
         self.rows.forget(ids)
 
     def output(self, row_id: int, timings: dict[str, float]) -> GenerationOutput:
-        return self.rows.output(row_id, self.lm.processor.decode, self.decoder, timings, self.group.block_size)
+        return self.rows.output(row_id, self.lm.processor.decode, self.decoder, timings, self.group)
 
     def _leave_finished(self, done: list[bool]) -> list[int]:
         """Finished rows leave the batch; returns their ids."""
@@ -136,7 +129,7 @@ class Stepper:
         self.state = self._select(self.state, torch.tensor(indices, device=self.lm.device)) if indices else None
 
     def _sampler(self, ids: list[int] | None = None) -> RowSampler:
-        return self.rows.sampler(self.group.top_k, self.group.top_p, ids)
+        return self.rows.sampler(ids)
 
     def _prefill(self, prompts: list[Encoded], ids: list[int]) -> Any:
         raise NotImplementedError
@@ -155,21 +148,28 @@ def run_to_completion(stepper: Stepper, prompts: list[Encoded], row: RowSettings
                       listener: Listener | None = None) -> list[GenerationOutput]:
     """Decode `prompts` as one batch, every row with the same settings: what `generate` does.
 
-    Every output carries the batch's timings (seconds per phase for the whole batch)."""
+    Every output carries the batch's phase timings (seconds per phase for the whole batch) and its
+    own `total_s`: the wall-clock seconds from the batch's start until the row finished, so its
+    tokens per second are its own."""
+    start = time.perf_counter()
     started = stepper.start(prompts, [row] * len(prompts))
     stepper.join(started)
     index = {row_id: i for i, row_id in enumerate(started.ids)}
+    finished_at = {}
     while stepper.num_active:
-        report = stepper.step()
+        report = stepper.step()  # its timer synchronises the device: the clock sees finished work
+        now = time.perf_counter() - start
+        finished_at.update((row_id, now) for row_id in report.finished)
         if listener is not None:
             for row_id, tokens in report.committed:
                 listener(index[row_id], tokens)
-    timings = stepper.timer.as_dict()
-    return [stepper.output(row_id, timings) for row_id in started.ids]
+    phases = stepper.timer.as_dict()
+    return [stepper.output(row_id, {**phases, "total_s": finished_at.get(row_id, phases["total_s"])})
+            for row_id in started.ids]
 
 
-def generate_with(stepper_cls: type[Stepper], lm, prompts: list[Encoded], cfg: DecodeConfig, context_cls=KVContext,
-                  listener: Listener | None = None) -> list[GenerationOutput]:
+def generate_with(stepper_cls: type[Stepper], lm: LoadedModel, prompts: list[Encoded], cfg: DecodeConfig,
+                  context_cls=KVContext, listener: Listener | None = None) -> list[GenerationOutput]:
     """`generate` for a step-wise decoder: its settings from `cfg`, then one batch to completion."""
     group, row = stepper_cls.settings_for(lm, cfg)
     return run_to_completion(stepper_cls(lm, group, context_cls), prompts, row, listener)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from dvlm.config import DiffusionConfig
-from dvlm.data.processor import IGNORE_INDEX
+from dvlm.data.processor import response_mask
 from dvlm.diffusion.schedule import sample_block_t
 from dvlm.model.masks import absolute_block_ids, block_starts, response_block_ids
 
@@ -16,7 +16,7 @@ from dvlm.model.masks import absolute_block_ids, block_starts, response_block_id
 class NoisyStream:
     """The noisy stream of a batch: copies of some clean positions, some replaced by [MASK].
 
-    All tensors are (B, N); N is the longest row's stream (copies concatenated), padded.
+    All tensors are (R, N); N is the longest row's stream (copies concatenated), padded.
     """
 
     xt: torch.Tensor  # token ids, mask_token_id where masked
@@ -35,29 +35,29 @@ class NoisyStream:
 
 
 def clean_block_ids(labels: torch.Tensor, attention_mask: torch.Tensor, cfg: DiffusionConfig, block_size: int):
-    """(B, L) block ids of the clean sequence for the configured layout."""
+    """(R, L) block ids of the clean sequence for the configured layout."""
     if cfg.block_layout == "absolute":
         return absolute_block_ids(labels.shape[1], block_size, labels.device).expand_as(labels).clone()
-    return response_block_ids((labels != IGNORE_INDEX) & attention_mask, block_size)
+    return response_block_ids(response_mask(labels, attention_mask), block_size)
 
 
 def maskable_positions(labels: torch.Tensor, attention_mask: torch.Tensor, block: torch.Tensor, token_shift: bool):
-    """(B, L) bool: response tokens that may be masked.
+    """(R, L) bool: response tokens that may be masked.
 
     With token shift, the first token of each block is predicted from the previous block's
     clean context (an AR step, covered by the AR loss) and is known at decode time, so it is never
     masked.
     """
-    maskable = (labels != IGNORE_INDEX) & attention_mask
+    maskable = response_mask(labels, attention_mask)
     if token_shift:
         maskable &= ~block_starts(block)
     return maskable
 
 
 def stream_positions(labels, attention_mask, mm_token_type_ids, cfg: DiffusionConfig) -> torch.Tensor:
-    """(B, L) bool: which clean positions the noisy stream copies (`noisy_stream`)."""
+    """(R, L) bool: which clean positions the noisy stream copies (`noisy_stream`)."""
     if cfg.noisy_stream == "response":
-        return (labels != IGNORE_INDEX) & attention_mask
+        return response_mask(labels, attention_mask)
     if cfg.noisy_stream == "text":
         return attention_mask & (mm_token_type_ids == 0)
     return attention_mask.clone()
@@ -75,27 +75,27 @@ def build_noisy_stream(
     """Sample x_t for a batch (DESIGN.md §1, "Training").
 
     Args:
-        input_ids, labels, mm_token_type_ids: (B, L) clean batch (labels -100 off responses).
-        attention_mask: (B, L) bool.
+        input_ids, labels, mm_token_type_ids: (R, L) clean batch (labels -100 off responses).
+        attention_mask: (R, L) bool.
         block_size: the (possibly annealed) block size B.
     Returns:
-        (noisy stream, clean block ids (B, L)).
+        (noisy stream, clean block ids (R, L)).
     """
-    block = clean_block_ids(labels, attention_mask, cfg, block_size)  # (B, L)
+    block = clean_block_ids(labels, attention_mask, cfg, block_size)  # (R, L)
     maskable = maskable_positions(labels, attention_mask, block, cfg.token_shift)
     num_blocks = int(block.max()) + 1 if block.numel() else 0
     t_block = sample_block_t(
         (input_ids.shape[0], num_blocks), cfg.eps_min, cfg.eps_max,
         cfg.t_sampling == "antithetic", generator, input_ids.device, cfg.antithetic_order,
-    )  # (B, K)
-    t = t_block.gather(1, block)  # (B, L)
+    )  # (R, K)
+    t = t_block.gather(1, block)  # (R, L)
     draw = torch.rand(t.shape, generator=generator, device=t.device)
     masked = maskable & (draw < t)
     copies = [masked, maskable & ~masked] if cfg.complementary_mask else [masked]
     fills: list = [None] * len(copies)
     if cfg.fill_last_block:
         slot = torch.arange(1, block_size, device=t.device)
-        wanted = slot <= fill_counts(labels, attention_mask, block, block_size)[..., None]  # (B, L, B-1)
+        wanted = slot <= fill_counts(labels, attention_mask, block, block_size)[..., None]  # (R, L, B-1)
         fill_masked = wanted & (torch.rand(wanted.shape, generator=generator, device=t.device) < t[..., None])
         fills = [(wanted, fill_masked), (wanted, wanted & ~fill_masked)][:len(copies)]
     selected = stream_positions(labels, attention_mask, mm_token_type_ids, cfg)
@@ -107,12 +107,12 @@ def build_noisy_stream(
 
 
 def fill_counts(labels: torch.Tensor, attention_mask: torch.Tensor, block: torch.Tensor, block_size: int):
-    """(B, L) long: at each response's last token, how many positions its last block lacks to be
+    """(R, L) long: at each response's last token, how many positions its last block lacks to be
     `block_size` long; 0 elsewhere.
 
     Example, B=4, response = [0 1 1 1 1 1 0]: blocks [1 1 1 1] and [1]; counts = [0 0 0 0 0 3 0].
     """
-    response = (labels != IGNORE_INDEX) & attention_mask
+    response = response_mask(labels, attention_mask)
     is_end = response.clone()
     is_end[:, :-1] &= ~response[:, 1:]
     sizes = torch.zeros(block.shape[0], int(block.max()) + 1 if block.numel() else 0,
@@ -125,7 +125,7 @@ def _gather_stream(input_ids, selected, block, masked, t, mask_token_id: int, gr
                    fill: tuple[torch.Tensor, torch.Tensor] | None = None) -> NoisyStream:
     """Pack the selected positions of each row to the front, in sequence order, and pad.
 
-    fill = (wanted (B, L, F), masked (B, L, F)): F-slot fill tokens after each position; fill token
+    fill = (wanted (R, L, F), masked (R, L, F)): F-slot fill tokens after each position; fill token
     k after position e copies e, stands at index e + k and is ordered between e and e + 1.
     """
     rows, length = input_ids.shape
@@ -141,10 +141,10 @@ def _gather_stream(input_ids, selected, block, masked, t, mask_token_id: int, gr
         idx = torch.cat([idx, (e + k).flatten(1)], dim=1)
         sel = torch.cat([sel, wanted.flatten(1)], dim=1)
         msk = torch.cat([msk, fill_masked.flatten(1)], dim=1)
-    count = sel.sum(dim=1)  # (B,)
+    count = sel.sum(dim=1)  # (R,)
     width = int(count.max()) if count.numel() else 0
     order = torch.sort(torch.where(sel, key, key.max() + 1 if key.numel() else 0), dim=1, stable=True).indices
-    order = order[:, :width]  # (B, N)
+    order = order[:, :width]  # (R, N)
     valid = torch.arange(width, device=input_ids.device)[None, :] < count[:, None]
     source = src.gather(1, order)
     is_masked = msk.gather(1, order) & valid

@@ -1,8 +1,8 @@
 """The two-stream training forward and the joint diffusion + AR objective.
 
 One forward over `[x_t ; x_0]`: the noisy stream holds copies of some clean positions (with
-[MASK] at masked ones) at the same M-RoPE positions; the clean stream is the whole sample with
-vision features. Because clean tokens never attend to noisy ones and the clean mask is the AR
+[MASK] at masked ones) at the same position ids (`dvlm.data.positions.copy_positions`); the clean
+stream is the whole sample with vision features. Because clean tokens never attend to noisy ones and the clean mask is the AR
 model's own, the clean-stream outputs are exactly the AR model's (invariant 2).
 
 Loss (Fast-dVLM, reference/algorithms.md §5.5):
@@ -24,10 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from dvlm.config import DiffusionConfig
-from dvlm.convert.registry import Adapter
 from dvlm.data.collate import Batch
-from dvlm.diffusion.noising import IGNORE_INDEX, NoisyStream
-from dvlm.model.masks import context_mask, to_additive, two_stream_mask
+from dvlm.data.positions import copy_positions
+from dvlm.data.processor import response_mask
+from dvlm.diffusion.noising import NoisyStream
+from dvlm.model.adapters.base import Adapter
+from dvlm.model.masks import to_additive, two_stream_mask
 
 
 @dataclass
@@ -43,15 +45,16 @@ def two_stream_hidden(
     adapter: Adapter, model: nn.Module, batch: Batch, stream: NoisyStream, cfg: DiffusionConfig,
     clean_block: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden states of the noisy (B, N, D) and clean (B, L, D) streams from one forward."""
-    clean = adapter.embed(model, batch.input_ids, batch.pixel_values, batch.image_grid_thw)  # (B, L, D)
+    """Hidden states of the noisy (R, N, D) and clean (R, L, D) streams from one forward."""
+    clean = adapter.embed(model, batch.input_ids, batch.vision)  # (R, L, F)
     # Noisy tokens copy the clean embedding (vision features included when copied) unless masked.
-    noisy = clean.gather(1, stream.source[..., None].expand(-1, -1, clean.shape[-1]))  # (B, N, D)
-    mask_embed = model.get_input_embeddings().weight[cfg.mask_token_id].to(noisy.dtype)
+    noisy = clean.gather(1, stream.source[..., None].expand(-1, -1, clean.shape[-1]))  # (R, N, F)
+    mask_ids = torch.full_like(stream.xt[:1, :1], cfg.mask_token_id)
+    mask_embed = adapter.embed(model, mask_ids)[0, 0].to(noisy.dtype)  # (F,)
     noisy = torch.where(stream.masked[..., None], mask_embed, noisy)
-    positions = batch.position_ids  # (3, B, L)
+    positions = batch.position_ids  # (A, R, L)
     # Fill tokens (index > source) continue the text positions past the response's last token.
-    noisy_pos = positions.gather(2, stream.source[None].expand(3, -1, -1)) + (stream.index - stream.source)[None]
+    noisy_pos = copy_positions(positions, stream.source, stream.index - stream.source)
     mask = two_stream_mask(
         stream.block, stream.group, stream.valid, clean_block, batch.attention_mask,
         "causal" if cfg.clean_attention == "causal" else "block_causal",
@@ -85,8 +88,8 @@ def diffusion_targets(stream: NoisyStream, input_ids: torch.Tensor, token_shift:
 
 
 def row_label_counts(labels: torch.Tensor) -> torch.Tensor:
-    """(B,) long: labelled tokens per row, at least 1 (a row without labels then adds 0, not NaN)."""
-    return (labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+    """(R,) long: labelled tokens per row, at least 1 (a row without labels then adds 0, not NaN)."""
+    return response_mask(labels).sum(dim=1).clamp(min=1)
 
 
 def weigh_token_losses(ce: torch.Tensor, t: torch.Tensor, row_tokens: torch.Tensor, cfg: DiffusionConfig):
@@ -106,7 +109,7 @@ def weigh_token_losses(ce: torch.Tensor, t: torch.Tensor, row_tokens: torch.Tens
 
 
 def loss_normaliser(labels: list[torch.Tensor], cfg: DiffusionConfig | None) -> int:
-    """N, the denominator of one optimizer step's loss, from the labels (B, L) of its micro-batches.
+    """N, the denominator of one optimizer step's loss, from the labels (R, L) of its micro-batches.
 
     `tokens` (and plain AR training, cfg None): the labelled tokens of the whole accumulation
     window, so the accumulated gradient is that of one big batch. `rows`: the window's rows, so
@@ -116,7 +119,7 @@ def loss_normaliser(labels: list[torch.Tensor], cfg: DiffusionConfig | None) -> 
     """
     if cfg is not None and cfg.loss_normalisation == "rows":
         return sum(int(y.shape[0]) for y in labels)
-    return sum(int((y != IGNORE_INDEX).sum()) for y in labels)
+    return sum(int(response_mask(y).sum()) for y in labels)
 
 
 def diffusion_objective(
@@ -127,17 +130,17 @@ def diffusion_objective(
     accumulation window's `loss_normaliser`, so accumulated gradients are exact."""
     noisy_h, clean_h = two_stream_hidden(adapter, model, batch, stream, cfg, clean_block)
     rows, cols, targets, t = diffusion_targets(stream, batch.input_ids, cfg.token_shift)
-    # Logits only where scored: the full (B, N + L, V) tensor is large for real vocabularies.
+    # Logits only where scored: the full (R, N + L, V) tensor is large for real vocabularies.
     logits = adapter.logits(model, noisy_h[rows, cols]).float()  # CE in fp32
     ce = F.cross_entropy(logits, targets, reduction="none")
-    row_tokens = row_label_counts(batch.labels)  # (B,)
+    row_tokens = row_label_counts(batch.labels)  # (R,)
     diffusion_sum = weigh_token_losses(ce, t, row_tokens[rows], cfg).sum()
     ar_sum = torch.zeros((), device=diffusion_sum.device)
     if cfg.ar_loss_weight > 0:
         per_row = row_tokens if cfg.loss_normalisation == "rows" else None
         ar_sum = ar_loss_sum(adapter, model, clean_h, batch.labels, per_row)
     loss = (cfg.diffusion_loss_weight * diffusion_sum + cfg.ar_loss_weight * ar_sum) / max(normaliser, 1)
-    num_response = int((batch.labels != IGNORE_INDEX).sum())
+    num_response = int(response_mask(batch.labels).sum())
     return LossOutput(loss, diffusion_sum.detach(), ar_sum.detach(), int(rows.numel()), num_response)
 
 
@@ -145,8 +148,8 @@ def ar_loss_sum(adapter: Adapter, model: nn.Module, hidden: torch.Tensor, labels
                 row_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Summed next-token CE: output i scored against labels[i + 1] where labelled.
 
-    With `row_tokens` (B,), each token's CE is first divided by its row's count (`rows`)."""
-    rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+    With `row_tokens` (R,), each token's CE is first divided by its row's count (`rows`)."""
+    rows, cols = response_mask(labels[:, 1:]).nonzero(as_tuple=True)
     logits = adapter.logits(model, hidden[rows, cols]).float()
     targets = labels[rows, cols + 1]
     if row_tokens is None:
@@ -155,12 +158,9 @@ def ar_loss_sum(adapter: Adapter, model: nn.Module, hidden: torch.Tensor, labels
 
 
 def ar_objective(adapter: Adapter, model: nn.Module, batch: Batch, normaliser: int) -> LossOutput:
-    """Plain autoregressive training (how the built-in AR model is made)."""
-    embeds = adapter.embed(model, batch.input_ids, batch.pixel_values, batch.image_grid_thw)
-    blocks = torch.zeros_like(batch.input_ids)
-    mask = context_mask(blocks, blocks, batch.attention_mask, "causal")
-    hidden = adapter.hidden_states(model, embeds, batch.position_ids, to_additive(mask, embeds.dtype))
+    """Plain autoregressive training (how the built-in AR model is made): the AR model's own forward."""
+    hidden = adapter.causal_hidden_states(model, batch)
     ar_sum = ar_loss_sum(adapter, model, hidden, batch.labels)
     zero = torch.zeros((), device=ar_sum.device)
-    num_response = int((batch.labels != IGNORE_INDEX).sum())
+    num_response = int(response_mask(batch.labels).sum())
     return LossOutput(ar_sum / max(normaliser, 1), zero, ar_sum.detach(), 0, num_response)

@@ -18,9 +18,9 @@ def sample_block_t(
     device: torch.device | None = None,
     order: str = "permuted",
 ) -> torch.Tensor:
-    """Masking rates t (B, K), one per block: t = eps_min + (eps_max - eps_min) * u.
+    """Masking rates t (R, K), one per block: t = eps_min + (eps_max - eps_min) * u.
 
-    `antithetic` stratifies u over all B*K blocks of the batch (one draw per stratum
+    `antithetic` stratifies u over all R*K blocks of the batch (one draw per stratum
     [j/N, (j+1)/N)), like BD3-LM/DiffusionVL, which lowers the variance of the batch loss.
     `order` says which block gets stratum j:
     * `permuted`: a random permutation (dvlm). With the strata in block order the first blocks of

@@ -7,11 +7,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from dvlm.data.chat import IMAGE_PLACEHOLDER, SPEAKER_ROLES
+from dvlm.decode.generate import generate
 from dvlm.decode.output import GenerationOutput
-from dvlm.zoo.metrics import aggregate, score
-from dvlm.zoo.tasks import IMAGE_PLACEHOLDER, Sample, get_task
-
-ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+from dvlm.model.loaded import LoadedModel
+from dvlm.tasks.builtin import Sample, get_task
+from dvlm.tasks.metrics import aggregate, score
 
 
 @dataclass
@@ -32,7 +33,7 @@ class EvalResult:
 def sample_prompt(sample: Sample) -> list[dict[str, str]]:
     """The chat up to the last question, earlier answers given as history (teacher forcing)."""
     turns = sample.conversations[:-1]
-    return [{"role": ROLES[t["from"]], "content": t["value"]} for t in turns]
+    return [{"role": SPEAKER_ROLES[t["from"]], "content": t["value"]} for t in turns]
 
 
 def speed_summary(outputs: list[GenerationOutput], wall_seconds: float) -> dict[str, float]:
@@ -49,7 +50,7 @@ def speed_summary(outputs: list[GenerationOutput], wall_seconds: float) -> dict[
 
 
 def evaluate(
-    lm,
+    lm: LoadedModel,
     task: str,
     *,
     split: str = "test",
@@ -62,9 +63,10 @@ def evaluate(
     keep_examples: int = 3,
     **decode_options: Any,
 ) -> EvalResult:
-    """Decode `limit` samples of `task` and score them with the task's metric."""
+    """Decode `limit` samples of `task` and score them with the task's metric. `settings` records
+    the harness's settings and the decoding settings used (the model's defaults filled in)."""
     samples = get_task(task).generate(split, limit, seed)
-    decoder = decoder or ("block" if lm.diffusion else "ar")
+    decoder = decoder or lm.default_decoder
     outputs: list[GenerationOutput] = []
     wall = 0.0
     bar = tqdm(total=len(samples), desc=f"{task} [{decoder}]", disable=not progress, leave=False)
@@ -72,8 +74,8 @@ def evaluate(
         chunk = samples[start:start + batch_size]
         prompts = [sample_prompt(s) for s in chunk]
         images = [s.images for s in chunk]
-        outs = lm.generate(prompts, images, decoder=decoder, max_new_tokens=max_new_tokens, **decode_options)
-        wall += outs[0].timings.get("total_s", 0.0)  # one batch: timings are the batch's
+        outs = generate(lm, prompts, images, decoder=decoder, max_new_tokens=max_new_tokens, **decode_options)
+        wall += max(o.timings.get("total_s", 0.0) for o in outs)  # the batch's time: until its last row finished
         outputs.extend(outs)
         bar.update(len(chunk))
     bar.close()
@@ -83,6 +85,7 @@ def evaluate(
          "reference": s.answers[-1], "prediction": o.text}
         for s, o in list(zip(samples, outputs))[:keep_examples]
     ]
-    settings = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "seed": seed, **decode_options}
+    # The decoding settings used (resolved: the model's defaults filled in), and the harness's own.
+    settings = {**(outputs[0].settings if outputs else {}), "batch_size": batch_size, "sample_seed": seed}
     return EvalResult(task, decoder, split, len(samples), aggregate(scores), speed_summary(outputs, wall),
                       settings, examples)

@@ -1,6 +1,6 @@
 """What dvlm's lmms-eval plugin does with a request, without lmms-eval: settings, decoding, speed.
 
-`dvlm.eval.lmms_plugin` is the thin lmms-eval class around these; keeping them here lets the main
+`dvlm.plugins.lmms_eval` is the thin lmms-eval class around these; keeping them here lets the main
 test suite check them without lmms-eval installed (it needs torchvision, which this project does
 not install next to dvlm).
 """

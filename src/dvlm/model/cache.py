@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 
-from dvlm.convert.registry import Adapter
+from dvlm.model.adapters.base import Adapter
 from dvlm.model.masks import (
     MASK_KINDS,
     commit_and_draft_mask,
@@ -191,8 +191,8 @@ class KVContext:
         self.cache = adapter.new_cache(model)
         if capacity:
             preallocate(self.cache, capacity)
-        self.key_valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)  # (B, T)
-        self.key_block = torch.zeros(batch_size, 0, dtype=torch.long, device=device)  # (B, T)
+        self.key_valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)  # (R, T)
+        self.key_block = torch.zeros(batch_size, 0, dtype=torch.long, device=device)  # (R, T)
 
     @property
     def length(self) -> int:
@@ -203,13 +203,13 @@ class KVContext:
         return int(self.key_block.max()) + 1 if self.length else 0
 
     def peek(self, embeds, position_ids, query_valid, query_block, kind: str) -> torch.Tensor:
-        """Hidden states (B, Q, D) of a block attending to the context; the context is unchanged."""
+        """Hidden states (R, Q, D) of a block attending to the context; the context is unchanged."""
         hidden = self._forward(embeds, position_ids, query_valid, query_block, kind)
         self.cache.crop(-embeds.shape[1])  # the forward appended the block: take it back out
         return hidden
 
     def commit(self, embeds, position_ids, query_valid, query_block, kind: str) -> torch.Tensor:
-        """Hidden states (B, Q, D) of a block that is appended to the context."""
+        """Hidden states (R, Q, D) of a block that is appended to the context."""
         hidden = self._forward(embeds, position_ids, query_valid, query_block, kind)
         self.key_valid = torch.cat([self.key_valid, query_valid], dim=1)
         self.key_block = torch.cat([self.key_block, query_block], dim=1)
@@ -218,8 +218,8 @@ class KVContext:
     def commit_and_draft(self, commit: tuple, drafts: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward that commits a block (causal) and peeks at C draft blocks branching off it.
 
-        commit = (embeds (R, Q, D), position_ids (3, R, Q), valid (R, Q), block ids (R, Q));
-        drafts = (embeds (R, C, L, D), position_ids (3, R, C, L), prefix (C,) long, valid (R, C, L)
+        commit = (embeds (R, Q, F), position_ids (A, R, Q), valid (R, Q), block ids (R, Q));
+        drafts = (embeds (R, C, L, F), position_ids (A, R, C, L), prefix (C,) long, valid (R, C, L)
         bool or None: all valid).
         Draft block c attends to the context, the first prefix[c] committed positions and the valid
         positions of itself (bidirectionally); drafts never see each other and only the committed
@@ -302,11 +302,11 @@ class RecomputeContext:
         self.adapter = adapter
         self.model = model
         self.dtype = adapter.model_dtype(model)
-        self.embeds: torch.Tensor | None = None  # (B, T, D)
-        self.position_ids: torch.Tensor | None = None  # (3, B, T)
+        self.embeds: torch.Tensor | None = None  # (R, T, F)
+        self.position_ids: torch.Tensor | None = None  # (A, R, T)
         self.key_valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
         self.key_block = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
-        self.key_kind = torch.zeros(batch_size, 0, dtype=torch.long, device=device)  # (B, T) index into MASK_KINDS
+        self.key_kind = torch.zeros(batch_size, 0, dtype=torch.long, device=device)  # (R, T) index into MASK_KINDS
 
     length = KVContext.length
     next_block_id = KVContext.next_block_id
@@ -359,21 +359,21 @@ class RecomputeContext:
     def join(self, other: RecomputeContext) -> None:
         """KVContext.join without a cache: the kept embeddings and positions are padded instead."""
         width = max(self.length, other.length)
-        known = self.embeds if self.embeds is not None else other.embeds
-        if known is not None:
-            kept = [c._kept(known) for c in (self, other)]
+        known = (self.embeds, self.position_ids) if self.embeds is not None else (other.embeds, other.position_ids)
+        if known[0] is not None:
+            kept = [c._kept(*known) for c in (self, other)]
             self.embeds = torch.cat([pad_left(e, width, 0.0, dim=1) for e, _ in kept])
             self.position_ids = torch.cat([pad_left(p, width, 0, dim=2) for _, p in kept], dim=1)
         self.key_valid = torch.cat([pad_left(self.key_valid, width, False), pad_left(other.key_valid, width, False)])
         self.key_block = torch.cat([pad_left(self.key_block, width, 0), pad_left(other.key_block, width, 0)])
         self.key_kind = torch.cat([pad_left(self.key_kind, width, 0), pad_left(other.key_kind, width, 0)])
 
-    def _kept(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embeds (B, T, D), position_ids (3, B, T)) kept so far; empty ones (T = 0) before the first commit."""
+    def _kept(self, embeds_like: torch.Tensor, positions_like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeds (R, T, F), position_ids (A, R, T)) kept so far; empty ones (T = 0) before the first commit."""
         if self.embeds is not None:
             return self.embeds, self.position_ids
         rows = self.key_valid.shape[0]
-        return like.new_zeros(rows, 0, like.shape[2]), torch.zeros(3, rows, 0, dtype=torch.long, device=like.device)
+        return embeds_like.new_zeros(rows, 0, embeds_like.shape[2]), positions_like.new_zeros(positions_like.shape[0], rows, 0)
 
     def _forward(self, embeds, position_ids, query_valid, query_block, kind: str, keep: bool) -> torch.Tensor:
         q_len = embeds.shape[1]
@@ -381,7 +381,7 @@ class RecomputeContext:
         all_pos = position_ids if self.position_ids is None else torch.cat([self.position_ids, position_ids], 2)
         valid = torch.cat([self.key_valid, query_valid], dim=1)
         block = torch.cat([self.key_block, query_block], dim=1)
-        code = torch.full_like(query_block, MASK_KINDS.index(kind))  # (B, Q)
+        code = torch.full_like(query_block, MASK_KINDS.index(kind))  # (R, Q)
         kinds = torch.cat([self.key_kind, code], dim=1)
         mask = _mixed_mask(block, valid, kinds)
         hidden = self.adapter.hidden_states(self.model, all_embeds, all_pos, to_additive(mask, self.dtype))
@@ -398,9 +398,9 @@ def _mask_tail(key_valid: torch.Tensor, start: int, lengths: torch.Tensor) -> No
 
 
 def _mixed_mask(block: torch.Tensor, valid: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
-    """(B, K, K) mask where each query row follows the mask kind its entry was written with (kinds (B, K))."""
-    per_kind = torch.stack([context_mask(block, block, valid, kind) for kind in MASK_KINDS])  # (3, B, K, K)
-    rows = kinds[:, :, None].expand(-1, -1, valid.shape[1])  # (B, K, K)
+    """(R, K, K) mask where each query row follows the mask kind its entry was written with (kinds (R, K))."""
+    per_kind = torch.stack([context_mask(block, block, valid, kind) for kind in MASK_KINDS])  # (kinds, R, K, K)
+    rows = kinds[:, :, None].expand(-1, -1, valid.shape[1])  # (R, K, K)
     return per_kind.gather(0, rows[None]).squeeze(0)
 
 

@@ -31,9 +31,9 @@ def response_block_ids(response: torch.Tensor, block_size: int) -> torch.Tensor:
     token; each run of non-response tokens (system, vision, prompt, padding) is one context block.
 
     Args:
-        response: (B, L) bool, True on response (labelled) tokens.
+        response: (R, L) bool, True on response (labelled) tokens.
     Returns:
-        (B, L) long block ids, non-decreasing along each row.
+        (R, L) long block ids, non-decreasing along each row.
 
     Example, B=2, response = [0 0 1 1 1 0 1]:
         block ids          = [0 0 1 1 2 3 4]
@@ -50,7 +50,7 @@ def response_block_ids(response: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def block_starts(block: torch.Tensor) -> torch.Tensor:
-    """(B, L) bool: True at the first position of each block."""
+    """(R, L) bool: True at the first position of each block."""
     start = torch.ones_like(block, dtype=torch.bool)
     start[:, 1:] = block[:, 1:] != block[:, :-1]
     return start
@@ -69,14 +69,14 @@ def context_mask(
     KV cache of T entries has K = T + Q and query_offset = T).
 
     Args:
-        query_block: (B, Q) block ids of the queries.
-        key_block: (B, K) block ids of the keys.
-        key_valid: (B, K) bool, False on padding.
+        query_block: (R, Q) block ids of the queries.
+        key_block: (R, K) block ids of the keys.
+        key_valid: (R, K) bool, False on padding.
         kind: `causal` (key index <= query index), `block_causal` (key block <= query block) or
             `bidirectional` (every valid key).
         query_offset: index of the first query among the keys.
     Returns:
-        (B, Q, K) bool.
+        (R, Q, K) bool.
 
     Example, kind=block_causal, blocks [0 0 1], all valid:   causal:
         1 1 0                                                 1 0 0
@@ -160,14 +160,14 @@ def two_stream_mask(
     * Clean tokens never see noisy ones.
 
     Args:
-        noisy_block: (B, N) block id (in the clean sequence) of each noisy token.
-        noisy_group: (B, N) N2N group: the block id, made distinct per complementary copy.
-        noisy_valid: (B, N) bool.
-        clean_block: (B, L) block ids of the clean sequence.
-        clean_valid: (B, L) bool.
+        noisy_block: (R, N) block id (in the clean sequence) of each noisy token.
+        noisy_group: (R, N) N2N group: the block id, made distinct per complementary copy.
+        noisy_valid: (R, N) bool.
+        clean_block: (R, L) block ids of the clean sequence.
+        clean_valid: (R, L) bool.
         clean_kind: `causal` or `block_causal`.
     Returns:
-        (B, N + L, N + L) bool.
+        (R, N + L, N + L) bool.
 
     Example, B=2, clean = [p p r r r] with blocks [0 0 1 1 2], noisy = the 3 response tokens,
     causal clean stream (rows/cols: n1 n2 n3 | c0 c1 c2 c3 c4):
@@ -179,8 +179,8 @@ def two_stream_mask(
     """
     bsz, n_noisy = noisy_block.shape
     n_clean = clean_block.shape[1]
-    n2n = noisy_group[:, :, None] == noisy_group[:, None, :]  # (B, N, N)
-    n2c = clean_block[:, None, :] < noisy_block[:, :, None]  # (B, N, L)
+    n2n = noisy_group[:, :, None] == noisy_group[:, None, :]  # (R, N, N)
+    n2c = clean_block[:, None, :] < noisy_block[:, :, None]  # (R, N, L)
     c2c = context_mask(clean_block, clean_block, torch.ones_like(clean_valid), clean_kind)
     c2n = torch.zeros(bsz, n_clean, n_noisy, dtype=torch.bool, device=noisy_block.device)
     mask = torch.cat([torch.cat([n2n, n2c], dim=2), torch.cat([c2n, c2c], dim=2)], dim=1)
@@ -189,7 +189,7 @@ def two_stream_mask(
 
 
 def to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, Q, K) bool -> (B, 1, Q, K) float: 0 where allowed, the dtype's most negative value elsewhere."""
+    """(R, Q, K) bool -> (R, 1, Q, K) float: 0 where allowed, the dtype's most negative value elsewhere."""
     additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
     additive.masked_fill_(~mask, torch.finfo(dtype).min)
     return additive[:, None]

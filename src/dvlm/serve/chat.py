@@ -5,8 +5,8 @@
     > /reset                  forgets the conversation (and pending images)
     > /quit                   (or Ctrl-D, or Ctrl-C) leaves
 
-The conversation is a chat message list with image parts, decoded by `model.stream`, the same path
-as `model.generate`: each answer equals what `generate` returns for that conversation.
+The conversation is a chat message list with image parts, decoded by `dvlm.decode.generate.stream`, the
+path of `model.generate`: each answer equals what `generate` returns for that conversation.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from __future__ import annotations
 from typing import Any, Callable, TextIO
 
 from dvlm.data.images import ImageError, load_image
+from dvlm.decode.generate import stream
+from dvlm.model.loaded import LoadedModel
 
 HELP = "/image PATH adds an image to your next message, /reset starts over, /quit (or Ctrl-D) leaves"
 
@@ -21,7 +23,7 @@ HELP = "/image PATH adds an image to your next message, /reset starts over, /qui
 class ChatSession:
     """The conversation so far and the images waiting for the next user message."""
 
-    def __init__(self, lm: Any, options: dict[str, Any]) -> None:
+    def __init__(self, lm: LoadedModel, options: dict[str, Any]) -> None:
         self.lm = lm
         self.options = options
         self.messages: list[dict[str, Any]] = []
@@ -41,15 +43,15 @@ class ChatSession:
         parts = [{"type": "image", "image": image} for image in self.pending_images]
         self.messages.append({"role": "user", "content": [*parts, {"type": "text", "text": text}]})
         try:
-            stream = self.lm.stream(self.messages, **self.options)
-            for piece in stream:
+            answer = stream(self.lm, self.messages, **self.options)
+            for piece in answer:
                 write(piece)
         except BaseException:
             self.messages.pop()
             raise
         self.pending_images.clear()
-        self.messages.append({"role": "assistant", "content": stream.output.text})
-        return stream.output
+        self.messages.append({"role": "assistant", "content": answer.output.text})
+        return answer.output
 
 
 def run_chat(session: ChatSession, read: Callable[[str], str], out: TextIO, err: TextIO,

@@ -3,9 +3,9 @@
 Requests wait in a bounded queue (`QueueFullError` beyond `max_queue`). Each iteration of the loop
 1. ends the requests that were cancelled or ran past their timeout (their rows leave at once);
 2. admits waiting requests into the group of their settings: requests whose settings cannot share
-   a forward (decoder, block size, fixed step count, top-k, top-p: `group_key`, with the model's
-   defaults filled in) run in separate groups; per-row settings (threshold, temperature, seed,
-   max_new_tokens, stop) share one. A group holds at most `max_batch_size` rows; the admitted
+   a forward (decoder, block size, fixed step count: `group_key`, with the model's defaults
+   filled in) run in separate groups; per-row settings (threshold, sampling: temperature, top-k,
+   top-p, seed; max_new_tokens, stop) share one. A group holds at most `max_batch_size` rows; the admitted
    requests of a group are prefilled as one small batch, then join its running batch;
 3. advances every group by one step (one block; one token for ar), round robin, and hands each
    request its newly committed text as a `Delta`; rows that finish (EOS, max_new_tokens, a stop
@@ -36,9 +36,10 @@ from dvlm.config import ConfigError, DecodeConfig
 from dvlm.decode.ar import ARStepper
 from dvlm.decode.block import BlockStepper
 from dvlm.decode.output import GenerationOutput
-from dvlm.decode.rows import RowSettings
+from dvlm.decode.settings import GroupSettings, RowSettings
 from dvlm.decode.speculative import SpecStepper
-from dvlm.decode.stepper import GroupSettings, Stepper
+from dvlm.decode.stepper import Stepper
+from dvlm.model.loaded import LoadedModel
 from dvlm.serve.answer_text import AnswerText
 from dvlm.serve.handle import RequestHandle
 from dvlm.serve.requests import (
@@ -89,7 +90,7 @@ class _Group:
 class Engine:
     """Serves EngineRequests on one model from one loop thread (see the module docstring)."""
 
-    def __init__(self, lm, *, max_batch_size: int = 16, max_queue: int = 64,
+    def __init__(self, lm: LoadedModel, *, max_batch_size: int = 16, max_queue: int = 64,
                  observer: EngineObserver | None = None) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError(f"max_batch_size and max_queue must be >= 1, got {max_batch_size} and {max_queue}")
@@ -174,7 +175,8 @@ class Engine:
                            temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
                            seed=request.seed)
         group, row = STEPPERS[request.decoder].settings_for(self.lm, cfg)
-        return (request.decoder, group.block_size, group.steps, group.top_k, group.top_p), group, row
+        # sub_block_size and fuse_commit are not request fields: one value per decoder, no need to key on them.
+        return (request.decoder, group.block_size, group.steps), group, row
 
     # The loop thread.
 

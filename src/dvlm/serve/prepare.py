@@ -13,7 +13,7 @@ from typing import Any
 
 from dvlm.config import ConfigError, DecodeConfig
 from dvlm.data.processor import Encoded
-from dvlm.decode.block import decode_policy
+from dvlm.decode.settings import resolve
 from dvlm.serve.errors import bad_request, too_large
 from dvlm.serve.images import ImagePolicy, load_image_url
 from dvlm.serve.requests import SERVED_DECODERS, EngineRequest
@@ -106,7 +106,7 @@ def answer_budget(requested: int | None, encoded: Encoded, model: ServedModel, s
                           code="context_length_exceeded", param="messages")
     if model.max_positions is None:
         return requested or settings.max_tokens
-    next_position = len(encoded) + encoded.rope_delta
+    next_position = encoded.next_position
     room = model.max_positions - next_position
     if room < 1:
         raise bad_request(f"the prompt takes {next_position} positions; the model has {model.max_positions} "
@@ -121,11 +121,10 @@ def answer_budget(requested: int | None, encoded: Encoded, model: ServedModel, s
 
 
 def effective_settings(cfg: DecodeConfig, model: ServedModel) -> dict[str, Any]:
-    """The dvlm knobs in effect for this request, the model's defaults filled in (null: not used)."""
-    used: dict[str, Any] = {"decoder": cfg.decoder, "block_size": None, "threshold": None, "steps": None}
-    if cfg.decoder == "ar" or model.diffusion is None:
-        return used
-    used["block_size"] = cfg.block_size or model.diffusion.block_size
-    if cfg.decoder == "block":
-        used["threshold"], used["steps"] = decode_policy(cfg, model.diffusion)
-    return used
+    """The dvlm knobs in effect for this request, the model's defaults filled in (null: not used):
+    the resolution the engine's decoders apply (`dvlm.decode.settings.resolve`)."""
+    try:
+        resolved = resolve(cfg, model.diffusion)
+    except ConfigError as err:  # the engine refuses the request with the same reason
+        raise bad_request(str(err), code="invalid_decode_settings") from err
+    return {name: getattr(resolved, name) for name in ("decoder", "block_size", "threshold", "steps")}

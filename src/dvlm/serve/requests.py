@@ -41,16 +41,16 @@ class EngineStoppedError(RuntimeError):
 @dataclass(frozen=True)
 class EngineRequest:
     """One generation request, already encoded. Settings that change the shape of a forward
-    (`decoder`, `block_size`, `steps`, `top_k`, `top_p`) put requests into separate groups;
-    the others are per row and share forwards."""
+    (`decoder`, `block_size`, `steps`) put requests into separate groups; the others are per row
+    and share forwards."""
 
     id: str
     prompt: Encoded
     decoder: str = "block"
     block_size: int | None = None  # None: the model's
     steps: int | None = None  # block decoding with a fixed step count instead of a threshold
-    top_k: int | None = None
-    top_p: float | None = None
+    top_k: int | None = None  # per row
+    top_p: float | None = None  # per row
     threshold: float | None = None  # per row; None: the model's default
     temperature: float = 0.0  # per row
     seed: int | None = None  # per row: a row's sampling is reproducible whatever joins its batch
@@ -62,7 +62,7 @@ class EngineRequest:
     def group_key(self) -> tuple:
         """Requests with equal keys can share a running batch. (The engine groups by this key with
         the model's defaults filled in, so block_size=None and the model's own block size share one.)"""
-        return (self.decoder, self.block_size, self.steps, self.top_k, self.top_p)
+        return (self.decoder, self.block_size, self.steps)
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ class EngineObserver:
 # The engine's interface (implemented in dvlm.serve.engine; the HTTP layer relies on exactly this):
 #
 #   class Engine:
-#       def __init__(self, lm: DVLM, *, max_batch_size: int = 16, max_queue: int = 64,
+#       def __init__(self, lm: LoadedModel, *, max_batch_size: int = 16, max_queue: int = 64,
 #                    observer: EngineObserver | None = None): ...
 #       def start(self) -> None                      # starts the loop thread
 #       def submit(self, request: EngineRequest) -> RequestHandle

@@ -11,8 +11,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from dvlm.data.chat import ROLES
 from dvlm.decode.output import GenerationOutput
 
 MAX_STOP_STRINGS = 4  # as OpenAI's API
@@ -44,7 +52,7 @@ class ContentPart(_Strict):
 
 
 class Message(_Strict):
-    role: Literal["system", "user", "assistant"]
+    role: Literal[ROLES]  # type: ignore[valid-type]  # the chat roles, from their one home
     content: list[ContentPart]
     name: str | None = None  # accepted for compatibility; not part of the prompt
 

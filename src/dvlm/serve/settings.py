@@ -9,15 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from dvlm.config import ConfigError, DecodeConfig, DiffusionConfig, check_field_types
 from dvlm.data.images import DEFAULT_LIMITS, MIB, ImageLimits
 from dvlm.data.processor import Encoded
+from dvlm.model.loaded import LoadedModel
 from dvlm.serve.requests import SERVED_DECODERS
-
-if TYPE_CHECKING:
-    from dvlm.model.wrapper import DVLM
 
 
 @dataclass(frozen=True)
@@ -97,8 +95,8 @@ class ServedModel:
     image_limits: ImageLimits = field(default=DEFAULT_LIMITS)
 
     @classmethod
-    def from_lm(cls, lm: "DVLM", name: str) -> "ServedModel":
-        return cls(name, lm.encode, lm.diffusion, lm.adapter.max_positions(lm.model), lm.processor.image_limits)
+    def from_lm(cls, lm: LoadedModel, name: str) -> "ServedModel":
+        return cls(name, lm.encode, lm.diffusion, lm.max_positions(), lm.processor.image_limits)
 
     @property
     def default_decoder(self) -> str:

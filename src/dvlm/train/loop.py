@@ -33,7 +33,8 @@ from dvlm.data.llava_json import (
     file_fingerprint,
     read_records,
 )
-from dvlm.diffusion.noising import IGNORE_INDEX, build_noisy_stream
+from dvlm.data.processor import response_mask
+from dvlm.diffusion.noising import build_noisy_stream
 from dvlm.diffusion.objective import (
     LossOutput,
     ar_objective,
@@ -41,8 +42,9 @@ from dvlm.diffusion.objective import (
     loss_normaliser,
 )
 from dvlm.diffusion.schedule import annealed_block_size
-from dvlm.model.wrapper import DIFFUSION_CONFIG_KEY, DVLM, load
-from dvlm.train.checkpoint import (
+from dvlm.model.loaded import LoadedModel, write_recipe
+from dvlm.runtime import seeded_generator
+from dvlm.train.resume import (
     Checkpoint,
     newest_usable_checkpoint,
     restore_training_state,
@@ -101,7 +103,7 @@ class StepData:
     def indices(self, step: int) -> list[int]:
         """The dataset indices of a step's samples: a slice of the epoch's seeded permutation."""
         epoch, index = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+        order = torch.randperm(len(self.dataset), generator=seeded_generator(self.cfg.seed + epoch))
         return order[index * self.samples_per_step:(index + 1) * self.samples_per_step].tolist()
 
     def micro_batches(self, step: int) -> list[Batch]:
@@ -123,7 +125,7 @@ class StepData:
             return None
 
 
-def parameter_groups(lm: DVLM, cfg: TrainConfig) -> list[dict[str, Any]]:
+def parameter_groups(lm: LoadedModel, cfg: TrainConfig) -> list[dict[str, Any]]:
     """One AdamW group, or two when the vision encoder has its own learning rate (0 freezes it)."""
     if cfg.vision_learning_rate is None:
         return [{"params": list(lm.model.parameters())}]
@@ -138,14 +140,15 @@ def parameter_groups(lm: DVLM, cfg: TrainConfig) -> list[dict[str, Any]]:
 
 
 def noise_generator(seed: int, step: int, micro: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + micro)
+    """The noise of one micro-batch: a function of (seed, step, micro) alone, so a resumed run draws it again."""
+    return seeded_generator(seed * 1_000_003 + step * 1_009 + micro)
 
 
 @dataclass
 class _Run:
     """What every step of a run needs: the model and its recipe, the data, optimizer and schedule."""
 
-    lm: DVLM
+    lm: LoadedModel
     dcfg: DiffusionConfig | None
     cfg: TrainConfig
     steps: StepData
@@ -170,8 +173,9 @@ def train(
 ) -> TrainResult:
     """Fine-tune `model` on LLaVA-format `data`; checkpoints and metrics go to `out`.
 
-    With `cfg.ar_loss` the model trains autoregressively (no diffusion); otherwise it must be a
-    converted dVLM and trains with its DiffusionConfig (updated by `diffusion_overrides`).
+    With `cfg.objective` "autoregressive" the model trains as a plain AR model (no diffusion);
+    otherwise it must be a converted dVLM and trains with its DiffusionConfig (updated by
+    `diffusion_overrides`). `model` is a checkpoint directory (the CLI resolves built-in names).
     `resume` continues from the run's newest usable checkpoint (from step 0 when it has none yet).
 
     Raises:
@@ -182,7 +186,8 @@ def train(
     run_dir = Path(out)
     records = read_records(data)  # a file without records fails before the model loads
     checkpoint = _resume_point(run_dir, resume)
-    lm = load(checkpoint.path if checkpoint else model, device=device, dtype="float32")  # master weights in fp32
+    # Master weights in fp32.
+    lm = LoadedModel.load(checkpoint.path if checkpoint else model, device=device, dtype="float32")
     dcfg = _diffusion_config(lm, cfg, diffusion_overrides)
     lm.processor.max_length = cfg.max_length
     dataset = LlavaJsonDataset(data, lm.processor, image_root=image_root, records=records)
@@ -258,7 +263,7 @@ def data_order(data: str | Path, cfg: TrainConfig, dcfg: DiffusionConfig | None)
         "grad_accum": cfg.grad_accum,
         "seed": cfg.seed,
         "max_length": cfg.max_length,
-        "ar_loss": cfg.ar_loss,
+        "objective": cfg.objective,
         "diffusion": dcfg.to_dict() if dcfg is not None else None,
     }
 
@@ -273,6 +278,9 @@ def check_resume(checkpoint: Checkpoint, order: dict[str, Any], total: int) -> N
     if recorded is None:  # written before data orders were recorded: nothing to compare with
         tqdm.write(f"--resume: {name} does not record its data order; cannot check that it is unchanged")
         return
+    if "ar_loss" in recorded:  # recorded before TrainConfig.ar_loss became `objective`
+        recorded = {**recorded, "objective": "autoregressive" if recorded["ar_loss"] else "diffusion"}
+        del recorded["ar_loss"]
     now = json.loads(json.dumps(order))  # as read back from JSON: lists, not tuples
     changed = [f"{key} was {old!r} in {name}, is {new!r} now" for key, old, new in _differences(recorded, now)]
     if changed:
@@ -300,24 +308,25 @@ def _prepare_model(model, cfg: TrainConfig) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def _diffusion_config(lm: DVLM, cfg: TrainConfig, overrides: dict[str, Any] | None) -> DiffusionConfig | None:
-    if cfg.ar_loss:
+def _diffusion_config(lm: LoadedModel, cfg: TrainConfig, overrides: dict[str, Any] | None
+                      ) -> DiffusionConfig | None:
+    if cfg.autoregressive:
         if overrides:
-            raise ConfigError("diffusion overrides make no sense with ar_loss training")
+            raise ConfigError("diffusion overrides make no sense with objective='autoregressive' training")
         return None
-    base = lm.require_diffusion("diffusion training (train without ar_loss)")
+    base = lm.require_diffusion("diffusion training (objective='diffusion')")
     if overrides:
         base = from_dict(DiffusionConfig, {**base.to_dict(), **overrides})
-        setattr(lm.model.config, DIFFUSION_CONFIG_KEY, base.to_dict())  # the saved model keeps the recipe
+        write_recipe(lm.model, base)  # the saved model keeps the recipe
         lm.diffusion = base
     return base
 
 
-def _train_step(lm: DVLM, dcfg, cfg: TrainConfig, steps: StepData, step: int, total: int, optimizer, scheduler):
+def _train_step(lm: LoadedModel, dcfg, cfg: TrainConfig, steps: StepData, step: int, total: int, optimizer, scheduler):
     """One optimizer step over the step's micro-batches; raises TrainingError rather than update
     the weights from nothing (no answer token) or from a non-finite loss or gradient."""
     batches = [b.to(lm.device) for b in steps.micro_batches(step)]
-    response_tokens = sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)
+    response_tokens = sum(int(response_mask(b.labels).sum()) for b in batches)
     if response_tokens == 0:  # every sample skipped or answer-less: the loss would be 0/0
         raise TrainingError(f"step {step + 1}: nothing to train on (none of its {len(steps.indices(step))} samples "
                             f"has an answer token); {steps.skips.summary()}")
@@ -352,7 +361,7 @@ def _train_step(lm: DVLM, dcfg, cfg: TrainConfig, steps: StepData, step: int, to
     }
 
 
-def _backward(lm: DVLM, dcfg, cfg: TrainConfig, batch: Batch, normaliser: int, block_size: int | None,
+def _backward(lm: LoadedModel, dcfg, cfg: TrainConfig, batch: Batch, normaliser: int, block_size: int | None,
               noise: torch.Generator) -> LossOutput:
     """The loss of one micro-batch (normalised by the whole step's answer tokens), backpropagated."""
     with torch.autocast(lm.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):

@@ -37,8 +37,7 @@ def write_model_card(path: Path, name: str, summary: str, info: dict[str, Any], 
         f"- language model: hidden {text.get('hidden_size')}, {text.get('num_hidden_layers')} layers, "
         f"{text.get('num_attention_heads')} heads / {text.get('num_key_value_heads')} KV heads, "
         f"vocabulary {text.get('vocab_size')}",
-        f"- vision: depth {config['vision_config']['depth']}, hidden {config['vision_config']['hidden_size']}, "
-        f"patch {config['vision_config']['patch_size']}, merge {config['vision_config']['spatial_merge_size']}",
+        vision_line(config.get("vision_config", {})),
         f"- parameters: {info.get('parameters', 'n/a'):,}" if isinstance(info.get("parameters"), int) else "",
         "", "## Training", "",
         f"- data: {', '.join(f'{k} x{v}' for k, v in info['recipe']['train_mix'].items())} (train split, seed "
@@ -63,10 +62,22 @@ def write_model_card(path: Path, name: str, summary: str, info: dict[str, Any], 
     return card
 
 
+def vision_line(vision: dict[str, Any]) -> str:
+    """The card's vision-tower line from a config's `vision_config`, whichever family's keys it uses
+    (layers as `depth` or `num_hidden_layers`; a patch merge only where the tower has one)."""
+    parts = [f"depth {vision.get('depth', vision.get('num_hidden_layers'))}", f"hidden {vision.get('hidden_size')}",
+             f"patch {vision.get('patch_size')}"]
+    if "spatial_merge_size" in vision:
+        parts.append(f"merge {vision['spatial_merge_size']}")
+    return "- vision: " + ", ".join(parts)
+
+
 def stage_line(index: int, stage: dict[str, Any]) -> str:
     """One training stage of a card, e.g. "- stage 1: 6000 steps, ..., vision tower frozen, next-token loss"."""
     vision = stage.get("vision_learning_rate")
     vision_text = "" if vision is None else ", vision tower frozen" if vision == 0 else f", vision lr {vision}"
-    loss = "next-token loss" if stage["ar_loss"] else "diffusion + AR loss (fast-dvlm recipe)"
+    # Stages recorded before TrainConfig.ar_loss became `objective` carry the old key.
+    autoregressive = stage.get("objective", "autoregressive" if stage.get("ar_loss") else "diffusion") == "autoregressive"
+    loss = "next-token loss" if autoregressive else "diffusion + AR loss (fast-dvlm recipe)"
     return (f"- stage {index}: {stage['max_steps']} steps, batch {stage['batch_size']}, AdamW lr "
             f"{stage['learning_rate']} (warmup {stage['warmup_ratio']}, cosine), {stage['dtype']}{vision_text}, {loss}")

@@ -12,22 +12,28 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-import dvlm
-from dvlm.convert.checkpoint import convert_checkpoint
+from dvlm.convert.conversion import convert_checkpoint
+from dvlm.data.chat import IMAGE_PLACEHOLDER
+from dvlm.decode.generate import generate
 from dvlm.decode.output import GenerationOutput
 from dvlm.eval.bench import Setting, run_bench
-from dvlm.zoo.tasks import IMAGE_PLACEHOLDER, get_task
-from dvlm.zoo.tiny import TinyShape, build_random_checkpoint
+from dvlm.model.adapters.base import TinyShape
+from dvlm.model.adapters.registry import reference_adapter
+from dvlm.model.loaded import LoadedModel
+from dvlm.tasks.builtin import get_task
+from dvlm.zoo.registry import builtin_path
+from dvlm.zoo.tiny import build_random_checkpoint
 from dvlm.zoo.tokenizer import build_tokenizer
 
 DEMO_TASKS = ("shapes-qa", "shapes-caption", "digits-read")
 AR_MODEL, DIFFUSION_MODEL = "tiny-ar", "tiny-dvlm"
 
 
-def demo_settings(block_size: int = 16, threshold: float = 0.9) -> list[Setting]:
+def demo_settings(block_size: int = 16) -> list[Setting]:
+    """AR, then block (at the model's own threshold) and spec decoding at `block_size`."""
     return [
         Setting("ar", model="baseline"),  # tiny-ar: the AR model the dVLM was converted from
-        Setting("block", {"block_size": block_size, "threshold": threshold}),
+        Setting("block", {"block_size": block_size}),
         Setting("spec", {"block_size": block_size}),
     ]
 
@@ -36,7 +42,8 @@ def run_demo(out: Path, *, limit: int = 20, max_new_tokens: int = 96, progress: 
              log: Callable[[str], None] = print) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     log(f"[demo] loading the built-in models {AR_MODEL} and {DIFFUSION_MODEL}")
-    models = {"baseline": dvlm.load(AR_MODEL), "main": dvlm.load(DIFFUSION_MODEL)}
+    models = {"baseline": LoadedModel.load(builtin_path(AR_MODEL)),
+              "main": LoadedModel.load(builtin_path(DIFFUSION_MODEL))}
     log(f"[demo] decoding {limit} test samples per task with each decoder")
     rows = run_bench(models, list(DEMO_TASKS), demo_settings(), limit=limit, max_new_tokens=max_new_tokens,
                      progress=progress)
@@ -80,9 +87,9 @@ def write_example(models: dict[str, Any], out: Path) -> dict[str, Any]:
     sample.images[0].save(image_path)  # native size: what the models were trained on
     question = sample.conversations[-2]["value"].split(IMAGE_PLACEHOLDER, 1)[-1].strip()
     answers = {
-        f"{AR_MODEL} ar": models["baseline"].generate(question, images=image_path, decoder="ar").text,
-        f"{DIFFUSION_MODEL} block": models["main"].generate(question, images=image_path, decoder="block").text,
-        f"{DIFFUSION_MODEL} spec": models["main"].generate(question, images=image_path, decoder="spec").text,
+        f"{AR_MODEL} ar": generate(models["baseline"], question, images=image_path, decoder="ar").text,
+        f"{DIFFUSION_MODEL} block": generate(models["main"], question, images=image_path, decoder="block").text,
+        f"{DIFFUSION_MODEL} spec": generate(models["main"], question, images=image_path, decoder="spec").text,
     }
     return {"image": str(image_path), "question": question, "reference": sample.answers[-1], "answers": answers,
             "command": f'dvlm generate --image {image_path} --prompt "{question}"'}
@@ -94,22 +101,22 @@ def run_random_demo(root: Path, max_new_tokens: int) -> None:
     def step(text: str) -> None:
         print(f"[demo] {text}", flush=True)
 
-    step("building a tiny random-weight Qwen2.5-VL (the real HF architecture, small sizes)")
+    step(f"building a tiny random-weight {reference_adapter().family} (the real HF architecture, small sizes)")
     # A wider init than HF's 0.02 makes the random model's output varied instead of one repeated token.
     source = build_random_checkpoint(root / "tiny-ar", build_tokenizer(), TinyShape(initializer_range=0.3), seed=0)
     step(f"converting {source} with the fast-dvlm preset")
     report = convert_checkpoint(source, root / "tiny-dvlm", preset="fast-dvlm", overwrite=True,
                                 log=lambda line: print(f"         {line}", flush=True))
     step(f"loading {report.output}")
-    lm = dvlm.load(report.output)
+    lm = LoadedModel.load(report.output)
     sample = get_task("shapes-qa").generate("test", 1)[0]
     question = sample.conversations[0]["value"]
     step(f"decoding one shapes-qa test image: {question.replace(chr(10), ' ')!r} "
          f"(reference answer: {sample.answers[0]!r})")
     decoders = ("ar", "hf", "block")
     for name in decoders:  # warm-up, so tokens/s leaves out first-call costs
-        lm.generate(question, sample.images, decoder=name, max_new_tokens=1)
-    outputs = [lm.generate(question, sample.images, decoder=name, max_new_tokens=max_new_tokens)
+        generate(lm, question, sample.images, decoder=name, max_new_tokens=1)
+    outputs = [generate(lm, question, sample.images, decoder=name, max_new_tokens=max_new_tokens)
                for name in decoders]
     print()
     print_table(outputs)

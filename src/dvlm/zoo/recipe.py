@@ -1,6 +1,6 @@
 """How the built-in models are made: `dvlm zoo build` runs this recipe from scratch.
 
-1. tiny-ar: a small Qwen2.5-VL-architecture model (the real HF class, random init) trained
+1. tiny-ar: a small model of the reference family (its real HF class, random init) trained
    autoregressively on the task mix: the stand-in for a pretrained AR VLM.
 2. tiny-dvlm: tiny-ar converted with `dvlm convert` (fast-dvlm preset) and diffusion-fine-tuned
    with `dvlm train`: the papers' direct-conversion route at small scale.
@@ -19,10 +19,12 @@ from typing import Any, Callable
 
 import torch
 
-from dvlm.config import TrainConfig
-from dvlm.convert.checkpoint import convert_checkpoint
-from dvlm.zoo.tasks import export_llava, get_task
-from dvlm.zoo.tiny import TinyShape, build_random_checkpoint, tiny_image_processor
+from dvlm.config import DEFAULT_THRESHOLD, TrainConfig
+from dvlm.convert.conversion import convert_checkpoint
+from dvlm.model.adapters.base import TinyShape
+from dvlm.model.adapters.registry import reference_adapter
+from dvlm.tasks.builtin import export_llava, get_task
+from dvlm.zoo.tiny import build_random_checkpoint, tiny_image_processor
 from dvlm.zoo.tokenizer import build_tokenizer
 
 # Images keep their native resolution: a 28x28 digit is exactly one merged vision token.
@@ -51,10 +53,10 @@ class ZooRecipe:
     # Stage 2 trains everything, ViT included, once the LM reads colour.
     ar_stages: list[TrainConfig] = field(default_factory=lambda: [
         TrainConfig(learning_rate=5e-4, warmup_ratio=0.03, min_lr_ratio=0.05, max_steps=6000, batch_size=16,
-                    weight_decay=0.01, ar_loss=True, save_every=500, log_every=10, max_length=512,
+                    weight_decay=0.01, objective="autoregressive", save_every=500, log_every=10, max_length=512,
                     vision_learning_rate=0.0),
         TrainConfig(learning_rate=5e-4, warmup_ratio=0.03, min_lr_ratio=0.05, max_steps=4000, batch_size=16,
-                    weight_decay=0.01, ar_loss=True, save_every=1000, log_every=10, max_length=512, seed=1),
+                    weight_decay=0.01, objective="autoregressive", save_every=1000, log_every=10, max_length=512, seed=1),
     ])
     dvlm: TrainConfig = field(default_factory=lambda: TrainConfig(
         learning_rate=3e-4, warmup_ratio=0.03, min_lr_ratio=0.05, max_steps=4000, batch_size=16,
@@ -134,24 +136,24 @@ def build_zoo(out: str | Path, recipe: ZooRecipe | None = None, *, work_dir: str
 
 
 CARD_SUMMARIES = {
-    "tiny-ar": "A small Qwen2.5-VL-architecture VLM trained autoregressively by dvlm on its synthetic "
-               "tasks: the stand-in for a pretrained AR VLM.",
+    "tiny-ar": f"A small {reference_adapter().family}-architecture VLM trained autoregressively by dvlm on its "
+               "synthetic tasks: the stand-in for a pretrained AR VLM.",
     "tiny-dvlm": "tiny-ar converted with `dvlm convert` (fast-dvlm preset) and diffusion-fine-tuned with "
                  "`dvlm train`: a block-diffusion VLM (block, spec and ar decoding).",
 }
 
 
 def write_cards(paths: dict[str, Path], infos: dict[str, dict[str, Any]], recipe: ZooRecipe, progress: bool) -> None:
-    from dvlm.model.wrapper import load
+    from dvlm.model.loaded import LoadedModel
     from dvlm.zoo.card import evaluate_builtin, write_model_card
 
     decoders = {
         "tiny-ar": [("ar", {})],
-        "tiny-dvlm": [("block", {"block_size": recipe.block_size, "threshold": 0.9}),
+        "tiny-dvlm": [("block", {"block_size": recipe.block_size, "threshold": DEFAULT_THRESHOLD}),
                       ("spec", {"block_size": recipe.block_size}), ("ar", {})],
     }
     for name, path in paths.items():
-        model = load(path)
+        model = LoadedModel.load(path)
         info = {**infos[name], "parameters": sum(p.numel() for p in model.model.parameters())}
         _write_build_info(path, info)
         rows = evaluate_builtin(model, decoders[name], recipe.eval_limit, progress)
@@ -182,9 +184,9 @@ def encoded_layout(model_dir: Path, data: Path) -> str:
     """A digest of how the first training records encode: part of the training stages' keys, so a
     change of the chat layout (or tokenizer) retrains instead of reusing models trained on another."""
     from dvlm.data.llava_json import LlavaJsonDataset
-    from dvlm.data.processor import ChatProcessor
+    from dvlm.model.adapters.registry import adapter_for_checkpoint
 
-    dataset = LlavaJsonDataset(data, ChatProcessor.from_pretrained(model_dir))
+    dataset = LlavaJsonDataset(data, adapter_for_checkpoint(model_dir).load_processor(model_dir))
     ids = [dataset[i].input_ids.tolist() for i in range(min(len(dataset), 8))]
     return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
 

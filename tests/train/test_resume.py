@@ -18,16 +18,16 @@ from safetensors.torch import load_file
 
 import dvlm
 from dvlm.config import TrainConfig
-from dvlm.train import checkpoint as checkpoint_module
-from dvlm.train.checkpoint import (
+from dvlm.tasks.builtin import export_llava, get_task
+from dvlm.train import resume as checkpoint_module
+from dvlm.train.loop import FINAL_DIR, METRICS_FILE, train
+from dvlm.train.resume import (
     OPTIMIZER_FILE,
     RNG_FILE,
     STATE_FILE,
     CheckpointError,
     list_checkpoints,
 )
-from dvlm.train.loop import FINAL_DIR, METRICS_FILE, train
-from dvlm.zoo.tasks import export_llava, get_task
 
 CHECKPOINT_FILES = {"model.safetensors", "config.json", OPTIMIZER_FILE, RNG_FILE, STATE_FILE}
 
@@ -261,7 +261,7 @@ def test_trainer_state_records_what_fixes_the_data_order(run, data, fast_checkpo
     state = json.loads((run.run_dir / "checkpoint-000005" / STATE_FILE).read_text())
     assert state["data_order"] == {
         "data_file": {"size": data.stat().st_size, "sha256": hashlib.sha256(data.read_bytes()).hexdigest()},
-        "batch_size": 4, "grad_accum": 1, "seed": 0, "max_length": 2048, "ar_loss": False,
+        "batch_size": 4, "grad_accum": 1, "seed": 0, "max_length": 2048, "objective": "diffusion",
         "diffusion": dvlm.load(fast_checkpoint).diffusion.to_dict(),
     }
 

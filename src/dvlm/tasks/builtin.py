@@ -1,6 +1,6 @@
 """The built-in model's synthetic tasks: the ``Sample`` type, splits, the registry, LLaVA export.
 
-Tasks (see ``dvlm.zoo.shapes`` and ``dvlm.zoo.digits`` for image and text formats):
+Tasks (see ``dvlm.tasks.shapes`` and ``dvlm.tasks.digits`` for image and text formats):
 
 * ``shapes-qa``: one short question about a shapes scene (colour of a kind or at a place / kind at a
   place / count / place of a colour+kind).
@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from dvlm.zoo import digits, shapes
+from dvlm.data.chat import GPT, HUMAN, IMAGE_PLACEHOLDER
+from dvlm.tasks import digits, shapes
 
 SPLITS = ("train", "validation", "test")
 NUM_BUCKETS = 10
@@ -42,9 +43,8 @@ SPLIT_BUCKETS: dict[str, frozenset[int]] = {
     "validation": frozenset({7}),
     "test": frozenset({8, 9}),
 }
-IMAGE_PLACEHOLDER = "<image>"
 
-# How an answer is scored (dvlm.zoo.metrics): exact match, caption facts, or digit sequence.
+# How an answer is scored (dvlm.tasks.metrics): exact match, caption facts, or digit sequence.
 SHORT = "short"
 CAPTION = "caption"
 DIGITS = "digits"
@@ -78,7 +78,7 @@ class Sample:
 
     def __post_init__(self) -> None:
         roles = [turn["from"] for turn in self.conversations]
-        if not roles or roles != ["human", "gpt"] * (len(roles) // 2):
+        if not roles or roles != [HUMAN, GPT] * (len(roles) // 2):
             raise ValueError(f"{self.id}: conversations must alternate human/gpt, got {roles}")
         if self.answers != [turn["value"] for turn in self.conversations[1::2]]:
             raise ValueError(f"{self.id}: answers must equal the gpt values in order")
@@ -141,8 +141,8 @@ def _conversation(turns: list[Turn], n_images: int) -> list[dict[str, str]]:
     conversation = []
     for k, (question, answer, _) in enumerate(turns):
         prefix = f"{IMAGE_PLACEHOLDER}\n" * n_images if k == 0 else ""
-        conversation.append({"from": "human", "value": prefix + question})
-        conversation.append({"from": "gpt", "value": answer})
+        conversation.append({"from": HUMAN, "value": prefix + question})
+        conversation.append({"from": GPT, "value": answer})
     return conversation
 
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
-from dvlm.zoo.shapes import COLOURS, KINDS, POSITIONS
-from dvlm.zoo.tasks import CAPTION, DIGITS, SHORT, TASKS, Sample
+from dvlm.tasks.builtin import CAPTION, DIGITS, SHORT, TASKS, Sample
+from dvlm.tasks.shapes import COLOURS, KINDS, POSITIONS
 
 Fact = tuple[str, str, str]  # (colour, kind, position)
 

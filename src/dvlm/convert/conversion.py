@@ -15,7 +15,6 @@ overwritten, so it is refused.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import math
@@ -31,19 +30,20 @@ from torch import nn
 
 from dvlm.atomic import atomic_directory, recover
 from dvlm.config import DTYPES, ConfigError, DiffusionConfig
-from dvlm.convert.registry import (
+from dvlm.convert.verify import causal_logits, max_logit_difference, probe_input
+from dvlm.data.chat import IMAGE_PLACEHOLDER
+from dvlm.data.processor import ChatProcessor
+from dvlm.model.adapters.base import Adapter
+from dvlm.model.adapters.registry import adapter_for_checkpoint
+from dvlm.model.checkpoint_files import (
     WEIGHTS_INDEX,
-    adapter_for_checkpoint,
     check_weights,
     read_config,
     saved_dtype,
     weight_files,
 )
-from dvlm.convert.verify import causal_logits, max_logit_difference, probe_input
-from dvlm.data.processor import IMAGE_PLACEHOLDER, ChatProcessor
-from dvlm.data.tokenizer import load_tokenizer
-from dvlm.model.wrapper import DIFFUSION_CONFIG_KEY, load
-from dvlm.quantize import RECIPE_KEY as QUANTIZATION_RECIPE
+from dvlm.model.loaded import LoadedModel, has_recipe, save_model, write_recipe
+from dvlm.model.quantize import RECIPE_KEY as QUANTIZATION_RECIPE
 from dvlm.runtime import pick_device, pick_dtype
 
 REPORT_FILE = "dvlm_conversion.json"
@@ -98,8 +98,8 @@ def check_source(src: Path) -> str:
     """Validate a source checkpoint directory; returns its architecture name."""
     config = read_config(src)  # missing directory / config.json errors
     adapter_for_checkpoint(src)  # unsupported architecture error, naming the supported ones
-    if DIFFUSION_CONFIG_KEY in config:
-        raise ValueError(f"{src} is already a converted dVLM (its config.json has '{DIFFUSION_CONFIG_KEY}')")
+    if has_recipe(config):
+        raise ValueError(f"{src} is already a converted dVLM (its config.json holds a diffusion recipe)")
     check_weights(src)  # safetensors only, each with a readable header
     check_not_quantized(src, config)
     return config["architectures"][0]
@@ -166,7 +166,7 @@ def chat_tokens(processor: ChatProcessor, config: dict[str, Any]) -> dict[str, s
     for role, token in (("unk", tokenizer.unk_token), ("bos", tokenizer.bos_token)):
         if token:
             used.setdefault(token, role)
-    for i in dataclasses.astuple(processor.token_ids):
+    for i in processor.format.structure_token_ids().values():
         used.setdefault(by_id[i], "chat token")
     used.setdefault(IMAGE_PLACEHOLDER, "image placeholder")
     template = tokenizer.chat_template or ""
@@ -209,7 +209,7 @@ def check_mask_token(tokenizer: Any, token: str, used: dict[str, str]) -> bool:
     return True
 
 
-def add_mask_token(model: nn.Module, tokenizer: Any, token: str, used: dict[str, str]) -> MaskSlot:
+def add_mask_token(adapter: Adapter, model: nn.Module, tokenizer: Any, token: str, used: dict[str, str]) -> MaskSlot:
     """Give `token` (new, or an unused special token) a mean-initialised embedding row.
 
     The row (input and, when untied, output) is the mean of the other tokens' rows, so the mask
@@ -219,24 +219,16 @@ def add_mask_token(model: nn.Module, tokenizer: Any, token: str, used: dict[str,
     if not existed:
         tokenizer.add_tokens([AddedToken(token, special=True, normalized=False)], special_tokens=True)
     mask_id = tokenizer.convert_tokens_to_ids(token)
-    rows = model.get_input_embeddings().weight.shape[0]
+    rows = adapter.embedding_tables(model)[0].shape[0]
     row = "resized" if mask_id >= rows else "special" if existed else "spare"
     if row == "resized":
-        model.resize_token_embeddings(mask_id + 1, mean_resizing=False)
+        adapter.resize_vocabulary(model, mask_id + 1)
     real = torch.arange(min(known, rows))  # rows of actual tokens: padded spare rows are not averaged
     real = real[real != mask_id]  # a mask token that already existed does not average itself
     with torch.no_grad():
-        for table in _embedding_tables(model):
+        for table in adapter.embedding_tables(model):  # a tied lm_head shares the input table's rows
             table[mask_id] = table[real].mean(dim=0)
     return MaskSlot(mask_id, row)
-
-
-def _embedding_tables(model: nn.Module) -> list[torch.Tensor]:
-    tables = [model.get_input_embeddings().weight]
-    out = model.get_output_embeddings()
-    if out is not None and out.weight.data_ptr() != tables[0].data_ptr():
-        tables.append(out.weight)
-    return tables
 
 
 # -- verification ------------------------------------------------------------------------------------
@@ -294,8 +286,7 @@ def remove_leftovers(out: Path) -> list[str]:
 def save_converted(model: nn.Module, processor: ChatProcessor, tmp: Path, src: Path, dtype_name: str) -> int:
     """Write model, tokenizer and image processor, sharded like the source; returns the shard count."""
     whole = sum(t.numel() * t.element_size() for t in model.state_dict().values())  # fits in one file
-    model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_bytes(src) or whole)
-    processor.save_pretrained(tmp)
+    save_model(model, processor, tmp, max_shard_size=max_shard_bytes(src) or whole)
     written = saved_dtype(read_config(tmp))
     if written != dtype_name:
         raise ConversionError(f"config.json was written with dtype {written!r}, weights in {dtype_name}")
@@ -324,7 +315,7 @@ def plan_conversion(src: Path, out: Path, preset: str, settings: dict[str, Any],
     check_output(src, out, overwrite)
     diffusion = DiffusionConfig.from_preset(preset, **settings)  # invalid settings fail before any work
     dtype_name = conversion_dtype(dtype, src, log)
-    processor = ChatProcessor(load_tokenizer(src), adapter_for_checkpoint(src).load_image_processor(src))
+    processor = adapter_for_checkpoint(src).load_processor(src)
     used = chat_tokens(processor, read_config(src))
     check_mask_token(processor.tokenizer, diffusion.mask_token, used)
     diffusion.eos_token_ids = processor.eos_token_ids
@@ -359,9 +350,9 @@ def convert_checkpoint(
     probe = probe_input(processor)
     reference = causal_logits(adapter, model, probe, processor.pad_token_id)
     require_finite_source(reference, plan.dtype_name)
-    mask = add_mask_token(model, processor.tokenizer, diffusion.mask_token, plan.used_tokens)
+    mask = add_mask_token(adapter, model, processor.tokenizer, diffusion.mask_token, plan.used_tokens)
     diffusion.mask_token_id = mask.token_id
-    setattr(model.config, DIFFUSION_CONFIG_KEY, diffusion.to_dict())
+    write_recipe(model, diffusion)
     log(f"added {diffusion.mask_token!r} as id {mask.token_id} ({MASK_ROWS[mask.row]})")
     parameters = sum(p.numel() for p in model.parameters())
 
@@ -369,7 +360,7 @@ def convert_checkpoint(
         shards = save_converted(model, processor, tmp, src, plan.dtype_name)
         del model  # free the source before loading the written copy: memory stays near one copy
         gc.collect()
-        converted = load(tmp, device=device, dtype=plan.dtype_name)
+        converted = LoadedModel.load(tmp, device=device, dtype=plan.dtype_name)
         logits = causal_logits(converted.adapter, converted.model, probe, processor.pad_token_id)
         diff = max_logit_difference(reference, logits, [mask.token_id])
         tol = tolerance if tolerance is not None else verification_tolerance(reference, torch_dtype)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dvlm.zoo.metrics import (
+from dvlm.tasks.builtin import TASKS
+from dvlm.tasks.metrics import (
     aggregate,
     caption_scores,
     digit_scores,
@@ -14,7 +15,6 @@ from dvlm.zoo.metrics import (
     score,
     score_turn,
 )
-from dvlm.zoo.tasks import TASKS
 
 CAPTION = ("There are 3 shapes. A red circle is in the top left. An orange star is in the center. "
            "A green triangle is in the bottom right.")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dvlm.zoo import digits, shapes
-from dvlm.zoo.tasks import (
+from dvlm.tasks import digits, shapes
+from dvlm.tasks.builtin import (
     CAPTION,
     DIGITS,
     IMAGE_PLACEHOLDER,

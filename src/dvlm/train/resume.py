@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from dvlm.atomic import first_line, written_whole
-from dvlm.convert.registry import CheckpointError, check_weights
+from dvlm.model.checkpoint_files import CheckpointError, check_weights
+from dvlm.model.loaded import LoadedModel
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -82,11 +83,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # -- writing -----------------------------------------------------------------------------------------
 
 
-def save_checkpoint(run_dir: Path, step: int, lm, optimizer, scheduler, state: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, lm: LoadedModel, optimizer, scheduler, state: dict[str, Any], keep: int) -> Path:
     """Write checkpoint-<step> atomically and keep only the newest `keep` checkpoints."""
     final = checkpoint_dir(run_dir, step)
     with written_whole(final) as tmp:
-        save_model(lm, tmp)
+        lm.save(tmp)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / OPTIMIZER_FILE)
         # numpy's state holds a uint32 array; stored as a tensor so weights_only loading accepts it.
         rng = rng_state()
@@ -99,18 +100,10 @@ def save_checkpoint(run_dir: Path, step: int, lm, optimizer, scheduler, state: d
     return final
 
 
-def write_model(lm, final: Path) -> None:
+def write_model(lm: LoadedModel, final: Path) -> None:
     """The final model directory, written atomically like a checkpoint."""
     with written_whole(final) as tmp:
-        save_model(lm, tmp)
-
-
-def save_model(lm, out: Path) -> None:
-    """A complete, loadable checkpoint: safetensors weights, config, tokenizer, image processor."""
-    out.mkdir(parents=True, exist_ok=True)
-    lm.model.save_pretrained(out, safe_serialization=True)
-    lm.processor.tokenizer.save_pretrained(out)
-    lm.processor.image_processor.save_pretrained(out)
+        lm.save(tmp)
 
 
 # -- reading -----------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import dvlm
-from dvlm.convert.registry import CheckpointError
-from dvlm.model.wrapper import PositionLimitWarning, PromptError
+from dvlm.api import PositionLimitWarning, PromptError
+from dvlm.model.checkpoint_files import CheckpointError
 
 
 @pytest.fixture(scope="module")

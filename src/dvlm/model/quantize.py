@@ -146,7 +146,7 @@ def check_destination(src: Path, out: Path, overwrite: bool) -> None:
 def write_quantized(src: Path, out: Path, scheme: str, *, overwrite: bool = False) -> Path:
     """Copy the checkpoint `src` into `out` (written whole) with `scheme` recorded in config.json."""
     from dvlm.atomic import written_whole
-    from dvlm.convert.registry import read_config
+    from dvlm.model.checkpoint_files import read_config
 
     check_scheme(scheme)
     config = read_config(src)  # clear errors for a missing directory or config.json

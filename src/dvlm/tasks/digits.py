@@ -10,7 +10,7 @@ spaces ("4 0 7"); multi-turn dialogues also ask "How many digits are there?", "W
 digit?" and "What is the last digit?".
 
 Which of the 1797 source images a split may use is decided by the caller through ``buckets``
-on the source index (``index % num_buckets``; see ``dvlm.zoo.tasks``), so held-out splits use
+on the source index (``index % num_buckets``; see ``dvlm.tasks.builtin``), so held-out splits use
 handwriting never seen in training.
 """
 

@@ -2,7 +2,7 @@
 
 Image format (fixed): 84x84 RGB, plain white background, a 3x3 grid of 28 px cells; a scene
 holds 1-4 shapes, each in its own cell, centred in that cell plus an integer jitter of at most
-2 px per axis. 28 px is one merged vision token of Qwen2.5-VL (14 px patches, 2x2 merge), so
+2 px per axis. 28 px is one merged vision token of the built-in models (14 px patches, 2x2 merge), so
 each cell is exactly one image token (at 112 px, cell borders fell inside tokens). Shapes are
 drawn at 4x resolution and downsampled (anti-aliasing), so a shape's interior is exactly its
 colour and empty cells are exactly the background.
@@ -19,7 +19,7 @@ Text (all generated here, so the tokenizer can enumerate it from these constants
   center. ..." with one sentence per shape in row-major cell order ("There is 1 shape." for one).
 
 This module is mechanism only; which scenes belong to which split is decided by the caller
-through ``buckets`` (see ``dvlm.zoo.tasks``).
+through ``buckets`` (see ``dvlm.tasks.builtin``).
 """
 
 from __future__ import annotations

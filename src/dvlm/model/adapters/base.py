@@ -1,0 +1,175 @@
+"""The adapter interface: everything that differs between families of HF vision-language models.
+
+Shared code (data, diffusion, convert, decode, train) calls these methods and nothing
+family-specific, so masks, positions and caches cross into a family's HF implementation through
+documented seams (input embeddings, 4-D masks, explicit position ids, Cache objects). A family is
+one module: an `Adapter` subclass decorated with `@register` (`dvlm.model.adapters.registry`).
+
+The interface, by concern:
+
+* loading: `load_model`, `load_image_processor` (never torchvision), `chat_format` (chat layout,
+  special tokens, image tokens, image tensors, position ids), `load_processor` (provided);
+* forward seams: `embed` (input features, images in place), `hidden_states` (the masked
+  forward, optionally over a KV cache), `logits`, `new_cache`; provided on top of them:
+  `causal_hidden_states` (the AR model's forward), `hf_generate_inputs`, `max_positions`;
+* conversion: `embedding_tables`, `resize_vocabulary` (provided through the HF API; override when
+  a family's embeddings live elsewhere);
+* training: `vision_parameters`;
+* a small random model of the family, for tests and the built-in models: `tokenizer_spec`,
+  `random_model`, `tiny_image_processor`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from dvlm.data.chat import ChatFormat
+from dvlm.data.collate import Batch
+from dvlm.data.processor import ChatProcessor
+from dvlm.data.tokenizer import load_tokenizer
+from dvlm.model.masks import context_mask, to_additive
+
+
+@dataclass
+class TinyShape:
+    """Sizes of a small model of any family (tests, the built-in models)."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    vision_hidden_size: int = 32
+    vision_depth: int = 2
+    vision_heads: int = 2
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    """Std of the random init; tests use a larger one so random models give varied outputs."""
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """What a tokenizer built from scratch for a family needs (the built-in models' word-level one)."""
+
+    special_tokens: tuple[str, ...]
+    """The family's special tokens, in the order that gives them their ids."""
+    pad_token: str
+    eos_token: str
+    chat_template: str
+    """A Jinja chat template rendering the family's layout, without a default system prompt."""
+
+
+class Adapter:
+    """Bridges dvlm's diffusion logic and one model family's HF implementation (module docstring)."""
+
+    architectures: ClassVar[tuple[str, ...]] = ()
+    """The `architectures` names in config.json this adapter serves."""
+    family: ClassVar[str] = ""
+    """The family's name for people (model cards, messages)."""
+
+    # -- loading -----------------------------------------------------------------------------
+    def load_model(self, path: str | Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+        """The network from a local safetensors checkpoint, in eval mode, with SDPA attention."""
+        raise NotImplementedError
+
+    def load_image_processor(self, path: str | Path) -> Any:
+        """The checkpoint's image processor (a PIL one: dvlm never needs torchvision)."""
+        raise NotImplementedError
+
+    def chat_format(self, tokenizer: Any, image_processor: Any) -> ChatFormat:
+        """The family's chat layout, special tokens, images and position ids (`dvlm.data.chat`)."""
+        raise NotImplementedError
+
+    def load_processor(self, path: str | Path, **options: Any) -> ChatProcessor:
+        """The chat processor of a local checkpoint directory (never a hub); `options` go to ChatProcessor."""
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} is not a local directory; dvlm loads processors "
+                                    "from local directories only")
+        return ChatProcessor(self.chat_format(load_tokenizer(path), self.load_image_processor(path)), **options)
+
+    # -- forward seams -----------------------------------------------------------------------
+    def embed(self, model: nn.Module, input_ids: torch.Tensor, vision: Any = None) -> torch.Tensor:
+        """(R, L) ids (+ the rows' VisionInputs) -> (R, L, F) input features, vision features in place.
+
+        F is the language model's hidden size for most families. A family that feeds the vision
+        tower into later layers too (Qwen3-VL's DeepStack) may carry those features in the same
+        tensor (F > hidden size): shared code only gathers, concatenates, selects and pads it along
+        the first two dimensions (noisy-stream copies, canvases, caches) and hands it back to
+        `hidden_states`, so copies of image tokens keep all their features."""
+        raise NotImplementedError
+
+    def hidden_states(self, model: nn.Module, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
+                      attention_mask: torch.Tensor, cache: Any | None = None) -> torch.Tensor:
+        """Run the language model on input features (R, Q, F).
+
+        position_ids: (A, R, Q), the family's axes (`dvlm.data.positions`); attention_mask:
+        (R, 1, Q, K) additive float, K = cached entries + Q. Returns (R, Q, D). With a cache,
+        the forward appends this call's keys/values to it."""
+        raise NotImplementedError
+
+    def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., D) hidden states -> (..., V) logits."""
+        raise NotImplementedError
+
+    def new_cache(self, model: nn.Module) -> Any:
+        """An empty KV cache the forward of `hidden_states` appends to (transformers' DynamicCache
+        or one with the same layer interface)."""
+        raise NotImplementedError
+
+    def causal_hidden_states(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """(R, L, D) hidden states of the AR model's own forward over a right-padded batch: the
+        token-causal mask, the batch's positions. (Conversion verifies through it; AR training
+        trains through it.)"""
+        embeds = self.embed(model, batch.input_ids, batch.vision)
+        blocks = torch.zeros_like(batch.input_ids)
+        mask = to_additive(context_mask(blocks, blocks, batch.attention_mask, "causal"), embeds.dtype)
+        return self.hidden_states(model, embeds, batch.position_ids, mask)
+
+    def hf_generate_inputs(self, batch: Batch) -> dict[str, Any]:
+        """What transformers' `generate` needs besides ids and mask (the `hf` baseline decoder):
+        the vision tensors, only when there are images (HF runs its vision tower on any key, None included)."""
+        return {} if batch.vision is None else dict(batch.vision.tensors)
+
+    def model_dtype(self, model: nn.Module) -> torch.dtype:
+        return next(model.parameters()).dtype
+
+    def max_positions(self, model: nn.Module) -> int | None:
+        """The largest position id the language model was built for (None: no stated limit)."""
+        return getattr(model.config.get_text_config(), "max_position_embeddings", None)
+
+    # -- conversion ----------------------------------------------------------------------------
+    def embedding_tables(self, model: nn.Module) -> list[torch.Tensor]:
+        """The token embedding table, then the output (lm_head) table unless it is tied to it."""
+        tables = [model.get_input_embeddings().weight]
+        out = model.get_output_embeddings()
+        if out is not None and out.weight.data_ptr() != tables[0].data_ptr():
+            tables.append(out.weight)
+        return tables
+
+    def resize_vocabulary(self, model: nn.Module, rows: int) -> None:
+        """Grow the embedding (and untied output) table to `rows` rows; new rows are overwritten by the caller."""
+        model.resize_token_embeddings(rows, mean_resizing=False)
+
+    # -- training ------------------------------------------------------------------------------
+    def vision_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """Parameters of the vision encoder, without the projector (for their own learning rate)."""
+        raise NotImplementedError
+
+    # -- a small random model of the family ------------------------------------------------------
+    def tokenizer_spec(self) -> TokenizerSpec:
+        raise NotImplementedError
+
+    def random_model(self, tokenizer: Any, shape: TinyShape) -> nn.Module:
+        """A randomly initialised model of `shape` (seed torch first) whose special-token ids are
+        the tokenizer's."""
+        raise NotImplementedError
+
+    def tiny_image_processor(self, min_pixels: int, max_pixels: int) -> Any:
+        """An image processor for small images (a few image tokens each)."""
+        raise NotImplementedError
