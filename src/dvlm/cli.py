@@ -116,12 +116,17 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
                    help="recompute activations in the backward pass to save memory")
     p.add_argument("--ar", action="store_true", default=None,
                    help="pure autoregressive training (next-token loss, no diffusion)")
+    p.add_argument("--lora", nargs="?", const="default", metavar="SPEC",
+                   help="LoRA instead of a full fine-tune, e.g. r=16,alpha=32,dropout=0.05,targets=q_proj+v_proj "
+                        "(bare --lora: r=16, alpha=32, every language-model linear layer); the mask token's "
+                        "rows train too and the final model has the updates merged in")
     p.add_argument("--device", help="training device, e.g. cpu, cuda:0 (default: auto)")
 
 
 # Explicit flags -> TrainConfig fields; they beat --set, which beats --config.
 TRAIN_FLAGS = {"steps": "max_steps", "batch_size": "batch_size", "grad_accum": "grad_accum", "lr": "learning_rate",
-               "dtype": "dtype", "gradient_checkpointing": "gradient_checkpointing", "ar": "ar_loss"}
+               "dtype": "dtype", "gradient_checkpointing": "gradient_checkpointing", "ar": "ar_loss",
+               "lora": "lora"}
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:

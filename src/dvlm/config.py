@@ -354,6 +354,10 @@ class TrainConfig:
     ar_loss: bool = False
     """Train the model purely autoregressively (next-token CE, causal mask, no noise): how the
     built-in AR model is made before conversion."""
+    lora: str | None = None
+    """LoRA fine-tuning instead of a full one, e.g. "r=16,alpha=32,dropout=0.05,targets=q_proj+v_proj"
+    ("default": r=16, alpha=32, every linear layer of the language model); the mask token's rows
+    train too, the vision encoder is frozen, and the final model has the updates merged in."""
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -372,6 +376,13 @@ class TrainConfig:
         if self.save_every < 0:
             raise ConfigError(f"save_every must be >= 0, got {self.save_every}")
         _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
+        if self.lora is not None:
+            from dvlm.train.lora import LoraSpecError, parse_lora
+
+            try:
+                parse_lora(self.lora)
+            except (LoraSpecError, TypeError) as err:
+                raise ConfigError(f"lora: {err}") from None
 
 
 C = TypeVar("C")

@@ -25,9 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from dvlm.atomic import first_line, written_whole
 from dvlm.convert.registry import CheckpointError, check_weights
+from dvlm.train.lora import ADAPTER_FILE
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -82,11 +84,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # -- writing -----------------------------------------------------------------------------------------
 
 
-def save_checkpoint(run_dir: Path, step: int, lm, optimizer, scheduler, state: dict[str, Any], keep: int) -> Path:
-    """Write checkpoint-<step> atomically and keep only the newest `keep` checkpoints."""
+def save_checkpoint(run_dir: Path, step: int, lm, optimizer, scheduler, state: dict[str, Any], keep: int,
+                    write_weights: Callable[[Path], None] | None = None) -> Path:
+    """Write checkpoint-<step> atomically and keep only the newest `keep` checkpoints.
+
+    `write_weights` writes what trains into the checkpoint folder (default: the whole model, as
+    `save_model`; a LoRA run writes its adapter tensors)."""
     final = checkpoint_dir(run_dir, step)
     with written_whole(final) as tmp:
-        save_model(lm, tmp)
+        if write_weights is None:
+            save_model(lm, tmp)
+        else:
+            write_weights(tmp)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / OPTIMIZER_FILE)
         # numpy's state holds a uint32 array; stored as a tensor so weights_only loading accepts it.
         rng = rng_state()
@@ -155,7 +164,10 @@ def read_checkpoint(path: Path) -> Checkpoint:
     if not isinstance(state, dict) or state.get("step") != step:
         raise CheckpointError(f"{STATE_FILE}: not the trainer state of step {step}")
     _read_json(path / CONFIG_FILE)
-    check_weights(path)
+    if (path / ADAPTER_FILE).exists():  # a LoRA run's checkpoint: the adapter tensors, not the model
+        _check_safetensors(path / ADAPTER_FILE)
+    else:
+        check_weights(path)
     optimizer = _load_tensors(path / OPTIMIZER_FILE, ("optimizer", "scheduler"))
     rng = _load_tensors(path / RNG_FILE, ("python", "numpy", "torch", "cuda"))
     try:
@@ -179,6 +191,14 @@ def restore_training_state(checkpoint: Checkpoint, optimizer, scheduler) -> int:
     except (RuntimeError, TypeError, ValueError) as err:
         raise CheckpointError(f"{checkpoint.path / RNG_FILE}: not an RNG state ({err})") from err
     return checkpoint.step
+
+
+def _check_safetensors(file: Path) -> None:
+    try:
+        with safe_open(file, framework="pt") as f:
+            f.keys()
+    except Exception as err:  # safetensors raises its own error types for a torn or foreign file
+        raise CheckpointError(f"{file.name}: not a readable safetensors file ({err})") from err
 
 
 def _read_json(file: Path) -> Any:

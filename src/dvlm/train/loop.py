@@ -42,6 +42,7 @@ from dvlm.diffusion.objective import (
 )
 from dvlm.diffusion.schedule import annealed_block_size
 from dvlm.model.wrapper import DIFFUSION_CONFIG_KEY, DVLM, load
+from dvlm.train import lora as lora_tools
 from dvlm.train.checkpoint import (
     Checkpoint,
     newest_usable_checkpoint,
@@ -125,6 +126,8 @@ class StepData:
 
 def parameter_groups(lm: DVLM, cfg: TrainConfig) -> list[dict[str, Any]]:
     """One AdamW group, or two when the vision encoder has its own learning rate (0 freezes it)."""
+    if cfg.lora is not None:  # LoRA decides what trains; the vision encoder is frozen
+        return [{"params": [p for p in lm.model.parameters() if p.requires_grad]}]
     if cfg.vision_learning_rate is None:
         return [{"params": list(lm.model.parameters())}]
     vision_params = lm.adapter.vision_parameters(lm.model)
@@ -153,6 +156,8 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     state: dict[str, Any]
     """What each checkpoint's trainer_state.json records (besides its step)."""
+    lora: Any = None
+    """peft's LoraModel around `lm.model` when training LoRA (`TrainConfig.lora`), else None."""
 
 
 def train(
@@ -182,8 +187,12 @@ def train(
     run_dir = Path(out)
     records = read_records(data)  # a file without records fails before the model loads
     checkpoint = _resume_point(run_dir, resume)
-    lm = load(checkpoint.path if checkpoint else model, device=device, dtype="float32")  # master weights in fp32
+    # master weights in fp32; a LoRA checkpoint holds only the adapter, its base is `model`
+    lora_checkpoint = checkpoint is not None and (checkpoint.path / lora_tools.ADAPTER_FILE).exists()
+    weights = model if checkpoint is None or lora_checkpoint else checkpoint.path
+    lm = load(weights, device=device, dtype="float32")
     dcfg = _diffusion_config(lm, cfg, diffusion_overrides)
+    lora = _attach_lora(lm, cfg, dcfg, checkpoint)
     lm.processor.max_length = cfg.max_length
     dataset = LlavaJsonDataset(data, lm.processor, image_root=image_root, records=records)
     steps = StepData(dataset, cfg, lm.processor.pad_token_id, SkipReport())
@@ -199,7 +208,7 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     _truncate_metrics(run_dir / METRICS_FILE, start)
     state = {"train_config": asdict(cfg), "total_steps": total, "data": str(data), DATA_ORDER_KEY: order}
-    run = _Run(lm, dcfg, cfg, steps, optimizer, scheduler, state)
+    run = _Run(lm, dcfg, cfg, steps, optimizer, scheduler, state, lora)
     result = TrainResult(run_dir, run_dir / FINAL_DIR, total, start_step=start)
     _train_steps(run, result, progress, on_step)
     return result
@@ -224,6 +233,8 @@ def _train_steps(run: _Run, result: TrainResult, progress: bool, on_step) -> Non
         if on_step is not None:
             on_step(step + 1, record)
     _save_checkpoint(run, run_dir, total)
+    if run.lora is not None:
+        run.lm.model = lora_tools.merge(run.lora)  # the final model is a plain checkpoint
     run.lm.model.eval()
     write_model(run.lm, result.model_dir)
     result.skipped = skips.count
@@ -232,7 +243,37 @@ def _train_steps(run: _Run, result: TrainResult, progress: bool, on_step) -> Non
 
 
 def _save_checkpoint(run: _Run, run_dir: Path, step: int) -> None:
-    save_checkpoint(run_dir, step, run.lm, run.optimizer, run.scheduler, run.state, run.cfg.keep_checkpoints)
+    write_weights = None if run.lora is None else (lambda folder: _write_lora(run.lm, folder))
+    save_checkpoint(run_dir, step, run.lm, run.optimizer, run.scheduler, run.state, run.cfg.keep_checkpoints,
+                    write_weights)
+
+
+def _write_lora(lm: DVLM, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lm.model.config.save_pretrained(folder)
+    tensors = {name: t.detach().contiguous() for name, t in lora_tools.adapter_state(lm.model).items()}
+    save_file(tensors, folder / lora_tools.ADAPTER_FILE)
+
+
+def _attach_lora(lm: DVLM, cfg: TrainConfig, dcfg: DiffusionConfig | None, checkpoint: Checkpoint | None):
+    """LoRA in place when the run asks for it (the mask token's rows train too); on resume, the
+    checkpoint's adapter tensors are put back. None for a full fine-tune."""
+    has_adapter = checkpoint is not None and (checkpoint.path / lora_tools.ADAPTER_FILE).exists()
+    if cfg.lora is None:
+        if has_adapter:
+            raise ConfigError(f"{checkpoint.path} is a LoRA checkpoint: resume it with the same --lora setting")
+        return None
+    if checkpoint is not None and not has_adapter:
+        raise ConfigError(f"{checkpoint.path} is a full fine-tune checkpoint: resume it without --lora")
+    tokens = [] if dcfg is None else [dcfg.mask_token_id]
+    with torch.random.fork_rng(devices=[]):  # LoRA's random init is a function of the run's seed
+        torch.manual_seed(cfg.seed)
+        wrapped = lora_tools.attach(lm.model, lm.adapter, lora_tools.parse_lora(cfg.lora), tokens)
+    if has_adapter:
+        lora_tools.load_adapter_state(lm.model, checkpoint.path)
+    return wrapped
 
 
 def _resume_point(run_dir: Path, resume: bool) -> Checkpoint | None:
