@@ -135,9 +135,7 @@ def build_source(out: Path, size: str, image_side: int) -> None:
     (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
 
 
-def write_data(
-    out: Path, samples: int, answer_tokens: int, image_side: int, seed: int = 0
-) -> Path:
+def write_data(out: Path, samples: int, answer_tokens: int, image_side: int, seed: int = 0) -> Path:
     """LLaVA JSON: one noise image per sample, a question, an answer of about `answer_tokens` words."""
     rng = random.Random(seed)
     words = [
@@ -166,9 +164,7 @@ def write_data(
     out.mkdir(parents=True, exist_ok=True)
     records = []
     for i in range(samples):
-        pixels = np.random.default_rng(seed + i).integers(
-            0, 256, (image_side, image_side, 3), dtype=np.uint8
-        )
+        pixels = np.random.default_rng(seed + i).integers(0, 256, (image_side, image_side, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(out / f"{i}.png")
         length = rng.randint(answer_tokens // 2, answer_tokens * 3 // 2)
         answer = " ".join(rng.choice(words) for _ in range(length))
@@ -196,15 +192,11 @@ def dvlm_command(*args: str) -> list[str]:
 
 def run_measured(command: list[str], env: dict[str, str]) -> tuple[int, int]:
     """Run a command in its own process; (exit status, its peak resident memory in bytes)."""
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode:
-        raise SystemExit(
-            f"{' '.join(command)} failed:\n{process.stderr.read()[-3000:]}"
-        )
+        raise SystemExit(f"{' '.join(command)} failed:\n{process.stderr.read()[-3000:]}")
     process.stderr.close()
     return process.returncode, usage.ru_maxrss * 1024  # Linux reports kilobytes
 
@@ -214,9 +206,7 @@ def step_seconds(run_dir: Path) -> list[float]:
     return [json.loads(line)["seconds"] for line in lines if line.strip()]
 
 
-def measure(
-    model: Path, data: Path, work: Path, stream: str, checkpointing: bool, args, env
-) -> dict:
+def measure(model: Path, data: Path, work: Path, stream: str, checkpointing: bool, args, env) -> dict:
     run_dir = work / f"run-{stream}-{'gc' if checkpointing else 'nogc'}"
     shutil.rmtree(run_dir, ignore_errors=True)
     command = dvlm_command(
@@ -239,9 +229,7 @@ def measure(
     if checkpointing:
         command.append("--gradient-checkpointing")
     _, peak = run_measured(command, env)
-    seconds = step_seconds(run_dir)[
-        1:
-    ]  # the first step warms up allocators and kernels
+    seconds = step_seconds(run_dir)[1:]  # the first step warms up allocators and kernels
     shutil.rmtree(run_dir, ignore_errors=True)
     return {
         "noisy_stream": stream,
@@ -277,8 +265,7 @@ def report(rows: list[dict], base_mb: float) -> str:
         ref = next(
             r
             for r in rows
-            if r["noisy_stream"] == "all"
-            and r["gradient_checkpointing"] == row["gradient_checkpointing"]
+            if r["noisy_stream"] == "all" and r["gradient_checkpointing"] == row["gradient_checkpointing"]
         )
         above, ref_above = row["peak_rss_mb"] - base_mb, ref["peak_rss_mb"] - base_mb
         lines.append(
@@ -301,13 +288,9 @@ def saving(value: float, reference: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
-    parser.add_argument(
-        "--steps", type=int, default=6, help="optimizer steps per configuration"
-    )
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per configuration")
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument(
-        "--answer-tokens", type=int, default=128, help="mean answer length in words"
-    )
+    parser.add_argument("--answer-tokens", type=int, default=128, help="mean answer length in words")
     parser.add_argument(
         "--image-side",
         type=int,
@@ -315,9 +298,7 @@ def main() -> None:
         help="image side in pixels (448: 256 vision tokens)",
     )
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
-        "--out", type=Path, help="work folder (default: a temporary one, removed)"
-    )
+    parser.add_argument("--out", type=Path, help="work folder (default: a temporary one, removed)")
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument(
         "--quick",
@@ -354,9 +335,7 @@ def main() -> None:
         rows = []
         for checkpointing in (False, True):
             for stream in STREAMS:
-                rows.append(
-                    measure(model, data, work, stream, checkpointing, args, env)
-                )
+                rows.append(measure(model, data, work, stream, checkpointing, args, env))
                 print(json.dumps(rows[-1]), flush=True)
         print(report(rows, base_mb))
         if args.json:

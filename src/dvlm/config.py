@@ -60,7 +60,7 @@ def check_field_types(config: Any) -> None:
                               f"expected {_type_name(hints[f.name])}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _field_hints(cls: type) -> dict[str, Any]:
     """The resolved annotations of a config class (resolving them costs more than the checks)."""
     return typing.get_type_hints(cls)
@@ -223,7 +223,7 @@ class DiffusionConfig:
             raise ConfigError(f"decode_steps must be >= 1, got {self.decode_steps}")
 
     @classmethod
-    def from_preset(cls, preset: str = "fast-dvlm", **overrides: Any) -> "DiffusionConfig":
+    def from_preset(cls, preset: str = "fast-dvlm", **overrides: Any) -> DiffusionConfig:
         """The preset's defaults with `overrides` applied (unknown keys are errors)."""
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -354,6 +354,9 @@ class TrainConfig:
     ar_loss: bool = False
     """Train the model purely autoregressively (next-token CE, causal mask, no noise): how the
     built-in AR model is made before conversion."""
+    memory_check: bool = True
+    """Refuse to start when the weights and optimizer state alone exceed the device's free memory
+    (`dvlm.train.memory`); the estimate is printed either way."""
     lora: str | None = None
     """LoRA fine-tuning instead of a full one, e.g. "r=16,alpha=32,dropout=0.05,targets=q_proj+v_proj"
     ("default": r=16, alpha=32, every linear layer of the language model); the mask token's rows

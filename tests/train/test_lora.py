@@ -12,18 +12,27 @@ from safetensors.torch import load_file
 
 import dvlm
 from dvlm.config import ConfigError, TrainConfig
-from dvlm.train.lora import ADAPTER_FILE, LoraSpecError, parse_lora
 from dvlm.train.loop import METRICS_FILE, train
+from dvlm.train.lora import ADAPTER_FILE, LoraSpecError, parse_lora
 from dvlm.zoo.tasks import export_llava, get_task
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return export_llava(get_task("shapes-qa").generate("train", 8, seed=1), tmp_path_factory.mktemp("lora-data"))
+    return export_llava(
+        get_task("shapes-qa").generate("train", 8, seed=1),
+        tmp_path_factory.mktemp("lora-data"),
+    )
 
 
 def config(**changes) -> TrainConfig:
-    base = dict(max_steps=3, batch_size=4, learning_rate=5e-3, warmup_ratio=0.0, lora="r=4,alpha=8")
+    base = dict(
+        max_steps=3,
+        batch_size=4,
+        learning_rate=5e-3,
+        warmup_ratio=0.0,
+        lora="r=4,alpha=8",
+    )
     return TrainConfig(**{**base, **changes})
 
 
@@ -32,10 +41,17 @@ def weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_parse_lora_reads_every_setting_and_refuses_bad_ones():
-    assert parse_lora("r=8,alpha=16,dropout=0.1,targets=q_proj+v_proj").targets == ("q_proj", "v_proj")
+    assert parse_lora("r=8,alpha=16,dropout=0.1,targets=q_proj+v_proj").targets == (
+        "q_proj",
+        "v_proj",
+    )
     assert parse_lora("default").r == 16 and parse_lora("default").alpha == 32
-    for bad, match in [("r=0", "r >= 1"), ("rank=4", "unknown LoRA setting"), ("r", "key=value"),
-                       ("alpha=x", "must be a number")]:
+    for bad, match in [
+        ("r=0", "r >= 1"),
+        ("rank=4", "unknown LoRA setting"),
+        ("r", "key=value"),
+        ("alpha=x", "must be a number"),
+    ]:
         with pytest.raises(LoraSpecError, match=match):
             parse_lora(bad)
     with pytest.raises(ConfigError, match="lora"):
@@ -67,7 +83,14 @@ def test_lora_resume_equals_the_uninterrupted_run(tmp_path, data, fast_checkpoin
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(fast_checkpoint, data, tmp_path / "b", cfg, progress=False, on_step=stop_at_3)
+        train(
+            fast_checkpoint,
+            data,
+            tmp_path / "b",
+            cfg,
+            progress=False,
+            on_step=stop_at_3,
+        )
     checkpoint = tmp_path / "b" / "checkpoint-000002"
     assert (checkpoint / ADAPTER_FILE).is_file() and not (checkpoint / "model.safetensors").exists()
     resumed = train(fast_checkpoint, data, tmp_path / "b", cfg, progress=False, resume=True)
@@ -77,8 +100,14 @@ def test_lora_resume_equals_the_uninterrupted_run(tmp_path, data, fast_checkpoin
     a, b = weights(full.model_dir), weights(resumed.model_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ConfigError, match="LoRA checkpoint"):
-        train(fast_checkpoint, data, tmp_path / "b", TrainConfig(**{**cfg.__dict__, "lora": None, "max_steps": 6}),
-              progress=False, resume=True)
+        train(
+            fast_checkpoint,
+            data,
+            tmp_path / "b",
+            TrainConfig(**{**cfg.__dict__, "lora": None, "max_steps": 6}),
+            progress=False,
+            resume=True,
+        )
 
 
 def _image(data: Path) -> Path:

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dvlm.config import ConfigError, DiffusionConfig, TrainConfig, from_dict
+from dvlm.convert.registry import adapter_for_checkpoint
 from dvlm.data.collate import Batch, collate
 from dvlm.data.llava_json import (
     LlavaJsonDataset,
@@ -41,8 +42,10 @@ from dvlm.diffusion.objective import (
     loss_normaliser,
 )
 from dvlm.diffusion.schedule import annealed_block_size
-from dvlm.model.wrapper import DIFFUSION_CONFIG_KEY, DVLM, load
+from dvlm.model.wrapper import DIFFUSION_CONFIG_KEY, DVLM, load, resolve_model_path
+from dvlm.runtime import pick_device
 from dvlm.train import lora as lora_tools
+from dvlm.train import memory
 from dvlm.train.checkpoint import (
     Checkpoint,
     newest_usable_checkpoint,
@@ -187,6 +190,7 @@ def train(
     run_dir = Path(out)
     records = read_records(data)  # a file without records fails before the model loads
     checkpoint = _resume_point(run_dir, resume)
+    _check_memory(model, cfg, device, progress)
     # master weights in fp32; a LoRA checkpoint holds only the adapter, its base is `model`
     lora_checkpoint = checkpoint is not None and (checkpoint.path / lora_tools.ADAPTER_FILE).exists()
     weights = model if checkpoint is None or lora_checkpoint else checkpoint.path
@@ -255,6 +259,21 @@ def _write_lora(lm: DVLM, folder: Path) -> None:
     lm.model.config.save_pretrained(folder)
     tensors = {name: t.detach().contiguous() for name, t in lora_tools.adapter_state(lm.model).items()}
     save_file(tensors, folder / lora_tools.ADAPTER_FILE)
+
+
+def _check_memory(model: str | Path, cfg: TrainConfig, device: str | None, progress: bool) -> None:
+    """Estimate the run's memory from the checkpoint's config before any weight loads; refuse a run
+    whose weights and optimizer state cannot fit (unless `memory_check` is off)."""
+    path = resolve_model_path(model)
+    shape = memory.model_shape(path, adapter_for_checkpoint(path))
+    try:
+        line = memory.check_fits(shape, cfg, pick_device(device))
+    except memory.InsufficientMemoryError:
+        if cfg.memory_check:
+            raise
+        line = "memory: the estimate exceeds the available memory; memory_check=false, starting anyway"
+    if progress:
+        tqdm.write(line)
 
 
 def _attach_lora(lm: DVLM, cfg: TrainConfig, dcfg: DiffusionConfig | None, checkpoint: Checkpoint | None):

@@ -74,9 +74,13 @@ def target_modules(model: nn.Module, adapter, suffixes: tuple[str, ...] = ()) ->
     """Names of the linear layers LoRA adapts: outside the vision encoder, not the output layer."""
     vision = {id(p) for p in adapter.vision_parameters(model)}
     output = model.get_output_embeddings()
-    names = [name for name, module in model.named_modules()
-             if isinstance(module, nn.Linear) and module is not output
-             and not any(id(p) in vision for p in module.parameters(recurse=False))]
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and module is not output
+        and not any(id(p) in vision for p in module.parameters(recurse=False))
+    ]
     if suffixes:
         names = [name for name in names if name.split(".")[-1] in suffixes or name.endswith(suffixes)]
         if not names:
@@ -92,8 +96,13 @@ def attach(model: nn.Module, adapter, settings: LoraSettings, token_ids: list[in
     names = target_modules(model, adapter, settings.targets)
     embedding_name = _module_name(model, model.get_input_embeddings())
     rows = {embedding_name: list(token_ids)} if token_ids else None
-    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=names, trainable_token_indices=rows)
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=names,
+        trainable_token_indices=rows,
+    )
     return LoraModel(model, config, "default")  # freezes everything else; `model` stays the module
 
 
@@ -117,11 +126,16 @@ def load_adapter_state(model: nn.Module, path: Path) -> None:
     # A tied output layer shares the embedding's token rows: peft saves them once.
     state = model.state_dict(keep_vars=True)
     loaded = {state[k].data_ptr() for k in state if k.replace(".default", "") in saved or k in saved}
-    missing = [k for k in result.missing_keys
-               if ("lora_" in k or "trainable_tokens" in k) and state[k].data_ptr() not in loaded]
+    missing = [
+        k
+        for k in result.missing_keys
+        if ("lora_" in k or "trainable_tokens" in k) and state[k].data_ptr() not in loaded
+    ]
     if missing or result.unexpected_keys:
-        raise ValueError(f"{path / ADAPTER_FILE} does not match this LoRA setting "
-                         f"(missing {missing[:3]}, unexpected {list(result.unexpected_keys)[:3]})")
+        raise ValueError(
+            f"{path / ADAPTER_FILE} does not match this LoRA setting "
+            f"(missing {missing[:3]}, unexpected {list(result.unexpected_keys)[:3]})"
+        )
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

@@ -15,7 +15,7 @@ weights cost their 4 bytes and nothing else).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -60,8 +60,7 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         parts = ", ".join(
-            f"{name} {getattr(self, name) / GIB:.1f}"
-            for name in ("weights", "gradients", "optimizer", "activations")
+            f"{name} {getattr(self, name) / GIB:.1f}" for name in ("weights", "gradients", "optimizer", "activations")
         )
         return f"~{self.total / GIB:.1f} GiB ({parts} GiB)"
 
@@ -107,24 +106,12 @@ def estimate(
     act_bytes = 2 if bfloat16 else FP32
     per_token_layer = 10 * shape.hidden_size + 4 * shape.intermediate_size
     rows = max(1, tokens // max(1, longest_row))
-    attention = (
-        2 * shape.num_heads * longest_row * longest_row * rows
-        if attention_weights_kept
-        else 0
-    )
-    if (
-        gradient_checkpointing
-    ):  # each layer keeps its input; one layer at a time is recomputed whole
-        layers = (
-            tokens * shape.hidden_size * shape.num_layers
-            + tokens * per_token_layer
-            + attention
-        )
+    attention = 2 * shape.num_heads * longest_row * longest_row * rows if attention_weights_kept else 0
+    if gradient_checkpointing:  # each layer keeps its input; one layer at a time is recomputed whole
+        layers = tokens * shape.hidden_size * shape.num_layers + tokens * per_token_layer + attention
     else:
         layers = (tokens * per_token_layer + attention) * shape.num_layers
-    logits = (
-        3 * labelled_tokens * shape.vocab_size * FP32
-    )  # logits, log-softmax, their gradient (fp32 CE)
+    logits = 3 * labelled_tokens * shape.vocab_size * FP32  # logits, log-softmax, their gradient (fp32 CE)
     return MemoryEstimate(
         weights=shape.parameters * FP32,
         gradients=trained * FP32,
@@ -138,10 +125,81 @@ def available_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free
-    with open(
-        "/proc/meminfo"
-    ) as meminfo:  # Linux; MemAvailable counts reclaimable cache
+    with open("/proc/meminfo") as meminfo:  # Linux; MemAvailable counts reclaimable cache
         for line in meminfo:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     raise OSError("cannot read the available memory from /proc/meminfo")
+
+
+class InsufficientMemoryError(ValueError):
+    """The run's weights, gradients and optimizer state alone do not fit in the device's memory."""
+
+
+def training_estimate(shape: ModelShape, cfg, *, lora: bool) -> MemoryEstimate:
+    """The estimate for a TrainConfig, at its worst case: every row of a micro-batch `max_length`
+    long in both streams (the clean one, and a noisy one as long again), half of it labelled. A
+    LoRA run counts no trained weights (its adapter is a few per cent at most)."""
+    frozen_vision = lora or cfg.vision_learning_rate == 0
+    longest = 2 * cfg.max_length
+    base = estimate(
+        shape,
+        tokens=cfg.batch_size * longest,
+        labelled_tokens=cfg.batch_size * cfg.max_length // 2,
+        longest_row=longest,
+        freeze_vision=frozen_vision,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        bfloat16=cfg.dtype == "bfloat16",
+    )
+    if lora:
+        return MemoryEstimate(base.weights, 0, 0, base.activations)
+    return base
+
+
+def check_fits(shape: ModelShape, cfg, device: torch.device, available: int | None = None) -> str:
+    """One line saying what the run needs; raises InsufficientMemoryError, with the options that
+    would fit, when its weights and optimizer state alone exceed what `device` has free."""
+    available = available_bytes(device) if available is None else available
+    lora = cfg.lora is not None
+    needed = training_estimate(shape, cfg, lora=lora)
+    line = (
+        f"memory: weights + optimizer state {needed.states / GIB:.1f} GiB, activations up to "
+        f"{needed.activations / GIB:.1f} GiB (batch {cfg.batch_size} x {cfg.max_length} tokens); "
+        f"{available / GIB:.1f} GiB available on {device.type}"
+    )
+    if needed.states <= available:
+        return line
+    options = _options_that_fit(shape, cfg, available)
+    raise InsufficientMemoryError(
+        f"training needs {needed.states / GIB:.1f} GiB for weights, gradients and AdamW state alone "
+        f"({needed.describe()}), but {device.type} has {available / GIB:.1f} GiB available. "
+        + (
+            f"Options that fit: {'; '.join(options)}."
+            if options
+            else "No single-device option fits: shard the states over several GPUs (DeepSpeed ZeRO-3 or FSDP2, "
+            "see the README's multi-GPU section)."
+        )
+        + " (--set memory_check=false skips this check.)"
+    )
+
+
+def _options_that_fit(shape: ModelShape, cfg, available: int) -> list[str]:
+    candidates = [
+        (
+            "--set vision_learning_rate=0 (freeze the vision tower)",
+            dict(vision_learning_rate=0.0),
+            False,
+        ),
+        ("--lora (LoRA: the language model frozen, low-rank updates)", {}, True),
+    ]
+    fits = []
+    for label, changes, lora in candidates:
+        states = training_estimate(shape, replace(cfg, **changes), lora=lora).states
+        if states <= available:
+            fits.append(f"{label}: {states / GIB:.1f} GiB")
+    sharded = training_estimate(shape, cfg, lora=False).states
+    for gpus in (2, 4, 8):
+        if sharded / gpus <= available:
+            fits.append(f"{gpus} GPUs with ZeRO-3 / FSDP2: ~{sharded / gpus / GIB:.1f} GiB each")
+            break
+    return fits
