@@ -189,6 +189,8 @@ def train(
     """
     run_dir = Path(out)
     records = read_records(data)  # a file without records fails before the model loads
+    if cfg.lora is not None:
+        lora_tools.require_peft()
     checkpoint = _resume_point(run_dir, resume)
     _check_memory(model, cfg, device, progress)
     # master weights in fp32; a LoRA checkpoint holds only the adapter, its base is `model`

@@ -15,6 +15,7 @@ back, which makes the resumed run exactly the uninterrupted one.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,12 @@ class LoraSettings:
     alpha: float = DEFAULTS["alpha"]
     dropout: float = DEFAULTS["dropout"]
     targets: tuple[str, ...] = field(default=())
+
+
+def require_peft() -> None:
+    """Fail before anything loads when peft is missing."""
+    if importlib.util.find_spec("peft") is None:
+        raise LoraSpecError("LoRA training needs peft: pip install 'dvlm[lora]'")
 
 
 def parse_lora(spec: str) -> LoraSettings:
