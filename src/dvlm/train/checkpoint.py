@@ -108,16 +108,18 @@ def save_checkpoint(run_dir: Path, step: int, lm, optimizer, scheduler, state: d
     return final
 
 
-def write_model(lm, final: Path) -> None:
+def write_model(lm, final: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """The final model directory, written atomically like a checkpoint."""
     with written_whole(final) as tmp:
-        save_model(lm, tmp)
+        save_model(lm, tmp, state_dict)
 
 
-def save_model(lm, out: Path) -> None:
-    """A complete, loadable checkpoint: safetensors weights, config, tokenizer, image processor."""
+def save_model(lm, out: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """A complete, loadable checkpoint: safetensors weights, config, tokenizer, image processor.
+
+    `state_dict`: the weights when the model holds only its shard of them (FSDP2, gathered)."""
     out.mkdir(parents=True, exist_ok=True)
-    lm.model.save_pretrained(out, safe_serialization=True)
+    lm.model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     lm.processor.tokenizer.save_pretrained(out)
     lm.processor.image_processor.save_pretrained(out)
 

@@ -13,6 +13,8 @@ run before the weights are updated (no final model, no NaN in metrics.jsonl).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import os
@@ -34,7 +36,7 @@ from dvlm.data.llava_json import (
     file_fingerprint,
     read_records,
 )
-from dvlm.diffusion.noising import IGNORE_INDEX, build_noisy_stream
+from dvlm.diffusion.noising import IGNORE_INDEX, build_noisy_stream, noise_extent
 from dvlm.diffusion.objective import (
     LossOutput,
     ar_objective,
@@ -44,13 +46,14 @@ from dvlm.diffusion.objective import (
 from dvlm.diffusion.schedule import annealed_block_size
 from dvlm.model.wrapper import DIFFUSION_CONFIG_KEY, DVLM, load, resolve_model_path
 from dvlm.runtime import pick_device
+from dvlm.train import distributed, memory
 from dvlm.train import lora as lora_tools
-from dvlm.train import memory
 from dvlm.train.checkpoint import (
     Checkpoint,
     newest_usable_checkpoint,
     restore_training_state,
     save_checkpoint,
+    save_model,
     write_model,
 )
 
@@ -90,12 +93,17 @@ def lr_lambda(total_steps: int, cfg: TrainConfig) -> Callable[[int], float]:
 
 
 class StepData:
-    """The micro-batches of each optimizer step, determined by (seed, step) alone."""
+    """The micro-batches of each optimizer step, determined by (seed, step) alone.
 
-    def __init__(self, dataset: LlavaJsonDataset, cfg: TrainConfig, pad_token_id: int, skips: SkipReport):
+    With several processes a step's global micro-batches hold `batch_size * world_size` samples
+    each and every process takes its `batch_size` of them, by rank (`distributed`)."""
+
+    def __init__(self, dataset: LlavaJsonDataset, cfg: TrainConfig, pad_token_id: int, skips: SkipReport,
+                 rank: int = 0, world_size: int = 1):
         self.dataset, self.cfg, self.pad = dataset, cfg, pad_token_id
         self.skips = skips
-        self.samples_per_step = cfg.batch_size * cfg.grad_accum
+        self.rank, self.global_batch = rank, cfg.batch_size * world_size
+        self.samples_per_step = self.global_batch * cfg.grad_accum
         self.steps_per_epoch = max(1, math.ceil(len(dataset) / self.samples_per_step))
         self._seen_bad: set[int] = set()
 
@@ -108,14 +116,29 @@ class StepData:
         order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
         return order[index * self.samples_per_step:(index + 1) * self.samples_per_step].tolist()
 
-    def micro_batches(self, step: int) -> list[Batch]:
+    def micro_batches(self, step: int) -> list[Batch | None]:
+        """This process's rows of each of the step's global micro-batches (None: none of its
+        samples loads)."""
+        shares = []
+        for chunk in self._global_micro_batches(step):
+            mine = chunk[self.rank * self.cfg.batch_size:(self.rank + 1) * self.cfg.batch_size]
+            samples = [s for s in (self._get(i) for i in mine) if s is not None]
+            shares.append(collate(samples, self.pad) if samples else None)
+        return shares
+
+    def stand_in(self, step: int, micro: int) -> Batch:
+        """One loadable sample of a global micro-batch, for a process whose share of it is empty:
+        it runs a forward and backward with weight 0 so that the collectives of the others match."""
+        for index in self._global_micro_batches(step)[micro]:
+            try:
+                return collate([self.dataset[index]], self.pad)
+            except SampleError:
+                continue  # reported by the process it belongs to
+        raise TrainingError(f"step {step + 1}: no sample of micro-batch {micro + 1} loads")
+
+    def _global_micro_batches(self, step: int) -> list[list[int]]:
         chosen = self.indices(step)
-        batches = []
-        for start in range(0, len(chosen), self.cfg.batch_size):
-            samples = [s for s in (self._get(i) for i in chosen[start:start + self.cfg.batch_size]) if s is not None]
-            if samples:
-                batches.append(collate(samples, self.pad))
-        return batches
+        return [chosen[start:start + self.global_batch] for start in range(0, len(chosen), self.global_batch)]
 
     def _get(self, index: int):
         try:
@@ -144,6 +167,8 @@ def parameter_groups(lm: DVLM, cfg: TrainConfig) -> list[dict[str, Any]]:
 
 
 def noise_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    """The generator of a global micro-batch's noise (`micro`: its index among the step's micro-
+    batches with rows); each process keeps its rows of the draw (`NoiseWindow`)."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + micro)
 
 
@@ -159,6 +184,9 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     state: dict[str, Any]
     """What each checkpoint's trainer_state.json records (besides its step)."""
+    objective: distributed.Objective
+    """The model with its loss as one module, as the data-parallel wrapper returned it."""
+    processes: distributed.SingleProcess
     lora: Any = None
     """peft's LoraModel around `lm.model` when training LoRA (`TrainConfig.lora`), else None."""
 
@@ -191,7 +219,10 @@ def train(
     records = read_records(data)  # a file without records fails before the model loads
     if cfg.lora is not None:
         lora_tools.require_peft()
-    checkpoint = _resume_point(run_dir, resume)
+    processes = distributed.start(device)
+    device, progress = processes.device(device), progress and processes.is_main
+    with processes.main_first():  # rank 0 sets unusable checkpoints aside before the others look
+        checkpoint = _resume_point(run_dir, resume)
     _check_memory(model, cfg, device, progress)
     # master weights in fp32; a LoRA checkpoint holds only the adapter, its base is `model`
     lora_checkpoint = checkpoint is not None and (checkpoint.path / lora_tools.ADAPTER_FILE).exists()
@@ -201,9 +232,9 @@ def train(
     lora = _attach_lora(lm, cfg, dcfg, checkpoint)
     lm.processor.max_length = cfg.max_length
     dataset = LlavaJsonDataset(data, lm.processor, image_root=image_root, records=records)
-    steps = StepData(dataset, cfg, lm.processor.pad_token_id, SkipReport())
+    steps = StepData(dataset, cfg, lm.processor.pad_token_id, SkipReport(), processes.rank, processes.world_size)
     total = steps.total_steps()
-    order = data_order(data, cfg, dcfg)
+    order = data_order(data, cfg, dcfg, processes.world_size)
     if checkpoint is not None:
         check_resume(checkpoint, order, total)
 
@@ -211,10 +242,13 @@ def train(
     optimizer = torch.optim.AdamW(parameter_groups(lm, cfg), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, cfg))
     start = restore_training_state(checkpoint, optimizer, scheduler) if checkpoint is not None else 0
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _truncate_metrics(run_dir / METRICS_FILE, start)
+    objective, optimizer = processes.prepare(distributed.Objective(lm.model, _loss(lm, dcfg)), optimizer)
+    processes.barrier()  # every process has read the run directory before rank 0 writes to it
+    if processes.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(run_dir / METRICS_FILE, start)
     state = {"train_config": asdict(cfg), "total_steps": total, "data": str(data), DATA_ORDER_KEY: order}
-    run = _Run(lm, dcfg, cfg, steps, optimizer, scheduler, state, lora)
+    run = _Run(lm, dcfg, cfg, steps, optimizer, scheduler, state, objective, processes, lora)
     result = TrainResult(run_dir, run_dir / FINAL_DIR, total, start_step=start)
     _train_steps(run, result, progress, on_step)
     return result
@@ -225,13 +259,14 @@ def _train_steps(run: _Run, result: TrainResult, progress: bool, on_step) -> Non
     cfg, skips, total, run_dir = run.cfg, run.steps.skips, result.steps, result.run_dir
     bar = tqdm(range(result.start_step, total), initial=result.start_step, total=total, desc="train",
                disable=not progress, unit="step")
+    main = run.processes.is_main
     for step in bar:
         tick = time.perf_counter()
-        record = _train_step(run.lm, run.dcfg, cfg, run.steps, step, total, run.optimizer, run.scheduler)
-        record.update(step=step + 1, seconds=round(time.perf_counter() - tick, 4), skipped=skips.count)
+        record = _train_step(run, step, total)
+        record.update(step=step + 1, seconds=round(time.perf_counter() - tick, 4))
         result.losses.append(record["loss"])
-        bar.set_postfix(loss=f"{record['loss']:.4f}", B=record.get("block_size", "-"), skipped=skips.count)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == total:
+        bar.set_postfix(loss=f"{record['loss']:.4f}", B=record.get("block_size", "-"), skipped=record["skipped"])
+        if main and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
             with (run_dir / METRICS_FILE).open("a") as f:
                 f.write(json.dumps(record, allow_nan=False) + "\n")  # NaN is not JSON
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
@@ -242,16 +277,27 @@ def _train_steps(run: _Run, result: TrainResult, progress: bool, on_step) -> Non
     if run.lora is not None:
         run.lm.model = lora_tools.merge(run.lora)  # the final model is a plain checkpoint
     run.lm.model.eval()
-    write_model(run.lm, result.model_dir)
+    weights = run.processes.full_state_dict(run.objective)  # sharded weights gathered (a collective)
+    if main:
+        write_model(run.lm, result.model_dir, weights)
+    run.processes.barrier()  # the run ends when its model is written
     result.skipped = skips.count
     if skips.count:
         tqdm.write(skips.summary())
 
 
 def _save_checkpoint(run: _Run, run_dir: Path, step: int) -> None:
-    write_weights = None if run.lora is None else (lambda folder: _write_lora(run.lm, folder))
-    save_checkpoint(run_dir, step, run.lm, run.optimizer, run.scheduler, run.state, run.cfg.keep_checkpoints,
-                    write_weights)
+    """Rank 0 writes the checkpoint (atomically) while the others wait."""
+    weights = run.processes.full_state_dict(run.objective)  # sharded weights gathered (a collective)
+    if run.processes.is_main:
+        write_weights = None  # the whole model, as save_model writes it
+        if run.lora is not None:
+            write_weights = functools.partial(_write_lora, run.lm)
+        elif weights is not None:
+            write_weights = functools.partial(save_model, run.lm, state_dict=weights)
+        save_checkpoint(run_dir, step, run.lm, run.optimizer, run.scheduler, run.state, run.cfg.keep_checkpoints,
+                        write_weights)
+    run.processes.barrier()
 
 
 def _write_lora(lm: DVLM, folder: Path) -> None:
@@ -311,12 +357,15 @@ def _resume_point(run_dir: Path, resume: bool) -> Checkpoint | None:
     return checkpoint
 
 
-def data_order(data: str | Path, cfg: TrainConfig, dcfg: DiffusionConfig | None) -> dict[str, Any]:
+def data_order(data: str | Path, cfg: TrainConfig, dcfg: DiffusionConfig | None, world_size: int = 1) -> dict[str, Any]:
     """Everything besides (seed, step) that decides a step's batches and noise: the data file's
-    bytes, how samples are grouped, which are too long to use, and the noising recipe."""
+    bytes, how samples are grouped, which are too long to use, and the noising recipe.
+
+    `batch_size` is the global micro-batch (per-process batch times processes): a run resumes
+    exactly on another number of processes that keeps it."""
     return {
         "data_file": file_fingerprint(data),
-        "batch_size": cfg.batch_size,
+        "batch_size": cfg.batch_size * world_size,
         "grad_accum": cfg.grad_accum,
         "seed": cfg.seed,
         "max_length": cfg.max_length,
@@ -375,57 +424,100 @@ def _diffusion_config(lm: DVLM, cfg: TrainConfig, overrides: dict[str, Any] | No
     return base
 
 
-def _train_step(lm: DVLM, dcfg, cfg: TrainConfig, steps: StepData, step: int, total: int, optimizer, scheduler):
+def _loss(lm: DVLM, dcfg: DiffusionConfig | None):
+    """The loss of one micro-batch, as `distributed.Objective` calls it."""
+    def loss(model, batch: Batch, normaliser: int, stream, clean_block) -> LossOutput:
+        if dcfg is None:
+            return ar_objective(lm.adapter, model, batch, normaliser)
+        return diffusion_objective(lm.adapter, model, batch, stream, clean_block, dcfg, normaliser)
+
+    return loss
+
+
+def _train_step(run: _Run, step: int, total: int) -> dict[str, Any]:
     """One optimizer step over the step's micro-batches; raises TrainingError rather than update
     the weights from nothing (no answer token) or from a non-finite loss or gradient."""
-    batches = [b.to(lm.device) for b in steps.micro_batches(step)]
-    response_tokens = sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)
+    lm, dcfg, cfg, steps, processes = run.lm, run.dcfg, run.cfg, run.steps, run.processes
+    block_size = _block_size(dcfg, step, total)
+    shares = [None if b is None else b.to(lm.device) for b in steps.micro_batches(step)]
+    counts = processes.gather(_step_counts(shares, dcfg, block_size))  # (processes, 2 + 3 * micro-batches)
+    response_tokens, normaliser = int(counts[:, 0].sum()), int(counts[:, 1].sum())  # the step's, globally
     if response_tokens == 0:  # every sample skipped or answer-less: the loss would be 0/0
         raise TrainingError(f"step {step + 1}: nothing to train on (none of its {len(steps.indices(step))} samples "
                             f"has an answer token); {steps.skips.summary()}")
-    normaliser = loss_normaliser([b.labels for b in batches], dcfg)  # tokens, or rows (DiffusionVL)
-    block_size = None
-    if dcfg is not None:
-        block_size = dcfg.block_size
-        if dcfg.anneal_block_size:
-            block_size = annealed_block_size(step / total, dcfg.block_size, dcfg.anneal_fraction)
-    outputs = [_backward(lm, dcfg, cfg, batch, normaliser, block_size, noise_generator(cfg.seed, step, micro))
-               for micro, batch in enumerate(batches)]
-    loss = float(sum(o.loss.detach() for o in outputs))
+    extents = counts[:, 2:].view(processes.world_size, len(shares), 3)
+    plan = distributed.plan_micro_steps(processes, shares, extents, lambda m: steps.stand_in(step, m).to(lm.device))
+    outputs = []
+    for number, micro in enumerate(plan):
+        last = number == len(plan) - 1  # gradients are reduced over processes once, after the last
+        with contextlib.nullcontext() if last else processes.no_sync(run.objective):
+            out = _backward(run, micro, normaliser, block_size, noise_generator(cfg.seed, step, micro.index))
+        if micro.weight:
+            outputs.append(out)
+    loss, diffusion_sum, ar_sum, masked, skipped = processes.sum([
+        float(sum(o.loss.detach() for o in outputs)), float(sum(o.diffusion_sum for o in outputs)),
+        float(sum(o.ar_sum for o in outputs)), sum(o.num_masked for o in outputs), steps.skips.count,
+    ])
     # Clipping at infinity changes nothing but still measures the norm, so it is checked and logged.
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(lm.model.parameters(), cfg.max_grad_norm or math.inf))
+    grad_norm = processes.clip_grad_norm(run.objective, cfg.max_grad_norm or math.inf)
     for name, value in (("loss", loss), ("gradient norm", grad_norm)):
         if not math.isfinite(value):
             raise TrainingError(f"step {step + 1}: the {name} is {value}; stopped before updating the weights "
                                 "(lower the learning rate or check the data, then --resume from the last checkpoint)")
-    lr = scheduler.get_last_lr()[0]  # the language model's (first group's)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    lr = run.scheduler.get_last_lr()[0]  # the language model's (first group's)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
     return {
         "loss": loss,
-        "diffusion_loss": float(sum(o.diffusion_sum for o in outputs)) / normaliser,
-        "ar_loss": float(sum(o.ar_sum for o in outputs)) / normaliser,
-        "masked_tokens": sum(o.num_masked for o in outputs),
+        "diffusion_loss": diffusion_sum / normaliser,
+        "ar_loss": ar_sum / normaliser,
+        "masked_tokens": int(masked),
         "response_tokens": response_tokens,
         "block_size": block_size,
         "lr": lr,
         "grad_norm": round(grad_norm, 4),
+        "skipped": int(skipped),  # summed over processes: a bad sample two of them drew counts twice
     }
 
 
-def _backward(lm: DVLM, dcfg, cfg: TrainConfig, batch: Batch, normaliser: int, block_size: int | None,
+def _block_size(dcfg: DiffusionConfig | None, step: int, total: int) -> int | None:
+    if dcfg is None:
+        return None
+    if dcfg.anneal_block_size:
+        return annealed_block_size(step / total, dcfg.block_size, dcfg.anneal_fraction)
+    return dcfg.block_size
+
+
+def _step_counts(shares: list[Batch | None], dcfg: DiffusionConfig | None, block_size: int | None) -> list[int]:
+    """This process's part of what every process must know about a step: its answer tokens, its
+    part of the loss normaliser, then (rows, length, blocks) of each of its micro-batch shares."""
+    present = [b for b in shares if b is not None]
+    counts = [sum(int((b.labels != IGNORE_INDEX).sum()) for b in present),
+              loss_normaliser([b.labels for b in present], dcfg) if present else 0]
+    for b in shares:
+        if b is None:
+            counts += [0, 0, 0]
+        elif dcfg is None:
+            counts += [len(b), b.labels.shape[1], 0]
+        else:
+            counts += list(noise_extent(b.labels, b.attention_mask, dcfg, block_size))
+    return counts
+
+
+def _backward(run: _Run, micro: distributed.MicroStep, normaliser: int, block_size: int | None,
               noise: torch.Generator) -> LossOutput:
     """The loss of one micro-batch (normalised by the whole step's answer tokens), backpropagated."""
-    with torch.autocast(lm.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
-        if dcfg is None:
-            out = ar_objective(lm.adapter, lm.model, batch, normaliser)
-        else:
+    batch, dcfg = micro.batch, run.dcfg
+    with torch.autocast(run.lm.device.type, dtype=torch.bfloat16, enabled=run.cfg.dtype == "bfloat16"):
+        stream = clean_block = None
+        if dcfg is not None:
             stream, clean_block = build_noisy_stream(
                 batch.input_ids, batch.labels, batch.attention_mask, batch.mm_token_type_ids, dcfg, block_size, noise,
+                micro.window,
             )
-            out = diffusion_objective(lm.adapter, lm.model, batch, stream, clean_block, dcfg, normaliser)
-    out.loss.backward()
+        out = run.objective(batch, normaliser, stream, clean_block)
+    run.processes.backward(out.loss, micro.weight)
     return out
 
 
