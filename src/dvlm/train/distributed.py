@@ -39,7 +39,7 @@ COLLECTIVE_TIMEOUT_ENV = "DVLM_COLLECTIVE_TIMEOUT"
 DEFAULT_COLLECTIVE_TIMEOUT = 1800
 
 
-class DistributedError(RuntimeError):
+class DistributedError(ValueError):
     """The launch asks for something this run cannot do (e.g. FSDP on CPU processes)."""
 
 

@@ -77,6 +77,8 @@ class TrainResult:
     skipped: int = 0
     start_step: int = 0
     """The step this call resumed from (0 for a fresh run)."""
+    main_process: bool = True
+    """False on the other processes of a data-parallel run (rank 0 writes and reports)."""
 
 
 def lr_lambda(total_steps: int, cfg: TrainConfig) -> Callable[[int], float]:
@@ -249,7 +251,7 @@ def train(
         _truncate_metrics(run_dir / METRICS_FILE, start)
     state = {"train_config": asdict(cfg), "total_steps": total, "data": str(data), DATA_ORDER_KEY: order}
     run = _Run(lm, dcfg, cfg, steps, optimizer, scheduler, state, objective, processes, lora)
-    result = TrainResult(run_dir, run_dir / FINAL_DIR, total, start_step=start)
+    result = TrainResult(run_dir, run_dir / FINAL_DIR, total, start_step=start, main_process=processes.is_main)
     _train_steps(run, result, progress, on_step)
     return result
 

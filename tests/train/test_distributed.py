@@ -1,0 +1,222 @@
+"""Data-parallel training: N processes with batch b train like one process with batch N*b.
+
+The fast tests check the pieces (sharding, the plan of a step's passes); the `slow` ones start real
+processes with `accelerate launch` (gloo on CPU, 2 processes, a few steps of the tiny model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from dvlm.config import TrainConfig
+from dvlm.train import distributed
+from dvlm.train import loop as loop_module
+from dvlm.train.checkpoint import checkpoint_dir
+from dvlm.train.loop import FINAL_DIR, METRICS_FILE, StepData, train
+from dvlm.zoo.tasks import export_llava, get_task
+
+STEPS, SAVE_EVERY = 4, 2
+LAUNCH_TIMEOUT = 300  # seconds: far above a healthy run, so only a hang reaches it
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    samples = get_task("shapes-qa").generate("train", 8, seed=0) + get_task("multi-turn").generate("train", 4, seed=0)
+    return export_llava(samples, tmp_path_factory.mktemp("data"))
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines()]
+
+
+# -- the pieces ----------------------------------------------------------------------------------------
+
+
+class _Indices:
+    """A dataset whose samples are their indices; index 5 is unusable."""
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, index):
+        if index == 5:
+            raise loop_module.SampleError(index, None, "bad sample")
+        return index
+
+
+def test_processes_share_out_each_global_micro_batch_in_order(monkeypatch):
+    monkeypatch.setattr(loop_module, "collate", lambda samples, pad: samples)
+    cfg = TrainConfig(batch_size=2, grad_accum=2)
+    one = StepData(_Indices(), TrainConfig(batch_size=4, grad_accum=2), 0, loop_module.SkipReport())
+    ranks = [StepData(_Indices(), cfg, 0, loop_module.SkipReport(), rank, 2) for rank in (0, 1)]
+    for step in range(3):
+        assert all(r.indices(step) == one.indices(step) for r in ranks)
+        whole = one.micro_batches(step)
+        for micro, batch in enumerate(whole):
+            parts = [r.micro_batches(step)[micro] or [] for r in ranks]
+            assert parts[0] + parts[1] == batch  # rank 0's rows, then rank 1's: the one-process batch
+    assert ranks[0].steps_per_epoch == one.steps_per_epoch == 2
+
+
+def test_a_step_plan_windows_each_share_and_stands_in_for_an_empty_one():
+    rank1 = distributed.SingleProcess()
+    rank1.rank, rank1.world_size = 1, 2
+    # (rows, length, blocks) per process and micro-batch: micro 1 is empty everywhere, and rank 1
+    # has nothing in micro 2 (its samples were all skipped).
+    extents = torch.tensor([[[2, 10, 3], [0, 0, 0], [2, 7, 2]],
+                            [[1, 12, 4], [0, 0, 0], [0, 0, 0]]])
+    plan = distributed.plan_micro_steps(rank1, ["b0", None, None], extents, lambda micro: f"stand-in {micro}")
+    assert [(p.batch, p.index, p.weight) for p in plan] == [("b0", 0, 1.0), ("stand-in 2", 1, 0.0)]
+    assert plan[0].window == distributed.NoiseWindow(offset=2, rows=3, length=12, blocks=4)
+    assert plan[1].window is None
+
+
+def test_one_process_runs_without_accelerate(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert type(distributed.start("cpu")) is distributed.SingleProcess
+
+
+# -- real processes ------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _environment() -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", distributed.COLLECTIVE_TIMEOUT_ENV: "60"}
+    src = str(Path(distributed.__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+    return env
+
+
+def _train_args(model: Path, data: Path, out: Path, batch_size: int, *extra: str) -> list[str]:
+    return ["train", "--model", str(model), "--data", str(data), "--out", str(out), "--steps", str(STEPS),
+            "--batch-size", str(batch_size), "--grad-accum", "2", "--lr", "1e-3", "--device", "cpu",
+            "--set", "warmup_ratio=0", "--set", f"save_every={SAVE_EVERY}", "--set", "keep_checkpoints=5", *extra]
+
+
+def _accelerate(*launch_options: str) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+            *launch_options, "-m", "dvlm"]
+
+
+def _run(command: list[str]) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, env=_environment(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _one_process_config(**changes) -> TrainConfig:
+    base = dict(max_steps=STEPS, batch_size=4, grad_accum=2, learning_rate=1e-3, warmup_ratio=0.0,
+                save_every=SAVE_EVERY, keep_checkpoints=5)
+    return TrainConfig(**{**base, **changes})
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data, fast_checkpoint) -> dict[str, Path]:
+    """The same run in one process (batch 4) and in two (batch 2 each, through --num-processes)."""
+    root = tmp_path_factory.mktemp("runs")
+    train(fast_checkpoint, data, root / "one", _one_process_config(), progress=False, device="cpu")
+    _run([sys.executable, "-m", "dvlm", *_train_args(fast_checkpoint, data, root / "two", 2), "--num-processes", "2"])
+    return {"one": root / "one", "two": root / "two"}
+
+
+def _same_curve(run: list[dict], reference: list[dict], rel: float = 1e-3) -> None:
+    """Same samples and noise (the counts are equal) and the same losses to float tolerance."""
+    for key in ("step", "response_tokens", "masked_tokens", "block_size"):
+        assert [r[key] for r in run] == [r[key] for r in reference], key
+    for key in ("loss", "diffusion_loss", "ar_loss", "grad_norm"):
+        assert [r[key] for r in run] == pytest.approx([r[key] for r in reference], rel=rel), key
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_with_the_global_batch(runs):
+    one, two = metrics(runs["one"]), metrics(runs["two"])
+    assert len(two) == STEPS
+    _same_curve(two, one)
+    assert two[-1]["loss"] != two[0]["loss"]  # the model did change
+    ours = dict(torch.load(checkpoint_dir(runs["two"], STEPS) / "optimizer.pt", weights_only=True)["scheduler"])
+    assert ours["last_epoch"] == STEPS  # the schedule stepped once per step, not once per process
+
+
+def _interrupted(run: Path, into: Path) -> Path:
+    """A copy of `run` as it was when killed after its step-SAVE_EVERY checkpoint."""
+    shutil.copytree(run, into)
+    for later in range(SAVE_EVERY + 1, STEPS + 1):
+        shutil.rmtree(checkpoint_dir(into, later), ignore_errors=True)
+    shutil.rmtree(into / FINAL_DIR)
+    return into
+
+
+@pytest.mark.slow
+def test_two_processes_resume_mid_run_on_the_uninterrupted_curve(runs, tmp_path, data, fast_checkpoint):
+    resumed = _interrupted(runs["two"], tmp_path / "two")
+    _run(_accelerate("--num_processes", "2") + _train_args(fast_checkpoint, data, resumed, 2, "--resume"))
+    _same_curve(metrics(resumed), metrics(runs["two"]), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_two_process_checkpoint_resumes_exactly_in_one_process(runs, tmp_path, data, fast_checkpoint):
+    resumed = _interrupted(runs["two"], tmp_path / "two")
+    train(fast_checkpoint, data, resumed, _one_process_config(), resume=True, progress=False, device="cpu")
+    _same_curve(metrics(resumed), metrics(runs["one"]))
+
+
+@pytest.mark.slow
+def test_resume_with_another_global_batch_is_refused(runs, tmp_path, data, fast_checkpoint):
+    resumed = _interrupted(runs["two"], tmp_path / "two")
+    with pytest.raises(ValueError, match=r"^--resume: batch_size was 4 in checkpoint-000002, is 2 now"):
+        train(fast_checkpoint, data, resumed, _one_process_config(batch_size=2), resume=True, progress=False,
+              device="cpu")
+
+
+@pytest.mark.slow
+def test_a_killed_process_ends_the_run_with_an_error(tmp_path, data, fast_checkpoint):
+    run = tmp_path / "run"
+    args = _train_args(fast_checkpoint, data, run, 2, "--steps", "100000", "--set", "save_every=0")
+    launcher = subprocess.Popen(_accelerate("--num_processes", "2") + args, env=_environment(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        while not (run / METRICS_FILE).exists() or not (run / METRICS_FILE).read_text():  # training is under way
+            assert launcher.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+        workers = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "dvlm" in p.cmdline()]
+        assert len(workers) == 2
+        os.kill(workers[1].pid, signal.SIGKILL)
+        killed = time.monotonic()
+        _, stderr = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode != 0
+    assert time.monotonic() - killed < 120
+    assert "ChildFailedError" in stderr or "failed" in stderr.lower()
+    assert not (run / FINAL_DIR).exists()
+
+
+@pytest.mark.slow
+def test_fsdp_on_cpu_processes_is_refused_in_one_line(tmp_path, data, fast_checkpoint):
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
+               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), "-m", "dvlm",
+               *_train_args(fast_checkpoint, data, tmp_path / "run", 2)]
+    done = subprocess.run(command, env=_environment(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert done.returncode != 0
+    assert "dvlm train: error: accelerate runs FSDP on GPUs only; these processes are MULTI_CPU" in done.stderr
