@@ -85,7 +85,31 @@ def test_a_step_plan_windows_each_share_and_stands_in_for_an_empty_one():
 
 def test_one_process_runs_without_accelerate(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert type(distributed.start("cpu")) is distributed.SingleProcess
+    assert type(distributed.start("cpu", TrainConfig())) is distributed.SingleProcess
+
+
+def _trained_optimizer():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    objective = distributed.Objective(model, loss=None)
+    optimizer = torch.optim.AdamW([{"params": [model[1].weight]}, {"params": [model[0].weight, model[0].bias,
+                                                                             model[1].bias], "lr": 0.1}])
+    model(torch.randn(2, 3)).sum().backward()
+    optimizer.step()
+    return objective, optimizer
+
+
+def test_the_full_optimizer_state_has_the_one_process_layout():
+    """What FSDP2 checkpoints hold (gathered by name, renumbered) equals a plain optimizer's state,
+    so checkpoints move between backends and process counts; and it loads back."""
+    objective, optimizer = _trained_optimizer()
+    full, plain = distributed.full_optimizer_state(objective, optimizer), optimizer.state_dict()
+    assert [g["params"] for g in full["param_groups"]] == [g["params"] for g in plain["param_groups"]] == [[0], [1, 2, 3]]
+    assert sorted(full["state"]) == sorted(plain["state"]) == [0, 1, 2, 3]
+    for index, moments in plain["state"].items():
+        assert all(torch.equal(full["state"][index][k], v) for k, v in moments.items())
+    other, fresh = _trained_optimizer()
+    distributed.load_full_optimizer_state(other, fresh, full)
+    assert all(torch.equal(fresh.state_dict()["state"][3][k], v) for k, v in plain["state"][3].items())
 
 
 # -- real processes ------------------------------------------------------------------------------------
@@ -220,3 +244,15 @@ def test_fsdp_on_cpu_processes_is_refused_in_one_line(tmp_path, data, fast_check
     done = subprocess.run(command, env=_environment(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     assert done.returncode != 0
     assert "dvlm train: error: accelerate runs FSDP on GPUs only; these processes are MULTI_CPU" in done.stderr
+
+
+def test_a_checkpoint_without_optimizer_state_is_refused_clearly(tmp_path, data, fast_checkpoint):
+    """DeepSpeed checkpoints hold the weights but not the sharded optimizer state."""
+    run = tmp_path / "run"
+    train(fast_checkpoint, data, run, _one_process_config(max_steps=2, save_every=1), progress=False, device="cpu")
+    saved = torch.load(checkpoint_dir(run, 1) / "optimizer.pt", weights_only=True)
+    torch.save({**saved, "optimizer": None}, checkpoint_dir(run, 1) / "optimizer.pt")  # as under DeepSpeed
+    shutil.rmtree(checkpoint_dir(run, 2))
+    with pytest.raises(ValueError, match="written under DeepSpeed, without its optimizer state"):
+        train(fast_checkpoint, data, run, _one_process_config(max_steps=2, save_every=1), resume=True,
+              progress=False, device="cpu")

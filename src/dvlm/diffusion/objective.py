@@ -47,7 +47,9 @@ def two_stream_hidden(
     clean = adapter.embed(model, batch.input_ids, batch.pixel_values, batch.image_grid_thw)  # (B, L, D)
     # Noisy tokens copy the clean embedding (vision features included when copied) unless masked.
     noisy = clean.gather(1, stream.source[..., None].expand(-1, -1, clean.shape[-1]))  # (B, N, D)
-    mask_embed = model.get_input_embeddings().weight[cfg.mask_token_id].to(noisy.dtype)
+    # Through the embedding module, not its weight: ZeRO-3 gathers a layer's weights only in its forward.
+    mask_id = torch.tensor(cfg.mask_token_id, device=noisy.device)
+    mask_embed = model.get_input_embeddings()(mask_id).to(noisy.dtype)
     noisy = torch.where(stream.masked[..., None], mask_embed, noisy)
     positions = batch.position_ids  # (3, B, L)
     # Fill tokens (index > source) continue the text positions past the response's last token.

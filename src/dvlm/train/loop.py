@@ -221,7 +221,7 @@ def train(
     records = read_records(data)  # a file without records fails before the model loads
     if cfg.lora is not None:
         lora_tools.require_peft()
-    processes = distributed.start(device)
+    processes = distributed.start(device, cfg)
     device, progress = processes.device(device), progress and processes.is_main
     with processes.main_first():  # rank 0 sets unusable checkpoints aside before the others look
         checkpoint = _resume_point(run_dir, resume)
@@ -243,8 +243,11 @@ def train(
     _prepare_model(lm.model, cfg)
     optimizer = torch.optim.AdamW(parameter_groups(lm, cfg), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, cfg))
-    start = restore_training_state(checkpoint, optimizer, scheduler) if checkpoint is not None else 0
     objective, optimizer = processes.prepare(distributed.Objective(lm.model, _loss(lm, dcfg)), optimizer)
+    start = 0
+    if checkpoint is not None:  # after prepare: FSDP2 shards the optimizer state as it shards the weights
+        restored = distributed.CheckpointedOptimizer(processes, objective, optimizer)
+        start = restore_training_state(checkpoint, restored, scheduler)
     processes.barrier()  # every process has read the run directory before rank 0 writes to it
     if processes.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -291,13 +294,15 @@ def _train_steps(run: _Run, result: TrainResult, progress: bool, on_step) -> Non
 def _save_checkpoint(run: _Run, run_dir: Path, step: int) -> None:
     """Rank 0 writes the checkpoint (atomically) while the others wait."""
     weights = run.processes.full_state_dict(run.objective)  # sharded weights gathered (a collective)
+    optimizer = run.processes.optimizer_state(run.objective, run.optimizer)  # likewise
     if run.processes.is_main:
         write_weights = None  # the whole model, as save_model writes it
         if run.lora is not None:
             write_weights = functools.partial(_write_lora, run.lm)
         elif weights is not None:
             write_weights = functools.partial(save_model, run.lm, state_dict=weights)
-        save_checkpoint(run_dir, step, run.lm, run.optimizer, run.scheduler, run.state, run.cfg.keep_checkpoints,
+        saved = distributed.CheckpointedOptimizer(run.processes, run.objective, run.optimizer, optimizer)
+        save_checkpoint(run_dir, step, run.lm, saved, run.scheduler, run.state, run.cfg.keep_checkpoints,
                         write_weights)
     run.processes.barrier()
 
@@ -450,9 +455,8 @@ def _train_step(run: _Run, step: int, total: int) -> dict[str, Any]:
     extents = counts[:, 2:].view(processes.world_size, len(shares), 3)
     plan = distributed.plan_micro_steps(processes, shares, extents, lambda m: steps.stand_in(step, m).to(lm.device))
     outputs = []
-    for number, micro in enumerate(plan):
-        last = number == len(plan) - 1  # gradients are reduced over processes once, after the last
-        with contextlib.nullcontext() if last else processes.no_sync(run.objective):
+    for micro in plan:  # gradients are reduced over processes once, after the last
+        with contextlib.nullcontext() if micro.last else processes.no_sync(run.objective):
             out = _backward(run, micro, normaliser, block_size, noise_generator(cfg.seed, step, micro.index))
         if micro.weight:
             outputs.append(out)
@@ -463,7 +467,7 @@ def _train_step(run: _Run, step: int, total: int) -> dict[str, Any]:
     # Clipping at infinity changes nothing but still measures the norm, so it is checked and logged.
     grad_norm = processes.clip_grad_norm(run.objective, cfg.max_grad_norm or math.inf)
     for name, value in (("loss", loss), ("gradient norm", grad_norm)):
-        if not math.isfinite(value):
+        if value is not None and not math.isfinite(value):
             raise TrainingError(f"step {step + 1}: the {name} is {value}; stopped before updating the weights "
                                 "(lower the learning rate or check the data, then --resume from the last checkpoint)")
     lr = run.scheduler.get_last_lr()[0]  # the language model's (first group's)
@@ -478,7 +482,7 @@ def _train_step(run: _Run, step: int, total: int) -> dict[str, Any]:
         "response_tokens": response_tokens,
         "block_size": block_size,
         "lr": lr,
-        "grad_norm": round(grad_norm, 4),
+        "grad_norm": None if grad_norm is None else round(grad_norm, 4),
         "skipped": int(skipped),  # summed over processes: a bad sample two of them drew counts twice
     }
 
@@ -519,7 +523,7 @@ def _backward(run: _Run, micro: distributed.MicroStep, normaliser: int, block_si
                 micro.window,
             )
         out = run.objective(batch, normaliser, stream, clean_block)
-    run.processes.backward(out.loss, micro.weight)
+    run.processes.backward(out.loss, micro)
     return out
 
 
