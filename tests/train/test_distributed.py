@@ -6,6 +6,7 @@ processes with `accelerate launch` (gloo on CPU, 2 processes, a few steps of the
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ from dvlm.train.loop import FINAL_DIR, METRICS_FILE, StepData, train
 from dvlm.zoo.tasks import export_llava, get_task
 
 STEPS, SAVE_EVERY = 4, 2
+CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "accelerate"
 LAUNCH_TIMEOUT = 300  # seconds: far above a healthy run, so only a hang reaches it
 
 
@@ -103,7 +105,8 @@ def test_the_full_optimizer_state_has_the_one_process_layout():
     so checkpoints move between backends and process counts; and it loads back."""
     objective, optimizer = _trained_optimizer()
     full, plain = distributed.full_optimizer_state(objective, optimizer), optimizer.state_dict()
-    assert [g["params"] for g in full["param_groups"]] == [g["params"] for g in plain["param_groups"]] == [[0], [1, 2, 3]]
+    groups = [g["params"] for g in full["param_groups"]]
+    assert groups == [g["params"] for g in plain["param_groups"]] == [[0], [1, 2, 3]]
     assert sorted(full["state"]) == sorted(plain["state"]) == [0, 1, 2, 3]
     for index, moments in plain["state"].items():
         assert all(torch.equal(full["state"][index][k], v) for k, v in moments.items())
@@ -128,16 +131,16 @@ def _environment() -> dict[str, str]:
     return env
 
 
-def _train_args(model: Path, data: Path, out: Path, batch_size: int, *extra: str) -> list[str]:
+def _train_args(model: Path, data: Path, out: Path, batch_size: int, *extra: str, device: str = "cpu") -> list[str]:
     return ["train", "--model", str(model), "--data", str(data), "--out", str(out), "--steps", str(STEPS),
-            "--batch-size", str(batch_size), "--grad-accum", "2", "--lr", "1e-3", "--device", "cpu",
+            "--batch-size", str(batch_size), "--grad-accum", "2", "--lr", "1e-3", "--device", device,
             "--set", "warmup_ratio=0", "--set", f"save_every={SAVE_EVERY}", "--set", "keep_checkpoints=5", *extra]
 
 
-def _accelerate(*launch_options: str) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-            *launch_options, "-m", "dvlm"]
+def _accelerate(config: str, processes: int = 2) -> list[str]:
+    """`accelerate launch` with one of the shipped configs (examples/accelerate/CONFIG.yaml)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / f"{config}.yaml"),
+            "--num_processes", str(processes), "--main_process_port", str(_free_port()), "-m", "dvlm"]
 
 
 def _run(command: list[str]) -> subprocess.CompletedProcess:
@@ -161,11 +164,12 @@ def runs(tmp_path_factory, data, fast_checkpoint) -> dict[str, Path]:
     return {"one": root / "one", "two": root / "two"}
 
 
-def _same_curve(run: list[dict], reference: list[dict], rel: float = 1e-3) -> None:
+def _same_curve(run: list[dict], reference: list[dict], rel: float = 1e-3,
+                losses: tuple[str, ...] = ("loss", "diffusion_loss", "ar_loss", "grad_norm")) -> None:
     """Same samples and noise (the counts are equal) and the same losses to float tolerance."""
     for key in ("step", "response_tokens", "masked_tokens", "block_size"):
         assert [r[key] for r in run] == [r[key] for r in reference], key
-    for key in ("loss", "diffusion_loss", "ar_loss", "grad_norm"):
+    for key in losses:
         assert [r[key] for r in run] == pytest.approx([r[key] for r in reference], rel=rel), key
 
 
@@ -191,7 +195,7 @@ def _interrupted(run: Path, into: Path) -> Path:
 @pytest.mark.slow
 def test_two_processes_resume_mid_run_on_the_uninterrupted_curve(runs, tmp_path, data, fast_checkpoint):
     resumed = _interrupted(runs["two"], tmp_path / "two")
-    _run(_accelerate("--num_processes", "2") + _train_args(fast_checkpoint, data, resumed, 2, "--resume"))
+    _run(_accelerate("ddp") + _train_args(fast_checkpoint, data, resumed, 2, "--resume"))
     _same_curve(metrics(resumed), metrics(runs["two"]), rel=1e-6)
 
 
@@ -214,7 +218,7 @@ def test_resume_with_another_global_batch_is_refused(runs, tmp_path, data, fast_
 def test_a_killed_process_ends_the_run_with_an_error(tmp_path, data, fast_checkpoint):
     run = tmp_path / "run"
     args = _train_args(fast_checkpoint, data, run, 2, "--steps", "100000", "--set", "save_every=0")
-    launcher = subprocess.Popen(_accelerate("--num_processes", "2") + args, env=_environment(),
+    launcher = subprocess.Popen(_accelerate("ddp") + args, env=_environment(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + LAUNCH_TIMEOUT
@@ -237,10 +241,7 @@ def test_a_killed_process_ends_the_run_with_an_error(tmp_path, data, fast_checkp
 
 @pytest.mark.slow
 def test_fsdp_on_cpu_processes_is_refused_in_one_line(tmp_path, data, fast_checkpoint):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
-               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), "-m", "dvlm",
-               *_train_args(fast_checkpoint, data, tmp_path / "run", 2)]
+    command = _accelerate("fsdp2") + _train_args(fast_checkpoint, data, tmp_path / "run", 2)
     done = subprocess.run(command, env=_environment(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     assert done.returncode != 0
     assert "dvlm train: error: accelerate runs FSDP on GPUs only; these processes are MULTI_CPU" in done.stderr
@@ -256,3 +257,31 @@ def test_a_checkpoint_without_optimizer_state_is_refused_clearly(tmp_path, data,
     with pytest.raises(ValueError, match="written under DeepSpeed, without its optimizer state"):
         train(fast_checkpoint, data, run, _one_process_config(max_steps=2, save_every=1), resume=True,
               progress=False, device="cpu")
+
+
+# -- GPUs (run with -m gpu) -------------------------------------------------------------------------
+
+
+def _gpu_backends() -> list:
+    marks = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+    deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
+    return [pytest.param("ddp", marks=marks), pytest.param("fsdp2", marks=marks),
+            pytest.param("zero2", marks=[*marks, deepspeed]), pytest.param("zero3", marks=[*marks, deepspeed])]
+
+
+@pytest.mark.parametrize("config", _gpu_backends())
+def test_each_shipped_config_trains_like_one_process_on_gpus(config, tmp_path, data, fast_checkpoint):
+    """A few steps under each backend: the same samples and noise as one process with the global
+    batch, losses to GPU tolerance (ZeRO trains bf16 weights: looser), a loadable final model."""
+    import dvlm
+
+    processes = min(2, torch.cuda.device_count())
+    one = tmp_path / "one"
+    train(fast_checkpoint, data, one, _one_process_config(batch_size=2 * processes), progress=False, device="cuda")
+    run = tmp_path / config
+    _run(_accelerate(config, processes) + _train_args(fast_checkpoint, data, run, 2, device="cuda"))
+    if config.startswith("zero"):  # bf16 weights; DeepSpeed measures the gradient norm in its own step
+        _same_curve(metrics(run), metrics(one), rel=5e-2, losses=("loss",))
+    else:
+        _same_curve(metrics(run), metrics(one))
+    assert dvlm.load(run / FINAL_DIR).diffusion is not None

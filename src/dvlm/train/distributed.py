@@ -144,6 +144,7 @@ class DataParallel(SingleProcess):
         if self.deepspeed:  # DeepSpeed wants its batch geometry before it builds its engine
             ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
             ds["train_micro_batch_size_per_gpu"] = self.cfg.batch_size
+            ds["gradient_accumulation_steps"] = self.cfg.grad_accum
             ds["train_batch_size"] = self.cfg.batch_size * self.cfg.grad_accum * self.world_size
             ds["gradient_clipping"] = self.cfg.max_grad_norm or 0.0
         # The LR scheduler stays ours: accelerate's steps a scheduler once per process per step.
