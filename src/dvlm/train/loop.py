@@ -34,7 +34,7 @@ from dvlm.data.llava_json import (
     SampleError,
     SkipReport,
     file_fingerprint,
-    read_records,
+    open_records,
 )
 from dvlm.diffusion.noising import IGNORE_INDEX, build_noisy_stream, noise_extent
 from dvlm.diffusion.objective import (
@@ -218,7 +218,7 @@ def train(
         ValueError: no records in `data`, or a resume that would change the data order or go back.
     """
     run_dir = Path(out)
-    records = read_records(data)  # a file without records fails before the model loads
+    records = open_records(data)  # a file without records fails before the model loads; JSONL is read lazily
     if cfg.lora is not None:
         lora_tools.require_peft()
     processes = distributed.start(device, cfg)
