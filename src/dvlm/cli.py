@@ -110,6 +110,10 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, metavar="N", help="total optimizer steps (TrainConfig.max_steps)")
     p.add_argument("--batch-size", type=int, metavar="N", help="samples per micro-batch")
     p.add_argument("--grad-accum", type=int, metavar="N", help="micro-batches per optimizer step")
+    p.add_argument("--num-workers", type=int, metavar="N",
+                   help="DataLoader workers that read and encode the coming steps' samples (default: 0)")
+    p.add_argument("--group-by-length", action="store_true", default=None,
+                   help="put samples of similar length in the same steps (less padding)")
     p.add_argument("--lr", type=float, metavar="F", help="peak learning rate")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (bfloat16: autocast)")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None,
@@ -129,7 +133,7 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
 # Explicit flags -> TrainConfig fields; they beat --set, which beats --config.
 TRAIN_FLAGS = {"steps": "max_steps", "batch_size": "batch_size", "grad_accum": "grad_accum", "lr": "learning_rate",
                "dtype": "dtype", "gradient_checkpointing": "gradient_checkpointing", "ar": "ar_loss",
-               "lora": "lora"}
+               "lora": "lora", "num_workers": "num_workers", "group_by_length": "group_by_length"}
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:

@@ -332,9 +332,16 @@ class TrainConfig:
     max_steps: int | None = None
     """Total optimizer steps; overrides epochs."""
     batch_size: int = 4
-    """Samples per micro-batch."""
+    """Samples per micro-batch, per process (a step takes batch_size x processes x grad_accum)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
+    num_workers: int = 0
+    """DataLoader worker processes that read, decode and encode the samples of the coming steps
+    while the model trains (0: in the training process, when needed). Changes no batch."""
+    group_by_length: bool = False
+    """Put samples of similar length in the same steps (less padding): each epoch's shuffled order
+    is cut into windows of 64 steps, each sorted by length (characters of text, plus a fixed
+    amount per image) and dealt out longest step first; still a pure function of (seed, step)."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables)."""
     dtype: str = "float32"
@@ -378,6 +385,8 @@ class TrainConfig:
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.save_every < 0:
             raise ConfigError(f"save_every must be >= 0, got {self.save_every}")
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
         _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
         if self.lora is not None:
             from dvlm.train.lora import LoraSpecError, parse_lora

@@ -22,10 +22,10 @@ import pytest
 import torch
 
 from dvlm.config import TrainConfig
-from dvlm.train import distributed
-from dvlm.train import loop as loop_module
+from dvlm.train import distributed, step_data
 from dvlm.train.checkpoint import checkpoint_dir
-from dvlm.train.loop import FINAL_DIR, METRICS_FILE, StepData, train
+from dvlm.train.loop import FINAL_DIR, METRICS_FILE, train
+from dvlm.train.step_data import StepData
 from dvlm.zoo.tasks import export_llava, get_task
 
 STEPS, SAVE_EVERY = 4, 2
@@ -54,15 +54,15 @@ class _Indices:
 
     def __getitem__(self, index):
         if index == 5:
-            raise loop_module.SampleError(index, None, "bad sample")
+            raise step_data.SampleError(index, None, "bad sample")
         return index
 
 
 def test_processes_share_out_each_global_micro_batch_in_order(monkeypatch):
-    monkeypatch.setattr(loop_module, "collate", lambda samples, pad: samples)
+    monkeypatch.setattr(step_data, "collate", lambda samples, pad: samples)
     cfg = TrainConfig(batch_size=2, grad_accum=2)
-    one = StepData(_Indices(), TrainConfig(batch_size=4, grad_accum=2), 0, loop_module.SkipReport())
-    ranks = [StepData(_Indices(), cfg, 0, loop_module.SkipReport(), rank, 2) for rank in (0, 1)]
+    one = StepData(_Indices(), TrainConfig(batch_size=4, grad_accum=2), 0, step_data.SkipReport())
+    ranks = [StepData(_Indices(), cfg, 0, step_data.SkipReport(), rank, 2) for rank in (0, 1)]
     for step in range(3):
         assert all(r.indices(step) == one.indices(step) for r in ranks)
         whole = one.micro_batches(step)

@@ -28,10 +28,9 @@ from tqdm.auto import tqdm
 
 from dvlm.config import ConfigError, DiffusionConfig, TrainConfig, from_dict
 from dvlm.convert.registry import adapter_for_checkpoint
-from dvlm.data.collate import Batch, collate
+from dvlm.data.collate import Batch
 from dvlm.data.llava_json import (
     LlavaJsonDataset,
-    SampleError,
     SkipReport,
     file_fingerprint,
     open_records,
@@ -56,6 +55,7 @@ from dvlm.train.checkpoint import (
     save_model,
     write_model,
 )
+from dvlm.train.step_data import StepData
 
 METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "model"
@@ -92,64 +92,6 @@ def lr_lambda(total_steps: int, cfg: TrainConfig) -> Callable[[int], float]:
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     return factor
-
-
-class StepData:
-    """The micro-batches of each optimizer step, determined by (seed, step) alone.
-
-    With several processes a step's global micro-batches hold `batch_size * world_size` samples
-    each and every process takes its `batch_size` of them, by rank (`distributed`)."""
-
-    def __init__(self, dataset: LlavaJsonDataset, cfg: TrainConfig, pad_token_id: int, skips: SkipReport,
-                 rank: int = 0, world_size: int = 1):
-        self.dataset, self.cfg, self.pad = dataset, cfg, pad_token_id
-        self.skips = skips
-        self.rank, self.global_batch = rank, cfg.batch_size * world_size
-        self.samples_per_step = self.global_batch * cfg.grad_accum
-        self.steps_per_epoch = max(1, math.ceil(len(dataset) / self.samples_per_step))
-        self._seen_bad: set[int] = set()
-
-    def total_steps(self) -> int:
-        return self.cfg.max_steps or self.cfg.epochs * self.steps_per_epoch
-
-    def indices(self, step: int) -> list[int]:
-        """The dataset indices of a step's samples: a slice of the epoch's seeded permutation."""
-        epoch, index = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
-        return order[index * self.samples_per_step:(index + 1) * self.samples_per_step].tolist()
-
-    def micro_batches(self, step: int) -> list[Batch | None]:
-        """This process's rows of each of the step's global micro-batches (None: none of its
-        samples loads)."""
-        shares = []
-        for chunk in self._global_micro_batches(step):
-            mine = chunk[self.rank * self.cfg.batch_size:(self.rank + 1) * self.cfg.batch_size]
-            samples = [s for s in (self._get(i) for i in mine) if s is not None]
-            shares.append(collate(samples, self.pad) if samples else None)
-        return shares
-
-    def stand_in(self, step: int, micro: int) -> Batch:
-        """One loadable sample of a global micro-batch, for a process whose share of it is empty:
-        it runs a forward and backward with weight 0 so that the collectives of the others match."""
-        for index in self._global_micro_batches(step)[micro]:
-            try:
-                return collate([self.dataset[index]], self.pad)
-            except SampleError:
-                continue  # reported by the process it belongs to
-        raise TrainingError(f"step {step + 1}: no sample of micro-batch {micro + 1} loads")
-
-    def _global_micro_batches(self, step: int) -> list[list[int]]:
-        chosen = self.indices(step)
-        return [chosen[start:start + self.global_batch] for start in range(0, len(chosen), self.global_batch)]
-
-    def _get(self, index: int):
-        try:
-            return self.dataset[index]
-        except SampleError as err:
-            if index not in self._seen_bad:  # report each bad sample once, however often it is drawn
-                self._seen_bad.add(index)
-                self.skips.record(err)
-            return None
 
 
 def parameter_groups(lm: DVLM, cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -248,6 +190,7 @@ def train(
     if checkpoint is not None:  # after prepare: FSDP2 shards the optimizer state as it shards the weights
         restored = distributed.CheckpointedOptimizer(processes, objective, optimizer)
         start = restore_training_state(checkpoint, restored, scheduler)
+    steps.prefetch(start, total)
     processes.barrier()  # every process has read the run directory before rank 0 writes to it
     if processes.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -278,6 +221,7 @@ def _train_steps(run: _Run, result: TrainResult, progress: bool, on_step) -> Non
             _save_checkpoint(run, run_dir, step + 1)
         if on_step is not None:
             on_step(step + 1, record)
+    run.steps.close()
     _save_checkpoint(run, run_dir, total)
     if run.lora is not None:
         run.lm.model = lora_tools.merge(run.lora)  # the final model is a plain checkpoint
@@ -378,6 +322,8 @@ def data_order(data: str | Path, cfg: TrainConfig, dcfg: DiffusionConfig | None,
         "max_length": cfg.max_length,
         "ar_loss": cfg.ar_loss,
         "diffusion": dcfg.to_dict() if dcfg is not None else None,
+        # only when on: checkpoints from before the setting existed still resume
+        **({"group_by_length": True} if cfg.group_by_length else {}),
     }
 
 
