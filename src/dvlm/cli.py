@@ -114,6 +114,8 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
                    help="DataLoader workers that read and encode the coming steps' samples (default: 0)")
     p.add_argument("--group-by-length", action="store_true", default=None,
                    help="put samples of similar length in the same steps (less padding)")
+    p.add_argument("--report-to", choices=("tensorboard",),
+                   help="also log loss parts, lr, tokens/s and block size to TensorBoard (RUN/tensorboard)")
     p.add_argument("--lr", type=float, metavar="F", help="peak learning rate")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (bfloat16: autocast)")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None,
@@ -133,7 +135,8 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
 # Explicit flags -> TrainConfig fields; they beat --set, which beats --config.
 TRAIN_FLAGS = {"steps": "max_steps", "batch_size": "batch_size", "grad_accum": "grad_accum", "lr": "learning_rate",
                "dtype": "dtype", "gradient_checkpointing": "gradient_checkpointing", "ar": "ar_loss",
-               "lora": "lora", "num_workers": "num_workers", "group_by_length": "group_by_length"}
+               "lora": "lora", "num_workers": "num_workers", "group_by_length": "group_by_length",
+               "report_to": "report_to"}
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:

@@ -338,6 +338,8 @@ class TrainConfig:
     num_workers: int = 0
     """DataLoader worker processes that read, decode and encode the samples of the coming steps
     while the model trains (0: in the training process, when needed). Changes no batch."""
+    report_to: str | None = None
+    """Also send the metrics to "tensorboard" (RUN/tensorboard; needs the tensorboard package)."""
     group_by_length: bool = False
     """Put samples of similar length in the same steps (less padding): each epoch's shuffled order
     is cut into windows of 64 steps, each sorted by length (characters of text, plus a fixed
@@ -387,6 +389,8 @@ class TrainConfig:
             raise ConfigError(f"save_every must be >= 0, got {self.save_every}")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.report_to is not None:
+            _check_choice("report_to", self.report_to, ("tensorboard",))
         _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
         if self.lora is not None:
             from dvlm.train.lora import LoraSpecError, parse_lora

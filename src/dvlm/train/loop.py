@@ -45,7 +45,7 @@ from dvlm.diffusion.objective import (
 from dvlm.diffusion.schedule import annealed_block_size
 from dvlm.model.wrapper import DIFFUSION_CONFIG_KEY, DVLM, load, resolve_model_path
 from dvlm.runtime import pick_device
-from dvlm.train import distributed, memory
+from dvlm.train import distributed, memory, report
 from dvlm.train import lora as lora_tools
 from dvlm.train.checkpoint import (
     Checkpoint,
@@ -163,6 +163,7 @@ def train(
     records = open_records(data)  # a file without records fails before the model loads; JSONL is read lazily
     if cfg.lora is not None:
         lora_tools.require_peft()
+    report.require(cfg.report_to)
     processes = distributed.start(device, cfg)
     device, progress = processes.device(device), progress and processes.is_main
     with processes.main_first():  # rank 0 sets unusable checkpoints aside before the others look
@@ -208,20 +209,25 @@ def _train_steps(run: _Run, result: TrainResult, progress: bool, on_step) -> Non
     bar = tqdm(range(result.start_step, total), initial=result.start_step, total=total, desc="train",
                disable=not progress, unit="step")
     main = run.processes.is_main
+    reporter = report.open_report(cfg.report_to, run_dir, result.start_step, main)
     for step in bar:
         tick = time.perf_counter()
         record = _train_step(run, step, total)
-        record.update(step=step + 1, seconds=round(time.perf_counter() - tick, 4))
+        seconds = time.perf_counter() - tick
+        record.update(step=step + 1, seconds=round(seconds, 4), tokens_per_second=round(record["tokens"] / seconds))
         result.losses.append(record["loss"])
-        bar.set_postfix(loss=f"{record['loss']:.4f}", B=record.get("block_size", "-"), skipped=record["skipped"])
+        bar.set_postfix(loss=f"{record['loss']:.4f}", B=record.get("block_size", "-"),
+                        tok_s=record["tokens_per_second"], skipped=record["skipped"])
         if main and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
             with (run_dir / METRICS_FILE).open("a") as f:
                 f.write(json.dumps(record, allow_nan=False) + "\n")  # NaN is not JSON
+            reporter.log(record)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
             _save_checkpoint(run, run_dir, step + 1)
         if on_step is not None:
             on_step(step + 1, record)
     run.steps.close()
+    reporter.close()
     _save_checkpoint(run, run_dir, total)
     if run.lora is not None:
         run.lm.model = lora_tools.merge(run.lora)  # the final model is a plain checkpoint
@@ -393,12 +399,12 @@ def _train_step(run: _Run, step: int, total: int) -> dict[str, Any]:
     lm, dcfg, cfg, steps, processes = run.lm, run.dcfg, run.cfg, run.steps, run.processes
     block_size = _block_size(dcfg, step, total)
     shares = [None if b is None else b.to(lm.device) for b in steps.micro_batches(step)]
-    counts = processes.gather(_step_counts(shares, dcfg, block_size))  # (processes, 2 + 3 * micro-batches)
-    response_tokens, normaliser = int(counts[:, 0].sum()), int(counts[:, 1].sum())  # the step's, globally
+    counts = processes.gather(_step_counts(shares, dcfg, block_size))  # (processes, 3 + 3 * micro-batches)
+    response_tokens, normaliser, tokens = (int(n) for n in counts[:, :3].sum(dim=0))  # the step's, globally
     if response_tokens == 0:  # every sample skipped or answer-less: the loss would be 0/0
         raise TrainingError(f"step {step + 1}: nothing to train on (none of its {len(steps.indices(step))} samples "
                             f"has an answer token); {steps.skips.summary()}")
-    extents = counts[:, 2:].view(processes.world_size, len(shares), 3)
+    extents = counts[:, 3:].view(processes.world_size, len(shares), 3)
     plan = distributed.plan_micro_steps(processes, shares, extents, lambda m: steps.stand_in(step, m).to(lm.device))
     outputs = []
     for micro in plan:  # gradients are reduced over processes once, after the last
@@ -426,6 +432,7 @@ def _train_step(run: _Run, step: int, total: int) -> dict[str, Any]:
         "ar_loss": ar_sum / normaliser,
         "masked_tokens": int(masked),
         "response_tokens": response_tokens,
+        "tokens": tokens,
         "block_size": block_size,
         "lr": lr,
         "grad_norm": None if grad_norm is None else round(grad_norm, 4),
@@ -443,10 +450,11 @@ def _block_size(dcfg: DiffusionConfig | None, step: int, total: int) -> int | No
 
 def _step_counts(shares: list[Batch | None], dcfg: DiffusionConfig | None, block_size: int | None) -> list[int]:
     """This process's part of what every process must know about a step: its answer tokens, its
-    part of the loss normaliser, then (rows, length, blocks) of each of its micro-batch shares."""
+    part of the loss normaliser, its tokens, then (rows, length, blocks) of each of its shares."""
     present = [b for b in shares if b is not None]
     counts = [sum(int((b.labels != IGNORE_INDEX).sum()) for b in present),
-              loss_normaliser([b.labels for b in present], dcfg) if present else 0]
+              loss_normaliser([b.labels for b in present], dcfg) if present else 0,
+              sum(int(b.attention_mask.sum()) for b in present)]
     for b in shares:
         if b is None:
             counts += [0, 0, 0]
