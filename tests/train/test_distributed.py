@@ -35,8 +35,12 @@ LAUNCH_TIMEOUT = 300  # seconds: far above a healthy run, so only a hang reaches
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    samples = get_task("shapes-qa").generate("train", 8, seed=0) + get_task("multi-turn").generate("train", 4, seed=0)
-    return export_llava(samples, tmp_path_factory.mktemp("data"))
+    """10 records, one with a broken image. With 2 processes x batch 2 x accumulation 2 a step
+    takes 8 samples: the second step of each epoch has 2, all on rank 0, so rank 1 runs a stand-in."""
+    samples = get_task("shapes-qa").generate("train", 6, seed=0) + get_task("multi-turn").generate("train", 4, seed=0)
+    path = export_llava(samples, tmp_path_factory.mktemp("data"))
+    (path.parent / json.loads(path.read_text())[3]["image"]).write_bytes(b"not an image")
+    return path
 
 
 def metrics(run: Path) -> list[dict]:
