@@ -283,6 +283,8 @@ def test_zoo_list(capsys, monkeypatch, tmp_path):
     (["--set", "seed=x"], "TrainConfig.seed='x' is not valid"),
     (["--set", "save_every=0.5"], "save_every=0.5 is not valid: expected an integer"),
     (["--set", "seed=[1"], "override 'seed=[1': the value is not a YAML scalar"),
+    (["--lora", "r=0"], "LoRA needs r >= 1"),
+    (["--lora", "rank=4"], "unknown LoRA setting 'rank'"),
 ])
 def test_train_bad_settings(capsys, tmp_path, fast_checkpoint, argv, match):
     code, _, err = run(capsys, "train", "--model", fast_checkpoint, "--data", tmp_path / "d.json",
