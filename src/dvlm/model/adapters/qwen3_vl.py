@@ -60,9 +60,9 @@ class Qwen3VLAdapter(Adapter):
         return QwenChatFormat(tokenizer, image_processor, MRopePositions(int(image_processor.merge_size)))
 
     def embed(self, model, input_ids, vision: VisionInputs | None = None) -> torch.Tensor:
-        """(R, L) ids -> (R, L, D·(1 + S)): input embeddings, then S DeepStack levels (module docstring)."""
-        embeds = model.get_input_embeddings()(input_ids)  # (R, L, D)
-        deepstack = embeds.new_zeros(*embeds.shape[:2], deepstack_levels(model), embeds.shape[-1])  # (R, L, S, D)
+        """(..., L) ids -> (..., L, D·(1 + S)): input embeddings, then S DeepStack levels (module docstring)."""
+        embeds = model.get_input_embeddings()(input_ids)  # (..., L, D)
+        deepstack = embeds.new_zeros(*embeds.shape[:-1], deepstack_levels(model), embeds.shape[-1])  # (..., L, S, D)
         if vision is not None:
             features, levels = image_features(model, vision)
             slots = input_ids == model.config.image_token_id
@@ -71,7 +71,7 @@ class Qwen3VLAdapter(Adapter):
             embeds = embeds.clone()
             embeds[slots] = features.to(embeds.dtype)
             deepstack[slots] = levels.to(embeds.dtype)
-        return torch.cat([embeds, deepstack.flatten(2)], dim=-1)
+        return torch.cat([embeds, deepstack.flatten(-2)], dim=-1)
 
     def hidden_states(self, model, inputs_embeds, position_ids, attention_mask, cache=None) -> torch.Tensor:
         hidden_size = model.config.text_config.hidden_size
