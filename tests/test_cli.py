@@ -210,6 +210,29 @@ def test_train_and_resume(capsys, tmp_path, fast_checkpoint):
     assert steps == [1, 2, 3]
 
 
+def test_convert_train_and_generate_with_every_decoder(capsys, tmp_path, ar_checkpoint, image_file):
+    """The whole command-line path on each family's tiny random checkpoint: convert, train a few
+    steps, generate with every decoder. Greedy ar, hf and spec agree token for token on the trained
+    model (our AR loop = HF generate; invariant 5 through the CLI)."""
+    from dvlm.tasks.builtin import export_llava, get_task
+
+    converted, run_dir = tmp_path / "converted", tmp_path / "run"
+    assert run(capsys, "convert", "--model", ar_checkpoint, "--out", converted)[0] == 0
+    data = export_llava(get_task("shapes-qa").generate("train", 8), tmp_path / "data")
+    code, out, _ = run(capsys, "train", "--model", converted, "--data", data, "--out", run_dir,
+                       "--batch-size", 4, "--steps", 2)
+    assert code == 0 and "trained 2 steps" in out
+    results = {}
+    for decoder in ("ar", "block", "spec", "hf"):
+        code, out, _ = run(capsys, "generate", "--model", run_dir / "model", "--image", image_file,
+                           "--prompt", "What is this?", "--max-new-tokens", 8, "--decoder", decoder, "--json")
+        assert code == 0
+        results[decoder] = json.loads(out)
+        assert results[decoder]["decoder"] == decoder and 0 < len(results[decoder]["tokens"]) <= 8
+    assert len(results["ar"]["tokens"]) >= 4  # several tokens: the agreement has teeth
+    assert results["spec"]["tokens"] == results["ar"]["tokens"] == results["hf"]["tokens"]
+
+
 # -- demo ------------------------------------------------------------------------------------------
 def test_demo_random(capsys):
     code, out, _ = run(capsys, "demo", "--random", "--max-new-tokens", 8)
