@@ -8,16 +8,23 @@ invariant suite runs on Qwen2-VL through `FAMILIES` in tests/conftest.py."""
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
 from transformers import Qwen2VLForConditionalGeneration
 
+from dvlm.convert.conversion import convert_checkpoint
+from dvlm.convert.verify import causal_logits, probe_input
 from dvlm.data.collate import collate
 from dvlm.data.processor import ChatProcessor
 from dvlm.model.adapters.base import TinyShape
 from dvlm.model.adapters.registry import adapter_for_architecture
-from dvlm.zoo.tiny import tiny_image_processor
+from dvlm.model.loaded import LoadedModel
+from dvlm.zoo.tiny import build_random_checkpoint, tiny_image_processor
 from dvlm.zoo.tokenizer import build_tokenizer
 
 ARCHITECTURE = "Qwen2VLForConditionalGeneration"
@@ -41,6 +48,25 @@ def model(adapter, processor):
 
 def red(size: tuple[int, int]) -> Image.Image:
     return Image.new("RGB", size, (255, 0, 0))
+
+
+def hub_layout(config: dict) -> dict:
+    """config.json as the Qwen2-VL checkpoints on the hub lay it out (saved by transformers 4.4x):
+    the language model's settings at the top level, M-RoPE under `rope_scaling`, `torch_dtype`, and
+    a vision config with `in_chans` and the old `model_type`."""
+    text = config.pop("text_config")
+    rope = text.pop("rope_parameters")
+    for key in ("model_type", "layer_types", "dtype"):
+        text.pop(key, None)
+    flat = {**text, **config, "model_type": "qwen2_vl", "transformers_version": "4.45.0"}
+    flat["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+    flat["rope_theta"] = rope["rope_theta"]
+    flat["torch_dtype"] = flat.pop("dtype")
+    vision = flat["vision_config"]
+    vision.pop("rope_parameters")
+    vision["in_chans"] = vision.pop("in_channels")
+    vision["model_type"] = "qwen2_vl"
+    return flat
 
 
 def test_the_adapter_builds_qwen2_vl_with_the_tokenizers_special_ids(adapter, processor, model):
@@ -100,3 +126,22 @@ def test_vision_parameters_are_the_vit_without_its_merger(adapter, model):
     assert chosen and not chosen & merger
     assert chosen | merger == {id(p) for p in visual.parameters()}
     assert not chosen & {id(p) for p in model.model.language_model.parameters()}
+
+
+def test_a_hub_layout_checkpoint_loads_and_converts_to_the_same_model(tmp_path: Path, adapter, processor):
+    """Real Qwen2-VL checkpoints carry the flat 4.x config.json: it must give the same network."""
+    nested = build_random_checkpoint(tmp_path / "nested", processor.tokenizer, TinyShape(initializer_range=0.3),
+                                     adapter=adapter)
+    flat = Path(shutil.copytree(nested, tmp_path / "flat"))
+    config = hub_layout(json.loads((nested / "config.json").read_text()))
+    assert "text_config" not in config and "hidden_size" in config  # really the flat layout
+    (flat / "config.json").write_text(json.dumps(config))
+    reference, loaded = LoadedModel.load(nested), LoadedModel.load(flat)
+    assert type(loaded.adapter) is type(adapter)
+    probe = probe_input(loaded.processor)
+    assert torch.equal(probe.input_ids, probe_input(reference.processor).input_ids)
+    pad = loaded.processor.pad_token_id
+    logits = [causal_logits(adapter, lm.model, probe, pad) for lm in (loaded, reference)]
+    assert torch.equal(logits[0], logits[1])
+    report = convert_checkpoint(flat, tmp_path / "converted", log=lambda _: None)
+    assert report.architecture == ARCHITECTURE and report.max_logit_difference <= report.tolerance
