@@ -60,6 +60,17 @@ SIZES = {
             "num_heads": 4,
         },
     },
+    # Qwen2.5-VL-3B's published shape (benchmarks/lora_memory.py: a LoRA fine-tune of it on CPU).
+    "3b": {
+        "hidden_size": 2048,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "mrope": [16, 24, 24],
+        "vision": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16},
+    },
     "medium": {
         "hidden_size": 512,
         "intermediate_size": 1536,
@@ -84,8 +95,9 @@ TOKENIZER_FILES = (
 )
 
 
-def build_source(out: Path, size: str, image_side: int) -> None:
-    """A random Qwen2.5-VL-shaped checkpoint with the built-in model's tokenizer and chat layout."""
+def build_source(out: Path, size: str, image_side: int, dtype: torch.dtype = torch.float32) -> None:
+    """A random Qwen2.5-VL-shaped checkpoint with the built-in model's tokenizer and chat layout,
+    built and saved in `dtype` (bfloat16 halves the memory of building a large one)."""
     builtin = Path(dvlm.__file__).parent / "zoo" / "weights" / "tiny-ar"
     base = json.loads((builtin / "config.json").read_text())
     shape = dict(SIZES[size])
@@ -124,7 +136,15 @@ def build_source(out: Path, size: str, image_side: int) -> None:
         **ids,
     )
     torch.manual_seed(0)
-    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(out)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.config.dtype = dtype
+    model.save_pretrained(out)
+    del model
     for name in TOKENIZER_FILES:
         shutil.copy(builtin / name, out / name)
     processor = json.loads((builtin / "preprocessor_config.json").read_text())

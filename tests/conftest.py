@@ -29,8 +29,13 @@ from dvlm.zoo.tokenizer import build_tokenizer  # noqa: E402
 TEST_SHAPE = TinyShape(initializer_range=0.3)
 
 
-FAMILIES = (REFERENCE_ARCHITECTURE, "Qwen3VLForConditionalGeneration")
+FAMILIES = (REFERENCE_ARCHITECTURE, "Qwen2VLForConditionalGeneration", "Qwen3VLForConditionalGeneration")
 """The architectures the shared checkpoint fixtures are built for: a new family adds its own here."""
+CHECKPOINT_SEEDS = {"Qwen2VLForConditionalGeneration": 1}
+"""Seed of a family's random test checkpoint where 0 does not serve. The checks that give the
+equality tests teeth need long, varied outputs; seed 0's tiny Qwen2-VL ends one probe answer after
+9 tokens (tests/test_quantize.py wants 10) and samples the same 12 tokens under two seeds
+(tests/decode/test_join.py)."""
 
 
 @pytest.fixture(scope="session", params=FAMILIES, ids=lambda a: adapter_for_architecture(a).family)
@@ -45,7 +50,8 @@ def tokenizer(adapter):
 
 @pytest.fixture(scope="session")
 def ar_checkpoint(tmp_path_factory, tokenizer, adapter) -> Path:
-    return build_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "ar", tokenizer, TEST_SHAPE, seed=0,
+    return build_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "ar", tokenizer, TEST_SHAPE,
+                                   seed=CHECKPOINT_SEEDS.get(adapter.architectures[0], 0),
                                    adapter=adapter)
 
 

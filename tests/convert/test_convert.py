@@ -154,8 +154,8 @@ def test_report_file_describes_conversion(dvlm_checkpoints, ar_checkpoint, prese
     assert report["max_logit_difference"] <= report["tolerance"]
 
 
-def test_spare_embedding_row_is_used_without_resizing(tmp_path, tokenizer):
-    src = build_checkpoint(tmp_path / "padded", tokenizer, extra_rows=8)
+def test_spare_embedding_row_is_used_without_resizing(tmp_path, tokenizer, adapter):
+    src = build_checkpoint(tmp_path / "padded", tokenizer, adapter=adapter, extra_rows=8)
     report = convert_checkpoint(src, tmp_path / "out", log=quiet)
     assert report.mask_row == "spare"
     assert report.mask_token_id == len(tokenizer)
@@ -169,8 +169,8 @@ def test_spare_embedding_row_is_used_without_resizing(tmp_path, tokenizer):
     assert torch.equal(new_in[others], src_in[others])
 
 
-def test_untied_output_row_is_mean_initialised_too(tmp_path, tokenizer):
-    src = build_checkpoint(tmp_path / "untied", tokenizer, tied=False)
+def test_untied_output_row_is_mean_initialised_too(tmp_path, tokenizer, adapter):
+    src = build_checkpoint(tmp_path / "untied", tokenizer, adapter=adapter, tied=False)
     report = convert_checkpoint(src, tmp_path / "out", log=quiet)
     src_in, src_out = tables(dvlm.load(src).model)
     new_in, new_out = tables(dvlm.load(tmp_path / "out").model)
@@ -206,10 +206,10 @@ def test_converted_checkpoint_loads_offline_without_remote_code(monkeypatch, fas
     monkeypatch.setattr(socket.socket, "connect", no_network)
     config = json.loads((fast_checkpoint / "config.json").read_text())
     assert "auto_map" not in config  # no custom code to trust
-    # The source family's own HF classes load it (the family comes from the fixture's parameter).
-    source_type = AutoConfig.from_pretrained(ar_checkpoint).model_type
-    assert AutoConfig.from_pretrained(fast_checkpoint).model_type == source_type
+    source = json.loads((ar_checkpoint / "config.json").read_text())
+    assert AutoConfig.from_pretrained(fast_checkpoint).model_type == source["model_type"]
     plain = AutoModelForImageTextToText.from_pretrained(fast_checkpoint)  # trust_remote_code not given
+    assert type(plain).__name__ == source["architectures"][0]
     assert type(plain).__name__ in adapter.architectures
     assert plain.config.dvlm["mask_token_id"] == config["dvlm"]["mask_token_id"]
     assert dvlm.load(fast_checkpoint).diffusion.mask_token_id == config["dvlm"]["mask_token_id"]

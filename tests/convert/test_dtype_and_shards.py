@@ -32,10 +32,10 @@ from tests.convert.sources import (
 
 
 @pytest.fixture(scope="module")
-def bf16_sharded(tmp_path_factory, tokenizer):
+def bf16_sharded(tmp_path_factory, tokenizer, adapter):
     """A tiny bf16 source in 3 shards with an index, as a downloaded Qwen2.5-VL is laid out."""
-    src = build_checkpoint(tmp_path_factory.mktemp("bf16") / "src", tokenizer, dtype=torch.bfloat16,
-                           max_shard_size="150KB")
+    src = build_checkpoint(tmp_path_factory.mktemp("bf16") / "src", tokenizer, adapter=adapter,
+                           dtype=torch.bfloat16, max_shard_size="150KB")
     assert shard_files(src) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
     return src
 

@@ -80,8 +80,8 @@ def test_unused_special_token_becomes_the_mask_in_its_own_row(tmp_path):
     assert converted.processor.tokenizer.get_vocab()[UNUSED_SPECIAL] == converted.mask_token_id == special_id
 
 
-def test_new_token_in_a_spare_row_is_reported_as_such(tmp_path, tokenizer):
-    src = build_checkpoint(tmp_path / "padded", tokenizer, extra_rows=8)
+def test_new_token_in_a_spare_row_is_reported_as_such(tmp_path, tokenizer, adapter):
+    src = build_checkpoint(tmp_path / "padded", tokenizer, adapter=adapter, extra_rows=8)
     report = convert_checkpoint(src, tmp_path / "out", log=quiet)
     assert (report.mask_token_id, report.mask_row) == (len(tokenizer), "spare")
 
