@@ -4,6 +4,7 @@ One panel per task. x: tokens/s as a multiple of the run's own AR decoding (meas
 so 1.0 is AR by construction); y: the task's primary metric on its full scale [0, 1], so that a
 0.60 vs 0.65 difference looks like what it is. Each decoder setting has one marker and colour,
 named in a shared legend under the panels (no labels on the points, which overlap).
+Sweeps (`dvlm ablate`) use the same decoder colours and markers, as lines against the knob.
 """
 
 from __future__ import annotations
