@@ -191,7 +191,6 @@ def run_ablation(plan: AblationPlan, out: str | Path, *, log: Callable[[str], No
                  progress: bool = True) -> dict[str, Any]:
     """Train and evaluate every (variant, seed) into `out`; returns the results (also in results.json)."""
     from dvlm.convert.checkpoint import convert_checkpoint
-    from dvlm.train.loop import train
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -200,8 +199,8 @@ def run_ablation(plan: AblationPlan, out: str | Path, *, log: Callable[[str], No
     mix = training_mix(recipe, plan.steps * plan.batch_size)
     data = run_stage(out / "data", ("data", mix, recipe.seed), log, f"generating {sum(mix.values())} training samples",
                      lambda d: build_data(ZooRecipe(train_mix=mix), d)) / "data.json"
-    converted = run_stage(out / "converted", ("convert", _digest(source), recipe.block_size, recipe.diffusion_overrides),
-                          log, "converting tiny-ar with the fast-dvlm preset",
+    convert_key = ("convert", _digest(source), recipe.block_size, recipe.diffusion_overrides)
+    converted = run_stage(out / "converted", convert_key, log, "converting tiny-ar with the fast-dvlm preset",
                           lambda d: convert_checkpoint(source, d, preset="fast-dvlm", block_size=recipe.block_size,
                                                        overrides=recipe.diffusion_overrides, overwrite=True,
                                                        log=lambda _: None))
@@ -213,8 +212,7 @@ def run_ablation(plan: AblationPlan, out: str | Path, *, log: Callable[[str], No
         run = out / "runs" / f"{name}-seed{seed}"
         key = ("train", VARIANTS[name].overrides, asdict(cfg), _digest(converted), mix)
         model = run_stage(run / "model", key, log, f"{name} seed {seed}: fine-tuning ({cfg.max_steps} steps)",
-                          lambda d, c=cfg, v=VARIANTS[name], r=run: _train_into(
-                              train, converted, data, r, c, v, progress))
+                          lambda d, c=cfg, v=VARIANTS[name], r=run: _train_into(converted, data, r, c, v, progress))
         sweep = name == REFERENCE
         evaluation = run_stage(run / "eval", ("eval", key, _eval_key(plan), sweep), log,
                                f"{name} seed {seed}: evaluating", lambda d, m=model, s=sweep: _write_rows(
@@ -231,9 +229,11 @@ def training_mix(recipe: ZooRecipe, total: int) -> dict[str, int]:
     return {task: max(2, round(n * total / whole)) for task, n in recipe.train_mix.items()}
 
 
-def _train_into(train, converted: Path, data: Path, run: Path, cfg: TrainConfig, variant: Variant,
-                progress: bool) -> None:
+def _train_into(converted: Path, data: Path, run: Path, cfg: TrainConfig, variant: Variant, progress: bool) -> None:
+    """Fine-tune into run/train and copy its final model to run/model (the stage's directory)."""
     import shutil
+
+    from dvlm.train.loop import train
 
     shutil.rmtree(run / "train", ignore_errors=True)
     result = train(converted, data, run / "train", cfg, diffusion_overrides=variant.overrides, progress=progress)
