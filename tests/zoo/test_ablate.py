@@ -23,6 +23,7 @@ from dvlm.zoo.ablate_report import (
     average_draws,
     relative_change,
     resample,
+    write_report,
 )
 from dvlm.zoo.recipe import STAGE_STAMP, ZooRecipe
 
@@ -129,6 +130,10 @@ def test_quick_ablation_end_to_end_and_rerun_skips_finished_runs(capsys, tmp_pat
         assert claim in report
     assert "not run" in report  # the variants left out by --only are said to be missing
     assert (out / "ablate-threshold.png").stat().st_size > 0 and (out / "ablate-block-size.png").stat().st_size > 0
+
+    without_reference = {**results, "runs": [r for r in results["runs"] if r["variant"] != "full"]}
+    paths = write_report(without_reference, tmp_path / "no-reference", "CPU")  # --only without full
+    assert "not measured" in paths["markdown"].read_text()
 
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/" + STAGE_STAMP)}
     code, stdout, err = _ablate(capsys, "--quick", "--only", ",".join(only), "--out", out)

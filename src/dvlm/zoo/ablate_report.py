@@ -177,7 +177,7 @@ def sweep_rows(units: dict[tuple[str, str], Unit], decoder: str, vary: str) -> l
             continue
         rows.append({**unit.row, "label": label, "unit": unit})
     fixed = {"threshold": "block_size", "block_size": "threshold"}[vary]
-    if decoder == "block":  # the other knob held at its most common value
+    if decoder == "block" and rows:  # the other knob held at its most common value
         common = max({r.get(fixed) for r in rows}, key=lambda v: sum(r.get(fixed) == v for r in rows))
         rows = [r for r in rows if r.get(fixed) == common]
     rows = list({r[vary]: r for r in rows}.values())
@@ -198,6 +198,7 @@ def write_report(results: dict[str, Any], out: Path, device: str) -> dict[str, P
     """ablate.md, ablate.json (the summary) and the two sweep plots under `out`."""
     from dvlm.zoo.ablate_claims import claims, claims_table
 
+    out.mkdir(parents=True, exist_ok=True)
     units = collect(results)
     variants = results["plan"]["variants"]
     found = claims(units, results)
