@@ -10,6 +10,7 @@ parsed arguments, plus one function declaring those arguments; `VERBS` maps name
     dvlm chat     --model runs/r1/model --image cat.png
     dvlm quantize --model runs/r1/model --out r1-int8 --scheme int8-dynamic
     dvlm demo
+    dvlm ablate   --only full,no-anneal --seeds 2 --steps 500
 
 Adding a verb = two functions and one `VERBS` entry. Expected failures (bad paths, bad settings,
 unreadable images, ...) print one line `dvlm <verb>: error: <message>` and exit with 2.
@@ -526,6 +527,40 @@ def zoo(args: argparse.Namespace) -> None:
         print(f"built {name}: {path}")
 
 
+# -- ablate --------------------------------------------------------------------------------------
+def ablate_arguments(p: argparse.ArgumentParser) -> None:
+    from dvlm.zoo.ablate import VARIANTS, AblationPlan
+
+    full = AblationPlan()
+    p.add_argument("--only", metavar="NAME,...", help=f"variants to run, from {', '.join(VARIANTS)} (default: all)")
+    p.add_argument("--seeds", type=int, metavar="N", help=f"fine-tunes per variant (default: {full.seeds})")
+    p.add_argument("--steps", type=int, metavar="N", help=f"fine-tuning steps per run (default: {full.steps})")
+    p.add_argument("--samples", type=int, metavar="N", help=f"test samples per task (default: {full.samples})")
+    p.add_argument("--out", default="ablate-results", metavar="DIR",
+                   help="runs, results and report; a rerun with the same DIR skips finished runs (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="the whole plumbing in minutes: tiny budgets, no science")
+
+
+def ablate(args: argparse.Namespace) -> None:
+    """Fine-tune tiny-ar once per recipe variant and seed, evaluate, and report the papers' claims."""
+    from dataclasses import replace
+
+    from dvlm.zoo.ablate import AblationPlan, quick_plan, run_ablation
+    from dvlm.zoo.ablate_report import write_report
+
+    only = split_list(args.only, "--only") if args.only is not None else None
+    plan = quick_plan(only) if args.quick else AblationPlan(**({"variants": only} if only else {}))
+    given = {k: v for k, v in (("seeds", args.seeds), ("steps", args.steps), ("samples", args.samples)) if v is not None}
+    plan = replace(plan, **given)  # validated again: bad names and counts are refused before any work
+    out = writable_directory(Path(args.out))
+    with quiet_hf_progress():
+        results = run_ablation(plan, out, log=lambda line: print(line, flush=True))
+    import torch
+
+    paths = write_report(results, out, describe_device(torch.device("cpu")))
+    print(f"wrote {paths['markdown']}, {paths['json']}, {paths['threshold']}, {paths['block_size']}")
+
+
 # -- serve / chat --------------------------------------------------------------------------------
 def serve_arguments(p: argparse.ArgumentParser) -> None:
     from dvlm.serve.requests import SERVED_DECODERS
@@ -714,6 +749,7 @@ VERBS: dict[str, Verb] = {
     "demo": Verb("the whole pipeline on the built-in models, offline, in a few minutes", demo_arguments, demo),
     "zoo": Verb("rebuild (or list) the built-in models", zoo_arguments, zoo),
     "quantize": Verb("quantize a model's language layers with torchao (int8, fp8)", quantize_arguments, quantize),
+    "ablate": Verb("the papers' recipe claims at small scale: one fine-tune per variant", ablate_arguments, ablate),
 }
 
 

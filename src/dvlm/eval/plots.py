@@ -4,10 +4,12 @@ One panel per task. x: tokens/s as a multiple of the run's own AR decoding (meas
 so 1.0 is AR by construction); y: the task's primary metric on its full scale [0, 1], so that a
 0.60 vs 0.65 difference looks like what it is. Each decoder setting has one marker and colour,
 named in a shared legend under the panels (no labels on the points, which overlap).
+Sweeps (`dvlm ablate`) use the same decoder colours and markers, as lines against the knob.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +88,44 @@ def _axes(ax, task: str, rows: list[dict[str, Any]]) -> None:
     ax.set_ylabel(name.replace("_", " "))
     ax.set_title(task)
     ax.grid(alpha=0.3, zorder=0)
+
+
+@dataclass
+class Curve:
+    """One decoder's line in a sweep: x values and, per x, a score and a tokens/forward estimate
+    (anything with `value`, `low`, `high`: the interval is drawn as a band)."""
+
+    label: str
+    decoder: str
+    x: list[float]
+    score: list[Any]
+    tokens_per_forward: list[Any]
+
+
+def curve_plot(curves: list[Curve], x_name: str, path: Path, log_x: bool = False) -> Path:
+    """Two panels against one knob (threshold, block size): score on its full [0, 1] scale, and
+    tokens per forward; one line per decoder in the decoders' shared colours, intervals as bands."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 4.0))
+    for curve in curves:
+        colour, marker = STYLE.get(curve.decoder, ("tab:green", "P"))
+        for ax, values in zip(axes, (curve.score, curve.tokens_per_forward)):
+            ax.plot(curve.x, [v.value for v in values], marker=marker, color=colour, label=curve.label, zorder=3)
+            ax.fill_between(curve.x, [v.low for v in values], [v.high for v in values], color=colour, alpha=0.2,
+                            linewidth=0, zorder=2)
+    axes[0].set_ylim(0, 1.04)
+    axes[0].set_ylabel("average score")
+    axes[1].set_ylim(bottom=0)
+    axes[1].set_ylabel("tokens per forward")
+    for ax in axes:
+        if log_x:
+            ax.set_xscale("log", base=2)
+            ticks = sorted({x for c in curves for x in c.x})
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_xlabel(x_name)
+        ax.grid(alpha=0.3, zorder=0)
+    axes[0].legend(frameon=False, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path

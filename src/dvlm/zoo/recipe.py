@@ -99,17 +99,17 @@ def build_zoo(out: str | Path, recipe: ZooRecipe | None = None, *, work_dir: str
     out = Path(out)
     work = Path(work_dir) if work_dir else out / ".zoo-build"
     work.mkdir(parents=True, exist_ok=True)
-    data = _stage(work / "data", recipe, ("data", recipe.train_mix, recipe.seed), log, "generating training data",
+    data = run_stage(work / "data", ("data", recipe.train_mix, recipe.seed), log, "generating training data",
                   lambda d: build_data(recipe, d)) / "data.json"
     processor = tiny_image_processor(MIN_PIXELS, MAX_PIXELS)
-    model = _stage(work / "init", recipe, ("init", asdict(recipe.shape), recipe.seed), log,
+    model = run_stage(work / "init", ("init", asdict(recipe.shape), recipe.seed), log,
                    "initialising tiny-ar (random weights)",
                    lambda d: build_random_checkpoint(d, build_tokenizer(), recipe.shape, recipe.seed, processor))
     layout = encoded_layout(model, data)
     for i, cfg in enumerate(recipe.ar_stages, start=1):
         key = ("ar", i, asdict(cfg), str(model), layout)
         run = work / f"run-ar{i}"
-        model = _stage(run / "model", recipe, key, log, f"training tiny-ar, stage {i} ({cfg.max_steps} steps)",
+        model = run_stage(run / "model", key, log, f"training tiny-ar, stage {i} ({cfg.max_steps} steps)",
                        lambda d, m=model, c=cfg, r=run: train(m, data, _fresh(r), c, progress=progress))
     ar_seconds = sum(measured_seconds(work / f"run-ar{i}", c) for i, c in enumerate(recipe.ar_stages, start=1))
     ar_dir = _install(model, out / "tiny-ar")
@@ -164,10 +164,9 @@ BUILD_INFO = "build_info.json"
 STAGE_STAMP = ".dvlm-stage.json"
 
 
-def _stage(path: Path, recipe: ZooRecipe, key: Any, log: Callable[[str], None], message: str,
-           run: Callable[[Path], Any]) -> Path:
+def run_stage(path: Path, key: Any, log: Callable[[str], None], message: str, run: Callable[[Path], Any]) -> Path:
     """Run one build stage into `path`, unless a previous build finished it with the same inputs
-    (so rerunning `dvlm zoo build` with the same --work-dir skips the finished stages)."""
+    (so rerunning `dvlm zoo build` or `dvlm ablate` with the same directory skips finished stages)."""
     stamp = path / STAGE_STAMP
     wanted = json.dumps(_jsonable(key), sort_keys=True)
     if stamp.is_file() and stamp.read_text() == wanted:
