@@ -9,7 +9,7 @@ bfloat16, converted with `dvlm convert --dtype bfloat16`, then trained through t
 2. `--lora` for a few steps with gradient checkpointing: fp32 weights (14 GiB) plus the adapter,
    the mask token's row and the activations of short samples.
 
-Each `dvlm train` runs in its own process; its peak resident memory is `wait4`'s ``ru_maxrss``.
+Each `dvlm train` runs in its own process; its peak resident memory is its VmHWM.
 
 Usage: python benchmarks/lora_memory.py [--steps 3] [--out DIR] [--json FILE]
 It needs about 16 GiB of free memory and 16 GB of disk; a step takes minutes on 2 cores.
@@ -29,17 +29,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_layout import build_source, dvlm_command, step_seconds, write_data  # noqa: E402
+from train_layout import build_source, dvlm_command, run_with_peak, step_seconds, write_data  # noqa: E402
 
 GIB = 2**30
-
-
-def run(command: list[str], env: dict[str, str]) -> tuple[int, str, int]:
-    """(exit status, stdout + stderr, peak resident bytes) of a command in its own process."""
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    return os.waitstatus_to_exitcode(status), output, usage.ru_maxrss * 1024
 
 
 def memory_line(output: str) -> str:
@@ -64,10 +56,10 @@ def main() -> None:
             shutil.rmtree(source)
         data = write_data(work / "data", 4 * args.steps, answer_tokens=32, image_side=224)
         base = ["train", "--model", str(model), "--data", str(data), "--batch-size", "1", "--steps", str(args.steps)]
-        full_code, full_out, full_peak = run(dvlm_command(*base, "--out", str(work / "full")), env)
+        full_code, full_out, full_peak = run_with_peak(dvlm_command(*base, "--out", str(work / "full")), env)
         lora_run = work / "lora"
         shutil.rmtree(lora_run, ignore_errors=True)
-        lora_code, lora_out, lora_peak = run(dvlm_command(*base, "--out", str(lora_run), "--lora", args.lora,
+        lora_code, lora_out, lora_peak = run_with_peak(dvlm_command(*base, "--out", str(lora_run), "--lora", args.lora,
                                                           "--gradient-checkpointing"), env)
         if lora_code:
             raise SystemExit(f"the LoRA run failed:\n{lora_out[-3000:]}")

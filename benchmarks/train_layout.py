@@ -8,7 +8,7 @@ response (`response`, dvlm's default). This script builds a randomly initialised
 model scaled to these CPUs, writes LLaVA-style data shaped like real training (one image of a few
 hundred vision tokens per sample, a short question, a LLaVA-length answer), converts the model
 once, and then runs `dvlm train` in a fresh process per configuration, so that each process's peak
-resident memory (``wait4``'s ``ru_maxrss``) is that configuration's alone. Step time is the median
+resident memory (its VmHWM) is that configuration's alone. Step time is the median
 of the logged steps after the first (warm-up).
 
 Everything runs through the CLI; random weights are fine because only cost is measured.
@@ -31,12 +31,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import dvlm  # noqa: I001  (first: it quiets torchao's import-time noise before transformers imports it)
 import numpy as np
 import torch
 from PIL import Image
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-import dvlm
 
 STREAMS = ("all", "text", "response")
 PAPER = {
@@ -206,19 +205,46 @@ def write_data(out: Path, samples: int, answer_tokens: int, image_side: int, see
     return path
 
 
+# Peak memory is read inside the measured process (VmHWM, reset by exec): a child's wait4 ru_maxrss
+# also counts what the parent held when it forked, which voids it once this script has built a model.
+PEAK_LAUNCHER = """
+import atexit, os, runpy, sys
+def report():
+    with open("/proc/self/status") as status:
+        peak = next(line for line in status if line.startswith("VmHWM:")).split()[1]
+    with open(os.environ["DVLM_PEAK_FILE"], "w") as out:
+        out.write(peak)
+atexit.register(report)
+if sys.argv[1] == "-c":
+    sys.argv = sys.argv[2:]
+    exec(compile(sys.argv[0], "<measured>", "exec"))
+else:
+    sys.argv = ["dvlm", *sys.argv[1:]]
+    runpy.run_module("dvlm", run_name="__main__")
+"""
+
+
 def dvlm_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "dvlm", *args]
 
 
+def run_with_peak(command: list[str], env: dict[str, str]) -> tuple[int, str, int]:
+    """(exit status, stdout + stderr, peak resident bytes) of `dvlm ARGS` (command[3:] of
+    `dvlm_command`) or of `python -c CODE ARGS`, each in a process of its own."""
+    args = command[3:] if command[1:3] == ["-m", "dvlm"] else command[1:]
+    with tempfile.NamedTemporaryFile(suffix=".peak") as peak_file:
+        done = subprocess.run([sys.executable, "-c", PEAK_LAUNCHER, *args], env={**env, "DVLM_PEAK_FILE": peak_file.name},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
+        peak = int(Path(peak_file.name).read_text() or 0) * 1024  # kB
+    return done.returncode, done.stdout, peak
+
+
 def run_measured(command: list[str], env: dict[str, str]) -> tuple[int, int]:
     """Run a command in its own process; (exit status, its peak resident memory in bytes)."""
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode:
-        raise SystemExit(f"{' '.join(command)} failed:\n{process.stderr.read()[-3000:]}")
-    process.stderr.close()
-    return process.returncode, usage.ru_maxrss * 1024  # Linux reports kilobytes
+    code, output, peak = run_with_peak(command, env)
+    if code:
+        raise SystemExit(f"{' '.join(command)} failed:\n{output[-3000:]}")
+    return code, peak
 
 
 def step_seconds(run_dir: Path) -> list[float]:
