@@ -29,7 +29,7 @@ from dvlm.zoo.tokenizer import build_tokenizer  # noqa: E402
 TEST_SHAPE = TinyShape(initializer_range=0.3)
 
 
-FAMILIES = (REFERENCE_ARCHITECTURE,)
+FAMILIES = (REFERENCE_ARCHITECTURE, "LlavaOnevisionForConditionalGeneration")
 """The architectures the shared checkpoint fixtures are built for: a new family adds its own here."""
 
 
