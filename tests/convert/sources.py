@@ -1,5 +1,6 @@
-"""Source checkpoints for the conversion tests: tiny random Qwen2.5-VL models in every layout the
-tests need (padded table, untied head, 16-bit, sharded, broken weights, extra special tokens)."""
+"""Source checkpoints for the conversion tests: tiny random models of a family (the reference one
+unless a test passes its `adapter`) in every layout the tests need (padded table, untied head,
+16-bit, sharded, broken weights, extra special tokens)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from tokenizers import AddedToken
-from transformers import Qwen2_5_VLForConditionalGeneration
 
-from dvlm.model.adapters.base import TinyShape
-from dvlm.model.adapters.qwen2_5_vl import tiny_config
+from dvlm.model.adapters.base import Adapter, TinyShape
+from dvlm.model.adapters.registry import reference_adapter
 from dvlm.zoo.tiny import tiny_image_processor
 from dvlm.zoo.tokenizer import build_tokenizer
 
@@ -27,22 +27,24 @@ def quiet(_: str) -> None:
     pass
 
 
-def build_checkpoint(out: Path, tokenizer: Any, *, extra_rows: int = 0, tied: bool = True,
-                     dtype: torch.dtype = torch.float32, max_shard_size: str | None = None,
+def build_checkpoint(out: Path, tokenizer: Any, *, adapter: Adapter | None = None, extra_rows: int = 0,
+                     tied: bool = True, dtype: torch.dtype = torch.float32, max_shard_size: str | None = None,
                      poison: float | None = None) -> Path:
-    """Write a random tiny checkpoint. `poison`: a value (NaN, inf) written into one MLP weight."""
-    config = tiny_config(tokenizer, SHAPE)
-    config.text_config.vocab_size = len(tokenizer) + extra_rows
+    """Write a random tiny checkpoint of `adapter`'s family (default: the reference family).
+    `poison`: a value (NaN, inf) written into one MLP weight."""
+    adapter = adapter or reference_adapter()
+    family_class, config = type(model := adapter.random_model(tokenizer, SHAPE)), model.config
+    config.get_text_config().vocab_size = len(tokenizer) + extra_rows
     if not tied:
-        config.tie_word_embeddings = config.text_config.tie_word_embeddings = False
+        config.tie_word_embeddings = config.get_text_config().tie_word_embeddings = False
     torch.manual_seed(1)
-    model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
+    model = family_class(config).to(dtype)
     if poison is not None:
         with torch.no_grad():
             model.model.language_model.layers[0].mlp.down_proj.weight[0, 0] = poison
     model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tokenizer.save_pretrained(out)
-    tiny_image_processor().save_pretrained(out)
+    tiny_image_processor(adapter=adapter).save_pretrained(out)
     return out
 
 

@@ -34,8 +34,8 @@ def one_line_error(err: str) -> str:
     return lines[0]
 
 
-def test_nan_source_exits_2_and_writes_nothing(capsys, tmp_path, tokenizer):
-    src = build_checkpoint(tmp_path / "src", tokenizer, poison=math.nan)
+def test_nan_source_exits_2_and_writes_nothing(capsys, tmp_path, tokenizer, adapter):
+    src = build_checkpoint(tmp_path / "src", tokenizer, adapter=adapter, poison=math.nan)
     code, stdout, err = run(capsys, "--model", src, "--out", tmp_path / "out")
     assert code == 2
     assert "the source model itself produces non-finite logits (NaN/inf)" in one_line_error(err)

@@ -16,7 +16,6 @@ from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
     AutoTokenizer,
-    Qwen2_5_VLForConditionalGeneration,
 )
 
 import dvlm
@@ -24,6 +23,7 @@ from dvlm.config import ConfigError, DiffusionConfig
 from dvlm.convert import conversion as convert_module
 from dvlm.convert.conversion import REPORT_FILE, ConversionError, convert_checkpoint
 from dvlm.convert.verify import causal_logits, max_logit_difference, probe_input
+from dvlm.data.collate import collate
 from dvlm.model.adapters.registry import UnsupportedArchitectureError
 from tests.convert.sources import SHAPE, build_checkpoint, quiet
 
@@ -58,15 +58,12 @@ def probe(source):
     return sample
 
 
-def hf_forward_logits(model, sample) -> torch.Tensor:
-    """(L, V) logits of the HF model's own forward (its own masks and M-RoPE positions)."""
+def hf_forward_logits(lm, sample) -> torch.Tensor:
+    """(L, V) logits of the HF model's own forward (its own masks and positions), given the inputs
+    the family's HF generate takes (vision tensors, token types...)."""
+    batch = collate([sample], lm.processor.pad_token_id)
     with torch.inference_mode():
-        out = model(
-            input_ids=sample.input_ids[None],
-            pixel_values=sample.vision["pixel_values"],
-            image_grid_thw=sample.vision["image_grid_thw"],
-            mm_token_type_ids=sample.mm_token_type_ids[None],
-        )
+        out = lm.model(input_ids=batch.input_ids, **lm.adapter.hf_generate_inputs(batch))
     return out.logits[0].float()
 
 
@@ -87,8 +84,8 @@ def test_converted_causal_logits_equal_source(source, converted, probe, preset):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_converted_hf_forward_logits_equal_source(source, converted, probe, preset):
     """Independent of dvlm's seams: HF's own forward of source and converted models agree."""
-    reference = hf_forward_logits(source.model, probe)
-    logits = hf_forward_logits(converted[preset].model, probe)
+    reference = hf_forward_logits(source, probe)
+    logits = hf_forward_logits(converted[preset], probe)
     vocab = reference.shape[-1]
     torch.testing.assert_close(logits[:, :vocab], reference, rtol=0, atol=1e-5)
 
@@ -96,7 +93,7 @@ def test_converted_hf_forward_logits_equal_source(source, converted, probe, pres
 def test_verify_causal_logits_match_hf_forward(source, probe):
     """dvlm's causal forward (own masks, own M-RoPE positions) is the HF model's forward."""
     ours = causal_logits(source.adapter, source.model, probe, source.processor.pad_token_id)
-    torch.testing.assert_close(ours, hf_forward_logits(source.model, probe), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours, hf_forward_logits(source, probe), rtol=1e-4, atol=1e-4)
 
 
 # -- the mask token ----------------------------------------------------------------------------------
@@ -155,8 +152,8 @@ def test_report_file_describes_conversion(dvlm_checkpoints, ar_checkpoint, prese
     assert report["max_logit_difference"] <= report["tolerance"]
 
 
-def test_spare_embedding_row_is_used_without_resizing(tmp_path, tokenizer):
-    src = build_checkpoint(tmp_path / "padded", tokenizer, extra_rows=8)
+def test_spare_embedding_row_is_used_without_resizing(tmp_path, tokenizer, adapter):
+    src = build_checkpoint(tmp_path / "padded", tokenizer, adapter=adapter, extra_rows=8)
     report = convert_checkpoint(src, tmp_path / "out", log=quiet)
     assert report.mask_row == "spare"
     assert report.mask_token_id == len(tokenizer)
@@ -170,8 +167,8 @@ def test_spare_embedding_row_is_used_without_resizing(tmp_path, tokenizer):
     assert torch.equal(new_in[others], src_in[others])
 
 
-def test_untied_output_row_is_mean_initialised_too(tmp_path, tokenizer):
-    src = build_checkpoint(tmp_path / "untied", tokenizer, tied=False)
+def test_untied_output_row_is_mean_initialised_too(tmp_path, tokenizer, adapter):
+    src = build_checkpoint(tmp_path / "untied", tokenizer, adapter=adapter, tied=False)
     report = convert_checkpoint(src, tmp_path / "out", log=quiet)
     src_in, src_out = tables(dvlm.load(src).model)
     new_in, new_out = tables(dvlm.load(tmp_path / "out").model)
@@ -198,7 +195,7 @@ def test_save_and_reload_round_trips_weights_and_recipe(tmp_path, converted, pre
     assert second.diffusion.mask_token_id == second.processor.tokenizer.get_vocab()[MASK_TOKEN]
 
 
-def test_converted_checkpoint_loads_offline_without_remote_code(monkeypatch, fast_checkpoint):
+def test_converted_checkpoint_loads_offline_without_remote_code(monkeypatch, fast_checkpoint, adapter):
     def no_network(*args, **kwargs):
         raise AssertionError("loading a converted checkpoint touched the network")
 
@@ -207,9 +204,9 @@ def test_converted_checkpoint_loads_offline_without_remote_code(monkeypatch, fas
     monkeypatch.setattr(socket.socket, "connect", no_network)
     config = json.loads((fast_checkpoint / "config.json").read_text())
     assert "auto_map" not in config  # no custom code to trust
-    assert AutoConfig.from_pretrained(fast_checkpoint).model_type == "qwen2_5_vl"
+    assert AutoConfig.from_pretrained(fast_checkpoint).model_type == config["model_type"]
     plain = AutoModelForImageTextToText.from_pretrained(fast_checkpoint)  # trust_remote_code not given
-    assert isinstance(plain, Qwen2_5_VLForConditionalGeneration)
+    assert type(plain).__name__ in adapter.architectures  # the family's own transformers class
     assert plain.config.dvlm["mask_token_id"] == config["dvlm"]["mask_token_id"]
     assert dvlm.load(fast_checkpoint).diffusion.mask_token_id == config["dvlm"]["mask_token_id"]
 

@@ -26,25 +26,22 @@ def convert_with_mask(src, out, token):
     return convert_checkpoint(src, out, overrides={"mask_token": token}, log=quiet)
 
 
-@pytest.mark.parametrize(
-    ("token", "why"),
-    [
-        ("<|im_end|>", "eos"),
-        ("<|endoftext|>", "pad"),
-        ("<|im_start|>", "chat"),
-        ("<|vision_start|>", "chat"),
-        ("<|vision_end|>", "chat"),
-        ("<|image_pad|>", "chat"),
-        ("<|video_pad|>", "chat"),
-        ("<image>", "image placeholder"),
-        ("<unk>", "unk"),
-    ],
-)
-def test_token_the_chat_uses_is_refused(tmp_path, ar_checkpoint, token, why):
+USED_TOKENS = {
+    "Qwen2.5-VL": [("<|im_end|>", "eos"), ("<|endoftext|>", "pad"), ("<|im_start|>", "chat"),
+                   ("<|vision_start|>", "chat"), ("<|vision_end|>", "chat"), ("<|image_pad|>", "chat"),
+                   ("<|video_pad|>", "chat"), ("<image>", "image placeholder"), ("<unk>", "unk")],
+    "LLaVA-OneVision": [("<|im_end|>", "eos"), ("<|endoftext|>", "pad"), ("<|im_start|>", "chat"),
+                        ("<image>", "chat"), ("<video>", "config.json video_token_index"), ("<unk>", "unk")],
+}
+"""Per family (its display name): the tokens its chat or model uses, and the reason each is refused."""
+
+
+def test_token_the_chat_uses_is_refused(tmp_path, ar_checkpoint, adapter):
     out = tmp_path / "out"
-    with pytest.raises(ConfigError, match=f"mask_token {re.escape(repr(token))} .*is used by the chat.*{why}"):
-        convert_with_mask(ar_checkpoint, out, token)
-    assert list(tmp_path.iterdir()) == []
+    for token, why in USED_TOKENS[adapter.family]:
+        with pytest.raises(ConfigError, match=f"mask_token {re.escape(repr(token))} .*is used by the chat.*{why}"):
+            convert_with_mask(ar_checkpoint, out, token)
+        assert list(tmp_path.iterdir()) == []
 
 
 def test_ordinary_vocabulary_token_is_refused(tmp_path, ar_checkpoint, tokenizer):
@@ -80,8 +77,8 @@ def test_unused_special_token_becomes_the_mask_in_its_own_row(tmp_path):
     assert converted.processor.tokenizer.get_vocab()[UNUSED_SPECIAL] == converted.mask_token_id == special_id
 
 
-def test_new_token_in_a_spare_row_is_reported_as_such(tmp_path, tokenizer):
-    src = build_checkpoint(tmp_path / "padded", tokenizer, extra_rows=8)
+def test_new_token_in_a_spare_row_is_reported_as_such(tmp_path, tokenizer, adapter):
+    src = build_checkpoint(tmp_path / "padded", tokenizer, adapter=adapter, extra_rows=8)
     report = convert_checkpoint(src, tmp_path / "out", log=quiet)
     assert (report.mask_token_id, report.mask_row) == (len(tokenizer), "spare")
 

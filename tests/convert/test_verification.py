@@ -13,8 +13,8 @@ from tests.convert.sources import build_checkpoint, quiet
 
 
 @pytest.mark.parametrize("poison", [math.nan, math.inf])
-def test_source_with_non_finite_weights_is_refused_and_writes_nothing(tmp_path, tokenizer, poison):
-    src = build_checkpoint(tmp_path / "src", tokenizer, poison=poison)
+def test_source_with_non_finite_weights_is_refused_and_writes_nothing(tmp_path, tokenizer, adapter, poison):
+    src = build_checkpoint(tmp_path / "src", tokenizer, adapter=adapter, poison=poison)
     out = tmp_path / "out"
     with pytest.raises(ConversionError, match=r"the source model itself produces non-finite logits \(NaN/inf\)"):
         convert_checkpoint(src, out, log=quiet)
