@@ -112,18 +112,33 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, metavar="N", help="total optimizer steps (TrainConfig.max_steps)")
     p.add_argument("--batch-size", type=int, metavar="N", help="samples per micro-batch")
     p.add_argument("--grad-accum", type=int, metavar="N", help="micro-batches per optimizer step")
+    p.add_argument("--num-workers", type=int, metavar="N",
+                   help="DataLoader workers that read and encode the coming steps' samples (default: 0)")
+    p.add_argument("--group-by-length", action="store_true", default=None,
+                   help="put samples of similar length in the same steps (less padding)")
+    p.add_argument("--report-to", choices=("tensorboard",),
+                   help="also log loss parts, lr, tokens/s and block size to TensorBoard (RUN/tensorboard)")
     p.add_argument("--lr", type=float, metavar="F", help="peak learning rate")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (bfloat16: autocast)")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None,
                    help="recompute activations in the backward pass to save memory")
     p.add_argument("--ar", action="store_const", const="autoregressive", default=None,
                    help="pure autoregressive training (next-token loss, no diffusion): objective=autoregressive")
+    p.add_argument("--lora", nargs="?", const="default", metavar="SPEC",
+                   help="LoRA instead of a full fine-tune, e.g. r=16,alpha=32,dropout=0.05,targets=q_proj+v_proj "
+                        "(bare --lora: r=16, alpha=32, every language-model linear layer); the mask token's "
+                        "rows train too and the final model has the updates merged in")
     p.add_argument("--device", help="training device, e.g. cpu, cuda:0 (default: auto)")
+    p.add_argument("--num-processes", type=int, metavar="N",
+                   help="data parallel over N processes (DDP), through `accelerate launch --multi_gpu`; for "
+                        "FSDP2, DeepSpeed or several nodes run `accelerate launch --config_file ... -m dvlm train`")
 
 
 # Explicit flags -> TrainConfig fields; they beat --set, which beats --config.
 TRAIN_FLAGS = {"steps": "max_steps", "batch_size": "batch_size", "grad_accum": "grad_accum", "lr": "learning_rate",
-               "dtype": "dtype", "gradient_checkpointing": "gradient_checkpointing", "ar": "objective"}
+               "dtype": "dtype", "gradient_checkpointing": "gradient_checkpointing", "ar": "objective",
+               "lora": "lora", "num_workers": "num_workers", "group_by_length": "group_by_length",
+               "report_to": "report_to"}
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -140,6 +155,8 @@ def train(args: argparse.Namespace) -> None:
     from dvlm.train.loop import train as run_training
 
     cfg = train_config(args)
+    if args.num_processes is not None and args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        raise SystemExit(_launch_processes(args.num_processes, args.argv))
     run_dir = Path(args.out)
     created = not run_dir.exists()
     try:
@@ -153,11 +170,41 @@ def train(args: argparse.Namespace) -> None:
         if created and run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()  # a run that failed before writing anything leaves no folder behind
         raise
+    if not result.main_process:
+        return  # rank 0 reports
     resumed = f" (resumed at step {result.start_step})" if result.start_step else ""
     print(f"trained {result.steps} steps{resumed}" + (f", final loss {result.losses[-1]:.4f}" if result.losses else ""))
     print(f"  model    {result.model_dir}")
     print(f"  metrics  {result.run_dir / METRICS_FILE}")
     print(f"  skipped  {result.skipped} sample(s)" + (" (listed above)" if result.skipped else ""))
+
+
+def _launch_processes(count: int, argv: list[str]) -> int:
+    """Run this `dvlm train` command again in `count` processes under accelerate's launcher
+    (torchrun: a rank that dies ends the others); returns the launcher's exit status."""
+    import socket
+    import subprocess
+
+    with socket.socket() as probe:  # a free port for the processes to meet on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(count),
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(port)]
+    return subprocess.run([*launcher, "-m", "dvlm", *_without_option(argv, "--num-processes")]).returncode
+
+
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """argv without `option VALUE` / `option=VALUE`."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            kept.append(arg)
+    return kept
 
 
 # -- generate ------------------------------------------------------------------------------------
@@ -710,10 +757,12 @@ USER_OS_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.ED
 
 def main(argv: list[str] | None = None) -> int:
     """Run the `dvlm` command; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as stop:  # --help, --version and usage errors: argparse has printed them
         return stop.code if isinstance(stop.code, int) else 2
+    args.argv = argv  # `dvlm train --num-processes` runs the same command again under the launcher
     try:
         args.run(args)
         sys.stdout.flush()  # a full or closed stdout fails here, inside the handler, not at exit

@@ -64,7 +64,7 @@ def check_field_types(config: Any) -> None:
                               f"expected {_type_name(hints[f.name])}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _field_hints(cls: type) -> dict[str, Any]:
     """The resolved annotations of a config class (resolving them costs more than the checks)."""
     return typing.get_type_hints(cls)
@@ -227,7 +227,7 @@ class DiffusionConfig:
             raise ConfigError(f"decode_steps must be >= 1, got {self.decode_steps}")
 
     @classmethod
-    def from_preset(cls, preset: str = "fast-dvlm", **overrides: Any) -> "DiffusionConfig":
+    def from_preset(cls, preset: str = "fast-dvlm", **overrides: Any) -> DiffusionConfig:
         """The preset's defaults with `overrides` applied (unknown keys are errors)."""
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -344,6 +344,54 @@ class DecodeConfig:
         return Sampling(self.temperature, self.top_k, self.top_p, self.seed)
 
 
+LORA_DEFAULTS = {"r": 16, "alpha": 32, "dropout": 0.0}
+
+
+class LoraSpecError(ConfigError):
+    """A `--lora` setting that cannot be parsed."""
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """`--lora r=16,alpha=32,dropout=0.05,targets=q_proj+v_proj`; targets are module-name suffixes,
+    none meaning every linear layer of the language model and projector (not the vision encoder,
+    not the output layer)."""
+
+    r: int = LORA_DEFAULTS["r"]
+    alpha: float = LORA_DEFAULTS["alpha"]
+    dropout: float = LORA_DEFAULTS["dropout"]
+    targets: tuple[str, ...] = field(default=())
+
+
+def parse_lora(spec: str) -> LoraSettings:
+    """`key=value` pairs separated by commas; an empty spec (or "default") takes every default."""
+    values: dict[str, object] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        if item == "default":
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not value:
+            raise LoraSpecError(f"LoRA setting {item!r} is not key=value (e.g. r=16,alpha=32)")
+        values[key.strip()] = _lora_value(key.strip(), value.strip())
+    settings = LoraSettings(**values)  # type: ignore[arg-type]
+    if settings.r < 1 or settings.alpha <= 0 or not 0 <= settings.dropout < 1:
+        raise LoraSpecError(f"LoRA needs r >= 1, alpha > 0 and 0 <= dropout < 1, got {spec!r}")
+    return settings
+
+
+def _lora_value(key: str, value: str) -> object:
+    try:
+        if key == "r":
+            return int(value)
+        if key in ("alpha", "dropout"):
+            return float(value)
+    except ValueError:
+        raise LoraSpecError(f"LoRA {key} must be a number, got {value!r}") from None
+    if key == "targets":
+        return tuple(filter(None, value.split("+")))
+    raise LoraSpecError(f"unknown LoRA setting {key!r}; known: r, alpha, dropout, targets")
+
+
 @dataclass
 class TrainConfig:
     """Diffusion fine-tuning settings (the recipe itself lives in the model's DiffusionConfig)."""
@@ -364,9 +412,18 @@ class TrainConfig:
     max_steps: int | None = None
     """Total optimizer steps; overrides epochs."""
     batch_size: int = 4
-    """Samples per micro-batch."""
+    """Samples per micro-batch, per process (a step takes batch_size x processes x grad_accum)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
+    num_workers: int = 0
+    """DataLoader worker processes that read, decode and encode the samples of the coming steps
+    while the model trains (0: in the training process, when needed). Changes no batch."""
+    report_to: str | None = None
+    """Also send the metrics to "tensorboard" (RUN/tensorboard; needs the tensorboard package)."""
+    group_by_length: bool = False
+    """Put samples of similar length in the same steps (less padding): each epoch's shuffled order
+    is cut into windows of 64 steps, each sorted by length (characters of text, plus a fixed
+    amount per image) and dealt out longest step first; still a pure function of (seed, step)."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables)."""
     dtype: str = "float32"
@@ -388,6 +445,13 @@ class TrainConfig:
     plus the AR CE weighted by `ar_loss_weight`). `autoregressive`: plain next-token training
     (causal mask, no noise) of an AR model, as the built-in AR model is made before conversion.
     (Called `ar_loss: true` before; that key is refused with a pointer here.)"""
+    memory_check: bool = True
+    """Refuse to start when the weights and optimizer state alone exceed the device's free memory
+    (`dvlm.train.memory`); the estimate is printed either way."""
+    lora: str | None = None
+    """LoRA fine-tuning instead of a full one, e.g. "r=16,alpha=32,dropout=0.05,targets=q_proj+v_proj"
+    ("default": r=16, alpha=32, every linear layer of the language model); the mask token's rows
+    train too, the vision encoder is frozen, and the final model has the updates merged in."""
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -405,8 +469,17 @@ class TrainConfig:
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.save_every < 0:
             raise ConfigError(f"save_every must be >= 0, got {self.save_every}")
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.report_to is not None:
+            _check_choice("report_to", self.report_to, ("tensorboard",))
         _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
         _check_choice("objective", self.objective, OBJECTIVES)
+        if self.lora is not None:
+            try:
+                parse_lora(self.lora)
+            except LoraSpecError as err:
+                raise ConfigError(f"lora: {err}") from None
 
     @property
     def autoregressive(self) -> bool:

@@ -1,6 +1,6 @@
 """Source checkpoints for the conversion tests: tiny random models of a family (the reference one
-unless a test passes its `adapter`) in every layout the tests need (padded table, untied head,
-16-bit, sharded, broken weights, extra special tokens)."""
+unless told) in every layout the tests need (padded table, untied head, 16-bit, sharded, broken
+weights, extra special tokens)."""
 
 from __future__ import annotations
 
@@ -32,13 +32,13 @@ def build_checkpoint(out: Path, tokenizer: Any, *, adapter: Adapter | None = Non
                      poison: float | None = None) -> Path:
     """Write a random tiny checkpoint of `adapter`'s family (default: the reference family).
     `poison`: a value (NaN, inf) written into one MLP weight."""
-    adapter = adapter or reference_adapter()
-    family_class, config = type(model := adapter.random_model(tokenizer, SHAPE)), model.config
+    template = (adapter or reference_adapter()).random_model(tokenizer, SHAPE)  # the family's class and config
+    config = template.config
     config.get_text_config().vocab_size = len(tokenizer) + extra_rows
     if not tied:
         config.tie_word_embeddings = config.get_text_config().tie_word_embeddings = False
     torch.manual_seed(1)
-    model = family_class(config).to(dtype)
+    model = type(template)(config).to(dtype)
     if poison is not None:
         with torch.no_grad():
             model.model.language_model.layers[0].mlp.down_proj.weight[0, 0] = poison

@@ -195,7 +195,7 @@ def test_save_and_reload_round_trips_weights_and_recipe(tmp_path, converted, pre
     assert second.diffusion.mask_token_id == second.processor.tokenizer.get_vocab()[MASK_TOKEN]
 
 
-def test_converted_checkpoint_loads_offline_without_remote_code(monkeypatch, fast_checkpoint, adapter):
+def test_converted_checkpoint_loads_offline_without_remote_code(monkeypatch, fast_checkpoint, ar_checkpoint, adapter):
     def no_network(*args, **kwargs):
         raise AssertionError("loading a converted checkpoint touched the network")
 
@@ -204,9 +204,11 @@ def test_converted_checkpoint_loads_offline_without_remote_code(monkeypatch, fas
     monkeypatch.setattr(socket.socket, "connect", no_network)
     config = json.loads((fast_checkpoint / "config.json").read_text())
     assert "auto_map" not in config  # no custom code to trust
-    assert AutoConfig.from_pretrained(fast_checkpoint).model_type == config["model_type"]
+    source = json.loads((ar_checkpoint / "config.json").read_text())
+    assert AutoConfig.from_pretrained(fast_checkpoint).model_type == source["model_type"]
     plain = AutoModelForImageTextToText.from_pretrained(fast_checkpoint)  # trust_remote_code not given
-    assert type(plain).__name__ in adapter.architectures  # the family's own transformers class
+    assert type(plain).__name__ == source["architectures"][0]
+    assert type(plain).__name__ in adapter.architectures
     assert plain.config.dvlm["mask_token_id"] == config["dvlm"]["mask_token_id"]
     assert dvlm.load(fast_checkpoint).diffusion.mask_token_id == config["dvlm"]["mask_token_id"]
 

@@ -26,10 +26,11 @@ def convert_with_mask(src, out, token):
     return convert_checkpoint(src, out, overrides={"mask_token": token}, log=quiet)
 
 
+QWEN_VL_USED_TOKENS = [("<|im_end|>", "eos"), ("<|endoftext|>", "pad"), ("<|im_start|>", "chat"),
+                       ("<|vision_start|>", "chat"), ("<|vision_end|>", "chat"), ("<|image_pad|>", "chat"),
+                       ("<|video_pad|>", "chat"), ("<image>", "image placeholder"), ("<unk>", "unk")]
 USED_TOKENS = {
-    "Qwen2.5-VL": [("<|im_end|>", "eos"), ("<|endoftext|>", "pad"), ("<|im_start|>", "chat"),
-                   ("<|vision_start|>", "chat"), ("<|vision_end|>", "chat"), ("<|image_pad|>", "chat"),
-                   ("<|video_pad|>", "chat"), ("<image>", "image placeholder"), ("<unk>", "unk")],
+    "Qwen2.5-VL": QWEN_VL_USED_TOKENS, "Qwen2-VL": QWEN_VL_USED_TOKENS, "Qwen3-VL": QWEN_VL_USED_TOKENS,
     "LLaVA-OneVision": [("<|im_end|>", "eos"), ("<|endoftext|>", "pad"), ("<|im_start|>", "chat"),
                         ("<image>", "chat"), ("<video>", "config.json video_token_index"), ("<unk>", "unk")],
 }

@@ -1,5 +1,6 @@
 import hashlib
 import json
+import tracemalloc
 from functools import partial
 
 import pytest
@@ -8,10 +9,12 @@ from torch.utils.data import DataLoader
 
 from dvlm.data.collate import collate
 from dvlm.data.llava_json import (
+    JsonlRecords,
     LlavaJsonDataset,
     SampleError,
     SkipReport,
     file_fingerprint,
+    open_records,
     read_records,
 )
 from dvlm.data.processor import IGNORE_INDEX
@@ -189,3 +192,51 @@ def test_data_file_without_records_is_an_error(tmp_path, name, text):
 def test_file_fingerprint_is_size_and_sha256(tmp_path):
     path = write_json(tmp_path / "d.json", [{"id": 1}])
     assert file_fingerprint(path) == {"size": 11, "sha256": hashlib.sha256(b'[{"id": 1}]').hexdigest()}
+
+
+# -- large JSONL files: read lazily ------------------------------------------------------------------
+
+
+def test_jsonl_records_are_read_one_at_a_time(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"id": 1}\n\n{"id": 2, "x": "\\u00e9"}\n[3]\n{oops\n')
+    records = open_records(path)
+    assert isinstance(records, JsonlRecords) and len(records) == 4  # blank lines are not records
+    assert records[0] == {"id": 1} and records[1] == {"id": 2, "x": "é"} and records[-4] == {"id": 1}
+    with pytest.raises(ValueError, match=r"d\.jsonl line 4: expected a JSON object, got list"):
+        records[2]
+    with pytest.raises(ValueError, match=r"invalid JSON in .*d\.jsonl line 5"):
+        records[3]
+    with pytest.raises(IndexError):
+        records[4]
+
+
+def test_a_bad_jsonl_line_is_a_sample_error(tmp_path, processor):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}\n{oops\n')
+    data = LlavaJsonDataset(path, processor)
+    assert len(data) == 2 and data[0].labels.numel() > 0
+    with pytest.raises(SampleError, match=r"^sample 1: invalid JSON in .*d\.jsonl line 2"):
+        data[1]
+
+
+def test_a_large_jsonl_file_is_indexed_not_loaded(tmp_path):
+    """200k records (a 30 MB file): the index holds two 8-byte numbers a record, 3.2 MB, where the
+    parsed records would take hundreds of MB as Python objects; a 1M-record file costs 16 MB.
+    Memory is measured, not time."""
+    path, count = tmp_path / "big.jsonl", 200_000
+    line = ('{"id": %d, "image": "images/%07d.png", "conversations": [{"from": "human", "value": '
+            '"<image>\\nWhat is it?"}, {"from": "gpt", "value": "A thing."}]}\n')
+    with path.open("w") as f:
+        for i in range(0, count, 10_000):
+            f.write("".join(line % (k, k) for k in range(i, i + 10_000)))
+    tracemalloc.start()
+    try:
+        records = open_records(path)
+        last = records[count - 1]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(records) == count and last["id"] == count - 1 and last["image"] == f"images/{count - 1:07d}.png"
+    assert path.stat().st_size > 140 * count  # a 28+ MB file ...
+    assert peak < 6 * 2**20  # ... indexed in under 6 MB

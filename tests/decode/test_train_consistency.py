@@ -24,7 +24,7 @@ ATOL = 2e-4
 
 
 def recording_context(passes: list):
-    """A KVContext class that appends (embeds (1, Q, D), positions (3, 1, Q), hidden (1, Q, D)) of
+    """A KVContext class that appends (embeds (1, Q, F), positions (3, 1, Q), hidden (1, Q, D)) of
     every denoising pass (`peek`) to `passes`."""
 
     class Recording(KVContext):
@@ -53,7 +53,7 @@ def _as_training_sample(lm, prompt: Encoded, answer: list[int]) -> Encoded:
 
 def _passes_as_noisy_stream(lm, passes, batch, clean_block, rope_delta: int) -> NoisyStream:
     """One noisy copy per recorded pass: its block's clean positions, masked where the pass was."""
-    mask_embed = lm.model.get_input_embeddings().weight[lm.mask_token_id]
+    mask_embed = lm.adapter.embed(lm.model, torch.tensor([[lm.mask_token_id]]))[0, 0]  # all of a row's features
     sources, masked, groups = [], [], []
     for i, (embeds, positions, _) in enumerate(passes):
         width = embeds.shape[1]

@@ -44,7 +44,7 @@ def reference_loss(lm, batch, block_size: int, eps_min: float, eps_max: float, g
     labelled = batch.labels != IGNORE_INDEX
     moved = (torch.rand((rows, length), generator=generator) < t) & labelled  # DiffusionVL: <=
     x0 = lm.adapter.embed(lm.model, batch.input_ids)
-    mask_embed = lm.model.get_input_embeddings().weight[lm.mask_token_id]
+    mask_embed = lm.adapter.embed(lm.model, torch.tensor([[lm.mask_token_id]]))[0, 0]  # all of a row's features
     xt = torch.where(moved[..., None], mask_embed, x0)
     allowed = _two_stream_mask(length, block_size, batch.attention_mask)
     additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]

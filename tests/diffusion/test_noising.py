@@ -5,7 +5,7 @@ import torch
 
 from dvlm.config import ConfigError, DiffusionConfig
 from dvlm.data.processor import IGNORE_INDEX
-from dvlm.diffusion.noising import build_noisy_stream
+from dvlm.diffusion.noising import NoiseWindow, build_noisy_stream, noise_extent
 from dvlm.diffusion.schedule import annealed_block_size, sample_block_t
 
 MASK = 99
@@ -164,3 +164,42 @@ def test_diffusionvl_preset_masking_rate_rises_along_the_sequence():
     blocks = stream.block[stream.valid].unique().tolist()
     t_by_block = [stream.t[stream.valid & (stream.block == b)].unique().item() for b in blocks]
     assert len(blocks) == 4 and t_by_block == sorted(t_by_block)
+
+
+# -- windows: a batch split across processes keeps its noise ----------------------------------------
+
+
+def _rows(lengths):
+    """Right-padded rows: 3 prompt tokens, then `n` response tokens each."""
+    width = 3 + max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    for row, n in enumerate(lengths):
+        ids[row, :3 + n] = torch.arange(1, 4 + n)
+        labels[row, 3:3 + n] = ids[row, 3:3 + n]
+        mask[row, :3 + n] = True
+    return ids, labels, mask, torch.zeros_like(ids)
+
+
+def _row_noise(stream, row):
+    """(source, masked, t) of a row's valid noisy tokens: what its noise decided."""
+    valid = stream.valid[row]
+    return stream.source[row][valid].tolist(), stream.masked[row][valid].tolist(), stream.t[row][valid].tolist()
+
+
+@pytest.mark.parametrize("changes", [{}, {"preset": "diffusionvl"}, {"fill_last_block": True}])
+def test_a_batch_split_into_windows_draws_the_noise_of_the_whole_batch(changes):
+    cfg, lengths = _cfg(**changes), [5, 9, 2, 7]
+    whole, _ = build_noisy_stream(*_rows(lengths), cfg, 4, torch.Generator().manual_seed(3))
+    rows, length, blocks = noise_extent(_rows(lengths)[1], _rows(lengths)[2], cfg, 4)
+    for offset, part in ((0, lengths[:2]), (2, lengths[2:])):  # two processes, each padded to its own rows
+        window = NoiseWindow(offset, rows, length, blocks)
+        split, _ = build_noisy_stream(*_rows(part), cfg, 4, torch.Generator().manual_seed(3), window)
+        for row in range(len(part)):
+            assert _row_noise(split, row) == _row_noise(whole, offset + row)
+
+
+def test_a_window_too_small_for_its_batch_is_an_error():
+    with pytest.raises(ValueError, match="does not fit"):
+        build_noisy_stream(*_rows([5, 9]), _cfg(), 4, torch.Generator(), NoiseWindow(1, 2, 20, 8))

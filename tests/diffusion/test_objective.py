@@ -77,30 +77,55 @@ def test_training_block_equals_decode_block_over_cache(models, image, preset, bl
     cfg = DiffusionConfig(**{**lm.diffusion.to_dict(), "fill_last_block": fill})
     _, batch, stream, clean_block, noisy_h, _ = _forward(lm, image, cfg, block_size)
     noisy_logits = lm.adapter.logits(lm.model, noisy_h)[0]
-    with torch.no_grad():
-        clean = lm.adapter.embed(lm.model, batch.input_ids, batch.vision)
-    mask_embed = lm.model.get_input_embeddings().weight[cfg.mask_token_id]
-    kind = "causal" if cfg.clean_attention == "causal" else "block_causal"
     checked = 0
     for group in stream.group[0][stream.masked[0]].unique().tolist():
         idx = (stream.group[0] == group).nonzero(as_tuple=True)[0]
-        src = stream.source[0, idx]
-        start = int(src.min())
-        ctx = KVContext(lm.adapter, lm.model, 1, torch.device("cpu"))
-        with torch.no_grad():
-            if start:
-                ctx.commit(clean[:, :start], batch.position_ids[:, :, :start], batch.attention_mask[:, :start],
-                           clean_block[:, :start], kind)
-            block = torch.where(stream.masked[0, idx, None], mask_embed, clean[0, src])[None]
-            positions = batch.position_ids[:, :, src] + (stream.index[0, idx] - src)
-            if fill:
-                assert len(idx) == block_size  # every block whole, fill tokens included
-            hidden = ctx.peek(block, positions, torch.ones(1, len(idx), dtype=torch.bool),
-                              torch.full((1, len(idx)), ctx.next_block_id()), "bidirectional")
-            decode_logits = lm.adapter.logits(lm.model, hidden)[0]
+        if fill:
+            assert len(idx) == block_size  # every block whole, fill tokens included
+        decode_logits = _decode_block_logits(lm, cfg, batch, stream, clean_block, idx)
         assert torch.allclose(decode_logits, noisy_logits[idx], atol=ATOL), f"block group {group}"
         checked += 1
     assert checked >= 3  # several blocks, across turns (and both copies for fast-dvlm)
+
+
+@pytest.mark.parametrize("block_size", [4, 8])
+def test_noisy_blocks_holding_image_tokens_equal_block_forward_over_cache(models, image, block_size):
+    """Invariant 3 for the blocks of a noisy stream that copies image tokens (`noisy_stream="all"`,
+    the DiffusionVL preset): an image token's noisy copy is that token with all the features the
+    family's `embed` gives it (its vision embedding, and Qwen3-VL's DeepStack features), so the block
+    sees what a block forward over the cache sees for a prompt embedded with its images."""
+    lm = models["diffusionvl"]
+    cfg = lm.diffusion
+    assert cfg.noisy_stream == "all"
+    _, batch, stream, clean_block, noisy_h, _ = _forward(lm, image, cfg, block_size)
+    noisy_logits = lm.adapter.logits(lm.model, noisy_h)[0]
+    copies_image = batch.mm_token_type_ids[0, stream.source[0]] != 0  # (N,)
+    groups = stream.group[0][copies_image].unique().tolist()
+    for group in groups:
+        idx = (stream.group[0] == group).nonzero(as_tuple=True)[0]
+        decode_logits = _decode_block_logits(lm, cfg, batch, stream, clean_block, idx)
+        assert torch.allclose(decode_logits, noisy_logits[idx], atol=ATOL), f"block group {group}"
+    assert groups  # the stream copies the image
+
+
+def _decode_block_logits(lm, cfg: DiffusionConfig, batch, stream: NoisyStream, clean_block, idx):
+    """Logits of noisy tokens `idx` (one block) as decoding computes them: the clean tokens before the
+    block committed to a cache with the clean-stream mask, then one bidirectional pass over the block."""
+    src = stream.source[0, idx]
+    start = int(src.min())
+    kind = "causal" if cfg.clean_attention == "causal" else "block_causal"
+    ctx = KVContext(lm.adapter, lm.model, 1, torch.device("cpu"))
+    with torch.no_grad():
+        clean = lm.adapter.embed(lm.model, batch.input_ids, batch.vision)
+        mask_embed = lm.adapter.embed(lm.model, torch.tensor([[cfg.mask_token_id]]))[0, 0]
+        if start:
+            ctx.commit(clean[:, :start], batch.position_ids[:, :, :start], batch.attention_mask[:, :start],
+                       clean_block[:, :start], kind)
+        block = torch.where(stream.masked[0, idx, None], mask_embed, clean[0, src])[None]
+        positions = batch.position_ids[:, :, src] + (stream.index[0, idx] - src)
+        hidden = ctx.peek(block, positions, torch.ones(1, len(idx), dtype=torch.bool),
+                          torch.full((1, len(idx)), ctx.next_block_id()), "bidirectional")
+        return lm.adapter.logits(lm.model, hidden)[0]
 
 
 def test_objective_normalisation_and_weights(models, image):

@@ -349,6 +349,8 @@ def test_bfloat16_autocast_trains_with_fp32_master_weights(tmp_path, data, fast_
 
 
 PROJECTORS = {"Qwen2.5-VL": lambda model: model.model.visual.merger,
+              "Qwen2-VL": lambda model: model.model.visual.merger,
+              "Qwen3-VL": lambda model: model.model.visual.merger,
               "LLaVA-OneVision": lambda model: model.model.multi_modal_projector}
 """Per family (its display name): the module that projects vision features into the language model."""
 

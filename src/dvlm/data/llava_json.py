@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,6 +102,55 @@ def read_records(path: str | Path) -> list[dict]:
     return records
 
 
+class JsonlRecords(Sequence):
+    """The records of a JSONL file, parsed one at a time when asked for.
+
+    The file is scanned once for where each non-blank line starts (16 bytes a record: a 1M-record
+    file costs 16 MB, not its records); a line that is not a JSON object raises ValueError naming
+    it when it is read, which the dataset turns into a skipped sample.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"data file not found: {self.path}")
+        self._starts, self._lines = array("q"), array("q")
+        with self.path.open("rb") as f:
+            position = 0
+            for number, line in enumerate(f, start=1):
+                if line.strip():
+                    self._starts.append(position)
+                    self._lines.append(number)
+                position += len(line)
+        if not self._starts:
+            raise ValueError(f"{self.path}: no records (the file holds no training sample)")
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def __getitem__(self, index: int) -> dict:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"record {index} of {len(self)}")
+        with self.path.open("rb") as f:  # opened per read: safe in forked DataLoader workers
+            f.seek(self._starts[index])
+            line = f.readline()
+        where = f"{self.path} line {self._lines[index]}"
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"invalid JSON in {where}: {err}") from err
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        return record
+
+
+def open_records(path: str | Path) -> Sequence[dict]:
+    """The records of a data file: a *.jsonl file read lazily (`JsonlRecords`), a JSON list whole."""
+    if Path(path).suffix == ".jsonl":
+        return JsonlRecords(path)
+    return read_records(path)
+
+
 def file_fingerprint(path: str | Path) -> dict[str, Any]:
     """Size and sha256 of a file's bytes: equal fingerprints mean the same records in the same order."""
     digest = hashlib.sha256()
@@ -118,6 +169,20 @@ def _read_jsonl(path: Path, text: str) -> list[Any]:
             except json.JSONDecodeError as err:
                 raise ValueError(f"invalid JSON in {path} line {number}: {err}") from err
     return records
+
+
+IMAGE_CHARACTERS = 1024  # what an image counts for in record_length: ~256 tokens of ~4 characters
+
+
+def record_length(record: dict) -> int:
+    """A cheap stand-in for a record's token count, to group samples by length: the characters of
+    its turns plus IMAGE_CHARACTERS per image (no image opened, nothing tokenized); 0 when the
+    record is malformed (it is skipped when drawn)."""
+    turns, images = record.get("conversations"), record.get("image", [])
+    if not isinstance(turns, list):
+        return 0
+    text = sum(len(t["value"]) for t in turns if isinstance(t, dict) and isinstance(t.get("value"), str))
+    return text + IMAGE_CHARACTERS * (1 if isinstance(images, str) else len(images) if isinstance(images, list) else 0)
 
 
 def record_to_messages(record: dict, image_root: Path) -> tuple[list[dict], list[Path]]:
@@ -155,11 +220,11 @@ class LlavaJsonDataset(Dataset):
     """LLaVA JSON/JSONL records encoded by a :class:`ChatProcessor`; items are Encoded."""
 
     def __init__(self, path: str | Path, processor: ChatProcessor,
-                 image_root: str | Path | None = None, records: list[dict] | None = None):
+                 image_root: str | Path | None = None, records: Sequence[dict] | None = None):
         """``records``: those of ``path`` when already read (a caller checking the data before
-        loading a model); by default they are read here."""
+        loading a model, or `open_records`' lazy JSONL); by default they are read here."""
         self.path = Path(path)
-        self.records = read_records(self.path) if records is None else records
+        self.records = open_records(self.path) if records is None else records
         self.processor = processor
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
 
@@ -171,7 +236,10 @@ class LlavaJsonDataset(Dataset):
 
     def __getitem__(self, index: int) -> Encoded:
         """Encode record ``index``; any problem with it is raised as :class:`SampleError`."""
-        record = self.records[index]
+        try:
+            record = self.records[index]
+        except ValueError as err:  # a lazily read JSONL line that is not a JSON object
+            raise SampleError(index, None, str(err)) from err
         try:
             messages, images = record_to_messages(record, self.image_root)
             encoded = self.processor.encode(messages, images=images)

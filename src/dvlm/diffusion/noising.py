@@ -34,6 +34,31 @@ class NoisyStream:
         return int(self.masked.sum())
 
 
+@dataclass(frozen=True)
+class NoiseWindow:
+    """Where a micro-batch's rows sit in the batch whose noise one generator draws.
+
+    A data-parallel step splits each global micro-batch across processes. Every process draws the
+    noise of the whole global micro-batch (`rows` rows, padded to `length` columns, `blocks` blocks
+    per row) and keeps its own rows [offset, offset + B) and columns, so a row's noise is the one it
+    gets in a single process holding the whole batch, however the batch is split.
+    """
+
+    offset: int
+    rows: int
+    length: int
+    blocks: int
+
+
+def noise_extent(labels: torch.Tensor, attention_mask: torch.Tensor, cfg: DiffusionConfig, block_size: int):
+    """(rows, length, blocks) of a batch: the shape its noise is drawn in (`NoiseWindow`)."""
+    return labels.shape[0], labels.shape[1], _count_blocks(clean_block_ids(labels, attention_mask, cfg, block_size))
+
+
+def _count_blocks(block: torch.Tensor) -> int:
+    return int(block.max()) + 1 if block.numel() else 0
+
+
 def clean_block_ids(labels: torch.Tensor, attention_mask: torch.Tensor, cfg: DiffusionConfig, block_size: int):
     """(R, L) block ids of the clean sequence for the configured layout."""
     if cfg.block_layout == "absolute":
@@ -71,6 +96,7 @@ def build_noisy_stream(
     cfg: DiffusionConfig,
     block_size: int,
     generator: torch.Generator | None = None,
+    window: NoiseWindow | None = None,
 ) -> tuple[NoisyStream, torch.Tensor]:
     """Sample x_t for a batch (DESIGN.md §1, "Training").
 
@@ -78,25 +104,31 @@ def build_noisy_stream(
         input_ids, labels, mm_token_type_ids: (R, L) clean batch (labels -100 off responses).
         attention_mask: (R, L) bool.
         block_size: the (possibly annealed) block size B.
+        window: where these rows sit in the batch the noise is drawn for (default: this batch).
     Returns:
         (noisy stream, clean block ids (R, L)).
     """
     block = clean_block_ids(labels, attention_mask, cfg, block_size)  # (R, L)
     maskable = maskable_positions(labels, attention_mask, block, cfg.token_shift)
-    num_blocks = int(block.max()) + 1 if block.numel() else 0
+    (rows, length), num_blocks = labels.shape, _count_blocks(block)
+    window = window or NoiseWindow(0, rows, length, num_blocks)
+    if window.offset + rows > window.rows or length > window.length or num_blocks > window.blocks:
+        raise ValueError(f"a ({rows}, {length}) batch of {num_blocks} blocks does not fit in {window}")
+    mine = slice(window.offset, window.offset + rows)
     t_block = sample_block_t(
-        (input_ids.shape[0], num_blocks), cfg.eps_min, cfg.eps_max,
+        (window.rows, window.blocks), cfg.eps_min, cfg.eps_max,
         cfg.t_sampling == "antithetic", generator, input_ids.device, cfg.antithetic_order,
-    )  # (R, K)
+    )[mine, :num_blocks]  # (R, K)
     t = t_block.gather(1, block)  # (R, L)
-    draw = torch.rand(t.shape, generator=generator, device=t.device)
+    draw = torch.rand((window.rows, window.length), generator=generator, device=t.device)[mine, :length]
     masked = maskable & (draw < t)
     copies = [masked, maskable & ~masked] if cfg.complementary_mask else [masked]
     fills: list = [None] * len(copies)
     if cfg.fill_last_block:
         slot = torch.arange(1, block_size, device=t.device)
         wanted = slot <= fill_counts(labels, attention_mask, block, block_size)[..., None]  # (R, L, B-1)
-        fill_masked = wanted & (torch.rand(wanted.shape, generator=generator, device=t.device) < t[..., None])
+        fill_draw = torch.rand((window.rows, window.length, block_size - 1), generator=generator, device=t.device)
+        fill_masked = wanted & (fill_draw[mine, :length] < t[..., None])
         fills = [(wanted, fill_masked), (wanted, wanted & ~fill_masked)][:len(copies)]
     selected = stream_positions(labels, attention_mask, mm_token_type_ids, cfg)
     parts = [

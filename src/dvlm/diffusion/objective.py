@@ -49,6 +49,7 @@ def two_stream_hidden(
     clean = adapter.embed(model, batch.input_ids, batch.vision)  # (R, L, F)
     # Noisy tokens copy the clean embedding (vision features included when copied) unless masked.
     noisy = clean.gather(1, stream.source[..., None].expand(-1, -1, clean.shape[-1]))  # (R, N, F)
+    # Through the embedding module, not its weight: ZeRO-3 gathers a layer's weights only in its forward.
     mask_ids = torch.full_like(stream.xt[:1, :1], cfg.mask_token_id)
     mask_embed = adapter.embed(model, mask_ids)[0, 0].to(noisy.dtype)  # (F,)
     noisy = torch.where(stream.masked[..., None], mask_embed, noisy)

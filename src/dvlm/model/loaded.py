@@ -108,8 +108,9 @@ class LoadedModel:
     def max_positions(self) -> int | None:
         return self.adapter.max_positions(self.model)
 
-    def save(self, out: str | Path) -> None:
-        save_model(self.model, self.processor, Path(out))
+    def save(self, out: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """`state_dict`: the weights to write when the model holds only its shard of them (FSDP2)."""
+        save_model(self.model, self.processor, Path(out), state_dict=state_dict)
 
 
 def require_recipe(diffusion: DiffusionConfig | None, decoder: str, path: str | None = None) -> DiffusionConfig:
@@ -123,12 +124,14 @@ def require_recipe(diffusion: DiffusionConfig | None, decoder: str, path: str | 
     return diffusion
 
 
-def save_model(model: nn.Module, processor: ChatProcessor, out: Path, max_shard_size: int | None = None) -> None:
+def save_model(model: nn.Module, processor: ChatProcessor, out: Path, max_shard_size: int | None = None,
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """A complete, loadable checkpoint: safetensors weights, config (with the recipe, if any),
-    tokenizer and image processor. `max_shard_size` in bytes (None: transformers' default)."""
+    tokenizer and image processor. `max_shard_size` in bytes (None: transformers' default);
+    `state_dict` the weights to write when the model holds only a shard (gathered by the caller)."""
     out.mkdir(parents=True, exist_ok=True)
-    shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-    model.save_pretrained(out, safe_serialization=True, **shards)
+    options = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(out, safe_serialization=True, state_dict=state_dict, **options)
     processor.save_pretrained(out)
 
 

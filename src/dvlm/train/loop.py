@@ -13,6 +13,8 @@ run before the weights are updated (no final model, no NaN in metrics.jsonl).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import os
@@ -25,16 +27,15 @@ import torch
 from tqdm.auto import tqdm
 
 from dvlm.config import ConfigError, DiffusionConfig, TrainConfig, from_dict
-from dvlm.data.collate import Batch, collate
+from dvlm.data.collate import Batch
 from dvlm.data.llava_json import (
     LlavaJsonDataset,
-    SampleError,
     SkipReport,
     file_fingerprint,
-    read_records,
+    open_records,
 )
 from dvlm.data.processor import response_mask
-from dvlm.diffusion.noising import build_noisy_stream
+from dvlm.diffusion.noising import build_noisy_stream, noise_extent
 from dvlm.diffusion.objective import (
     LossOutput,
     ar_objective,
@@ -42,8 +43,11 @@ from dvlm.diffusion.objective import (
     loss_normaliser,
 )
 from dvlm.diffusion.schedule import annealed_block_size
+from dvlm.model.adapters.registry import adapter_for_checkpoint
 from dvlm.model.loaded import LoadedModel, write_recipe
-from dvlm.runtime import seeded_generator
+from dvlm.runtime import pick_device, seeded_generator
+from dvlm.train import distributed, memory, report
+from dvlm.train import lora as lora_tools
 from dvlm.train.resume import (
     Checkpoint,
     newest_usable_checkpoint,
@@ -51,6 +55,7 @@ from dvlm.train.resume import (
     save_checkpoint,
     write_model,
 )
+from dvlm.train.step_data import StepData
 
 METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "model"
@@ -72,6 +77,8 @@ class TrainResult:
     skipped: int = 0
     start_step: int = 0
     """The step this call resumed from (0 for a fresh run)."""
+    main_process: bool = True
+    """False on the other processes of a data-parallel run (rank 0 writes and reports)."""
 
 
 def lr_lambda(total_steps: int, cfg: TrainConfig) -> Callable[[int], float]:
@@ -87,46 +94,10 @@ def lr_lambda(total_steps: int, cfg: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
-class StepData:
-    """The micro-batches of each optimizer step, determined by (seed, step) alone."""
-
-    def __init__(self, dataset: LlavaJsonDataset, cfg: TrainConfig, pad_token_id: int, skips: SkipReport):
-        self.dataset, self.cfg, self.pad = dataset, cfg, pad_token_id
-        self.skips = skips
-        self.samples_per_step = cfg.batch_size * cfg.grad_accum
-        self.steps_per_epoch = max(1, math.ceil(len(dataset) / self.samples_per_step))
-        self._seen_bad: set[int] = set()
-
-    def total_steps(self) -> int:
-        return self.cfg.max_steps or self.cfg.epochs * self.steps_per_epoch
-
-    def indices(self, step: int) -> list[int]:
-        """The dataset indices of a step's samples: a slice of the epoch's seeded permutation."""
-        epoch, index = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(len(self.dataset), generator=seeded_generator(self.cfg.seed + epoch))
-        return order[index * self.samples_per_step:(index + 1) * self.samples_per_step].tolist()
-
-    def micro_batches(self, step: int) -> list[Batch]:
-        chosen = self.indices(step)
-        batches = []
-        for start in range(0, len(chosen), self.cfg.batch_size):
-            samples = [s for s in (self._get(i) for i in chosen[start:start + self.cfg.batch_size]) if s is not None]
-            if samples:
-                batches.append(collate(samples, self.pad))
-        return batches
-
-    def _get(self, index: int):
-        try:
-            return self.dataset[index]
-        except SampleError as err:
-            if index not in self._seen_bad:  # report each bad sample once, however often it is drawn
-                self._seen_bad.add(index)
-                self.skips.record(err)
-            return None
-
-
 def parameter_groups(lm: LoadedModel, cfg: TrainConfig) -> list[dict[str, Any]]:
     """One AdamW group, or two when the vision encoder has its own learning rate (0 freezes it)."""
+    if cfg.lora is not None:  # LoRA decides what trains; the vision encoder is frozen
+        return [{"params": [p for p in lm.model.parameters() if p.requires_grad]}]
     if cfg.vision_learning_rate is None:
         return [{"params": list(lm.model.parameters())}]
     vision_params = lm.adapter.vision_parameters(lm.model)
@@ -140,6 +111,8 @@ def parameter_groups(lm: LoadedModel, cfg: TrainConfig) -> list[dict[str, Any]]:
 
 
 def noise_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    """The generator of a global micro-batch's noise (`micro`: its index among the step's micro-
+    batches with rows); each process keeps its rows of the draw (`NoiseWindow`)."""
     """The noise of one micro-batch: a function of (seed, step, micro) alone, so a resumed run draws it again."""
     return seeded_generator(seed * 1_000_003 + step * 1_009 + micro)
 
@@ -156,6 +129,11 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     state: dict[str, Any]
     """What each checkpoint's trainer_state.json records (besides its step)."""
+    objective: distributed.Objective
+    """The model with its loss as one module, as the data-parallel wrapper returned it."""
+    processes: distributed.SingleProcess
+    lora: Any = None
+    """peft's LoraModel around `lm.model` when training LoRA (`TrainConfig.lora`), else None."""
 
 
 def train(
@@ -184,28 +162,45 @@ def train(
         ValueError: no records in `data`, or a resume that would change the data order or go back.
     """
     run_dir = Path(out)
-    records = read_records(data)  # a file without records fails before the model loads
-    checkpoint = _resume_point(run_dir, resume)
-    # Master weights in fp32.
-    lm = LoadedModel.load(checkpoint.path if checkpoint else model, device=device, dtype="float32")
+    records = open_records(data)  # a file without records fails before the model loads; JSONL is read lazily
+    if cfg.lora is not None:
+        lora_tools.require_peft()
+    report.require(cfg.report_to)
+    processes = distributed.start(device, cfg)
+    device, progress = processes.device(device), progress and processes.is_main
+    with processes.main_first():  # rank 0 sets unusable checkpoints aside before the others look
+        checkpoint = _resume_point(run_dir, resume)
+    _check_memory(model, cfg, device, progress)
+    # master weights in fp32; a LoRA checkpoint holds only the adapter, its base is `model`
+    lora_checkpoint = checkpoint is not None and (checkpoint.path / lora_tools.ADAPTER_FILE).exists()
+    weights = model if checkpoint is None or lora_checkpoint else checkpoint.path
+    lm = LoadedModel.load(weights, device=device, dtype="float32")
     dcfg = _diffusion_config(lm, cfg, diffusion_overrides)
+    lora = _attach_lora(lm, cfg, dcfg, checkpoint)
     lm.processor.max_length = cfg.max_length
     dataset = LlavaJsonDataset(data, lm.processor, image_root=image_root, records=records)
-    steps = StepData(dataset, cfg, lm.processor.pad_token_id, SkipReport())
+    steps = StepData(dataset, cfg, lm.processor.pad_token_id, SkipReport(), processes.rank, processes.world_size)
     total = steps.total_steps()
-    order = data_order(data, cfg, dcfg)
+    order = data_order(data, cfg, dcfg, processes.world_size)
     if checkpoint is not None:
         check_resume(checkpoint, order, total)
 
     _prepare_model(lm.model, cfg)
     optimizer = torch.optim.AdamW(parameter_groups(lm, cfg), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, cfg))
-    start = restore_training_state(checkpoint, optimizer, scheduler) if checkpoint is not None else 0
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _truncate_metrics(run_dir / METRICS_FILE, start)
+    objective, optimizer = processes.prepare(distributed.Objective(lm.model, _loss(lm, dcfg)), optimizer)
+    start = 0
+    if checkpoint is not None:  # after prepare: FSDP2 shards the optimizer state as it shards the weights
+        restored = distributed.CheckpointedOptimizer(processes, objective, optimizer)
+        start = restore_training_state(checkpoint, restored, scheduler)
+    steps.prefetch(start, total)
+    processes.barrier()  # every process has read the run directory before rank 0 writes to it
+    if processes.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(run_dir / METRICS_FILE, start)
     state = {"train_config": asdict(cfg), "total_steps": total, "data": str(data), DATA_ORDER_KEY: order}
-    run = _Run(lm, dcfg, cfg, steps, optimizer, scheduler, state)
-    result = TrainResult(run_dir, run_dir / FINAL_DIR, total, start_step=start)
+    run = _Run(lm, dcfg, cfg, steps, optimizer, scheduler, state, objective, processes, lora)
+    result = TrainResult(run_dir, run_dir / FINAL_DIR, total, start_step=start, main_process=processes.is_main)
     _train_steps(run, result, progress, on_step)
     return result
 
@@ -215,29 +210,96 @@ def _train_steps(run: _Run, result: TrainResult, progress: bool, on_step) -> Non
     cfg, skips, total, run_dir = run.cfg, run.steps.skips, result.steps, result.run_dir
     bar = tqdm(range(result.start_step, total), initial=result.start_step, total=total, desc="train",
                disable=not progress, unit="step")
+    main = run.processes.is_main
+    reporter = report.open_report(cfg.report_to, run_dir, result.start_step, main)
     for step in bar:
         tick = time.perf_counter()
-        record = _train_step(run.lm, run.dcfg, cfg, run.steps, step, total, run.optimizer, run.scheduler)
-        record.update(step=step + 1, seconds=round(time.perf_counter() - tick, 4), skipped=skips.count)
+        record = _train_step(run, step, total)
+        seconds = time.perf_counter() - tick
+        record.update(step=step + 1, seconds=round(seconds, 4), tokens_per_second=round(record["tokens"] / seconds))
         result.losses.append(record["loss"])
-        bar.set_postfix(loss=f"{record['loss']:.4f}", B=record.get("block_size", "-"), skipped=skips.count)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == total:
+        bar.set_postfix(loss=f"{record['loss']:.4f}", B=record.get("block_size", "-"),
+                        tok_s=record["tokens_per_second"], skipped=record["skipped"])
+        if main and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
             with (run_dir / METRICS_FILE).open("a") as f:
                 f.write(json.dumps(record, allow_nan=False) + "\n")  # NaN is not JSON
+            reporter.log(record)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
             _save_checkpoint(run, run_dir, step + 1)
         if on_step is not None:
             on_step(step + 1, record)
+    run.steps.close()
+    reporter.close()
     _save_checkpoint(run, run_dir, total)
+    if run.lora is not None:
+        run.lm.model = lora_tools.merge(run.lora)  # the final model is a plain checkpoint
     run.lm.model.eval()
-    write_model(run.lm, result.model_dir)
+    weights = run.processes.full_state_dict(run.objective)  # sharded weights gathered (a collective)
+    if main:
+        write_model(run.lm, result.model_dir, weights)
+    run.processes.barrier()  # the run ends when its model is written
     result.skipped = skips.count
     if skips.count:
         tqdm.write(skips.summary())
 
 
 def _save_checkpoint(run: _Run, run_dir: Path, step: int) -> None:
-    save_checkpoint(run_dir, step, run.lm, run.optimizer, run.scheduler, run.state, run.cfg.keep_checkpoints)
+    """Rank 0 writes the checkpoint (atomically) while the others wait."""
+    weights = run.processes.full_state_dict(run.objective)  # sharded weights gathered (a collective)
+    optimizer = run.processes.optimizer_state(run.objective, run.optimizer)  # likewise
+    if run.processes.is_main:
+        write_weights = None  # the whole model, as save_model writes it
+        if run.lora is not None:
+            write_weights = functools.partial(_write_lora, run.lm)
+        elif weights is not None:
+            write_weights = functools.partial(run.lm.save, state_dict=weights)
+        saved = distributed.CheckpointedOptimizer(run.processes, run.objective, run.optimizer, optimizer)
+        save_checkpoint(run_dir, step, run.lm, saved, run.scheduler, run.state, run.cfg.keep_checkpoints,
+                        write_weights)
+    run.processes.barrier()
+
+
+def _write_lora(lm: LoadedModel, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lm.model.config.save_pretrained(folder)
+    tensors = {name: t.detach().contiguous() for name, t in lora_tools.adapter_state(lm.model).items()}
+    save_file(tensors, folder / lora_tools.ADAPTER_FILE)
+
+
+def _check_memory(model: str | Path, cfg: TrainConfig, device: str | None, progress: bool) -> None:
+    """Estimate the run's memory from the checkpoint's config before any weight loads; refuse a run
+    whose weights and optimizer state cannot fit (unless `memory_check` is off)."""
+    path = Path(model)
+    shape = memory.model_shape(path, adapter_for_checkpoint(path))
+    try:
+        line = memory.check_fits(shape, cfg, pick_device(device))
+    except memory.InsufficientMemoryError:
+        if cfg.memory_check:
+            raise
+        line = "memory: the estimate exceeds the available memory; memory_check=false, starting anyway"
+    if progress:
+        tqdm.write(line)
+
+
+def _attach_lora(lm: LoadedModel, cfg: TrainConfig, dcfg: DiffusionConfig | None, checkpoint: Checkpoint | None):
+    """LoRA in place when the run asks for it (the mask token's rows train too); on resume, the
+    checkpoint's adapter tensors are put back. None for a full fine-tune."""
+    has_adapter = checkpoint is not None and (checkpoint.path / lora_tools.ADAPTER_FILE).exists()
+    if cfg.lora is None:
+        if has_adapter:
+            raise ConfigError(f"{checkpoint.path} is a LoRA checkpoint: resume it with the same --lora setting")
+        return None
+    if checkpoint is not None and not has_adapter:
+        raise ConfigError(f"{checkpoint.path} is a full fine-tune checkpoint: resume it without --lora")
+    tokens = [] if dcfg is None else [dcfg.mask_token_id]
+    with torch.random.fork_rng(devices=[]):  # LoRA's random init is a function of the run's seed
+        torch.manual_seed(cfg.seed)
+        wrapped = lora_tools.attach(lm.model, lm.adapter, lora_tools.parse_lora(cfg.lora), tokens)
+    if has_adapter:
+        lora_tools.load_adapter_state(lm.model, checkpoint.path)
+    return wrapped
 
 
 def _resume_point(run_dir: Path, resume: bool) -> Checkpoint | None:
@@ -254,17 +316,22 @@ def _resume_point(run_dir: Path, resume: bool) -> Checkpoint | None:
     return checkpoint
 
 
-def data_order(data: str | Path, cfg: TrainConfig, dcfg: DiffusionConfig | None) -> dict[str, Any]:
+def data_order(data: str | Path, cfg: TrainConfig, dcfg: DiffusionConfig | None, world_size: int = 1) -> dict[str, Any]:
     """Everything besides (seed, step) that decides a step's batches and noise: the data file's
-    bytes, how samples are grouped, which are too long to use, and the noising recipe."""
+    bytes, how samples are grouped, which are too long to use, and the noising recipe.
+
+    `batch_size` is the global micro-batch (per-process batch times processes): a run resumes
+    exactly on another number of processes that keeps it."""
     return {
         "data_file": file_fingerprint(data),
-        "batch_size": cfg.batch_size,
+        "batch_size": cfg.batch_size * world_size,
         "grad_accum": cfg.grad_accum,
         "seed": cfg.seed,
         "max_length": cfg.max_length,
         "objective": cfg.objective,
         "diffusion": dcfg.to_dict() if dcfg is not None else None,
+        # only when on: checkpoints from before the setting existed still resume
+        **({"group_by_length": True} if cfg.group_by_length else {}),
     }
 
 
@@ -308,8 +375,7 @@ def _prepare_model(model, cfg: TrainConfig) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def _diffusion_config(lm: LoadedModel, cfg: TrainConfig, overrides: dict[str, Any] | None
-                      ) -> DiffusionConfig | None:
+def _diffusion_config(lm: LoadedModel, cfg: TrainConfig, overrides: dict[str, Any] | None) -> DiffusionConfig | None:
     if cfg.autoregressive:
         if overrides:
             raise ConfigError("diffusion overrides make no sense with objective='autoregressive' training")
@@ -322,57 +388,101 @@ def _diffusion_config(lm: LoadedModel, cfg: TrainConfig, overrides: dict[str, An
     return base
 
 
-def _train_step(lm: LoadedModel, dcfg, cfg: TrainConfig, steps: StepData, step: int, total: int, optimizer, scheduler):
+def _loss(lm: LoadedModel, dcfg: DiffusionConfig | None):
+    """The loss of one micro-batch, as `distributed.Objective` calls it."""
+    def loss(model, batch: Batch, normaliser: int, stream, clean_block) -> LossOutput:
+        if dcfg is None:
+            return ar_objective(lm.adapter, model, batch, normaliser)
+        return diffusion_objective(lm.adapter, model, batch, stream, clean_block, dcfg, normaliser)
+
+    return loss
+
+
+def _train_step(run: _Run, step: int, total: int) -> dict[str, Any]:
     """One optimizer step over the step's micro-batches; raises TrainingError rather than update
     the weights from nothing (no answer token) or from a non-finite loss or gradient."""
-    batches = [b.to(lm.device) for b in steps.micro_batches(step)]
-    response_tokens = sum(int(response_mask(b.labels).sum()) for b in batches)
+    lm, dcfg, cfg, steps, processes = run.lm, run.dcfg, run.cfg, run.steps, run.processes
+    block_size = _block_size(dcfg, step, total)
+    shares = [None if b is None else b.to(lm.device) for b in steps.micro_batches(step)]
+    counts = processes.gather(_step_counts(shares, dcfg, block_size))  # (processes, 3 + 3 * micro-batches)
+    response_tokens, normaliser, tokens = (int(n) for n in counts[:, :3].sum(dim=0))  # the step's, globally
     if response_tokens == 0:  # every sample skipped or answer-less: the loss would be 0/0
         raise TrainingError(f"step {step + 1}: nothing to train on (none of its {len(steps.indices(step))} samples "
                             f"has an answer token); {steps.skips.summary()}")
-    normaliser = loss_normaliser([b.labels for b in batches], dcfg)  # tokens, or rows (DiffusionVL)
-    block_size = None
-    if dcfg is not None:
-        block_size = dcfg.block_size
-        if dcfg.anneal_block_size:
-            block_size = annealed_block_size(step / total, dcfg.block_size, dcfg.anneal_fraction)
-    outputs = [_backward(lm, dcfg, cfg, batch, normaliser, block_size, noise_generator(cfg.seed, step, micro))
-               for micro, batch in enumerate(batches)]
-    loss = float(sum(o.loss.detach() for o in outputs))
+    extents = counts[:, 3:].view(processes.world_size, len(shares), 3)
+    plan = distributed.plan_micro_steps(processes, shares, extents, lambda m: steps.stand_in(step, m).to(lm.device))
+    outputs = []
+    for micro in plan:  # gradients are reduced over processes once, after the last
+        with contextlib.nullcontext() if micro.last else processes.no_sync(run.objective):
+            out = _backward(run, micro, normaliser, block_size, noise_generator(cfg.seed, step, micro.index))
+        if micro.weight:
+            outputs.append(out)
+    loss, diffusion_sum, ar_sum, masked, skipped = processes.sum([
+        float(sum(o.loss.detach() for o in outputs)), float(sum(o.diffusion_sum for o in outputs)),
+        float(sum(o.ar_sum for o in outputs)), sum(o.num_masked for o in outputs), steps.skips.count,
+    ])
     # Clipping at infinity changes nothing but still measures the norm, so it is checked and logged.
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(lm.model.parameters(), cfg.max_grad_norm or math.inf))
+    grad_norm = processes.clip_grad_norm(run.objective, cfg.max_grad_norm or math.inf)
     for name, value in (("loss", loss), ("gradient norm", grad_norm)):
-        if not math.isfinite(value):
+        if value is not None and not math.isfinite(value):
             raise TrainingError(f"step {step + 1}: the {name} is {value}; stopped before updating the weights "
                                 "(lower the learning rate or check the data, then --resume from the last checkpoint)")
-    lr = scheduler.get_last_lr()[0]  # the language model's (first group's)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    lr = run.scheduler.get_last_lr()[0]  # the language model's (first group's)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
     return {
         "loss": loss,
-        "diffusion_loss": float(sum(o.diffusion_sum for o in outputs)) / normaliser,
-        "ar_loss": float(sum(o.ar_sum for o in outputs)) / normaliser,
-        "masked_tokens": sum(o.num_masked for o in outputs),
+        "diffusion_loss": diffusion_sum / normaliser,
+        "ar_loss": ar_sum / normaliser,
+        "masked_tokens": int(masked),
         "response_tokens": response_tokens,
+        "tokens": tokens,
         "block_size": block_size,
         "lr": lr,
-        "grad_norm": round(grad_norm, 4),
+        "grad_norm": None if grad_norm is None else round(grad_norm, 4),
+        "skipped": int(skipped),  # summed over processes: a bad sample two of them drew counts twice
     }
 
 
-def _backward(lm: LoadedModel, dcfg, cfg: TrainConfig, batch: Batch, normaliser: int, block_size: int | None,
+def _block_size(dcfg: DiffusionConfig | None, step: int, total: int) -> int | None:
+    if dcfg is None:
+        return None
+    if dcfg.anneal_block_size:
+        return annealed_block_size(step / total, dcfg.block_size, dcfg.anneal_fraction)
+    return dcfg.block_size
+
+
+def _step_counts(shares: list[Batch | None], dcfg: DiffusionConfig | None, block_size: int | None) -> list[int]:
+    """This process's part of what every process must know about a step: its answer tokens, its
+    part of the loss normaliser, its tokens, then (rows, length, blocks) of each of its shares."""
+    present = [b for b in shares if b is not None]
+    counts = [sum(int(response_mask(b.labels).sum()) for b in present),
+              loss_normaliser([b.labels for b in present], dcfg) if present else 0,
+              sum(int(b.attention_mask.sum()) for b in present)]
+    for b in shares:
+        if b is None:
+            counts += [0, 0, 0]
+        elif dcfg is None:
+            counts += [len(b), b.labels.shape[1], 0]
+        else:
+            counts += list(noise_extent(b.labels, b.attention_mask, dcfg, block_size))
+    return counts
+
+
+def _backward(run: _Run, micro: distributed.MicroStep, normaliser: int, block_size: int | None,
               noise: torch.Generator) -> LossOutput:
     """The loss of one micro-batch (normalised by the whole step's answer tokens), backpropagated."""
-    with torch.autocast(lm.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
-        if dcfg is None:
-            out = ar_objective(lm.adapter, lm.model, batch, normaliser)
-        else:
+    batch, dcfg = micro.batch, run.dcfg
+    with torch.autocast(run.lm.device.type, dtype=torch.bfloat16, enabled=run.cfg.dtype == "bfloat16"):
+        stream = clean_block = None
+        if dcfg is not None:
             stream, clean_block = build_noisy_stream(
                 batch.input_ids, batch.labels, batch.attention_mask, batch.mm_token_type_ids, dcfg, block_size, noise,
+                micro.window,
             )
-            out = diffusion_objective(lm.adapter, lm.model, batch, stream, clean_block, dcfg, normaliser)
-    out.loss.backward()
+        out = run.objective(batch, normaliser, stream, clean_block)
+    run.processes.backward(out.loss, micro)
     return out
 
 

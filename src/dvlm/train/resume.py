@@ -25,10 +25,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from dvlm.atomic import first_line, written_whole
 from dvlm.model.checkpoint_files import CheckpointError, check_weights
 from dvlm.model.loaded import LoadedModel
+from dvlm.train.lora import ADAPTER_FILE
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -83,11 +85,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # -- writing -----------------------------------------------------------------------------------------
 
 
-def save_checkpoint(run_dir: Path, step: int, lm: LoadedModel, optimizer, scheduler, state: dict[str, Any], keep: int) -> Path:
-    """Write checkpoint-<step> atomically and keep only the newest `keep` checkpoints."""
+def save_checkpoint(run_dir: Path, step: int, lm: LoadedModel, optimizer, scheduler, state: dict[str, Any],
+                    keep: int, write_weights: Callable[[Path], None] | None = None) -> Path:
+    """Write checkpoint-<step> atomically and keep only the newest `keep` checkpoints.
+
+    `write_weights` writes what trains into the checkpoint folder (default: the whole model, as
+    `LoadedModel.save`; a LoRA run writes its adapter tensors, a sharded one its gathered weights)."""
     final = checkpoint_dir(run_dir, step)
     with written_whole(final) as tmp:
-        lm.save(tmp)
+        if write_weights is None:
+            lm.save(tmp)
+        else:
+            write_weights(tmp)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / OPTIMIZER_FILE)
         # numpy's state holds a uint32 array; stored as a tensor so weights_only loading accepts it.
         rng = rng_state()
@@ -100,10 +109,11 @@ def save_checkpoint(run_dir: Path, step: int, lm: LoadedModel, optimizer, schedu
     return final
 
 
-def write_model(lm: LoadedModel, final: Path) -> None:
-    """The final model directory, written atomically like a checkpoint."""
+def write_model(lm: LoadedModel, final: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """The final model directory, written atomically like a checkpoint. `state_dict`: the gathered
+    weights when the model holds only its shard of them (FSDP2)."""
     with written_whole(final) as tmp:
-        lm.save(tmp)
+        lm.save(tmp, state_dict)
 
 
 # -- reading -----------------------------------------------------------------------------------------
@@ -148,7 +158,10 @@ def read_checkpoint(path: Path) -> Checkpoint:
     if not isinstance(state, dict) or state.get("step") != step:
         raise CheckpointError(f"{STATE_FILE}: not the trainer state of step {step}")
     _read_json(path / CONFIG_FILE)
-    check_weights(path)
+    if (path / ADAPTER_FILE).exists():  # a LoRA run's checkpoint: the adapter tensors, not the model
+        _check_safetensors(path / ADAPTER_FILE)
+    else:
+        check_weights(path)
     optimizer = _load_tensors(path / OPTIMIZER_FILE, ("optimizer", "scheduler"))
     rng = _load_tensors(path / RNG_FILE, ("python", "numpy", "torch", "cuda"))
     try:
@@ -172,6 +185,14 @@ def restore_training_state(checkpoint: Checkpoint, optimizer, scheduler) -> int:
     except (RuntimeError, TypeError, ValueError) as err:
         raise CheckpointError(f"{checkpoint.path / RNG_FILE}: not an RNG state ({err})") from err
     return checkpoint.step
+
+
+def _check_safetensors(file: Path) -> None:
+    try:
+        with safe_open(file, framework="pt") as f:
+            f.keys()
+    except Exception as err:  # safetensors raises its own error types for a torn or foreign file
+        raise CheckpointError(f"{file.name}: not a readable safetensors file ({err})") from err
 
 
 def _read_json(file: Path) -> Any:

@@ -1,0 +1,115 @@
+"""LoRA training: only the adapter and the mask token's rows train, the final model is merged and
+plain, and a resumed LoRA run is the uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dvlm
+from dvlm.config import ConfigError, TrainConfig
+from dvlm.train.loop import METRICS_FILE, train
+from dvlm.train.lora import ADAPTER_FILE, LoraSpecError, parse_lora
+from dvlm.tasks.builtin import export_llava, get_task
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return export_llava(
+        get_task("shapes-qa").generate("train", 8, seed=1),
+        tmp_path_factory.mktemp("lora-data"),
+    )
+
+
+def config(**changes) -> TrainConfig:
+    base = dict(
+        max_steps=3,
+        batch_size=4,
+        learning_rate=5e-3,
+        warmup_ratio=0.0,
+        lora="r=4,alpha=8",
+    )
+    return TrainConfig(**{**base, **changes})
+
+
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(model_dir / "model.safetensors")
+
+
+def test_parse_lora_reads_every_setting_and_refuses_bad_ones():
+    assert parse_lora("r=8,alpha=16,dropout=0.1,targets=q_proj+v_proj").targets == (
+        "q_proj",
+        "v_proj",
+    )
+    assert parse_lora("default").r == 16 and parse_lora("default").alpha == 32
+    for bad, match in [
+        ("r=0", "r >= 1"),
+        ("rank=4", "unknown LoRA setting"),
+        ("r", "key=value"),
+        ("alpha=x", "must be a number"),
+    ]:
+        with pytest.raises(LoraSpecError, match=match):
+            parse_lora(bad)
+    with pytest.raises(ConfigError, match="lora"):
+        TrainConfig(lora="r=-1")
+
+
+def test_lora_changes_only_adapted_layers_and_the_mask_row(tmp_path, data, fast_checkpoint):
+    result = train(fast_checkpoint, data, tmp_path / "run", config(), progress=False)
+    before, after = weights(Path(fast_checkpoint)), weights(result.model_dir)
+    assert before.keys() == after.keys()  # merged: no peft names left, a plain checkpoint
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith("_proj.weight") or "merger.mlp" in k or "embed_tokens" in k for k in changed)
+    assert not any("visual.blocks" in k or "norm" in k for k in changed)  # ViT and norms frozen
+    assert any("visual.blocks" in k for k in before)
+    embedding = next(k for k in changed if k.endswith("embed_tokens.weight"))
+    rows = (before[embedding] != after[embedding]).any(dim=1).nonzero().flatten().tolist()
+    mask_id = dvlm.load(fast_checkpoint).diffusion.mask_token_id
+    assert rows == [mask_id]  # of the vocabulary, only the mask token's row trained
+    reloaded = dvlm.load(result.model_dir)
+    assert reloaded.generate("How many shapes are there?", images=[_image(data)], max_new_tokens=4).text is not None
+
+
+def test_lora_resume_equals_the_uninterrupted_run(tmp_path, data, fast_checkpoint):
+    cfg = config(max_steps=4, save_every=2)
+    full = train(fast_checkpoint, data, tmp_path / "a", cfg, progress=False)
+
+    def stop_at_3(step: int, record: dict) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            fast_checkpoint,
+            data,
+            tmp_path / "b",
+            cfg,
+            progress=False,
+            on_step=stop_at_3,
+        )
+    checkpoint = tmp_path / "b" / "checkpoint-000002"
+    assert (checkpoint / ADAPTER_FILE).is_file() and not (checkpoint / "model.safetensors").exists()
+    resumed = train(fast_checkpoint, data, tmp_path / "b", cfg, progress=False, resume=True)
+    assert resumed.losses == full.losses[2:]
+    lines = [json.loads(line) for line in (tmp_path / "b" / METRICS_FILE).read_text().splitlines()]
+    assert [r["loss"] for r in lines] == full.losses
+    a, b = weights(full.model_dir), weights(resumed.model_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="LoRA checkpoint"):
+        train(
+            fast_checkpoint,
+            data,
+            tmp_path / "b",
+            TrainConfig(**{**cfg.__dict__, "lora": None, "max_steps": 6}),
+            progress=False,
+            resume=True,
+        )
+
+
+def _image(data: Path) -> Path:
+    record = json.loads(data.read_text())[0]
+    return data.parent / record["image"]
