@@ -7,6 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+    LlavaOnevisionImageProcessorPil,
+)
 
 from dvlm.data.processor import IGNORE_INDEX, ChatProcessor
 from dvlm.model.adapters.anyres import TileFeatures, capped_grid, max_tiles, unpadded_grid
@@ -24,6 +27,8 @@ from dvlm.zoo.tokenizer import build_tokenizer
 ADAPTER = LlavaOnevisionAdapter()
 SIZES = [(56, 56), (28, 28), (20, 90), (90, 20), (40, 56), (48, 56), (13, 100), (150, 200), (111, 37)]
 """(height, width) of test images: square, one tile, wide, tall, letterboxed, odd, large."""
+RELEASED_PINPOINTS = [tuple(p) for p in LlavaOnevisionImageProcessorPil.image_grid_pinpoints]
+"""The released image processor's tilings: 384 px tiles, 1×1 up to 6×6."""
 
 
 @pytest.fixture(scope="module")
@@ -63,23 +68,27 @@ def chat_format(model, tokenizer):
     return ADAPTER.chat_format(tokenizer, image_processor, features)
 
 
-# The tiny models' tiling; the same with a cap of one tile (most grids shrink); 3×3 features per
-# tile (odd: letterbox padding leaves a row) on up to 3×3 tiles, capped at 2 tiles' worth.
+# The tiny models' tiling; the same with a cap of one tile (most grids shrink); 45 px tiles of 14 px
+# patches (3×3 features, 3 px unread, as SigLIP's 384 px tiles leave 6; odd sides: letterbox
+# padding leaves a row) on up to 3×3 tiles, capped at 2 tiles' worth.
 TILINGS = {
+    "released": dict(tile=384, pinpoints=RELEASED_PINPOINTS, scale=8),  # the real geometry, a tiny tower
     "tiny": {},
     "capped": dict(aspect="anyres_max_1"),
-    "odd": dict(tile=42, pinpoints=[(r * 42, c * 42) for r in (1, 2, 3) for c in (1, 2, 3)], aspect="anyres_max_2"),
+    "odd": dict(tile=45, pinpoints=[(r * 45, c * 45) for r in (1, 2, 3) for c in (1, 2, 3)], aspect="anyres_max_2"),
 }
 
 
 @pytest.mark.parametrize("tiling", TILINGS)
 def test_image_token_count_equals_the_models_packing(tokenizer, tiling):
-    model = build_model(tokenizer, **TILINGS[tiling])
+    settings = dict(TILINGS[tiling])
+    scale = settings.pop("scale", 1)
+    model = build_model(tokenizer, **settings)
     fmt = chat_format(model, tokenizer)
     counts = []
-    for size in SIZES:
-        vision, tokens = fmt.process_images([image_of(*size)])
-        assert tokens == packed_lengths(model, vision), size
+    for height, width in SIZES:
+        vision, tokens = fmt.process_images([image_of(scale * height, scale * width)])
+        assert tokens == packed_lengths(model, vision), (height, width)
         counts += tokens
     assert len(set(counts)) > 3  # the sizes really give different layouts
 
@@ -126,6 +135,7 @@ def test_grid_arithmetic_examples():
         max_tiles("pad")
     with pytest.raises(ValueError, match="multiple of the tile size"):
         TileFeatures(28, 14, 9, ((28, 30),))
+    assert TileFeatures(384, 14, 9, ((384, 768),)).side == 27  # the released models' 729 features a tile
 
 
 def test_chat_layout_is_the_tokenizers_chat_template(tokenizer):

@@ -3,7 +3,7 @@
 The chat layout must put exactly as many image tokens in the text as the model's feature packing
 produces (`LlavaOnevisionModel.pack_image_features`), before any pixel reaches the model. The
 packing of one image of H×W pixels, with tiles of T pixels and vision patches of P pixels
-(s = T/P features per tile side):
+(s = T // P features per tile side):
 
 1. the image is resized into the best of the grid pinpoints (a multiple of T on both sides) and
    cut into tiles; a downscaled copy of the whole image is one more tile, the "base";
@@ -43,7 +43,8 @@ class TileFeatures:
     tile_size: int
     """Pixels per tile side (the image processor's size, the vision tower's image_size)."""
     patch_size: int
-    """Pixels per vision patch side: a tile gives (tile_size / patch_size)² features."""
+    """Pixels per vision patch side: a tile gives (tile_size // patch_size)² features (SigLIP's 384 px
+    tiles of 14 px patches: 27², the last 6 px of each side unread)."""
     max_tiles: int
     """N of the model's `vision_aspect_ratio` "anyres_max_N": feature grids above ~N tiles shrink."""
     pinpoints: tuple[tuple[int, int], ...]
@@ -51,16 +52,15 @@ class TileFeatures:
 
     @classmethod
     def from_image_processor(cls, image_processor: Any, patch_size: int, vision_aspect_ratio: str) -> TileFeatures:
-        size = image_processor.size
-        if size.get("height") != size.get("width") or not size.get("height"):
-            raise ValueError(f"the image processor's size {dict(size)} is not a square tile")
-        return cls(tile_size=int(size["height"]), patch_size=patch_size,
+        size = image_processor.size  # {height, width} of a square tile, or its {shortest_edge}
+        tile = size.get("height") or size.get("shortest_edge")
+        if not tile or size.get("height") != (size.get("width") if size.get("height") else None):
+            raise ValueError(f"the image processor's size {size} is not a square tile")
+        return cls(tile_size=int(tile), patch_size=patch_size,
                    max_tiles=max_tiles(vision_aspect_ratio),
                    pinpoints=tuple((int(h), int(w)) for h, w in image_processor.image_grid_pinpoints))
 
     def __post_init__(self) -> None:
-        if self.tile_size % self.patch_size:
-            raise ValueError(f"tile size {self.tile_size} is not a multiple of the patch size {self.patch_size}")
         odd = [p for p in self.pinpoints if p[0] % self.tile_size or p[1] % self.tile_size]
         if odd or not self.pinpoints:
             raise ValueError(f"grid pinpoints {odd or 'none'}: each must be a multiple of the tile size "
@@ -68,7 +68,7 @@ class TileFeatures:
 
     @property
     def side(self) -> int:
-        """Features per tile side."""
+        """Features per tile side (the vision tower's patch grid: a remainder of pixels is not read)."""
         return self.tile_size // self.patch_size
 
     def tile_grid(self, height: int, width: int) -> tuple[int, int]:
