@@ -29,13 +29,14 @@ from dvlm.zoo.tokenizer import build_tokenizer  # noqa: E402
 TEST_SHAPE = TinyShape(initializer_range=0.3)
 
 
-FAMILIES = (REFERENCE_ARCHITECTURE, "Qwen2VLForConditionalGeneration", "Qwen3VLForConditionalGeneration")
+FAMILIES = (REFERENCE_ARCHITECTURE, "Qwen2VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
+            "LlavaOnevisionForConditionalGeneration")
 """The architectures the shared checkpoint fixtures are built for: a new family adds its own here."""
-CHECKPOINT_SEEDS = {"Qwen2VLForConditionalGeneration": 1}
+CHECKPOINT_SEEDS = {"Qwen2VLForConditionalGeneration": 1, "LlavaOnevisionForConditionalGeneration": 2}
 """Seed of a family's random test checkpoint where 0 does not serve. The checks that give the
 equality tests teeth need long, varied outputs; seed 0's tiny Qwen2-VL ends one probe answer after
 9 tokens (tests/test_quantize.py wants 10) and samples the same 12 tokens under two seeds
-(tests/decode/test_join.py)."""
+(tests/decode/test_join.py). Seed 0's tiny LLaVA-OneVision ends some join-test answers at once."""
 
 
 @pytest.fixture(scope="session", params=FAMILIES, ids=lambda a: adapter_for_architecture(a).family)

@@ -1,6 +1,7 @@
 """The facade users call: dvlm.load and DVLM.generate on hostile or unusual input."""
 
 import json
+import re
 import shutil
 import warnings
 
@@ -9,6 +10,7 @@ import torch
 
 import dvlm
 from dvlm.api import PositionLimitWarning, PromptError
+from dvlm.data.chat import IMAGE_PLACEHOLDER
 from dvlm.model.checkpoint_files import CheckpointError
 
 
@@ -63,13 +65,21 @@ def test_batch_errors_name_the_prompt(lm, image, tmp_path):
         lm.generate(["Read the digits.", "Describe."], images=[[image], [str(tmp_path / "nope.png")]])
 
 
-@pytest.mark.parametrize("token", ["<|endoftext|>", "<|video_pad|>", "<|im_start|>", "<|mask|>"])
-def test_special_tokens_in_prompt_text_are_refused(lm, token):
-    """D15: added special tokens typed as text became control tokens."""
-    with pytest.raises(ValueError, match=f"special token '{token.replace('|', '.')}'"):
-        lm.generate(f"Read {token} the digits.")
-    with pytest.raises(ValueError, match="special token"):
-        lm.generate([{"role": "system", "content": f"be {token}"}, {"role": "user", "content": "hi"}])
+def special_tokens(lm) -> list[str]:
+    """Every special token of the model's tokenizer but the image placeholder (which stands for an image)."""
+    added = lm.processor.tokenizer.added_tokens_decoder.values()
+    return sorted({t.content for t in added if t.special} - {IMAGE_PLACEHOLDER})
+
+
+def test_special_tokens_in_prompt_text_are_refused(lm):
+    """D15: added special tokens typed as text became control tokens. Every one of the family's."""
+    tokens = special_tokens(lm)
+    assert {"<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"} <= set(tokens)
+    for token in tokens:
+        with pytest.raises(ValueError, match=f"special token '{re.escape(token)}'"):
+            lm.generate(f"Read {token} the digits.")
+        with pytest.raises(ValueError, match="special token"):
+            lm.generate([{"role": "system", "content": f"be {token}"}, {"role": "user", "content": "hi"}])
 
 
 def test_positions_beyond_the_model_warn_or_fail(lm):

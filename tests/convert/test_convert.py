@@ -23,6 +23,7 @@ from dvlm.config import ConfigError, DiffusionConfig
 from dvlm.convert import conversion as convert_module
 from dvlm.convert.conversion import REPORT_FILE, ConversionError, convert_checkpoint
 from dvlm.convert.verify import causal_logits, max_logit_difference, probe_input
+from dvlm.data.collate import collate
 from dvlm.model.adapters.registry import UnsupportedArchitectureError
 from tests.convert.sources import SHAPE, build_checkpoint, quiet
 
@@ -57,15 +58,12 @@ def probe(source):
     return sample
 
 
-def hf_forward_logits(model, sample) -> torch.Tensor:
-    """(L, V) logits of the HF model's own forward (its own masks and M-RoPE positions)."""
+def hf_forward_logits(lm, sample) -> torch.Tensor:
+    """(L, V) logits of the HF model's own forward (its own masks and positions), given the inputs
+    the family's HF generate takes (vision tensors, token types...)."""
+    batch = collate([sample], lm.processor.pad_token_id)
     with torch.inference_mode():
-        out = model(
-            input_ids=sample.input_ids[None],
-            pixel_values=sample.vision["pixel_values"],
-            image_grid_thw=sample.vision["image_grid_thw"],
-            mm_token_type_ids=sample.mm_token_type_ids[None],
-        )
+        out = lm.model(input_ids=batch.input_ids, **lm.adapter.hf_generate_inputs(batch))
     return out.logits[0].float()
 
 
@@ -86,8 +84,8 @@ def test_converted_causal_logits_equal_source(source, converted, probe, preset):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_converted_hf_forward_logits_equal_source(source, converted, probe, preset):
     """Independent of dvlm's seams: HF's own forward of source and converted models agree."""
-    reference = hf_forward_logits(source.model, probe)
-    logits = hf_forward_logits(converted[preset].model, probe)
+    reference = hf_forward_logits(source, probe)
+    logits = hf_forward_logits(converted[preset], probe)
     vocab = reference.shape[-1]
     torch.testing.assert_close(logits[:, :vocab], reference, rtol=0, atol=1e-5)
 
@@ -95,7 +93,7 @@ def test_converted_hf_forward_logits_equal_source(source, converted, probe, pres
 def test_verify_causal_logits_match_hf_forward(source, probe):
     """dvlm's causal forward (own masks, own M-RoPE positions) is the HF model's forward."""
     ours = causal_logits(source.adapter, source.model, probe, source.processor.pad_token_id)
-    torch.testing.assert_close(ours, hf_forward_logits(source.model, probe), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours, hf_forward_logits(source, probe), rtol=1e-4, atol=1e-4)
 
 
 # -- the mask token ----------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ purpose, config.json says what was written, and a quantized source is refused.""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -21,6 +22,7 @@ from dvlm.convert.verify import causal_logits, probe_input
 from dvlm.model.checkpoint_files import CheckpointError
 from tests.convert.sources import (
     INDEX_FILE,
+    SHAPE,
     build_checkpoint,
     config_dtypes,
     data_bytes,
@@ -33,9 +35,11 @@ from tests.convert.sources import (
 
 @pytest.fixture(scope="module")
 def bf16_sharded(tmp_path_factory, tokenizer, adapter):
-    """A tiny bf16 source in 3 shards with an index, as a downloaded Qwen2.5-VL is laid out."""
-    src = build_checkpoint(tmp_path_factory.mktemp("bf16") / "src", tokenizer, adapter=adapter,
-                           dtype=torch.bfloat16, max_shard_size="150KB")
+    """A tiny bf16 source in 3 shards with an index, as a downloaded model is laid out (shards of
+    2/5 of the weights' bytes: 3 for every family's tiny model)."""
+    weight_bytes = 2 * sum(p.numel() for p in adapter.random_model(tokenizer, SHAPE).parameters())
+    src = build_checkpoint(tmp_path_factory.mktemp("bf16") / "src", tokenizer, adapter=adapter, dtype=torch.bfloat16,
+                           max_shard_size=f"{math.ceil(weight_bytes / 2.5 / 1000)}KB")
     assert shard_files(src) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
     return src
 

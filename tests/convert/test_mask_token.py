@@ -26,25 +26,23 @@ def convert_with_mask(src, out, token):
     return convert_checkpoint(src, out, overrides={"mask_token": token}, log=quiet)
 
 
-@pytest.mark.parametrize(
-    ("token", "why"),
-    [
-        ("<|im_end|>", "eos"),
-        ("<|endoftext|>", "pad"),
-        ("<|im_start|>", "chat"),
-        ("<|vision_start|>", "chat"),
-        ("<|vision_end|>", "chat"),
-        ("<|image_pad|>", "chat"),
-        ("<|video_pad|>", "chat"),
-        ("<image>", "image placeholder"),
-        ("<unk>", "unk"),
-    ],
-)
-def test_token_the_chat_uses_is_refused(tmp_path, ar_checkpoint, token, why):
+QWEN_VL_USED_TOKENS = [("<|im_end|>", "eos"), ("<|endoftext|>", "pad"), ("<|im_start|>", "chat"),
+                       ("<|vision_start|>", "chat"), ("<|vision_end|>", "chat"), ("<|image_pad|>", "chat"),
+                       ("<|video_pad|>", "chat"), ("<image>", "image placeholder"), ("<unk>", "unk")]
+USED_TOKENS = {
+    "Qwen2.5-VL": QWEN_VL_USED_TOKENS, "Qwen2-VL": QWEN_VL_USED_TOKENS, "Qwen3-VL": QWEN_VL_USED_TOKENS,
+    "LLaVA-OneVision": [("<|im_end|>", "eos"), ("<|endoftext|>", "pad"), ("<|im_start|>", "chat"),
+                        ("<image>", "chat"), ("<video>", "config.json video_token_index"), ("<unk>", "unk")],
+}
+"""Per family (its display name): the tokens its chat or model uses, and the reason each is refused."""
+
+
+def test_token_the_chat_uses_is_refused(tmp_path, ar_checkpoint, adapter):
     out = tmp_path / "out"
-    with pytest.raises(ConfigError, match=f"mask_token {re.escape(repr(token))} .*is used by the chat.*{why}"):
-        convert_with_mask(ar_checkpoint, out, token)
-    assert list(tmp_path.iterdir()) == []
+    for token, why in USED_TOKENS[adapter.family]:
+        with pytest.raises(ConfigError, match=f"mask_token {re.escape(repr(token))} .*is used by the chat.*{why}"):
+            convert_with_mask(ar_checkpoint, out, token)
+        assert list(tmp_path.iterdir()) == []
 
 
 def test_ordinary_vocabulary_token_is_refused(tmp_path, ar_checkpoint, tokenizer):

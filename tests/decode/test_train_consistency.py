@@ -36,11 +36,12 @@ def recording_context(passes: list):
     return Recording
 
 
-def _as_training_sample(prompt: Encoded, answer: list[int]) -> Encoded:
-    """The prompt followed by the decoded answer (labelled), positions continuing the prompt's."""
+def _as_training_sample(lm, prompt: Encoded, answer: list[int]) -> Encoded:
+    """The prompt followed by the decoded answer (labelled), positions continuing the prompt's (as
+    text, on every axis of the family's positions)."""
     n = len(answer)
     start = prompt.next_position
-    answer_positions = (start + torch.arange(n))[None].expand(3, -1)
+    answer_positions = lm.positions.along_axes(start + torch.arange(n))
     return Encoded(
         input_ids=torch.cat([prompt.input_ids, torch.tensor(answer)]),
         labels=torch.cat([torch.full((len(prompt),), IGNORE_INDEX), torch.tensor(answer)]),
@@ -72,7 +73,7 @@ def _check_decoder_against_training(lm, prompt: Encoded, cfg: DecodeConfig):
     passes = []
     out = generate_block(lm, [prompt], cfg, context_cls=recording_context(passes))[0]
     assert len(out.tokens) == cfg.max_new_tokens  # a whole answer: every decoded block is complete
-    batch = collate([_as_training_sample(prompt, out.tokens)], lm.processor.pad_token_id)
+    batch = collate([_as_training_sample(lm, prompt, out.tokens)], lm.processor.pad_token_id)
     clean_block = clean_block_ids(batch.labels, batch.attention_mask, lm.diffusion, cfg.block_size)
     stream = _passes_as_noisy_stream(lm, passes, batch, clean_block, prompt.next_position - len(prompt))
     clean = lm.adapter.embed(lm.model, batch.input_ids, batch.vision)

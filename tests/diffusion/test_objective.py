@@ -59,9 +59,10 @@ def test_clean_stream_is_the_ar_model(models, image, noisy_stream):
     reference = causal_logits(lm.adapter, lm.model, sample, lm.processor.pad_token_id)
     assert torch.allclose(clean_logits, reference, atol=ATOL)
     # And against HF's own forward (its own mask and rope index), independently of our seams.
+    # The family's own model inputs are those its HF generate takes (vision tensors, token types...).
+    batch = collate([sample], lm.processor.pad_token_id)
     with torch.no_grad():
-        hf = lm.model(input_ids=sample.input_ids[None], pixel_values=sample.vision["pixel_values"],
-                      image_grid_thw=sample.vision["image_grid_thw"], mm_token_type_ids=sample.mm_token_type_ids[None]).logits[0]
+        hf = lm.model(input_ids=batch.input_ids, **lm.adapter.hf_generate_inputs(batch)).logits[0]
     assert torch.allclose(clean_logits, hf, atol=ATOL)
 
 

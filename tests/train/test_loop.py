@@ -348,7 +348,14 @@ def test_bfloat16_autocast_trains_with_fp32_master_weights(tmp_path, data, fast_
     assert {t.dtype for t in saved.values()} == {torch.float32}
 
 
-def test_vision_learning_rate_gets_its_own_parameter_group(fast_checkpoint):
+PROJECTORS = {"Qwen2.5-VL": lambda model: model.model.visual.merger,
+              "Qwen2-VL": lambda model: model.model.visual.merger,
+              "Qwen3-VL": lambda model: model.model.visual.merger,
+              "LLaVA-OneVision": lambda model: model.model.multi_modal_projector}
+"""Per family (its display name): the module that projects vision features into the language model."""
+
+
+def test_vision_learning_rate_gets_its_own_parameter_group(fast_checkpoint, adapter):
     from dvlm.config import TrainConfig
     from dvlm.train.loop import parameter_groups
 
@@ -358,7 +365,7 @@ def test_vision_learning_rate_gets_its_own_parameter_group(fast_checkpoint):
     vision = lm.adapter.vision_parameters(lm.model)
     assert groups[1]["lr"] == 5e-3 and len(groups[1]["params"]) == len(vision) > 0
     assert len(groups[0]["params"]) + len(vision) == len(list(lm.model.parameters()))
-    merger = {id(p) for p in lm.model.model.visual.merger.parameters()}
-    assert not merger & {id(p) for p in vision}  # the projector trains with the language model
+    projector = {id(p) for p in PROJECTORS[adapter.family](lm.model).parameters()}
+    assert projector and not projector & {id(p) for p in vision}  # the projector trains with the language model
     frozen = parameter_groups(lm, TrainConfig(vision_learning_rate=0.0))
     assert len(frozen) == 1 and not any(p.requires_grad for p in vision)

@@ -58,14 +58,23 @@ def test_parse_lora_reads_every_setting_and_refuses_bad_ones():
         TrainConfig(lora="r=-1")
 
 
-def test_lora_changes_only_adapted_layers_and_the_mask_row(tmp_path, data, fast_checkpoint):
+QWEN_VL_NAMES = ("merger.mlp", "visual.blocks")
+CHECKPOINT_NAMES = {"Qwen2.5-VL": QWEN_VL_NAMES, "Qwen2-VL": QWEN_VL_NAMES,
+                    "Qwen3-VL": ("merger", "visual.blocks"),  # merger.linear_fc*, deepstack_merger_list.*
+                    "LLaVA-OneVision": ("multi_modal_projector.linear_", "vision_tower.encoder.layers")}
+"""Per family (its display name): what names its projectors' linear layers and its vision encoder's
+blocks in a checkpoint."""
+
+
+def test_lora_changes_only_adapted_layers_and_the_mask_row(tmp_path, data, fast_checkpoint, adapter):
+    projector, vision_blocks = CHECKPOINT_NAMES[adapter.family]
     result = train(fast_checkpoint, data, tmp_path / "run", config(), progress=False)
     before, after = weights(Path(fast_checkpoint)), weights(result.model_dir)
     assert before.keys() == after.keys()  # merged: no peft names left, a plain checkpoint
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and all(k.endswith("_proj.weight") or "merger.mlp" in k or "embed_tokens" in k for k in changed)
-    assert not any("visual.blocks" in k or "norm" in k for k in changed)  # ViT and norms frozen
-    assert any("visual.blocks" in k for k in before)
+    assert changed and all(k.endswith("_proj.weight") or projector in k or "embed_tokens" in k for k in changed)
+    assert not any(vision_blocks in k or "norm" in k for k in changed)  # the vision encoder and norms frozen
+    assert any(vision_blocks in k for k in before)
     embedding = next(k for k in changed if k.endswith("embed_tokens.weight"))
     rows = (before[embedding] != after[embedding]).any(dim=1).nonzero().flatten().tolist()
     mask_id = dvlm.load(fast_checkpoint).diffusion.mask_token_id

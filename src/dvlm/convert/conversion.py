@@ -181,11 +181,12 @@ def chat_tokens(processor: ChatProcessor, config: dict[str, Any]) -> dict[str, s
 
 
 def config_token_ids(config: dict[str, Any]) -> list[tuple[str, int]]:
-    """Every `*_token_id(s)` of config.json and its sub-configs (image, video, vision tokens...)."""
+    """Every `*_token_id(s)` and `*_token_index` of config.json and its sub-configs (image, video,
+    vision tokens...; some families name their token ids `image_token_index`)."""
     found = []
     for where in [config, *(v for v in config.values() if isinstance(v, dict))]:
         for key, value in where.items():
-            if re.fullmatch(r".+_token_ids?", key):
+            if re.fullmatch(r".+_token_(ids?|index)", key):
                 found += [(key, i) for i in (value if isinstance(value, list) else [value]) if isinstance(i, int)]
     return found
 
