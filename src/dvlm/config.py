@@ -30,6 +30,7 @@ TIE_BREAKS = ("lowest_index", "topk")
 DECODERS = ("ar", "block", "spec", "spec-quadratic", "hf")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OBJECTIVES = ("diffusion", "autoregressive")
+TRAINABLE = ("all", "projector")
 
 
 class ConfigError(ValueError):
@@ -388,6 +389,10 @@ class TrainConfig:
     plus the AR CE weighted by `ar_loss_weight`). `autoregressive`: plain next-token training
     (causal mask, no noise) of an AR model, as the built-in AR model is made before conversion.
     (Called `ar_loss: true` before; that key is refused with a pointer here.)"""
+    trainable: str = "all"
+    """`all`: every parameter trains (the vision encoder at `vision_learning_rate`). `projector`:
+    only the projector between vision encoder and language model trains, both frozen: the
+    alignment stage of a model assembled from parts (`dvlm assemble`), with `objective: autoregressive`."""
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -407,6 +412,10 @@ class TrainConfig:
             raise ConfigError(f"save_every must be >= 0, got {self.save_every}")
         _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
         _check_choice("objective", self.objective, OBJECTIVES)
+        _check_choice("trainable", self.trainable, TRAINABLE)
+        if self.trainable == "projector" and self.vision_learning_rate is not None:
+            raise ConfigError("vision_learning_rate has no effect with trainable='projector' (the vision encoder "
+                              "is frozen); leave it unset")
 
     @property
     def autoregressive(self) -> bool:
