@@ -197,8 +197,9 @@ class Adapter:
         """A model of this family made of a local causal LM checkpoint and a local vision tower
         checkpoint (their weights copied exactly) joined by a freshly initialised projector (`seed`),
         with the tokenizer and image processor the family's chat needs. dtype None: the LM's.
-        Families that cannot be assembled from parts do not override this."""
-        raise NotImplementedError(f"{self.family} checkpoints cannot be assembled from parts")
+        Optional: families that cannot be assembled from parts do not override this (ValueError,
+        not NotImplementedError: it is not part of the interface every family must write)."""
+        raise ValueError(f"{self.family} checkpoints cannot be assembled from parts")
 
     # -- a small random model of the family ------------------------------------------------------
     def tokenizer_spec(self) -> TokenizerSpec:
