@@ -82,11 +82,11 @@ def assemble(adapter: Adapter, language_model: Path, vision_tower: Path, seed: i
     """The assembled model in memory (see the module docstring); dtype None: the LM's saved dtype."""
     check_parts(language_model, vision_tower)
     dtype = dtype or getattr(torch, saved_dtype(read_config(language_model)) or "float32")
+    tokenizer = load_tokenizer(language_model)  # a missing tokenizer fails before the weights load
     lm = Qwen2ForCausalLM.from_pretrained(language_model, dtype=dtype, local_files_only=True, use_safetensors=True)
     with quiet_load_report():  # the head's weights are left out on purpose: no "unexpected keys" table
         tower = SiglipVisionModel.from_pretrained(vision_tower, dtype=dtype, local_files_only=True,
                                                   use_safetensors=True, vision_use_head=False)
-    tokenizer = load_tokenizer(language_model)
     added = add_chat_tokens(tokenizer)
     config = assembled_config(lm, tower, tokenizer)
     model = join_parts(config, lm, tower, seed).to(dtype)
@@ -98,10 +98,12 @@ def assemble(adapter: Adapter, language_model: Path, vision_tower: Path, seed: i
         f"with a new projector (seed {seed})")
     if added:
         log(f"added token(s) {', '.join(added)} to the tokenizer (mean-initialised rows)")
+    if {IM_START, IM_END} & set(added):
+        log("the language model's tokenizer had no ChatML tokens: their new rows train only when the language "
+            "model does (projector-only alignment leaves them as they are)")
     image_processor = tile_image_processor(config, vision_tower)
-    projector = [*model.model.multi_modal_projector.parameters(), model.model.image_newline]
     return AssembledModel(model, tokenizer, image_processor, written_weights_check(adapter, model), added_tokens=added,
-                          new_parameters=sum(p.numel() for p in projector))
+                          new_parameters=sum(p.numel() for p in adapter.projector_parameters(model)))
 
 
 @contextmanager
@@ -127,7 +129,6 @@ def assembled_config(lm: nn.Module, tower: nn.Module, tokenizer: Any) -> LlavaOn
     tile = tower.config.image_size
     ids = tokenizer.get_vocab()
     text, vision = part_config(lm), part_config(tower)
-    text["vocab_size"] = max(text["vocab_size"], len(tokenizer))
     return LlavaOnevisionConfig(
         text_config=text, vision_config=vision, tie_word_embeddings=lm.config.tie_word_embeddings,
         image_token_index=ids[IMAGE], video_token_index=ids[VIDEO], vision_feature_select_strategy="full",
