@@ -40,8 +40,8 @@ def image_file(tmp_path_factory, image) -> Path:
 def test_version_and_verbs(capsys):
     code, out, _ = run(capsys, "--version")
     assert code == 0 and out.strip() == f"dvlm {dvlm.__version__}"
-    assert set(VERBS) == {"convert", "train", "generate", "eval", "bench", "serve", "chat", "demo", "zoo", "quantize",
-                          "ablate"}
+    assert set(VERBS) == {"assemble", "convert", "train", "generate", "eval", "bench", "serve", "chat", "demo", "zoo",
+                          "quantize", "ablate"}
 
 
 def test_every_argument_has_help():

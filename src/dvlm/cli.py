@@ -1,6 +1,7 @@
 """The `dvlm` command line. The CLI is a dict of verbs: each verb is one function taking the
 parsed arguments, plus one function declaring those arguments; `VERBS` maps names to both.
 
+    dvlm assemble --lm ./my-causal-lm --vision ./my-vision-tower --out my-ar-vlm
     dvlm convert  --model ./my-ar-vlm --out my-dvlm
     dvlm train    --model my-dvlm --data train.json --out runs/r1 --steps 1000
     dvlm generate --model runs/r1/model --image cat.png --prompt "What is in the picture?"
@@ -36,6 +37,7 @@ from dvlm.config import (
     DEFAULT_THRESHOLD,
     DTYPES,
     PRESETS,
+    TRAINABLE,
     ConfigError,
     TrainConfig,
     from_dict,
@@ -95,6 +97,37 @@ def convert(args: argparse.Namespace) -> None:
     print(f"  max logit diff {report.max_logit_difference:.2e} (tolerance {report.tolerance:g}): verified")
 
 
+# -- assemble ------------------------------------------------------------------------------------
+def assemble_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lm", required=True, metavar="DIR",
+                   help="local causal language model checkpoint (safetensors, with its tokenizer)")
+    p.add_argument("--vision", required=True, metavar="DIR",
+                   help="local vision tower checkpoint (safetensors; its preprocessor_config.json is read if present)")
+    p.add_argument("--out", required=True, metavar="DST", help="directory to write the assembled AR VLM to")
+    p.add_argument("--architecture",
+                   help="the VLM architecture (config.json name) to assemble (default: the only one that can be)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the new projector's init (default: %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="dtype to write the model in (default: auto = the language model's)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists and is not empty")
+
+
+def assemble(args: argparse.Namespace) -> None:
+    """Join a causal LM and a vision tower with a new projector into an AR VLM checkpoint."""
+    from dvlm.convert.assembly import assemble_checkpoint
+
+    with quiet_hf_progress():
+        report = assemble_checkpoint(args.lm, args.vision, args.out, architecture=args.architecture, seed=args.seed,
+                                     dtype=args.dtype, overwrite=args.overwrite,
+                                     log=lambda line: print(line, flush=True))
+    print(f"assembled {report.language_model} + {report.vision_tower} -> {report.output}")
+    print(f"  architecture   {report.architecture} ({report.parameters:,} parameters, "
+          f"{report.new_parameters:,} of them new)")
+    print(f"  added tokens   {', '.join(report.added_tokens) or 'none'}")
+    print(f"  next           dvlm train --model {report.output} --trainable projector --ar ... (align the "
+          "projector), then dvlm convert")
+
+
 # -- train ---------------------------------------------------------------------------------------
 def train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
@@ -129,6 +162,9 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
                    help="LoRA instead of a full fine-tune, e.g. r=16,alpha=32,dropout=0.05,targets=q_proj+v_proj "
                         "(bare --lora: r=16, alpha=32, every language-model linear layer); the mask token's "
                         "rows train too and the final model has the updates merged in")
+    p.add_argument("--trainable", choices=TRAINABLE,
+                   help="what trains: all (default) or projector (vision encoder and language model frozen: "
+                        "aligning a model made by `dvlm assemble`, with --ar)")
     p.add_argument("--device", help="training device, e.g. cpu, cuda:0 (default: auto)")
     p.add_argument("--num-processes", type=int, metavar="N",
                    help="data parallel over N processes (DDP), through `accelerate launch --multi_gpu`; for "
@@ -139,7 +175,7 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
 TRAIN_FLAGS = {"steps": "max_steps", "batch_size": "batch_size", "grad_accum": "grad_accum", "lr": "learning_rate",
                "dtype": "dtype", "gradient_checkpointing": "gradient_checkpointing", "ar": "objective",
                "lora": "lora", "num_workers": "num_workers", "group_by_length": "group_by_length",
-               "report_to": "report_to"}
+               "report_to": "report_to", "trainable": "trainable"}
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -738,6 +774,8 @@ class Verb:
 
 
 VERBS: dict[str, Verb] = {
+    "assemble": Verb("join a causal language model and a vision tower into an AR VLM (new projector)",
+                     assemble_arguments, assemble),
     "convert": Verb("convert an AR vision-language checkpoint into a block-diffusion one", convert_arguments, convert),
     "train": Verb("fine-tune a converted model on LLaVA-format data", train_arguments, train),
     "generate": Verb("answer a prompt (with images) using a model", generate_arguments, generate),

@@ -30,6 +30,7 @@ TIE_BREAKS = ("lowest_index", "topk")
 DECODERS = ("ar", "block", "spec", "spec-quadratic", "hf")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OBJECTIVES = ("diffusion", "autoregressive")
+TRAINABLE = ("all", "projector")
 
 
 class ConfigError(ValueError):
@@ -452,6 +453,10 @@ class TrainConfig:
     """LoRA fine-tuning instead of a full one, e.g. "r=16,alpha=32,dropout=0.05,targets=q_proj+v_proj"
     ("default": r=16, alpha=32, every linear layer of the language model); the mask token's rows
     train too, the vision encoder is frozen, and the final model has the updates merged in."""
+    trainable: str = "all"
+    """`all`: every parameter trains (the vision encoder at `vision_learning_rate`). `projector`:
+    only the projector between vision encoder and language model trains, both frozen: the
+    alignment stage of a model assembled from parts (`dvlm assemble`), with `objective: autoregressive`."""
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -480,6 +485,10 @@ class TrainConfig:
                 parse_lora(self.lora)
             except LoraSpecError as err:
                 raise ConfigError(f"lora: {err}") from None
+        _check_choice("trainable", self.trainable, TRAINABLE)
+        if self.trainable == "projector" and self.vision_learning_rate is not None:
+            raise ConfigError("vision_learning_rate has no effect with trainable='projector' (the vision encoder "
+                              "is frozen); leave it unset")
 
     @property
     def autoregressive(self) -> bool:

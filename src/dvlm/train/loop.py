@@ -95,9 +95,12 @@ def lr_lambda(total_steps: int, cfg: TrainConfig) -> Callable[[int], float]:
 
 
 def parameter_groups(lm: LoadedModel, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """One AdamW group, or two when the vision encoder has its own learning rate (0 freezes it)."""
+    """One AdamW group, or two when the vision encoder has its own learning rate (0 freezes it);
+    with `trainable="projector"`, the projector's parameters alone (the rest frozen)."""
     if cfg.lora is not None:  # LoRA decides what trains; the vision encoder is frozen
         return [{"params": [p for p in lm.model.parameters() if p.requires_grad]}]
+    if cfg.trainable == "projector":
+        return [{"params": freeze_all_but(lm.model, lm.adapter.projector_parameters(lm.model))}]
     if cfg.vision_learning_rate is None:
         return [{"params": list(lm.model.parameters())}]
     vision_params = lm.adapter.vision_parameters(lm.model)
@@ -108,6 +111,16 @@ def parameter_groups(lm: LoadedModel, cfg: TrainConfig) -> list[dict[str, Any]]:
             p.requires_grad_(False)  # frozen: no gradients, no optimizer state
         return [{"params": rest}]
     return [{"params": rest}, {"params": vision_params, "lr": cfg.vision_learning_rate}]
+
+
+def freeze_all_but(model: torch.nn.Module, trained: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """Freeze every parameter of `model` but `trained` (no gradients, no optimizer state); returns `trained`."""
+    if not trained:
+        raise ConfigError("trainable='projector': this model has no projector parameters to train")
+    keep = {id(p) for p in trained}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    return trained
 
 
 def noise_generator(seed: int, step: int, micro: int) -> torch.Generator:

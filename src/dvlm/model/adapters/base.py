@@ -14,7 +14,10 @@ The interface, by concern:
   `causal_hidden_states` (the AR model's forward), `hf_generate_inputs`, `max_positions`;
 * conversion: `embedding_tables`, `resize_vocabulary` (provided through the HF API; override when
   a family's embeddings live elsewhere);
-* training: `vision_parameters`;
+* training: `vision_parameters`, `projector_parameters` (provided: what is neither vision tower
+  nor language model);
+* assembling a checkpoint of the family from a causal LM and a vision tower: `assemble` (optional;
+  DiffusionVL's LM -> dVLM route);
 * a small random model of the family, for tests and the built-in models: `tokenizer_spec`,
   `random_model`, `tiny_image_processor`.
 """
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -62,6 +65,23 @@ class TokenizerSpec:
     eos_token: str
     chat_template: str
     """A Jinja chat template rendering the family's layout, without a default system prompt."""
+
+
+@dataclass
+class AssembledModel:
+    """A model of the family made of a language model, a vision tower and a new projector
+    (`Adapter.assemble`), in memory, with what its written copy must hold."""
+
+    model: nn.Module
+    tokenizer: Any
+    image_processor: Any
+    check_written: Callable[[Path], None]
+    """Raises ValueError unless a checkpoint directory written from `model` holds every weight of
+    the parts bit for bit (so a renamed or re-initialised weight never passes unnoticed)."""
+    added_tokens: list[str]
+    """Tokens the chat needs that the language model's tokenizer lacked."""
+    new_parameters: int
+    """Parameters that are new (the projector's): what alignment trains."""
 
 
 class Adapter:
@@ -160,6 +180,26 @@ class Adapter:
     def vision_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         """Parameters of the vision encoder, without the projector (for their own learning rate)."""
         raise NotImplementedError
+
+    def projector_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """Parameters of the projector between the vision encoder and the language model: every
+        parameter neither in the vision encoder nor in the language model (its decoder, its output
+        embedding). What `TrainConfig.trainable = "projector"` trains (LLaVA's alignment stage)."""
+        elsewhere = {id(p) for p in self.vision_parameters(model)}
+        elsewhere |= {id(p) for p in model.get_decoder().parameters()}
+        output = model.get_output_embeddings()
+        elsewhere |= {id(p) for p in (output.parameters() if output is not None else ())}
+        return [p for p in model.parameters() if id(p) not in elsewhere]
+
+    # -- assembling from parts ---------------------------------------------------------------
+    def assemble(self, language_model: Path, vision_tower: Path, seed: int, dtype: torch.dtype | None,
+                 log: Callable[[str], None]) -> AssembledModel:
+        """A model of this family made of a local causal LM checkpoint and a local vision tower
+        checkpoint (their weights copied exactly) joined by a freshly initialised projector (`seed`),
+        with the tokenizer and image processor the family's chat needs. dtype None: the LM's.
+        Optional: families that cannot be assembled from parts do not override this (ValueError,
+        not NotImplementedError: it is not part of the interface every family must write)."""
+        raise ValueError(f"{self.family} checkpoints cannot be assembled from parts")
 
     # -- a small random model of the family ------------------------------------------------------
     def tokenizer_spec(self) -> TokenizerSpec:

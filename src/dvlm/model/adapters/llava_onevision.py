@@ -33,7 +33,7 @@ from dvlm.data.processor import ChatProcessor
 from dvlm.data.tokenizer import load_tokenizer
 from dvlm.data.vision import VisionInputs
 from dvlm.model.adapters.anyres import TileFeatures
-from dvlm.model.adapters.base import Adapter, TinyShape, TokenizerSpec
+from dvlm.model.adapters.base import Adapter, AssembledModel, TinyShape, TokenizerSpec
 from dvlm.model.adapters.qwen_chat import template_system_prompt
 from dvlm.model.adapters.registry import register
 from dvlm.model.checkpoint_files import read_config
@@ -213,6 +213,13 @@ class LlavaOnevisionAdapter(Adapter):
     def vision_parameters(self, model) -> list[nn.Parameter]:
         """The SigLIP tower only: the projector and `image_newline` train with the language model."""
         return list(model.model.vision_tower.parameters())
+
+    def assemble(self, language_model: Path, vision_tower: Path, seed: int, dtype: torch.dtype | None,
+                 log) -> AssembledModel:
+        """From a Qwen2 causal LM and a SigLIP tower: `dvlm.model.adapters.llava_onevision_assembly`."""
+        from dvlm.model.adapters.llava_onevision_assembly import assemble
+
+        return assemble(self, language_model, vision_tower, seed, dtype, log)
 
     def tokenizer_spec(self) -> TokenizerSpec:
         return TokenizerSpec((ENDOFTEXT, IM_START, IM_END, VIDEO), pad_token=ENDOFTEXT, eos_token=IM_END,

@@ -36,6 +36,12 @@ def supported_architectures() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def assembling_architectures() -> list[str]:
+    """Architectures whose adapter can assemble a checkpoint from a language model and a vision tower."""
+    _load_builtin_adapters()
+    return sorted(arch for arch, cls in _REGISTRY.items() if cls.assemble is not Adapter.assemble)
+
+
 def adapter_for_architecture(architecture: str) -> Adapter:
     _load_builtin_adapters()
     if architecture not in _REGISTRY:
