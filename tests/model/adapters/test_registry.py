@@ -44,7 +44,7 @@ def adapter_classes() -> list[type[Adapter]]:
 
 
 def test_the_interface_has_abstract_methods_to_check():
-    assert {"load_model", "chat_format", "embed", "hidden_states", "logits", "new_cache",
+    assert {"chat_format", "embed", "hidden_states", "logits", "new_cache",
             "vision_parameters", "tokenizer_spec", "random_model", "tiny_image_processor"} <= abstract_methods(Adapter)
 
 
@@ -63,6 +63,9 @@ def test_every_family_implements_the_whole_interface(architecture):
     cls = type(adapter_for_architecture(architecture))
     missing = sorted(name for name in abstract_methods(Adapter) if getattr(cls, name) is getattr(Adapter, name))
     assert missing == [], f"{cls.__name__} does not implement {missing}"
+    # load_model: the family names its transformers class, or loads the model itself.
+    assert cls.model_class is not None or cls.load_model is not Adapter.load_model
+    assert cls.model_class is None or architecture in (cls.model_class.__name__, *cls.architectures)
 
 
 def test_the_reference_family_is_registered():

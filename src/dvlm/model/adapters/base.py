@@ -91,11 +91,19 @@ class Adapter:
     """The `architectures` names in config.json this adapter serves."""
     family: ClassVar[str] = ""
     """The family's name for people (model cards, messages)."""
+    model_class: ClassVar[type[nn.Module] | None] = None
+    """The transformers class `load_model` loads (its `from_pretrained`)."""
 
     # -- loading -----------------------------------------------------------------------------
     def load_model(self, path: str | Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
-        """The network from a local safetensors checkpoint, in eval mode, with SDPA attention."""
-        raise NotImplementedError
+        """The network from a local safetensors checkpoint, in eval mode, with SDPA attention:
+        `model_class.from_pretrained` offline (a family sets `model_class`, or overrides this)."""
+        if self.model_class is None:
+            raise NotImplementedError
+        model = self.model_class.from_pretrained(
+            path, dtype=dtype, local_files_only=True, use_safetensors=True, attn_implementation="sdpa"
+        )
+        return model.to(device).eval()
 
     def load_image_processor(self, path: str | Path) -> Any:
         """The checkpoint's image processor (a PIL one: dvlm never needs torchvision)."""

@@ -156,12 +156,7 @@ class LlavaOnevisionChatFormat(ChatFormat):
 class LlavaOnevisionAdapter(Adapter):
     architectures = ("LlavaOnevisionForConditionalGeneration",)
     family = "LLaVA-OneVision"
-
-    def load_model(self, path: str | Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
-        model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-            path, dtype=dtype, local_files_only=True, use_safetensors=True, attn_implementation="sdpa"
-        )
-        return model.to(device).eval()
+    model_class = LlavaOnevisionForConditionalGeneration
 
     def load_image_processor(self, path: str | Path) -> Any:
         return LlavaOnevisionImageProcessorPil.from_pretrained(path, local_files_only=True)

@@ -36,12 +36,7 @@ MERGE_SIZE = 2
 class Qwen25VLAdapter(Adapter):
     architectures = ("Qwen2_5_VLForConditionalGeneration",)
     family = "Qwen2.5-VL"
-
-    def load_model(self, path: str | Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            path, dtype=dtype, local_files_only=True, use_safetensors=True, attn_implementation="sdpa"
-        )
-        return model.to(device).eval()
+    model_class = Qwen2_5_VLForConditionalGeneration
 
     def load_image_processor(self, path: str | Path) -> Any:
         # Explicit PIL class: AutoImageProcessor would pick the torchvision backend when

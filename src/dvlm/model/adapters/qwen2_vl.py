@@ -11,10 +11,8 @@ full attention in every block (no window attention) whose `embed_dim` is the ViT
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
@@ -27,12 +25,7 @@ from dvlm.model.adapters.registry import register
 class Qwen2VLAdapter(Qwen25VLAdapter):
     architectures = ("Qwen2VLForConditionalGeneration",)
     family = "Qwen2-VL"
-
-    def load_model(self, path: str | Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
-        model = Qwen2VLForConditionalGeneration.from_pretrained(
-            path, dtype=dtype, local_files_only=True, use_safetensors=True, attn_implementation="sdpa"
-        )
-        return model.to(device).eval()
+    model_class = Qwen2VLForConditionalGeneration
 
     def random_model(self, tokenizer: Any, shape: TinyShape) -> nn.Module:
         return Qwen2VLForConditionalGeneration(tiny_config(tokenizer, shape))

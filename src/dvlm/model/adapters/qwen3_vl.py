@@ -45,12 +45,7 @@ MERGE_SIZE = 2
 class Qwen3VLAdapter(Adapter):
     architectures = ("Qwen3VLForConditionalGeneration",)
     family = "Qwen3-VL"
-
-    def load_model(self, path: str | Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
-        model = Qwen3VLForConditionalGeneration.from_pretrained(
-            path, dtype=dtype, local_files_only=True, use_safetensors=True, attn_implementation="sdpa"
-        )
-        return model.to(device).eval()
+    model_class = Qwen3VLForConditionalGeneration
 
     def load_image_processor(self, path: str | Path) -> Any:
         # Qwen3-VL ships a Qwen2-VL image processor (patch 16); the PIL class never needs torchvision.
