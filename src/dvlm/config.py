@@ -116,6 +116,12 @@ class DiffusionConfig:
     """`response`: blocks start at each response's first token and the last block of a response is
     truncated at its end (Fast-dVLM auto-truncation). `absolute`: block = position // B over the
     whole sequence (DiffusionVL)."""
+    truncate_last_block: bool = True
+    """Response layout: end each response's last block at the response's end (Fast-dVLM
+    auto-truncation). False (the ablation of Fast-dVLM's Table 3): the block continues over the
+    tokens that follow in the sequence, up to B positions or the row's end, so a turn's last block
+    holds the start of the next turn, visible to its masked answer tokens and never scored, as
+    blocks laid over a conversation without truncation do. Decoding is unchanged."""
     fill_last_block: bool = False
     """Response layout: pad each response's truncated last block, in the noisy stream only, to B
     positions with copies of the response's final token (its end-of-answer token), masked and
@@ -217,6 +223,13 @@ class DiffusionConfig:
             raise ConfigError(
                 "block_layout='absolute' needs token_shift=False: with token shift each block's first "
                 "token is an AR step from the previous block, which only the response layout decodes."
+            )
+        if not self.truncate_last_block and (self.block_layout != "response" or self.noisy_stream != "response"
+                                             or self.fill_last_block):
+            raise ConfigError(
+                "truncate_last_block=False needs block_layout='response', noisy_stream='response' and "
+                "fill_last_block=False: the last block continues over the following tokens instead of "
+                "being truncated or filled, and only a response-only noisy stream lacks those tokens."
             )
         if self.fill_last_block and self.block_layout != "response":
             raise ConfigError("fill_last_block needs block_layout='response': absolute blocks are never truncated")

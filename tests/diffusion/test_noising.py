@@ -66,6 +66,29 @@ def test_fill_last_block_completes_truncated_blocks_with_the_final_token():
     assert (stream.masked[0, :n][fill] ^ stream.masked[0, n:2 * n][fill]).all()  # each fill token masked once
 
 
+def test_untruncated_last_block_continues_over_the_following_tokens():
+    stream, clean_block = _stream(_cfg(truncate_last_block=False), block_size=4)
+    n = stream.valid.sum() // 2
+    # Response 1 (6-10) ends one token into its second block: the block takes in 11, 12, 13 (the next
+    # prompt and the next answer's first token). Response 2 (13-15) ends the row: nothing follows.
+    assert stream.source[0, :n].tolist() == [6, 7, 8, 9, 10, 11, 12, 13, 13, 14, 15]
+    assert torch.equal(stream.index[0, :n], stream.source[0, :n])
+    assert torch.equal(stream.source[0, n:2 * n], stream.source[0, :n])  # the second copy
+    spilled = torch.tensor([False] * 5 + [True] * 3 + [False] * 3)
+    assert (stream.block[0, :n][spilled] == clean_block[0, 10]).all()  # they join response 1's last block
+    assert (stream.t[0, :n][spilled] == stream.t[0, 4]).all()
+    assert torch.equal(stream.block[0, :n][~spilled], clean_block[0, stream.source[0, :n][~spilled]])
+    assert not stream.masked[0, :2 * n][torch.cat([spilled, spilled])].any()  # shown, never scored
+    assert stream.xt[0, :n][spilled].tolist() == [5, 6, 20]
+
+
+@pytest.mark.parametrize("overrides", [{"fill_last_block": True}, {"noisy_stream": "text"},
+                                       {"preset": "diffusionvl"}])
+def test_untruncated_last_block_needs_a_response_only_layout_without_fill(overrides):
+    with pytest.raises(ConfigError, match="truncate_last_block"):
+        _cfg(truncate_last_block=False, **overrides)
+
+
 def test_fill_last_block_needs_the_response_layout():
     with pytest.raises(ConfigError, match="fill_last_block"):
         _cfg(preset="diffusionvl", fill_last_block=True)

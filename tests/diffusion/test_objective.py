@@ -89,6 +89,33 @@ def test_training_block_equals_decode_block_over_cache(models, image, preset, bl
 
 
 @pytest.mark.parametrize("block_size", [4, 8])
+def test_untruncated_last_block_is_a_block_forward_over_what_follows(models, image, block_size):
+    """`truncate_last_block=False`: a turn's last block, taken on over the next turn's first tokens,
+    is the block forward over the cache that a block laid over the conversation would get; the
+    tokens it takes in are shown, never scored, and the loss counts the same masked tokens."""
+    lm = models["fast-dvlm"]
+    cfg = DiffusionConfig(**{**lm.diffusion.to_dict(), "truncate_last_block": False, "fill_last_block": False})
+    _, batch, stream, clean_block, noisy_h, _ = _forward(lm, image, cfg, block_size)
+    noisy_logits = lm.adapter.logits(lm.model, noisy_h)[0]
+    spilled = stream.valid[0] & (stream.block[0] != clean_block[0, stream.source[0]])
+    groups = stream.group[0][spilled].unique().tolist()
+    assert len(groups) >= 2  # two turns end mid-block, in both copies
+    for group in groups:
+        idx = (stream.group[0] == group).nonzero(as_tuple=True)[0]
+        ends_row = int(stream.index[0, idx].max()) == int(batch.attention_mask[0].sum()) - 1
+        assert len(idx) == block_size or ends_row  # whole, unless the conversation ends first
+        decode_logits = _decode_block_logits(lm, cfg, batch, stream, clean_block, idx)
+        assert torch.allclose(decode_logits, noisy_logits[idx], atol=ATOL), f"block group {group}"
+    assert not stream.masked[0][spilled].any()
+    truncated = DiffusionConfig(**{**cfg.to_dict(), "truncate_last_block": True})
+    with torch.no_grad():
+        out = diffusion_objective(lm.adapter, lm.model, batch, stream, clean_block, cfg, normaliser=10)
+        ref = diffusion_objective(lm.adapter, lm.model, batch, *_forward(lm, image, truncated, block_size)[2:4],
+                                  truncated, normaliser=10)
+    assert out.num_masked == ref.num_masked and torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("block_size", [4, 8])
 def test_noisy_blocks_holding_image_tokens_equal_block_forward_over_cache(models, image, block_size):
     """Invariant 3 for the blocks of a noisy stream that copies image tokens (`noisy_stream="all"`,
     the DiffusionVL preset): an image token's noisy copy is that token with all the features the

@@ -34,7 +34,7 @@ def test_every_variant_is_a_valid_recipe_that_differs_from_the_reference():
     for variant in VARIANTS.values():
         overrides = {k: v for k, v in variant.overrides.items() if k != "preset"}
         config = DiffusionConfig.from_preset(variant.overrides.get("preset", "fast-dvlm"), **{**base, **overrides})
-        assert (config == reference) == (variant.name == "full"), variant.name
+        assert (config == reference and not variant.text_first) == (variant.name == "full"), variant.name
 
 
 def test_plan_refuses_unknown_variants_and_empty_budgets():
@@ -113,18 +113,23 @@ def test_bad_variant_names_are_refused_in_one_line_before_any_work(capsys, tmp_p
 
 def test_quick_ablation_end_to_end_and_rerun_skips_finished_runs(capsys, tmp_path):
     out = tmp_path / "ablate"
-    only = ["full", "no-anneal", "diffusionvl"]
+    only = ["full", "no-anneal", "two-stage", "diffusionvl"]
     code, stdout, err = _ablate(capsys, "--quick", "--only", ",".join(only), "--out", out)
     assert code == 0, err
     results = json.loads((out / RESULTS_FILE).read_text())
     assert [(r["variant"], r["seed"]) for r in results["runs"]] == [(v, 0) for v in only]
     for name in only:
         assert (out / "runs" / f"{name}-seed0" / "model" / STAGE_STAMP).is_file()
+    # two-stage: a first fine-tune on the records without their images, then one on the records
+    text = json.loads((out / "data-text" / "data.json").read_text())
+    assert text and not any("image" in r or "<image>" in json.dumps(r["conversations"]) for r in text)
+    first = json.loads((out / "runs" / "two-stage-seed0" / "train-stage1" / "model" / "config.json").read_text())
+    assert first["dvlm"]["fill_last_block"] and (out / "runs" / "two-stage-seed0" / "train").is_dir()
     decoders = {(r["variant"], row["decoder"]) for r in results["runs"] for row in r["rows"]}
     assert ("full", "spec") in decoders and ("diffusionvl", "spec") not in decoders  # no token shift: no spec
     summary = json.loads((out / "ablate.json").read_text())
     claims = [c["claim"] for c in summary["claims"]]
-    assert len(claims) == len(ABLATION_CLAIMS) + 4
+    assert len(claims) == len(ABLATION_CLAIMS) + 3
     report = (out / "ablate.md").read_text()
     for claim in claims:
         assert claim in report
@@ -134,9 +139,11 @@ def test_quick_ablation_end_to_end_and_rerun_skips_finished_runs(capsys, tmp_pat
     without_reference = {**results, "runs": [r for r in results["runs"] if r["variant"] != "full"]}
     paths = write_report(without_reference, tmp_path / "no-reference", "CPU")  # --only without full
     assert "not measured" in paths["markdown"].read_text()
+    assert "threshold" not in paths and not (tmp_path / "no-reference" / "ablate-threshold.png").exists()
 
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/" + STAGE_STAMP)}
     code, stdout, err = _ablate(capsys, "--quick", "--only", ",".join(only), "--out", out)
     assert code == 0, err
-    assert stdout.count("already done") == 2 * len(only) + 3  # runs + evals, data, conversion, tiny-ar's eval
+    # runs + evals, data (with and without images), conversion, tiny-ar's eval
+    assert stdout.count("already done") == 2 * len(only) + 4
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps

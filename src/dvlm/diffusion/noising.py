@@ -124,12 +124,15 @@ def build_noisy_stream(
     masked = maskable & (draw < t)
     copies = [masked, maskable & ~masked] if cfg.complementary_mask else [masked]
     fills: list = [None] * len(copies)
+    slot = torch.arange(1, block_size, device=t.device)
     if cfg.fill_last_block:
-        slot = torch.arange(1, block_size, device=t.device)
         wanted = slot <= fill_counts(labels, attention_mask, block, block_size)[..., None]  # (R, L, B-1)
         fill_draw = torch.rand((window.rows, window.length, block_size - 1), generator=generator, device=t.device)
         fill_masked = wanted & (fill_draw[mine, :length] < t[..., None])
-        fills = [(wanted, fill_masked), (wanted, wanted & ~fill_masked)][:len(copies)]
+        fills = [(wanted, fill_masked, False), (wanted, wanted & ~fill_masked, False)][:len(copies)]
+    elif not cfg.truncate_last_block:
+        wanted = slot <= spill_counts(labels, attention_mask, block, block_size)[..., None]  # (R, L, B-1)
+        fills = [(wanted, torch.zeros_like(wanted), True)] * len(copies)
     selected = stream_positions(labels, attention_mask, mm_token_type_ids, cfg)
     parts = [
         _gather_stream(input_ids, selected, block, m, t, cfg.mask_token_id, i * num_blocks, fill)
@@ -153,23 +156,36 @@ def fill_counts(labels: torch.Tensor, attention_mask: torch.Tensor, block: torch
     return torch.where(is_end, block_size - sizes.gather(1, block), 0)
 
 
+def spill_counts(labels: torch.Tensor, attention_mask: torch.Tensor, block: torch.Tensor, block_size: int):
+    """(R, L) long: at each response's last token, how many of the following tokens its last block
+    takes in when it is not truncated (`truncate_last_block=False`): what it lacks to be
+    `block_size` long, at most the row's tokens left; 0 elsewhere.
+
+    Example, B=4, response = [0 1 1 1 1 1 0], 7 tokens: counts = [0 0 0 0 0 1 0] (one token follows).
+    """
+    tokens_after = attention_mask.long().flip(1).cumsum(1).flip(1) - attention_mask.long()  # (R, L)
+    return torch.minimum(fill_counts(labels, attention_mask, block, block_size), tokens_after)
+
+
 def _gather_stream(input_ids, selected, block, masked, t, mask_token_id: int, group_offset: int,
-                   fill: tuple[torch.Tensor, torch.Tensor] | None = None) -> NoisyStream:
+                   fill: tuple[torch.Tensor, torch.Tensor, bool] | None = None) -> NoisyStream:
     """Pack the selected positions of each row to the front, in sequence order, and pad.
 
-    fill = (wanted (R, L, F), masked (R, L, F)): F-slot fill tokens after each position; fill token
-    k after position e copies e, stands at index e + k and is ordered between e and e + 1.
+    fill = (wanted (R, L, F), masked (R, L, F), spill): F slots after each position; slot token k
+    after position e stands at index e + k, is ordered between e and e + 1 and belongs to e's
+    block. It copies e (a fill token) or, with `spill`, the token at e + k (the sequence's own).
     """
     rows, length = input_ids.shape
     index = torch.arange(length, device=input_ids.device).expand(rows, -1)
     slots = 1 if fill is None else fill[0].shape[2] + 1
-    key, src, idx, sel, msk = index * slots, index, index, selected, masked
+    key, src, owner, idx, sel, msk = index * slots, index, index, index, selected, masked
     if fill is not None:
-        wanted, fill_masked = fill
+        wanted, fill_masked, spill = fill
         k = torch.arange(1, slots, device=index.device)
         e = index[..., None].expand(-1, -1, slots - 1)
         key = torch.cat([key, (e * slots + k).flatten(1)], dim=1)
-        src = torch.cat([src, e.flatten(1)], dim=1)
+        src = torch.cat([src, ((e + k).clamp(max=length - 1) if spill else e).flatten(1)], dim=1)
+        owner = torch.cat([owner, e.flatten(1)], dim=1)
         idx = torch.cat([idx, (e + k).flatten(1)], dim=1)
         sel = torch.cat([sel, wanted.flatten(1)], dim=1)
         msk = torch.cat([msk, fill_masked.flatten(1)], dim=1)
@@ -178,13 +194,13 @@ def _gather_stream(input_ids, selected, block, masked, t, mask_token_id: int, gr
     order = torch.sort(torch.where(sel, key, key.max() + 1 if key.numel() else 0), dim=1, stable=True).indices
     order = order[:, :width]  # (R, N)
     valid = torch.arange(width, device=input_ids.device)[None, :] < count[:, None]
-    source = src.gather(1, order)
+    source, owner = src.gather(1, order), owner.gather(1, order)
     is_masked = msk.gather(1, order) & valid
     xt = torch.where(is_masked, torch.full_like(source, mask_token_id), input_ids.gather(1, source))
-    src_block = block.gather(1, source)
+    own_block = block.gather(1, owner)
     return NoisyStream(
-        xt=xt, source=source, block=src_block, group=torch.where(valid, src_block + group_offset, -1),
-        valid=valid, masked=is_masked, t=t.gather(1, source), index=idx.gather(1, order),
+        xt=xt, source=source, block=own_block, group=torch.where(valid, own_block + group_offset, -1),
+        valid=valid, masked=is_masked, t=t.gather(1, owner), index=idx.gather(1, order),
     )
 
 

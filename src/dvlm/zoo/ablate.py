@@ -24,6 +24,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from dvlm.config import PRESETS, ConfigError, TrainConfig
+from dvlm.data.chat import IMAGE_PLACEHOLDER
 from dvlm.eval.harness import sample_prompt
 from dvlm.decode.generate import generate
 from dvlm.model.loaded import LoadedModel
@@ -43,6 +44,10 @@ class Variant:
     overrides: dict[str, Any]
     """DiffusionConfig fields set for the fine-tune on top of the reference recipe."""
     description: str
+    text_first: bool = False
+    """Two stages: the first half of the steps on the training data's text alone (images dropped),
+    then the second half on the multimodal data (the small-scale stand-in for Fast-dVLM's two-stage
+    route; see docs/ablations.md)."""
 
 
 def _diffusionvl_overrides() -> dict[str, Any]:
@@ -55,14 +60,19 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("block-causal", {"clean_attention": "block_causal", "ar_loss_weight": 0.0},
             "no causal context attention: block-causal clean stream (the AR loss must go with it)"),
     Variant("no-anneal", {"anneal_block_size": False}, "no block-size annealing: B=16 from the start"),
-    Variant("no-truncation", {"block_layout": "absolute", "noisy_stream": "all", "token_shift": False,
-                              "fill_last_block": False},
-            "no auto-truncation: absolute blocks that may span into the next turn (the absolute layout "
-            "needs a full noisy stream and no token shift)"),
+    Variant("no-truncation", {"truncate_last_block": False, "fill_last_block": False},
+            "no auto-truncation: a turn's last block continues over the next turn's first tokens (the fill "
+            "goes with it: compare with no-fill for the truncation alone)"),
     Variant("no-ar-loss", {"ar_loss_weight": 0.0}, "no AR loss on the clean stream"),
     Variant("no-complementary", {"complementary_mask": False}, "no complementary mask"),
     Variant("no-fill", {"fill_last_block": False}, "no fill of the last block (dvlm's addition)"),
     Variant("noisy-all", {"noisy_stream": "all"}, "vision and prompt duplicated into the noisy stream"),
+    Variant("absolute", {"block_layout": "absolute", "noisy_stream": "all", "token_shift": False,
+                         "fill_last_block": False},
+            "DiffusionVL's absolute blocks on the fast-dvlm preset (the layout needs a full noisy stream and "
+            "no token shift)"),
+    Variant("two-stage", {}, "half the steps on the data's text alone, then half on images and text",
+            text_first=True),
     Variant("diffusionvl", _diffusionvl_overrides(), "the whole diffusionvl preset (B=8)"),
 )}
 
@@ -204,15 +214,21 @@ def run_ablation(plan: AblationPlan, out: str | Path, *, log: Callable[[str], No
                           lambda d: convert_checkpoint(source, d, preset="fast-dvlm", block_size=recipe.block_size,
                                                        overrides=recipe.diffusion_overrides, overwrite=True,
                                                        log=lambda _: None))
+    if any(VARIANTS[name].text_first for name in plan.variants):
+        text = run_stage(out / "data-text", ("data-text", _digest_file(data)), log, "dropping the images",
+                         lambda d: text_only(data, d / "data.json")) / "data.json"
     runs = [(name, seed) for name in plan.variants for seed in range(plan.seeds)]
     results: dict[str, Any] = {"plan": asdict(plan), "variants": {n: asdict(VARIANTS[n]) for n in plan.variants},
                                "runs": [], "source": _source_rows(source, plan, out, log, progress)}
     for name, seed in tqdm(runs, desc="ablation runs", disable=not progress):
         cfg = plan.train_config(seed)
         run = out / "runs" / f"{name}-seed{seed}"
-        key = ("train", VARIANTS[name].overrides, asdict(cfg), _digest(converted), mix)
+        variant = VARIANTS[name]
+        key = ("train", variant.overrides, asdict(cfg), _digest(converted), mix) + (("text-first",) * variant.text_first)
+        half = cfg.max_steps // 2
+        stages = [(text, half), (data, cfg.max_steps - half)] if variant.text_first else [(data, cfg.max_steps)]
         model = run_stage(run / "model", key, log, f"{name} seed {seed}: fine-tuning ({cfg.max_steps} steps)",
-                          lambda d, c=cfg, v=VARIANTS[name], r=run: _train_into(converted, data, r, c, v, progress))
+                          lambda d, c=cfg, v=variant, r=run, s=stages: _train_into(converted, s, r, c, v, progress))
         sweep = name == REFERENCE
         evaluation = run_stage(run / "eval", ("eval", key, _eval_key(plan), sweep), log,
                                f"{name} seed {seed}: evaluating", lambda d, m=model, s=sweep: _write_rows(
@@ -229,15 +245,33 @@ def training_mix(recipe: ZooRecipe, total: int) -> dict[str, int]:
     return {task: max(2, round(n * total / whole)) for task, n in recipe.train_mix.items()}
 
 
-def _train_into(converted: Path, data: Path, run: Path, cfg: TrainConfig, variant: Variant, progress: bool) -> None:
-    """Fine-tune into run/train and copy its final model to run/model (the stage's directory)."""
+def text_only(data: Path, out: Path) -> Path:
+    """The LLaVA-JSON records of `data` without their images: the image placeholders leave the turns."""
+    records = json.loads(data.read_text())
+    for record in records:
+        record.pop("image", None)
+        for turn in record["conversations"]:
+            turn["value"] = turn["value"].replace(IMAGE_PLACEHOLDER + "\n", "").replace(IMAGE_PLACEHOLDER, "")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(records) + "\n")
+    return out
+
+
+def _train_into(converted: Path, stages: list[tuple[Path, int]], run: Path, cfg: TrainConfig, variant: Variant,
+                progress: bool) -> None:
+    """Fine-tune through `stages` ((data, steps) each, from the previous stage's model) into run/train
+    (run/train-stage<k> before the last) and copy the final model to run/model (the stage's directory)."""
     import shutil
 
     from dvlm.train.loop import train
 
-    shutil.rmtree(run / "train", ignore_errors=True)
-    result = train(converted, data, run / "train", cfg, diffusion_overrides=variant.overrides, progress=progress)
-    shutil.copytree(result.model_dir, run / "model", dirs_exist_ok=True)
+    model = converted
+    for k, (data, steps) in enumerate(stages):
+        directory = run / ("train" if k == len(stages) - 1 else f"train-stage{k + 1}")
+        shutil.rmtree(directory, ignore_errors=True)
+        model = train(model, data, directory, replace(cfg, max_steps=steps), progress=progress,
+                      diffusion_overrides=variant.overrides if k == 0 else None).model_dir
+    shutil.copytree(model, run / "model", dirs_exist_ok=True)
 
 
 def _train_seconds(run: Path) -> float:
@@ -281,6 +315,12 @@ def _tiny_ar() -> Path:
     if path is None:
         raise FileNotFoundError("the built-in tiny-ar is not installed: `dvlm zoo build` makes it")
     return path
+
+
+def _digest_file(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def _digest(model_dir: Path) -> str:

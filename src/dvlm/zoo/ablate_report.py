@@ -207,7 +207,8 @@ def write_report(results: dict[str, Any], out: Path, device: str) -> dict[str, P
     lines = _header(results, device) + ["## Variants", ""] + variant_table(units, variants) + [""]
     for vary, title in (("threshold", "Threshold sweep (full recipe, block decoding)"),
                         ("block_size", "Block-size sweep (full recipe)")):
-        lines += [f"## {title}", "", f"![{vary}]({plots[vary].name})", ""]
+        lines += [f"## {title}", "", f"![{vary}]({plots[vary].name})" if vary in plots else
+                  f"Not measured: the {REFERENCE} variant was not run.", ""]
         for decoder in ("block", "spec"):
             rows = sweep_rows(units, decoder, vary)
             if rows and not (vary == "threshold" and decoder == "spec"):
@@ -237,6 +238,8 @@ def sweep_plots(sweeps: dict[str, dict[str, list[dict[str, Any]]]], out: Path) -
             curves.append(Curve(decoder, decoder, x,
                                 [estimate(p[0], d[0]) for d, p in estimates],
                                 [estimate(p[1], d[1]) for d, p in estimates]))
+        if not curves:  # the full recipe was not run
+            continue
         paths[vary] = curve_plot(curves, names[vary], out / f"ablate-{vary.replace('_', '-')}.png",
                                  log_x=vary == "block_size")
     return paths
