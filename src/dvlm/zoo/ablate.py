@@ -25,13 +25,13 @@ from tqdm.auto import tqdm
 
 from dvlm.config import PRESETS, ConfigError, TrainConfig
 from dvlm.data.chat import IMAGE_PLACEHOLDER
-from dvlm.eval.harness import sample_prompt
 from dvlm.decode.generate import generate
+from dvlm.eval.harness import sample_prompt
 from dvlm.model.loaded import LoadedModel
+from dvlm.tasks.builtin import Sample, get_task
 from dvlm.tasks.metrics import score
 from dvlm.zoo.recipe import ZooRecipe, build_data, run_stage
 from dvlm.zoo.registry import builtin_path
-from dvlm.tasks.builtin import Sample, get_task
 
 RESULTS_FILE = "results.json"
 REFERENCE = "full"
@@ -224,7 +224,8 @@ def run_ablation(plan: AblationPlan, out: str | Path, *, log: Callable[[str], No
         cfg = plan.train_config(seed)
         run = out / "runs" / f"{name}-seed{seed}"
         variant = VARIANTS[name]
-        key = ("train", variant.overrides, asdict(cfg), _digest(converted), mix) + (("text-first",) * variant.text_first)
+        key = ("train", variant.overrides, asdict(cfg), _digest(converted), mix)
+        key += ("text-first",) * variant.text_first  # (the other variants keep their keys)
         half = cfg.max_steps // 2
         stages = [(text, half), (data, cfg.max_steps - half)] if variant.text_first else [(data, cfg.max_steps)]
         model = run_stage(run / "model", key, log, f"{name} seed {seed}: fine-tuning ({cfg.max_steps} steps)",
