@@ -594,7 +594,7 @@ def ablate(args: argparse.Namespace) -> None:
     import torch
 
     paths = write_report(results, out, describe_device(torch.device("cpu")))
-    print(f"wrote {paths['markdown']}, {paths['json']}, {paths['threshold']}, {paths['block_size']}")
+    print(f"wrote {', '.join(str(path) for path in paths.values())}")
 
 
 # -- serve / chat --------------------------------------------------------------------------------

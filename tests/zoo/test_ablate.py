@@ -134,6 +134,7 @@ def test_quick_ablation_end_to_end_and_rerun_skips_finished_runs(capsys, tmp_pat
     for claim in claims:
         assert claim in report
     assert "not run" in report  # the variants left out by --only are said to be missing
+    assert f"{out / 'ablate-threshold.png'}" in stdout
     assert (out / "ablate-threshold.png").stat().st_size > 0 and (out / "ablate-block-size.png").stat().st_size > 0
 
     without_reference = {**results, "runs": [r for r in results["runs"] if r["variant"] != "full"]}
