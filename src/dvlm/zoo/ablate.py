@@ -276,13 +276,17 @@ def _train_into(converted: Path, stages: list[tuple[Path, int]], run: Path, cfg:
 
 
 def _train_seconds(run: Path) -> float:
-    """Training time: the logged steps' durations x the logging interval (as the zoo build reads it)."""
+    """Training time over the run's fine-tunes (two for `text_first`): the logged steps' durations x
+    the logging interval (as the zoo build reads it)."""
     from dvlm.zoo.recipe import logged_steps
 
-    records = logged_steps(run / "train")
-    steps = [r["step"] for r in records]
-    every = steps[1] - steps[0] if len(steps) > 1 else 1
-    return sum(r["seconds"] for r in records) * every
+    total = 0.0
+    for directory in sorted(run.glob("train*")):
+        records = logged_steps(directory)
+        steps = [r["step"] for r in records]
+        every = steps[1] - steps[0] if len(steps) > 1 else 1
+        total += sum(r["seconds"] for r in records) * every
+    return total
 
 
 def _source_rows(source: Path, plan: AblationPlan, out: Path, log, progress: bool) -> list[dict[str, Any]]:
