@@ -90,7 +90,8 @@ def test_resampling_draws_seeds_then_samples_within_them():
 @pytest.mark.parametrize(("estimate", "paper", "verdict"), [
     (Estimate(-0.20, -0.30, -0.10), -0.225, "sign: yes; size: consistent (paper's figure inside our interval)"),
     (Estimate(-0.02, -0.03, -0.01), -0.225, "sign: yes; size: smaller than the paper's"),
-    (Estimate(0.05, 0.01, 0.09), -0.044, "sign: no (opposite); size: larger than the paper's"),
+    (Estimate(0.05, 0.01, 0.09), -0.044, "sign: no (opposite); size: not comparable"),
+    (Estimate(-0.40, -0.50, -0.30), -0.225, "sign: yes; size: larger than the paper's"),
     (Estimate(-0.01, -0.05, 0.03), -0.037,
      "sign: not resolved (interval spans 0); size: consistent (paper's figure inside our interval)"),
 ])

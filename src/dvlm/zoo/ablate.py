@@ -1,7 +1,8 @@
 """`dvlm ablate`: the papers' recipe claims, reproduced at small scale from the shipped tiny-ar.
 
 One diffusion fine-tune per variant and seed, each the zoo recipe's tiny-dvlm stage with one
-recipe element changed (or the whole diffusionvl preset), at a shorter budget than the shipped
+recipe element changed (or the whole diffusionvl preset, or the data split into a text-only stage
+and a multimodal one), at a shorter budget than the shipped
 model so that the elements have room to matter. Every run is decoded on the same test samples
 with block decoding (threshold) and, where the recipe allows it, self-speculative decoding; the
 full recipe is also swept over thresholds and block sizes. The runs go through
@@ -92,9 +93,9 @@ class AblationPlan:
     seeds: int = 3
     """Fine-tunes per variant (training seeds 0..seeds-1)."""
     steps: int = 400
-    """Optimizer steps per fine-tune (the shipped tiny-dvlm has 4000). 27 fine-tunes of 400 steps
-    take about 80 min on 2 CPU cores alone (0.435 s/step, the zoo build's measured rate), plus
-    about 15 min of decoding: the whole study fits in about 1.6 h."""
+    """Optimizer steps per fine-tune (the shipped tiny-dvlm has 4000). On 2 CPU cores alone the
+    study's 33 fine-tunes of 400 steps took 205 s each on average, and with decoding the whole
+    study takes about 2 h (measured, see docs/ablations.md)."""
     batch_size: int = 16
     samples: int = 100
     """Test samples per task (the same samples for every run)."""

@@ -82,6 +82,8 @@ def relative_verdict(change: Estimate, paper: float) -> str:
         sign = "sign: not resolved (interval spans 0)"
     if change.low <= paper <= change.high:
         size = "size: consistent (paper's figure inside our interval)"
+    elif sign.startswith("sign: no"):
+        size = "size: not comparable"
     else:
         size = f"size: {'smaller' if abs(change.value) < abs(paper) else 'larger'} than the paper's"
     return f"{sign}; {size}"
