@@ -221,3 +221,29 @@ class Adapter:
     def tiny_image_processor(self, min_pixels: int, max_pixels: int) -> Any:
         """An image processor for small images (a few image tokens each)."""
         raise NotImplementedError
+
+
+# -- helpers the families' seams share ---------------------------------------------------------------
+
+
+def place_image_features(embeds: torch.Tensor, input_ids: torch.Tensor, image_token_id: int,
+                         features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Put the (N, D) image features at the N image-token positions of (R, L, D) `embeds`, in order.
+
+    Returns (the new embeddings, the (R, L) bool positions). A count mismatch is an error: the
+    processor and the model disagree about the images."""
+    slots = input_ids == image_token_id
+    if int(slots.sum()) != features.shape[0]:
+        raise ValueError(f"{int(slots.sum())} image tokens in the text but {features.shape[0]} image features")
+    embeds = embeds.clone()
+    embeds[slots] = features.to(embeds.dtype)
+    return embeds, slots
+
+
+def language_model_hidden_states(language_model: nn.Module, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
+                                 attention_mask: torch.Tensor, cache: Any | None, **extra: Any) -> torch.Tensor:
+    """A transformers decoder stack's last hidden states over input embeddings (`Adapter.hidden_states`
+    in the families' position layout), appending to `cache` when one is given."""
+    out = language_model(inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=attention_mask,
+                         cache=cache, use_cache=cache is not None, **extra)
+    return out.last_hidden_state

@@ -33,7 +33,14 @@ from dvlm.data.processor import ChatProcessor
 from dvlm.data.tokenizer import load_tokenizer
 from dvlm.data.vision import VisionInputs
 from dvlm.model.adapters.anyres import TileFeatures
-from dvlm.model.adapters.base import Adapter, AssembledModel, TinyShape, TokenizerSpec
+from dvlm.model.adapters.base import (
+    Adapter,
+    AssembledModel,
+    TinyShape,
+    TokenizerSpec,
+    language_model_hidden_states,
+    place_image_features,
+)
 from dvlm.model.adapters.qwen_chat import template_system_prompt
 from dvlm.model.adapters.registry import register
 from dvlm.model.checkpoint_files import read_config
@@ -182,22 +189,12 @@ class LlavaOnevisionAdapter(Adapter):
             vision["pixel_values"], vision["image_sizes"], batch_num_images=vision["batch_num_images"]
         ).pooler_output
         features = torch.cat(list(features), dim=0).to(embeds.dtype)  # (num_image_tokens, D)
-        slots = input_ids == model.config.image_token_id
-        if int(slots.sum()) != features.shape[0]:
-            raise ValueError(f"{int(slots.sum())} image tokens in the text but {features.shape[0]} image features")
-        embeds = embeds.clone()
-        embeds[slots] = features
-        return embeds
+        return place_image_features(embeds, input_ids, model.config.image_token_id, features)[0]
 
     def hidden_states(self, model, inputs_embeds, position_ids, attention_mask, cache=None) -> torch.Tensor:
-        out = model.model.language_model(
-            inputs_embeds=inputs_embeds,
-            position_ids=position_ids[0],  # (1, R, Q) -> (R, Q): one axis
-            attention_mask=attention_mask,
-            cache=cache,
-            use_cache=cache is not None,
-        )
-        return out.last_hidden_state
+        # (1, R, Q) -> (R, Q): one position axis
+        return language_model_hidden_states(model.model.language_model, inputs_embeds, position_ids[0],
+                                            attention_mask, cache)
 
     def logits(self, model, hidden) -> torch.Tensor:
         return model.lm_head(hidden)

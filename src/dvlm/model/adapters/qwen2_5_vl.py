@@ -18,7 +18,13 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
 
 from dvlm.data.chat import ChatFormat
 from dvlm.data.vision import VisionInputs
-from dvlm.model.adapters.base import Adapter, TinyShape, TokenizerSpec
+from dvlm.model.adapters.base import (
+    Adapter,
+    TinyShape,
+    TokenizerSpec,
+    language_model_hidden_states,
+    place_image_features,
+)
 from dvlm.model.adapters.mrope import MRopePositions
 from dvlm.model.adapters.qwen_chat import (
     CHAT_TEMPLATE,
@@ -52,24 +58,11 @@ class Qwen25VLAdapter(Adapter):
             return embeds
         features = model.model.get_image_features(vision["pixel_values"], vision["image_grid_thw"]).pooler_output
         features = torch.cat(list(features), dim=0).to(embeds.dtype)  # (num_image_tokens, D)
-        slots = input_ids == model.config.image_token_id
-        if int(slots.sum()) != features.shape[0]:
-            raise ValueError(
-                f"{int(slots.sum())} image tokens in the text but {features.shape[0]} image features"
-            )
-        embeds = embeds.clone()
-        embeds[slots] = features
-        return embeds
+        return place_image_features(embeds, input_ids, model.config.image_token_id, features)[0]
 
     def hidden_states(self, model, inputs_embeds, position_ids, attention_mask, cache=None) -> torch.Tensor:
-        out = model.model.language_model(
-            inputs_embeds=inputs_embeds,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            cache=cache,
-            use_cache=cache is not None,
-        )
-        return out.last_hidden_state
+        return language_model_hidden_states(model.model.language_model, inputs_embeds, position_ids,
+                                            attention_mask, cache)
 
     def logits(self, model, hidden) -> torch.Tensor:
         return model.lm_head(hidden)

@@ -32,7 +32,13 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from dvlm.data.chat import ChatFormat
 from dvlm.data.vision import VisionInputs
-from dvlm.model.adapters.base import Adapter, TinyShape, TokenizerSpec
+from dvlm.model.adapters.base import (
+    Adapter,
+    TinyShape,
+    TokenizerSpec,
+    language_model_hidden_states,
+    place_image_features,
+)
 from dvlm.model.adapters.mrope import MRopePositions
 from dvlm.model.adapters.qwen_chat import CHAT_TEMPLATE, ENDOFTEXT, SPECIAL_TOKENS, QwenChatFormat
 from dvlm.model.adapters.registry import register
@@ -60,11 +66,7 @@ class Qwen3VLAdapter(Adapter):
         deepstack = embeds.new_zeros(*embeds.shape[:-1], deepstack_levels(model), embeds.shape[-1])  # (..., L, S, D)
         if vision is not None:
             features, levels = image_features(model, vision)
-            slots = input_ids == model.config.image_token_id
-            if int(slots.sum()) != features.shape[0]:
-                raise ValueError(f"{int(slots.sum())} image tokens in the text but {features.shape[0]} image features")
-            embeds = embeds.clone()
-            embeds[slots] = features.to(embeds.dtype)
+            embeds, slots = place_image_features(embeds, input_ids, model.config.image_token_id, features)
             deepstack[slots] = levels.to(embeds.dtype)
         return torch.cat([embeds, deepstack.flatten(-2)], dim=-1)
 
@@ -72,15 +74,8 @@ class Qwen3VLAdapter(Adapter):
         hidden_size = model.config.text_config.hidden_size
         embeds = inputs_embeds[..., :hidden_size]  # (R, Q, D)
         deepstack = inputs_embeds[..., hidden_size:].unflatten(-1, (-1, hidden_size))  # (R, Q, S, D)
-        out = model.model.language_model(
-            inputs_embeds=embeds,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            cache=cache,
-            use_cache=cache is not None,
-            **deepstack_inputs(deepstack),
-        )
-        return out.last_hidden_state
+        return language_model_hidden_states(model.model.language_model, embeds, position_ids, attention_mask, cache,
+                                            **deepstack_inputs(deepstack))
 
     def logits(self, model, hidden) -> torch.Tensor:
         return model.lm_head(hidden)
