@@ -2,8 +2,8 @@
 
 One diffusion fine-tune per variant and seed, each the zoo recipe's tiny-dvlm stage with one
 recipe element changed (or the whole diffusionvl preset, or the data split into a text-only stage
-and a multimodal one), at a shorter budget than the shipped
-model so that the elements have room to matter. Every run is decoded on the same test samples
+and a multimodal one), at a shorter budget than the shipped model so that the elements have room
+to matter. Every run is decoded on the same test samples
 with block decoding (threshold) and, where the recipe allows it, self-speculative decoding; the
 full recipe is also swept over thresholds and block sizes. The runs go through
 `dvlm.zoo.recipe.run_stage`, so a rerun with the same --out skips what is finished.
@@ -215,8 +215,9 @@ def run_ablation(plan: AblationPlan, out: str | Path, *, log: Callable[[str], No
                           lambda d: convert_checkpoint(source, d, preset="fast-dvlm", block_size=recipe.block_size,
                                                        overrides=recipe.diffusion_overrides, overwrite=True,
                                                        log=lambda _: None))
+    text = None  # the records without their images, for the variants that train on them first
     if any(VARIANTS[name].text_first for name in plan.variants):
-        text = run_stage(out / "data-text", ("data-text", _digest_file(data)), log, "dropping the images",
+        text = run_stage(out / "data-text", ("data-text", mix, recipe.seed), log, "dropping the images",
                          lambda d: text_only(data, d / "data.json")) / "data.json"
     runs = [(name, seed) for name in plan.variants for seed in range(plan.seeds)]
     results: dict[str, Any] = {"plan": asdict(plan), "variants": {n: asdict(VARIANTS[n]) for n in plan.variants},
@@ -321,12 +322,6 @@ def _tiny_ar() -> Path:
     if path is None:
         raise FileNotFoundError("the built-in tiny-ar is not installed: `dvlm zoo build` makes it")
     return path
-
-
-def _digest_file(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def _digest(model_dir: Path) -> str:
