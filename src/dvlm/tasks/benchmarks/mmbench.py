@@ -1,0 +1,173 @@
+"""MMBench (Liu et al. 2023), English dev split: single-choice questions, A-D with some missing,
+each asked several times with its options rotated (circular evaluation).
+
+Layouts read:
+* the Hugging Face parquet that lmms-eval reads (lmms-lab/MMBench, config `en`, split `dev`):
+  `index`, `question`, `hint`, `answer`, `A` ... `D` (null where a question has fewer options),
+  `category`, `L2-category`, `image`, ...; `--data` is the dataset's root (its `en/` is read) or
+  the `en` files;
+* the official release `MMBench_DEV_EN.tsv` (the same columns, `l2-category`, images in base64;
+  a rotated copy's image cell may hold the index of the row whose image it shares).
+
+Rows whose `index` is at least 1,000,000 are rotated copies of question `index % 1,000,000`.
+
+Prompt: lmms-eval's (`mmbench/en_utils.py`, `mmbench_evals.py` `create_options_prompt`): the hint
+(when there is one), the question and "There are several options:" with an "A. ..." line per
+present option, space-separated, then a blank line and the letter instruction.
+
+Scoring: lmms-eval's `mmbench_en_dev_static` rule (`mmbench_evals.py`, `eval_method="static"`),
+the one it runs without an LLM judge. An answer's letter is read by MMBench's own matching
+(`can_infer`: a lone letter A-E among its space-separated words, unless "A" may be an article
+(an "A" word in an answer of more than three words), else a letter written "B." "B," "B:" "B)"
+"B)." "(B)" "(B)." ":B" ":B," ":B." ":B)" ":B)." as a whole word, when exactly one letter is
+written that way; else the one option whose text, lowercased, is inside the lowercased answer);
+where that finds nothing, `letters.extract_mcq_answer` over the present options decides (where
+lmms-eval's default `mmbench_en_dev` asks GPT instead). A question counts as right only when every
+rotated copy of it is answered right; accuracy over the questions, overall, per category and per
+L2 category.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from dvlm.tasks.benchmarks.files import image_bytes, is_parquet, parquet_rows, require
+from dvlm.tasks.benchmarks.items import LETTER_ANSWER, Benchmark, BenchmarkDataError, Item
+from dvlm.tasks.benchmarks.letters import Parsed, extract_mcq_answer
+
+OPTION_LETTERS = ("A", "B", "C", "D")
+# Letters MMBench's matching looks for; E is never a reference, so reading it scores 0.
+MATCHED_LETTERS = ("A", "B", "C", "D", "E")
+# (prefix, suffix) around a letter that make a whole word name it, in MMBench's order.
+LETTER_WORDS = (("", "."), ("", ","), ("", ":"), ("", ")"), ("", ")."), ("(", ")"), ("(", ")."), (":", ""),
+                (":", ","), (":", "."), (":", ")"), (":", ")."))
+ARTICLE_MIN_WORDS = 4  # in answers this long, a word "A" may be the article, not the option
+API_FAILURE = "Failed to obtain answer via API"  # MMBench's matcher refuses its own failure marker
+CIRCULAR_OFFSET = 1_000_000
+OPTIONS_HEADER = "There are several options:"
+LANGUAGE_FOLDER = "en"
+SPLIT = "dev"
+FIELDS = ("index", "question", "hint", "answer", *OPTION_LETTERS, "category")
+TSV_IMAGE_REFERENCE_MAX = 64  # a shorter image cell names the row that holds the image
+
+
+# -- reading -------------------------------------------------------------------------------------
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _item(record: dict[str, Any], image, where: str) -> Item:
+    require(record, FIELDS, where)
+    index = int(record["index"])
+    l2 = record.get("L2-category", record.get("l2-category"))
+    return Item(str(index), record["question"], [image], str(record["answer"]).strip(),
+                {"index": index, "circular": index % CIRCULAR_OFFSET, "hint": record["hint"],
+                 "options": {x: record[x] for x in OPTION_LETTERS}, "category": record["category"], "l2_category": l2})
+
+
+def _tsv_rows(path: Path) -> list[dict[str, Any]]:
+    csv.field_size_limit(2**31 - 1)  # base64 images are far longer than csv's default field limit
+    with path.open(encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    # pandas, which the reference reads these files with, reads an empty cell as missing
+    return [{k: (None if v == "" else v) for k, v in row.items()} for row in rows]
+
+
+def _tsv_images(rows: list[dict[str, Any]], path: Path) -> dict[str, bytes]:
+    cells = {str(r["index"]): r.get("image") or "" for r in rows}
+    images = {}
+    for index, cell in cells.items():
+        encoded = cells.get(cell, "") if len(cell) <= TSV_IMAGE_REFERENCE_MAX else cell
+        if len(encoded) <= TSV_IMAGE_REFERENCE_MAX:
+            raise BenchmarkDataError(f"{path}, index {index}: the image cell {cell[:20]!r} is neither an image "
+                                     "nor the index of a row with one")
+        images[index] = base64.b64decode(encoded)
+    return images
+
+
+def read(data: Path, images: Path | None) -> list[Item]:
+    if data.suffix == ".tsv":
+        rows = _tsv_rows(data)
+        by_index = _tsv_images(rows, data)
+        return [_item(r, by_index[str(r["index"])], f"{data}, index {r['index']}") for r in rows]
+    if not is_parquet(data):
+        raise BenchmarkDataError(f"{data}: MMBench takes lmms-lab/MMBench's parquet (config en) or MMBench_DEV_EN.tsv")
+    folder = data / LANGUAGE_FOLDER if (data / LANGUAGE_FOLDER).is_dir() else data
+    return [_item(r, image_bytes(r["image"], f"{folder}, index {r['index']}"), f"{folder}, index {r['index']}")
+            for r in parquet_rows(folder, SPLIT, [*FIELDS, "image"])]
+
+
+# -- prompt --------------------------------------------------------------------------------------
+def _has_hint(hint: Any) -> bool:
+    return not _missing(hint) and hint != "nan"
+
+
+def prompt(item: Item) -> str:
+    shown = [f"{x}. {text}" for x, text in item.meta["options"].items()
+             if text and not _missing(text) and text != "nan"]
+    options = "\n".join([OPTIONS_HEADER, *shown])
+    hint = item.meta["hint"]
+    query = f"{hint} {item.question} {options}" if _has_hint(hint) else f"{item.question} {options}"
+    return f"{query}\n\n{LETTER_ANSWER}"
+
+
+# -- scoring -------------------------------------------------------------------------------------
+def _letter_from_words(answer: str) -> str | None:
+    words = answer.split()
+    bare = [x for x in MATCHED_LETTERS if x in words]
+    if len(bare) == 1 and not ("A" in words and len(words) >= ARTICLE_MIN_WORDS):
+        return bare[0]
+    for prefix, suffix in LETTER_WORDS:
+        marked = [x for x in MATCHED_LETTERS if f"{prefix}{x}{suffix}" in words]
+        if len(marked) == 1:
+            return marked[0]
+    return None
+
+
+def _letter_from_text(answer: str, options: dict[str, str]) -> str | None:
+    lowered = answer.lower()
+    found = [x for x, text in options.items() if str(text).lower() in lowered]
+    return found[0] if len(found) == 1 else None
+
+
+def _scored_options(item: Item) -> dict[str, str]:
+    return {x: text for x, text in item.meta["options"].items() if not _missing(text)}
+
+
+def parse(prediction: str, item: Item) -> Parsed:
+    answer = prediction.strip()
+    options = _scored_options(item)
+    from_words = None if API_FAILURE in answer else _letter_from_words(answer)
+    matched = from_words or _letter_from_text(answer, options)
+    return Parsed(matched or extract_mcq_answer(answer, sorted(options)))
+
+
+def score(prediction: str, item: Item) -> dict[str, float]:
+    return {"accuracy": float(parse(prediction, item).answer == item.answer)}
+
+
+def aggregate(items: list[Item], scores: list[dict[str, float]]) -> dict[str, float]:
+    """Circular accuracy: a question is right when all its rotated copies are (mmbench_evals.py)."""
+    right: dict[int, bool] = defaultdict(lambda: True)
+    for item, s in zip(items, scores, strict=True):
+        right[item.meta["circular"]] = right[item.meta["circular"]] and s["accuracy"] == 1.0
+    mains = [item for item in items if item.meta["index"] < CIRCULAR_OFFSET]
+    if not mains:
+        raise BenchmarkDataError("MMBench: no question with an index below 1,000,000 among the items scored")
+    hits = [float(right[item.meta["index"]]) for item in mains]
+    result = {"accuracy": sum(hits) / len(hits)}
+    for key, label in (("category", ""), ("l2_category", "L2 ")):
+        groups: dict[str, list[float]] = defaultdict(list)
+        for item, hit in zip(mains, hits):
+            groups[str(item.meta[key])].append(hit)
+        result.update({f"{label}{name}/accuracy": sum(v) / len(v) for name, v in sorted(groups.items())})
+    return result
+
+
+MMBENCH = Benchmark("mmbench", read, prompt, score, aggregate, ("accuracy",), max_new_tokens=1024,
+                    layouts="lmms-lab/MMBench parquet (config en, split dev) or MMBench_DEV_EN.tsv")
