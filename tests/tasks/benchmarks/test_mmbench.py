@@ -8,7 +8,7 @@ import io
 import pytest
 from PIL import Image
 
-from dvlm.tasks.benchmarks import get_benchmark
+from dvlm.tasks.benchmarks import BenchmarkDataError, get_benchmark
 from dvlm.tasks.benchmarks.items import Item
 from dvlm.tasks.benchmarks.mmbench import parse
 from tests.tasks.benchmarks.test_readers import hf_image, png, write_parquet
@@ -42,6 +42,12 @@ def test_mmbench_parquet_reads_english_dev_only(tmp_path):
     assert get_benchmark("mmbench").prompt(items[2]) == (
         "What is shown? There are several options:\nA. cat\nB. dog\nC. bird\nD. fish\n\n"
         "Answer with the option's letter from the given choices directly.")
+
+
+def test_mmbench_parquet_refuses_a_root_without_english(tmp_path):
+    write_parquet(tmp_path / "cn" / "dev-00000-of-00001.parquet", [{**ROW, "image": hf_image()}])
+    with pytest.raises(BenchmarkDataError, match="no en/ folder"):
+        get_benchmark("mmbench").read(tmp_path, None)
 
 
 def test_mmbench_official_tsv_shares_images_between_rotated_copies(tmp_path):
@@ -115,3 +121,9 @@ def test_mmbench_circular_accuracy_worked_example():
     assert mmbench.aggregate(items, scores) == pytest.approx({
         "accuracy": 2 / 3, "image_scene/accuracy": 1.0, "ocr/accuracy": 0.5, "L2 coarse_perception/accuracy": 1.0,
         "L2 finegrained_perception (instance-level)/accuracy": 0.5})
+
+
+def test_mmbench_tsv_without_its_columns_is_refused(tmp_path):
+    (tmp_path / "MMBench_DEV_EN.tsv").write_text("question\tanswer\nWhat?\tA\n")
+    with pytest.raises(BenchmarkDataError, match="no column"):
+        get_benchmark("mmbench").read(tmp_path / "MMBench_DEV_EN.tsv", None)

@@ -51,6 +51,7 @@ API_FAILURE = "Failed to obtain answer via API"  # MMBench's matcher refuses its
 CIRCULAR_OFFSET = 1_000_000
 OPTIONS_HEADER = "There are several options:"
 LANGUAGE_FOLDER = "en"
+OTHER_CONFIGS = ("cn", "cc")  # lmms-lab/MMBench's Chinese configs, never read
 SPLIT = "dev"
 FIELDS = ("index", "question", "hint", "answer", *OPTION_LETTERS, "category")
 TSV_IMAGE_REFERENCE_MAX = 64  # a shorter image cell names the row that holds the image
@@ -71,9 +72,16 @@ def _item(record: dict[str, Any], image, where: str) -> Item:
 
 
 def _tsv_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise BenchmarkDataError(f"{path}: no such file")
     csv.field_size_limit(2**31 - 1)  # base64 images are far longer than csv's default field limit
     with path.open(encoding="utf-8", newline="") as handle:
-        rows = list(csv.DictReader(handle, delimiter="\t"))
+        reader = csv.DictReader(handle, delimiter="\t")
+        missing = [c for c in (*FIELDS, "image") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise BenchmarkDataError(f"{path}: no column(s) {', '.join(missing)}; MMBench's TSV has {', '.join(FIELDS)}, "
+                                     "image, ...")
+        rows = list(reader)
     # pandas, which the reference reads these files with, reads an empty cell as missing
     return [{k: (None if v == "" else v) for k, v in row.items()} for row in rows]
 
@@ -98,6 +106,9 @@ def read(data: Path, images: Path | None) -> list[Item]:
     if not is_parquet(data):
         raise BenchmarkDataError(f"{data}: MMBench takes lmms-lab/MMBench's parquet (config en) or MMBench_DEV_EN.tsv")
     folder = data / LANGUAGE_FOLDER if (data / LANGUAGE_FOLDER).is_dir() else data
+    if any((folder / other).is_dir() for other in OTHER_CONFIGS):  # the root, without en/
+        raise BenchmarkDataError(f"{data}: no {LANGUAGE_FOLDER}/ folder (the English config) beside "
+                                 f"{', '.join(OTHER_CONFIGS)}")
     return [_item(r, image_bytes(r["image"], f"{folder}, index {r['index']}"), f"{folder}, index {r['index']}")
             for r in parquet_rows(folder, SPLIT, [*FIELDS, "image"])]
 
