@@ -30,6 +30,7 @@ L2 category.
 from __future__ import annotations
 
 import base64
+import binascii
 import csv
 import math
 from collections import defaultdict
@@ -94,7 +95,10 @@ def _tsv_images(rows: list[dict[str, Any]], path: Path) -> dict[str, bytes]:
         if len(encoded) <= TSV_IMAGE_REFERENCE_MAX:
             raise BenchmarkDataError(f"{path}, index {index}: the image cell {cell[:20]!r} is neither an image "
                                      "nor the index of a row with one")
-        images[index] = base64.b64decode(encoded)
+        try:
+            images[index] = base64.b64decode(encoded)
+        except binascii.Error as err:
+            raise BenchmarkDataError(f"{path}, index {index}: the image cell is not base64 ({err})") from err
     return images
 
 
