@@ -433,7 +433,7 @@ def evaluate_benchmark(args: argparse.Namespace) -> None:
         predictions = read_predictions(source)
         match_predictions(predictions, every, items, source)
         runs = [rescore(benchmark, items, predictions, rule=rule, total=len(every), source=str(source))]
-        device = f"none (answers from {source.name})"
+        device = f"none, answers re-scored from {source.name}"
     else:
         decoders = (split_list(args.decoders, "--decoders") if args.decoders
                     else [args.decoder] if args.decoder else None)

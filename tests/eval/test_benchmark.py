@@ -145,7 +145,9 @@ def test_rescoring_a_predictions_file_needs_no_model(tmp_path, capsys):
                  "--out", str(tmp_path / "out")])
     out = capsys.readouterr().out
     assert code == 0
-    assert out.startswith("chartqa: all 3 items. Rule: lmms-eval") and "| rescored | 0.6667 | - | - | - |" in out
+    assert out.startswith("chartqa: all 3 items. Rule: lmms-eval (lmms_eval/tasks/chartqa/utils.py). "
+                          "Device: none, answers re-scored from theirs.jsonl.\n")
+    assert "| rescored | 0.6667 | - | - | - |" in out
     lines = [json.loads(x) for x in (tmp_path / "out" / "chartqa.rescored.predictions.jsonl").read_text().splitlines()]
     assert [line["relaxed_accuracy"] for line in lines] == [1.0, 0.0, 1.0]
     assert lines[2]["prediction"] == f" {labels[2]}\n" and lines[2]["parsed"] == labels[2]
@@ -193,3 +195,18 @@ def test_rescoring_refuses_model_options(tmp_path, capsys):
     code = main(["eval", "--benchmark", "chartqa", "--data", str(data), "--predictions", str(source),
                  "--decoders", "ar"])
     assert code == 2 and "--predictions re-scores a file: --decoders would not be used" in capsys.readouterr().err
+
+
+def test_odd_benchmark_files_are_one_line_errors_from_the_command(tmp_path, capsys):
+    """The hostile-input probe: DocVQA answers stored as an integer, an MMMU question that is null."""
+    (tmp_path / "documents").mkdir()
+    get_task("shapes-qa").generate("test", 1)[0].images[0].save(tmp_path / "documents" / "a.png")
+    (tmp_path / "val_v1.0.json").write_text(json.dumps({"data": [
+        {"questionId": 1, "question": "What?", "image": "documents/a.png", "answers": 5}]}))
+    (tmp_path / "mmmu.json").write_text(json.dumps([
+        {"id": "validation_Art_1", "question": None, "options": "[]", "answer": "3", "question_type": "open"}]))
+    for name, data, message in (("docvqa", "val_v1.0.json", "record 0: answers must be a non-empty list of strings"),
+                                ("mmmu", "mmmu.json", "record 0: question must be text, got null")):
+        assert main(["eval", "--benchmark", name, "--data", str(tmp_path / data), "--predictions", "x.jsonl"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"dvlm eval: error: {tmp_path / data}, {message}" in err

@@ -178,8 +178,9 @@ def markdown_table(benchmark: Benchmark, rows: list[dict[str, Any]], device: str
     """Accuracy and speed side by side, one line per decoder setting."""
     head = ["setting", *benchmark.headline, "tok/NFE", "tok/s", "vs AR"]
     first = rows[0]
+    timed = any("tokens_per_second" in r for r in rows)
     lines = [f"{benchmark.name}: {first['coverage']}. Rule: {first['rule']} ({first['reference']}). "
-             f"Device: {device}. Speed-ups are ratios within this run.",
+             f"Device: {device}." + (" Speed-ups are ratios within this run." if timed else ""),
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["setting"], *(_metric(r["metrics"].get(m)) for m in benchmark.headline),

@@ -103,4 +103,4 @@ def aggregate(items: list[Item], scores: list[dict[str, float]]) -> dict[str, fl
 AI2D = Benchmark("ai2d", read, prompt, score, aggregate, ("accuracy",), max_new_tokens=16,
                  layouts="lmms-lab/ai2d parquet or the release folder (questions/*.json, images/, "
                          "ai2d_test_ids.csv)",
-                 rules={LMMS_EVAL: "lmms_eval/tasks/ai2d/ai2d.yaml and utils.py (MultiChoiceRegexFilter, exact_match)"})
+                 rules={LMMS_EVAL: "lmms_eval/tasks/ai2d/ai2d.yaml and utils.py"})

@@ -83,4 +83,4 @@ def aggregate(items: list[Item], scores: list[dict[str, float]]) -> dict[str, fl
 CHARTQA = Benchmark("chartqa", read, prompt, score, aggregate, ("relaxed_accuracy",), max_new_tokens=16,
                     layouts="test/test_human.json + test_augmented.json (images in test/png) or lmms-lab/ChartQA "
                             "parquet",
-                    rules={LMMS_EVAL: "lmms_eval/tasks/chartqa/utils.py (relaxed_correctness)"})
+                    rules={LMMS_EVAL: "lmms_eval/tasks/chartqa/utils.py"})

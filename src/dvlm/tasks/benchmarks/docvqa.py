@@ -75,5 +75,5 @@ def score(prediction: str, item: Item, rule: str) -> Score:
 
 DOCVQA = Benchmark("docvqa", read, prompt, score, mean_scores, ("anls",), max_new_tokens=32,
                    layouts="val_v1.0.json (+ documents/) or lmms-lab/DocVQA parquet (its DocVQA folder)",
-                   rules={LMMS_EVAL: "lmms_eval/api/metrics.py (anls)",
-                          OFFICIAL: "the RRC DocVQA ANLS script (the same rule)"})
+                   rules={LMMS_EVAL: "lmms_eval/api/metrics.py, anls",
+                          OFFICIAL: "the RRC DocVQA ANLS script, the same rule"})

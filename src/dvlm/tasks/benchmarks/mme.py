@@ -125,6 +125,6 @@ def aggregate(items: list[Item], scores: list[dict[str, float]]) -> dict[str, fl
 MME = Benchmark("mme", read, prompt, score, aggregate, ("acc", "perception", "cognition"), max_new_tokens=16,
                 layouts="the official release folder (category/questions_answers_YN/*.txt + images) or "
                         "lmms-lab/MME parquet",
-                rules={LMMS_EVAL: "lmms_eval/tasks/mme/utils.py (parse_pred_ans, mme_aggregate_results)",
+                rules={LMMS_EVAL: "lmms_eval/tasks/mme/utils.py",
                        OFFICIAL: "MME's eval_tool/calculation.py"},
                 group_key="image")

@@ -73,4 +73,4 @@ def score(prediction: str, item: Item, rule: str) -> Score:
 TEXTVQA = Benchmark("textvqa", read, prompt, score, mean_scores, ("vqa_accuracy",), max_new_tokens=128,
                     layouts="TextVQA_0.5.1_val.json (+ --images train_images/) or lmms-lab/textvqa parquet",
                     rules={LMMS_EVAL: "lmms_eval/tasks/textvqa/utils.py and _task_utils/vqa_eval_metric.py",
-                           OFFICIAL: "EvalAI's TextVQA answer processor and accuracy, as in mmf (the same rule)"})
+                           OFFICIAL: "EvalAI's TextVQA processor and accuracy as mmf runs them, the same rule"})
