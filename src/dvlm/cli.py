@@ -53,6 +53,8 @@ from dvlm.tasks.benchmarks.items import RULE_NAMES
 
 DEFAULT_MODEL = "tiny-dvlm"  # the built-in model `generate` uses when it is installed
 TASK_LIMIT = 100  # samples `dvlm eval --task` draws unless --limit says otherwise
+# `dvlm eval` options that only a model run reads (refused beside --predictions).
+MODEL_OPTIONS = ("model", "decoder", "decoders", "device", "block_size", "threshold", "steps", "max_new_tokens")
 
 
 class CLIError(Exception):
@@ -426,7 +428,7 @@ def evaluate_benchmark(args: argparse.Namespace) -> None:
     items = benchmark.select(every, args.limit)
     out = writable_directory(Path(args.out)) if args.out else None
     if args.predictions:
-        used = [f"--{o.replace('_', '-')}" for o in ("model", "decoder", "decoders") if getattr(args, o) is not None]
+        used = [f"--{o.replace('_', '-')}" for o in MODEL_OPTIONS if getattr(args, o) is not None]
         if used:
             raise CLIError(f"--predictions re-scores a file: {', '.join(used)} would not be used")
         source = Path(args.predictions).expanduser()

@@ -210,3 +210,11 @@ def test_odd_benchmark_files_are_one_line_errors_from_the_command(tmp_path, caps
         assert main(["eval", "--benchmark", name, "--data", str(tmp_path / data), "--predictions", "x.jsonl"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"dvlm eval: error: {tmp_path / data}, {message}" in err
+
+
+def test_a_folder_given_for_a_file_is_a_one_line_error(tmp_path, capsys):
+    data, _ = chartqa_from_builtin(tmp_path / "test", 1)
+    assert main(["eval", "--benchmark", "chartqa", "--data", str(data), "--predictions", str(tmp_path)]) == 2
+    assert f"{tmp_path}: a folder, where a file was expected" in capsys.readouterr().err
+    assert main(["eval", "--benchmark", "docvqa", "--data", str(tmp_path / "test" / "png")]) == 2
+    assert "png: a folder, where a file was expected" in capsys.readouterr().err

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from dvlm.decode.output import GenerationOutput
 from dvlm.tasks.benchmarks import Benchmark, BenchmarkDataError, Item
+from dvlm.tasks.benchmarks.files import read_text
 from dvlm.tasks.benchmarks.items import Score, coverage
 
 # Decoding options each decoder reads (the others would only clutter its row and label).
@@ -109,14 +110,8 @@ RESCORED = "rescored"  # the setting name of a re-scored predictions file (no de
 def read_predictions(path: Path) -> dict[str, str]:
     """id -> prediction from a JSON-lines file of `{"id": ..., "prediction": "..."}` (ids as dvlm
     writes them; an integer id is read as its digits)."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError as err:
-        raise BenchmarkDataError(f"{path}: no such file") from err
-    except UnicodeDecodeError as err:
-        raise BenchmarkDataError(f"{path}: not UTF-8 text ({err.reason})") from err
     predictions: dict[str, str] = {}
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(read_text(path).splitlines(), 1):
         if line.strip():
             item_id, text = _prediction_record(line, f"{path}, line {number}")
             if item_id in predictions:

@@ -29,6 +29,7 @@ from dvlm.tasks.benchmarks.files import (
     is_parquet,
     parquet_records,
     read_json,
+    read_text,
     require,
     text,
 )
@@ -82,7 +83,7 @@ def _read_question_file(file: Path, images: Path, test_ids: set[str] | None) -> 
 def _test_ids(path: Path) -> set[str] | None:
     if not path.is_file():
         return None
-    return {line.strip() for line in path.read_text().splitlines() if line.strip()}
+    return {line.strip() for line in read_text(path).splitlines() if line.strip()}
 
 
 def prompt(item: Item) -> str:

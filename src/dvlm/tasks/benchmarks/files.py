@@ -16,18 +16,30 @@ from dvlm.tasks.benchmarks.items import BenchmarkDataError
 SPLIT_PREFIXES = ("train", "dev", "validation", "val", "test")
 
 
-def read_json(path: Path) -> Any:
+def read_text(path: Path) -> str:
+    """A UTF-8 file's text; a missing, unreadable or undecodable file is one line naming it."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError as err:
         raise BenchmarkDataError(f"{path}: no such file") from err
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except IsADirectoryError as err:
+        raise BenchmarkDataError(f"{path}: a folder, where a file was expected") from err
+    except UnicodeDecodeError as err:
+        raise BenchmarkDataError(f"{path}: not UTF-8 text ({err.reason})") from err
+    except OSError as err:
+        raise BenchmarkDataError(f"{path}: cannot read ({err.strerror or err})") from err
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as err:
         raise BenchmarkDataError(f"{path}: not valid JSON ({err})") from err
 
 
 def read_json_lines(path: Path) -> list[dict[str, Any]]:
     """One JSON object per line (blank lines skipped); a file holding one JSON list is read too."""
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if text.lstrip().startswith("["):
         return read_json(path)
     records = []

@@ -21,7 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from dvlm.tasks.benchmarks.answers import mme_label, mme_yes_no, mme_yes_no_official
-from dvlm.tasks.benchmarks.files import answer_text, image_bytes, is_parquet, parquet_records, text
+from dvlm.tasks.benchmarks.files import answer_text, image_bytes, is_parquet, parquet_records, read_text, text
 from dvlm.tasks.benchmarks.items import LMMS_EVAL, OFFICIAL, SHORT_ANSWER, Benchmark, BenchmarkDataError, Item, Score
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
@@ -51,7 +51,7 @@ def _read_category(folder: Path) -> list[Item]:
     items = []
     for text_file in sorted(text_dir.glob("*.txt")):
         image = _image_beside(image_dir, text_file.stem, text_file)
-        for number, line in enumerate(text_file.read_text(encoding="utf-8").splitlines()):
+        for number, line in enumerate(read_text(text_file).splitlines()):
             if line.strip():
                 question, answer = _question_line(line, f"{text_file}, line {number + 1}")
                 items.append(Item(f"{folder.name}/{image.name}#{number}", question, [image], answer,
