@@ -8,7 +8,6 @@ import pytest
 from PIL import Image
 
 from dvlm.tasks.benchmarks import BENCHMARKS, BenchmarkDataError, get_benchmark
-from dvlm.tasks.benchmarks.items import Item
 
 
 def png(path=None, colour="red"):

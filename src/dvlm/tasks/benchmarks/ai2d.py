@@ -17,7 +17,6 @@ own for generated answers, so lmms-eval's is the only rule.
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import Any
 
 from dvlm.tasks.benchmarks.answers import ai2d_correct, ai2d_extract
