@@ -8,7 +8,7 @@ from PIL import Image
 
 from dvlm.tasks.benchmarks import BenchmarkDataError, get_benchmark
 from dvlm.tasks.benchmarks.items import Item
-from tests.tasks.benchmarks.test_readers import hf_image, png, write_parquet
+from tests.tasks.benchmarks.test_readers import hf_image, one_line, png, write_parquet
 
 # A testdev_balanced_instructions row: every column of lmms-lab/GQA's config, nested as published.
 QUESTION = {
@@ -77,10 +77,30 @@ def test_gqa_official_questions_file(tmp_path):
     ("the left", "left", 0.0),      # no article removal: exact match
 ])
 def test_gqa_exact_match(prediction, answer, expected):
-    assert get_benchmark("gqa").score(prediction, Item("q", "?", [], answer)) == {"exact_match": expected}
+    score = get_benchmark("gqa").judge(prediction, Item("q", "?", [], answer), "lmms-eval")
+    assert score.values == {"exact_match": expected} and not score.guessed
+
+
+def test_gqa_records_the_normalised_answer():
+    assert get_benchmark("gqa").judge(" T-Shirt.\n", Item("q", "?", [], "t-shirt"), "lmms-eval").parsed == "tshirt"
 
 
 def test_gqa_accuracy_is_the_mean():
     items = [Item(str(k), "?", [], "no") for k in range(4)]
     scores = [{"exact_match": v} for v in (1.0, 0.0, 1.0, 1.0)]
     assert get_benchmark("gqa").aggregate(items, scores) == {"exact_match": 0.75}
+
+
+def test_gqa_odd_values_are_one_line_errors_naming_the_record(tmp_path):
+    png(tmp_path / "images" / "n161313.jpg")
+    record = {k: v for k, v in QUESTION.items() if k != "id"}
+    questions = tmp_path / "testdev_balanced_questions.json"
+    questions.write_text(json.dumps({"201307251": {**record, "question": None}}))
+    with pytest.raises(BenchmarkDataError) as err:
+        get_benchmark("gqa").read(questions, None)
+    assert one_line(err) == f"{questions}, question 201307251: question must be text, got null"
+    write_parquet(tmp_path / "q" / "testdev-00000-of-00001.parquet", [{**QUESTION, "answer": None}])
+    write_parquet(tmp_path / "i" / "testdev-00000-of-00001.parquet", [{"id": "n161313", "image": hf_image()}])
+    with pytest.raises(BenchmarkDataError) as err:
+        get_benchmark("gqa").read(tmp_path / "q", tmp_path / "i")
+    assert one_line(err) == f"{tmp_path / 'q' / 'testdev-00000-of-00001.parquet'}, row 0: answer must be text, got null"

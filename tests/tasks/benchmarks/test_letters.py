@@ -1,13 +1,13 @@
-"""lmms-eval's shared letter extractors against worked examples of the reference's behaviour.
+"""lmms-eval's shared letter extractor against worked examples of the reference's behaviour.
 
-The expected letters are what lmms-eval v0.7.2's own functions return on these answers:
-`lmms_eval/tasks/_task_utils/mcq_extract.py` (`extract_mcq_answer`) and
-`lmms_eval/tasks/_task_utils/mmmu_mcq_utils.py` (`parse_mmmu_multi_choice_response`).
+The expected letters are what lmms-eval v0.7.2's own function returns on these answers:
+`lmms_eval/tasks/_task_utils/mcq_extract.py` (`extract_mcq_answer`). (Its MMMU parser is tested
+with `choices.parse_choice` in test_choices.py.)
 """
 
 import pytest
 
-from dvlm.tasks.benchmarks.letters import Parsed, extract_mcq_answer, parse_mmmu_choice
+from dvlm.tasks.benchmarks.letters import extract_mcq_answer
 
 ABCD = ["A", "B", "C", "D"]
 
@@ -29,33 +29,6 @@ ABCD = ["A", "B", "C", "D"]
     ("(A) or (D)", ABCD, "D"),
     ("E", None, "E"),                                # no letters given: A to H
     ("ABC", ABCD, "C"),                              # only "C " (before the padding) is a form: no start/end
-
 ])
 def test_extract_mcq_answer(response, letters, expected):
     assert extract_mcq_answer(response, letters) == expected
-
-
-TEN = ["cat", "dog", "bird", "red fish", "ant", "bee", "cow", "elk", "fox", "gnu"]
-
-
-# lmms_eval/tasks/_task_utils/mmmu_mcq_utils.py
-@pytest.mark.parametrize("response, expected", [
-    ("B", "B"), ("(C) bird", "C"), ("I think B", "B"),     # "I " and "B " found; " B " is the later
-    ("The answer is J.", "J"),
-    ("A. cat", "A"),                                  # no "X " anywhere: the "A." step
-    ("Answer: H", "H"), ("Answer: (H)", "H"),
-    ("I'm sorry, I can't help with that.", "I"),     # option I exists among ten: ", I can't"
-    ("It is clearly the red fish in the picture", "D"),   # six words, no letter: the option's text
-    ("B.'", "B"),                                     # the quote trimmed after the period's turn
-    ("(B) or (E)", "E"),
-    ("D.E.", "E"),                                    # several "X." candidates, none " X ": the first max
-])
-def test_parse_mmmu_choice(response, expected):
-    assert parse_mmmu_choice(response, TEN, "q") == Parsed(expected, guessed=False)
-
-
-def test_parse_mmmu_choice_without_candidates_guesses_reproducibly():
-    # "dog" is one word: no letter and too short for option texts, so lmms-eval draws at random.
-    first = parse_mmmu_choice("dog", TEN, "test_History_1")
-    assert first.guessed and first.answer in "ABCDEFGHIJ"
-    assert parse_mmmu_choice("dog", TEN, "test_History_1") == first

@@ -10,8 +10,7 @@ from PIL import Image
 
 from dvlm.tasks.benchmarks import BenchmarkDataError, get_benchmark
 from dvlm.tasks.benchmarks.items import Item
-from dvlm.tasks.benchmarks.mmbench import parse
-from tests.tasks.benchmarks.test_readers import hf_image, png, write_parquet
+from tests.tasks.benchmarks.test_readers import hf_image, one_line, png, write_parquet
 
 HINT = ("Madelyn applied a thin layer of wax to the underside of her snowboard and rode the board straight down a "
         "hill. Then, she removed the wax and rode the snowboard straight down the hill again.")
@@ -88,8 +87,8 @@ def test_mmbench_letter(prediction, letter):
     mmbench = get_benchmark("mmbench")
     item = Item("5", "q", [], "B", {"index": 5, "circular": 5, "hint": None, "options": THREE, "category": "c",
                                     "l2_category": "l"})
-    assert parse(prediction, item).answer == letter
-    assert mmbench.score(prediction, item) == {"accuracy": float(letter == "B")}
+    score = mmbench.judge(prediction, item, "lmms-eval")
+    assert (score.parsed, score.values, score.guessed) == (letter, {"accuracy": float(letter == "B")}, False)
 
 
 def mmbench_item(index, answer, options, category, l2):
@@ -116,7 +115,7 @@ def test_mmbench_circular_accuracy_worked_example():
              "finegrained_perception (instance-level)", "Yes")]
     mmbench = get_benchmark("mmbench")
     items = [mmbench_item(*row[:5]) for row in rows]
-    scores = [mmbench.score(row[5], item) for row, item in zip(rows, items)]
+    scores = [mmbench.judge(row[5], item, "lmms-eval").values for row, item in zip(rows, items)]
     assert [s["accuracy"] for s in scores] == [1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0]
     assert mmbench.aggregate(items, scores) == pytest.approx({
         "accuracy": 2 / 3, "image_scene/accuracy": 1.0, "ocr/accuracy": 0.5, "L2 coarse_perception/accuracy": 1.0,
@@ -127,3 +126,43 @@ def test_mmbench_tsv_without_its_columns_is_refused(tmp_path):
     (tmp_path / "MMBench_DEV_EN.tsv").write_text("question\tanswer\nWhat?\tA\n")
     with pytest.raises(BenchmarkDataError, match="no column"):
         get_benchmark("mmbench").read(tmp_path / "MMBench_DEV_EN.tsv", None)
+
+
+def test_mmbench_limit_takes_every_rotated_copy_of_a_question():
+    # In the file the copies of question 7 follow all the first rotations; a limit of 1 or 3 still
+    # takes question 7 whole (its verdict needs every copy), 4 adds question 8 whole.
+    mmbench = get_benchmark("mmbench")
+    items = [mmbench_item(index, "A", THREE, "c", "l") for index in (7, 8, 1000007, 1000008, 2000007)]
+    for limit, expected in ((1, ["7", "1000007", "2000007"]), (3, ["7", "1000007", "2000007"]),
+                            (4, ["7", "8", "1000007", "1000008", "2000007"])):
+        assert [item.id for item in mmbench.select(items, limit)] == expected
+
+
+def write_tsv(path, rows):
+    columns = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image", "l2-category"]
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t")
+        writer.writerow(columns)
+        writer.writerows(rows)
+    return path
+
+
+def test_mmbench_odd_files_are_one_line_errors(tmp_path):
+    image = base64.b64encode(png(colour="green")).decode()
+    tsv = write_tsv(tmp_path / "MMBench_DEV_EN.tsv", [["seven", "What?", "", "cat", "dog", "", "", "A", "c", image,
+                                                       "l"]])
+    with pytest.raises(BenchmarkDataError) as err:
+        get_benchmark("mmbench").read(tsv, None)
+    assert one_line(err) == f"{tsv}, index seven: index must be an integer, got 'seven'"
+    tsv.write_bytes(b"index\tquestion\n\xff\xfe\t?\n")
+    with pytest.raises(BenchmarkDataError) as err:
+        get_benchmark("mmbench").read(tsv, None)
+    assert one_line(err).startswith(f"{tsv}: not UTF-8 text")
+    with pytest.raises(BenchmarkDataError) as err:
+        get_benchmark("mmbench").read(tmp_path / "missing.tsv", None)
+    assert one_line(err) == f"{tmp_path / 'missing.tsv'}: no such file"
+    file = write_parquet(tmp_path / "en" / "dev-00000-of-00001.parquet",
+                         [{**ROW, "question": None, "image": hf_image()}])
+    with pytest.raises(BenchmarkDataError) as err:
+        get_benchmark("mmbench").read(tmp_path, None)
+    assert one_line(err) == f"{file}, row 0: question must be text, got null"

@@ -4,7 +4,7 @@ import pytest
 
 from dvlm.tasks.benchmarks import BenchmarkDataError, get_benchmark
 from dvlm.tasks.benchmarks.items import Item
-from tests.tasks.benchmarks.test_readers import hf_image, write_parquet
+from tests.tasks.benchmarks.test_readers import hf_image, one_line, write_parquet
 
 QUESTION = ("In which direction is the front wheel of the car on the right side facing?\n\nA. Left\nB. Straight\n"
             "C. Right\n\nPlease answer directly with only the letter of the correct option and nothing else.")
@@ -37,4 +37,21 @@ def test_realworldqa_refuses_other_files(tmp_path):
     ("Three", "3", 0.0), ("downhill", "Downhill", 1.0),
 ])
 def test_realworldqa_exact_match(prediction, answer, expected):
-    assert get_benchmark("realworldqa").score(prediction, Item("q", "?", [], answer)) == {"exact_match": expected}
+    score = get_benchmark("realworldqa").judge(prediction, Item("q", "?", [], answer), "lmms-eval")
+    assert score.values == {"exact_match": expected} and not score.guessed
+
+
+def test_realworldqa_records_the_letter_or_the_cleaned_answer():
+    realworldqa = get_benchmark("realworldqa")
+    assert realworldqa.judge("The answer is B.", Item("q", "?", [], "B"), "lmms-eval").parsed == "B"
+    assert realworldqa.judge("b", Item("q", "?", [], "B"), "lmms-eval").parsed == ""   # no capital letter: none
+    assert realworldqa.judge("Downhill..", Item("q", "?", [], "downhill"), "lmms-eval").parsed == "downhill"
+
+
+def test_realworldqa_null_question_is_a_one_line_error(tmp_path):
+    file = write_parquet(tmp_path / "test-00000-of-00001.parquet",
+                         [{"image": hf_image(), "question": "Which way?", "answer": "A"},
+                          {"image": hf_image(), "question": None, "answer": "A"}])
+    with pytest.raises(BenchmarkDataError) as err:
+        get_benchmark("realworldqa").read(tmp_path, None)
+    assert one_line(err) == f"{file}, row 1: question must be text, got null"

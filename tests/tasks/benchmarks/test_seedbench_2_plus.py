@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from dvlm.tasks.benchmarks import get_benchmark
+from dvlm.tasks.benchmarks import BenchmarkDataError, get_benchmark
 from dvlm.tasks.benchmarks.items import Item
-from tests.tasks.benchmarks.test_readers import hf_image, png, write_parquet
+from tests.tasks.benchmarks.test_readers import hf_image, one_line, png, write_parquet
 
 RECORD = {"data_id": "text_rich/chart/0001.png", "question_id": "0", "question_image_type": "chart",
           "question_image_subtype": "bar chart", "question": "Which year had the highest sales?",
@@ -42,7 +42,8 @@ def test_seedbench_2_plus_official_json(tmp_path):
 ])
 def test_seedbench_2_plus_first_character(prediction, expected):
     item = Item("0", "q", [], "B", {"options": ["a", "b", "c", "d"], "type": "Chart"})
-    assert get_benchmark("seedbench_2_plus").score(prediction, item) == {"accuracy": expected}
+    score = get_benchmark("seedbench_2_plus").judge(prediction, item, "lmms-eval")
+    assert score.values == {"accuracy": expected} and score.parsed == prediction.strip()[:1]
 
 
 def test_seedbench_2_plus_accuracy_per_image_type():
@@ -50,3 +51,15 @@ def test_seedbench_2_plus_accuracy_per_image_type():
     scores = [{"accuracy": v} for v in (1.0, 0.0, 1.0, 1.0)]
     assert get_benchmark("seedbench_2_plus").aggregate(items, scores) == {
         "accuracy": 0.75, "Chart/accuracy": 0.5, "Map/accuracy": 1.0, "Web/accuracy": 1.0}
+
+
+def test_seedbench_2_plus_odd_records_are_one_line_errors(tmp_path):
+    data = tmp_path / "SEED-Bench-2-plus-text-rich.json"
+    for record, message in (("a question", "record 1: expected an object with question_id, question"),
+                            ({**RECORD, "answer": None}, "record 1: answer must be text, got null"),
+                            ({**RECORD, "data_id": 7}, "record 1: data_id must be text, got an int (7)")):
+        data.write_text(json.dumps([RECORD, record]))
+        png(tmp_path / "text_rich" / "chart" / "0001.png")
+        with pytest.raises(BenchmarkDataError) as err:
+            get_benchmark("seedbench_2_plus").read(data, None)
+        assert one_line(err).startswith(f"{data}, {message}")

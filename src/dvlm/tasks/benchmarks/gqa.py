@@ -13,7 +13,11 @@ Layouts read:
 Prompt: lmms-eval's (`gqa/utils.py`), the question and the short-answer instruction. Scoring:
 lmms-eval's `exact_match` with `ignore_case` and `ignore_punctuation` (`api/metrics.py`): the
 stripped answer and the reference, lowercased and with every ASCII punctuation mark deleted, must
-be equal (spaces are kept, so "t - shirt" is not "t-shirt"); the mean is the accuracy.
+be equal (spaces are kept, so "t - shirt" is not "t-shirt"); the mean is the accuracy. The only
+rule offered: GQA's own eval.py (its accuracy with consistency, validity and plausibility, which
+need the scene graphs and choices files) is not implemented.
+
+Item ids (the `id` of a predictions file): GQA's question ids ("201307251").
 """
 
 from __future__ import annotations
@@ -21,9 +25,17 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
-from dvlm.tasks.benchmarks.files import image_bytes, image_file, is_parquet, parquet_rows, read_json, require
-from dvlm.tasks.benchmarks.items import SHORT_ANSWER, Benchmark, BenchmarkDataError, Item
-from dvlm.tasks.benchmarks.letters import Parsed
+from dvlm.tasks.benchmarks.files import (
+    answer_text,
+    image_bytes,
+    image_file,
+    is_parquet,
+    parquet_records,
+    read_json,
+    require,
+    text,
+)
+from dvlm.tasks.benchmarks.items import LMMS_EVAL, SHORT_ANSWER, Benchmark, BenchmarkDataError, Item, Score
 
 SPLIT = "testdev"
 QUESTIONS_CONFIG = "testdev_balanced_instructions"
@@ -33,18 +45,23 @@ _NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
 def _parquet_images(path: Path) -> dict[str, bytes]:
-    return {str(r["id"]): image_bytes(r["image"], f"{path}, image {r['id']}")
-            for r in parquet_rows(path, SPLIT, ["id", "image"])}
+    return {answer_text(r, "id", where): image_bytes(r["image"], where)
+            for where, r in parquet_records(path, SPLIT, ["id", "image"])}
+
+
+def _item(question_id: str, record: dict, image, where: str) -> Item:
+    return Item(question_id, text(record, "question", where), [image], answer_text(record, "answer", where),
+                {"image": answer_text(record, "imageId", where)})
 
 
 def _read_parquet(questions: Path, images: Path) -> list[Item]:
     by_id = _parquet_images(images)
     items = []
-    for r in parquet_rows(questions, SPLIT, ["id", "imageId", "question", "answer"]):
-        if str(r["imageId"]) not in by_id:
-            raise BenchmarkDataError(f"{questions}, question {r['id']}: image {r['imageId']} is not in {images}")
-        items.append(Item(str(r["id"]), r["question"], [by_id[str(r["imageId"])]], r["answer"],
-                          {"image": str(r["imageId"])}))
+    for where, r in parquet_records(questions, SPLIT, ["id", "imageId", "question", "answer"]):
+        image_id = answer_text(r, "imageId", where)
+        if image_id not in by_id:
+            raise BenchmarkDataError(f"{where}: image {image_id} is not in {images}")
+        items.append(_item(answer_text(r, "id", where), r, by_id[image_id], where))
     return items
 
 
@@ -56,8 +73,8 @@ def _read_official(data: Path, images: Path) -> list[Item]:
     for question_id, record in questions.items():
         where = f"{data}, question {question_id}"
         require(record, ("imageId", "question", "answer"), where)
-        items.append(Item(str(question_id), record["question"], [image_file(images, f"{record['imageId']}.jpg", where)],
-                          record["answer"], {"image": str(record["imageId"])}))
+        image = image_file(images, f"{answer_text(record, 'imageId', where)}.jpg", where)
+        items.append(_item(str(question_id), record, image, where))
     return items
 
 
@@ -83,12 +100,9 @@ def normalize(text: str) -> str:
     return text.lower().translate(_NO_PUNCTUATION)
 
 
-def parse(prediction: str, item: Item) -> Parsed:
-    return Parsed(normalize(prediction.strip()))
-
-
-def score(prediction: str, item: Item) -> dict[str, float]:
-    return {"exact_match": float(parse(prediction, item).answer == normalize(item.answer))}
+def score(prediction: str, item: Item, rule: str) -> Score:
+    parsed = normalize(prediction)
+    return Score({"exact_match": float(parsed == normalize(item.answer))}, parsed)
 
 
 def aggregate(items: list[Item], scores: list[dict[str, float]]) -> dict[str, float]:
@@ -97,4 +111,5 @@ def aggregate(items: list[Item], scores: list[dict[str, float]]) -> dict[str, fl
 
 GQA = Benchmark("gqa", read, prompt, score, aggregate, ("exact_match",), max_new_tokens=16,
                 layouts="lmms-lab/GQA parquet (testdev_balanced_instructions + testdev_balanced_images) or "
-                        "testdev_balanced_questions.json (+ --images images/)")
+                        "testdev_balanced_questions.json (+ --images images/)",
+                rules={LMMS_EVAL: "lmms_eval/tasks/gqa/gqa.yaml with lmms_eval/api/metrics.py exact_match"})

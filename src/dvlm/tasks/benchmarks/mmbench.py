@@ -24,7 +24,11 @@ written that way; else the one option whose text, lowercased, is inside the lowe
 where that finds nothing, `letters.extract_mcq_answer` over the present options decides (where
 lmms-eval's default `mmbench_en_dev` asks GPT instead). A question counts as right only when every
 rotated copy of it is answered right; accuracy over the questions, overall, per category and per
-L2 category.
+L2 category. A limited run (`--limit`) takes whole questions, every rotated copy of each
+(`group_key`), so no copy is left out of a question's verdict.
+
+Item ids (the `id` of a predictions file): MMBench's `index` ("7", and "1000007" for its rotated
+copy).
 """
 
 from __future__ import annotations
@@ -32,14 +36,23 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
+import io
 import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from dvlm.tasks.benchmarks.files import image_bytes, is_parquet, parquet_rows, require
-from dvlm.tasks.benchmarks.items import LETTER_ANSWER, Benchmark, BenchmarkDataError, Item
-from dvlm.tasks.benchmarks.letters import Parsed, extract_mcq_answer
+from dvlm.tasks.benchmarks.files import (
+    answer_text,
+    image_bytes,
+    is_parquet,
+    parquet_records,
+    read_text,
+    require,
+    text,
+)
+from dvlm.tasks.benchmarks.items import LETTER_ANSWER, LMMS_EVAL, Benchmark, BenchmarkDataError, Item, Score
+from dvlm.tasks.benchmarks.letters import extract_mcq_answer
 
 OPTION_LETTERS = ("A", "B", "C", "D")
 # Letters MMBench's matching looks for; E is never a reference, so reading it scores 0.
@@ -63,26 +76,40 @@ def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
+def _index(record: dict[str, Any], where: str) -> int:
+    value = answer_text(record, "index", where)
+    try:
+        return int(value)
+    except ValueError as err:
+        raise BenchmarkDataError(f"{where}: index must be an integer, got {value[:40]!r}") from err
+
+
+def _optional_text(record: dict[str, Any], key: str, where: str) -> str | None:
+    """A cell that may be missing (None, or NaN as pandas reads an empty cell), else text."""
+    return None if _missing(record.get(key)) else answer_text(record, key, where)
+
+
 def _item(record: dict[str, Any], image, where: str) -> Item:
     require(record, FIELDS, where)
-    index = int(record["index"])
-    l2 = record.get("L2-category", record.get("l2-category"))
-    return Item(str(index), record["question"], [image], str(record["answer"]).strip(),
-                {"index": index, "circular": index % CIRCULAR_OFFSET, "hint": record["hint"],
-                 "options": {x: record[x] for x in OPTION_LETTERS}, "category": record["category"], "l2_category": l2})
+    index = _index(record, where)
+    l2 = _optional_text(record, "L2-category" if "L2-category" in record else "l2-category", where)
+    return Item(str(index), text(record, "question", where), [image], text(record, "answer", where).strip(),
+                {"index": index, "circular": index % CIRCULAR_OFFSET, "hint": _optional_text(record, "hint", where),
+                 "options": {x: _optional_text(record, x, where) for x in OPTION_LETTERS},
+                 "category": text(record, "category", where), "l2_category": l2})
 
 
 def _tsv_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise BenchmarkDataError(f"{path}: no such file")
     csv.field_size_limit(2**31 - 1)  # base64 images are far longer than csv's default field limit
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle, delimiter="\t")
-        missing = [c for c in (*FIELDS, "image") if c not in (reader.fieldnames or [])]
-        if missing:
-            raise BenchmarkDataError(f"{path}: no column(s) {', '.join(missing)}; MMBench's TSV has {', '.join(FIELDS)}, "
-                                     "image, ...")
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""), delimiter="\t")
+    missing = [c for c in (*FIELDS, "image") if c not in (reader.fieldnames or [])]
+    if missing:
+        raise BenchmarkDataError(f"{path}: no column(s) {', '.join(missing)}; MMBench's TSV has {', '.join(FIELDS)}, "
+                                 "image, ...")
+    try:
         rows = list(reader)
+    except csv.Error as err:
+        raise BenchmarkDataError(f"{path}, line {reader.line_num}: not a TSV row ({err})") from err
     # pandas, which the reference reads these files with, reads an empty cell as missing
     return [{k: (None if v == "" else v) for k, v in row.items()} for row in rows]
 
@@ -113,8 +140,8 @@ def read(data: Path, images: Path | None) -> list[Item]:
     if any((folder / other).is_dir() for other in OTHER_CONFIGS):  # the root, without en/
         raise BenchmarkDataError(f"{data}: no {LANGUAGE_FOLDER}/ folder (the English config) beside "
                                  f"{', '.join(OTHER_CONFIGS)}")
-    return [_item(r, image_bytes(r["image"], f"{folder}, index {r['index']}"), f"{folder}, index {r['index']}")
-            for r in parquet_rows(folder, SPLIT, [*FIELDS, "image"])]
+    return [_item(r, image_bytes(r["image"], where), where)
+            for where, r in parquet_records(folder, SPLIT, [*FIELDS, "image"])]
 
 
 # -- prompt --------------------------------------------------------------------------------------
@@ -154,16 +181,17 @@ def _scored_options(item: Item) -> dict[str, str]:
     return {x: text for x, text in item.meta["options"].items() if not _missing(text)}
 
 
-def parse(prediction: str, item: Item) -> Parsed:
-    answer = prediction.strip()
+def read_letter(answer: str, item: Item) -> str:
+    """The option letter the static rule reads from a (stripped) answer, or "" for none."""
     options = _scored_options(item)
     from_words = None if API_FAILURE in answer else _letter_from_words(answer)
     matched = from_words or _letter_from_text(answer, options)
-    return Parsed(matched or extract_mcq_answer(answer, sorted(options)))
+    return matched or extract_mcq_answer(answer, sorted(options))
 
 
-def score(prediction: str, item: Item) -> dict[str, float]:
-    return {"accuracy": float(parse(prediction, item).answer == item.answer)}
+def score(prediction: str, item: Item, rule: str) -> Score:
+    letter = read_letter(prediction, item)
+    return Score({"accuracy": float(letter == item.answer)}, letter)
 
 
 def aggregate(items: list[Item], scores: list[dict[str, float]]) -> dict[str, float]:
@@ -185,4 +213,7 @@ def aggregate(items: list[Item], scores: list[dict[str, float]]) -> dict[str, fl
 
 
 MMBENCH = Benchmark("mmbench", read, prompt, score, aggregate, ("accuracy",), max_new_tokens=1024,
-                    layouts="lmms-lab/MMBench parquet (config en, split dev) or MMBench_DEV_EN.tsv")
+                    layouts="lmms-lab/MMBench parquet (config en, split dev) or MMBench_DEV_EN.tsv",
+                    rules={LMMS_EVAL: "lmms_eval/tasks/mmbench/mmbench_evals.py (static) with "
+                                      "_task_utils/mcq_extract.py"},
+                    group_key="circular")

@@ -8,16 +8,20 @@ its empty post prompt leaves the question's own instruction ("Please answer dire
 the letter of the correct option and nothing else.") in place. Scoring (the same file): when the
 stripped reference is a letter A-D, the letter `letters.extract_mcq_answer` reads from the answer
 among A-D must equal it; otherwise the answer, lowercased, stripped and without its trailing
-periods, must equal the reference lowercased. The mean is `exact_match`.
+periods, must equal the reference lowercased. The mean is `exact_match`. RealWorldQA ships no
+scorer of its own, so lmms-eval's is the only rule.
+
+Item ids (the `id` of a predictions file): the parquet has no question id, so an item is
+`realworldqa/<row>`, its 0-based row in the split's files read in name order.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from dvlm.tasks.benchmarks.files import image_bytes, is_parquet, parquet_rows
-from dvlm.tasks.benchmarks.items import Benchmark, BenchmarkDataError, Item
-from dvlm.tasks.benchmarks.letters import Parsed, extract_mcq_answer
+from dvlm.tasks.benchmarks.files import answer_text, image_bytes, is_parquet, parquet_records, text
+from dvlm.tasks.benchmarks.items import LMMS_EVAL, Benchmark, BenchmarkDataError, Item, Score
+from dvlm.tasks.benchmarks.letters import extract_mcq_answer
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -25,8 +29,9 @@ LETTERS = ("A", "B", "C", "D")
 def read(data: Path, images: Path | None) -> list[Item]:
     if not is_parquet(data):
         raise BenchmarkDataError(f"{data}: RealWorldQA takes lmms-lab/RealWorldQA's parquet files")
-    return [Item(f"realworldqa/{k}", r["question"], [image_bytes(r["image"], f"{data}, row {k}")], r["answer"])
-            for k, r in enumerate(parquet_rows(data, "test", ["image", "question", "answer"]))]
+    return [Item(f"realworldqa/{k}", text(r, "question", where), [image_bytes(r["image"], where)],
+                 answer_text(r, "answer", where))
+            for k, (where, r) in enumerate(parquet_records(data, "test", ["image", "question", "answer"]))]
 
 
 def prompt(item: Item) -> str:
@@ -37,16 +42,13 @@ def _is_letter_question(item: Item) -> bool:
     return item.answer.strip().upper() in LETTERS
 
 
-def parse(prediction: str, item: Item) -> Parsed:
-    if _is_letter_question(item):
-        return Parsed(extract_mcq_answer(prediction.strip(), LETTERS))
-    return Parsed(prediction.strip().lower().strip().rstrip("."))
-
-
-def score(prediction: str, item: Item) -> dict[str, float]:
+def score(prediction: str, item: Item, rule: str) -> Score:
     reference = item.answer.strip()
-    expected = reference.upper() if _is_letter_question(item) else reference.lower()
-    return {"exact_match": float(parse(prediction, item).answer == expected)}
+    if _is_letter_question(item):
+        parsed, expected = extract_mcq_answer(prediction, LETTERS), reference.upper()
+    else:
+        parsed, expected = prediction.lower().strip().rstrip("."), reference.lower()
+    return Score({"exact_match": float(parsed == expected)}, parsed)
 
 
 def aggregate(items: list[Item], scores: list[dict[str, float]]) -> dict[str, float]:
@@ -54,4 +56,5 @@ def aggregate(items: list[Item], scores: list[dict[str, float]]) -> dict[str, fl
 
 
 REALWORLDQA = Benchmark("realworldqa", read, prompt, score, aggregate, ("exact_match",), max_new_tokens=16,
-                        layouts="lmms-lab/RealWorldQA parquet (test)")
+                        layouts="lmms-lab/RealWorldQA parquet (test)",
+                        rules={LMMS_EVAL: "lmms_eval/tasks/realworldqa/utils.py with _task_utils/mcq_extract.py"})

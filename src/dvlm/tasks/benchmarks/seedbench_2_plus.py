@@ -12,7 +12,10 @@ Prompt: lmms-eval's (`seedbench_2_plus/utils.py`): the question, "A. ..." to "D.
 option naming a .jpg/.png file is shown as "<image>") and the letter instruction. Scoring (the same
 file): the stripped answer's first character, lowercased, must equal the reference letter
 lowercased, so "B. cat" counts as B and "The answer is B" as T. Accuracy over all questions and
-per image type (Chart, Map, Web).
+per image type (Chart, Map, Web). The only rule offered: the release's own evaluation code is not
+implemented.
+
+Item ids (the `id` of a predictions file): the benchmark's `question_id`s ("0", "1", ...).
 """
 
 from __future__ import annotations
@@ -20,9 +23,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dvlm.tasks.benchmarks.files import image_bytes, image_file, is_parquet, parquet_rows, read_json, require
-from dvlm.tasks.benchmarks.items import LETTER_ANSWER, Benchmark, BenchmarkDataError, Item, grouped_means
-from dvlm.tasks.benchmarks.letters import Parsed
+from dvlm.tasks.benchmarks.files import (
+    answer_text,
+    image_bytes,
+    image_file,
+    is_parquet,
+    parquet_records,
+    read_json,
+    require,
+    text,
+)
+from dvlm.tasks.benchmarks.items import (
+    LETTER_ANSWER,
+    LMMS_EVAL,
+    Benchmark,
+    BenchmarkDataError,
+    Item,
+    Score,
+    grouped_means,
+)
 
 OPTION_COLUMNS = ("choice_A", "choice_B", "choice_C", "choice_D")
 FIELDS = ("question_id", "question", *OPTION_COLUMNS, "answer", "question_image_type")
@@ -31,10 +50,9 @@ IMAGE_TOKEN = "<image>"
 
 
 def _item(record: dict[str, Any], image, where: str) -> Item:
-    require(record, FIELDS, where)
-    return Item(str(record["question_id"]), record["question"], [image], record["answer"],
-                {"options": [record[c] for c in OPTION_COLUMNS],
-                 "type": record["question_image_type"].capitalize()})
+    return Item(answer_text(record, "question_id", where), text(record, "question", where), [image],
+                text(record, "answer", where), {"options": [answer_text(record, c, where) for c in OPTION_COLUMNS],
+                                                "type": text(record, "question_image_type", where).capitalize()})
 
 
 def _official_records(data: Path) -> list[dict[str, Any]]:
@@ -47,14 +65,14 @@ def _official_records(data: Path) -> list[dict[str, Any]]:
 
 def read(data: Path, images: Path | None) -> list[Item]:
     if is_parquet(data):
-        return [_item(r, image_bytes(r["image"], f"{data}, row {k}"), f"{data}, row {k}")
-                for k, r in enumerate(parquet_rows(data, "test", [*FIELDS, "image"]))]
+        return [_item(r, image_bytes(r["image"], where), where)
+                for where, r in parquet_records(data, "test", [*FIELDS, "image"])]
     folder = images or data.parent
     items = []
     for k, record in enumerate(_official_records(data)):
         where = f"{data}, record {k}"
-        require(record, ("data_id",), where)
-        items.append(_item(record, image_file(folder, record["data_id"], where), where))
+        require(record, (*FIELDS, "data_id"), where)
+        items.append(_item(record, image_file(folder, text(record, "data_id", where), where), where))
     return items
 
 
@@ -67,12 +85,9 @@ def prompt(item: Item) -> str:
     return f"{item.question}\n{options}\n{LETTER_ANSWER}"
 
 
-def parse(prediction: str, item: Item) -> Parsed:
-    return Parsed(prediction.strip()[:1])
-
-
-def score(prediction: str, item: Item) -> dict[str, float]:
-    return {"accuracy": float(parse(prediction, item).answer.lower().strip() == item.answer.lower().strip())}
+def score(prediction: str, item: Item, rule: str) -> Score:
+    parsed = prediction[:1]
+    return Score({"accuracy": float(parsed.lower().strip() == item.answer.lower().strip())}, parsed)
 
 
 def aggregate(items: list[Item], scores: list[dict[str, float]]) -> dict[str, float]:
@@ -82,4 +97,5 @@ def aggregate(items: list[Item], scores: list[dict[str, float]]) -> dict[str, fl
 
 SEEDBENCH_2_PLUS = Benchmark("seedbench_2_plus", read, prompt, score, aggregate, ("accuracy",), max_new_tokens=16,
                              layouts="doolayer/SEED-Bench-2-Plus parquet (test) or SEED-Bench-2-plus-text-rich.json "
-                                     "(+ --images, the folder text_rich.zip unpacks into)")
+                                     "(+ --images, the folder text_rich.zip unpacks into)",
+                             rules={LMMS_EVAL: "lmms_eval/tasks/seedbench_2_plus/utils.py"})
