@@ -358,10 +358,12 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--task", help="built-in task: shapes-qa, shapes-caption, digits-read, multi-turn")
     which.add_argument("--benchmark", help="published benchmark read from --data: mme, pope, ai2d, chartqa, docvqa, "
-                                           "textvqa, mmmu")
+                                           "textvqa, mmmu, gqa, mmbench, realworldqa, seedbench_2_plus, "
+                                           "mmmu_pro_standard, mmmu_pro_vision")
     p.add_argument("--data", metavar="PATH", help="--benchmark: its file or folder (official release or the "
                                                   "Hugging Face parquet)")
-    p.add_argument("--images", metavar="DIR", help="--benchmark: the image folder, where the data names image files")
+    p.add_argument("--images", metavar="DIR", help="--benchmark: the image folder, where the data names image files "
+                                                   "(GQA's parquet: the testdev_balanced_images files)")
     p.add_argument("--decoders", metavar="LIST", help="--benchmark: comma-separated decoders run side by side "
                                                       "(default: --decoder, or the model's)")
     p.add_argument("--out", metavar="DIR", help="--benchmark: write JSON, a Markdown table, the plot and the "

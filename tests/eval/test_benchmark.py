@@ -218,3 +218,55 @@ def test_a_folder_given_for_a_file_is_a_one_line_error(tmp_path, capsys):
     assert f"{tmp_path}: a folder, where a file was expected" in capsys.readouterr().err
     assert main(["eval", "--benchmark", "docvqa", "--data", str(tmp_path / "test" / "png")]) == 2
     assert "png: a folder, where a file was expected" in capsys.readouterr().err
+
+
+def rescoring_cases(name, root):
+    """(data, [(id, prediction, expected score)], metric) for each of the benchmarks added for
+    Fast-dVLM's table, on files in their published layouts."""
+    from tests.tasks.benchmarks import test_gqa, test_mmbench, test_mmmu_pro, test_realworldqa, test_seedbench_2_plus
+    from tests.tasks.benchmarks.test_readers import hf_image, write_parquet
+
+    if name == "gqa":
+        test_gqa.gqa_download(root)
+        return root, [("201307251", "No.", 1.0), ("20968379", "blue", 0.0)], "exact_match"
+    if name == "mmbench":
+        write_parquet(root / "en" / "dev-00000-of-00001.parquet", [{**test_mmbench.ROW, "image": hf_image()},
+                                                                   {**test_mmbench.ROTATED, "image": hf_image()}])
+        return root, [("7", "B", 1.0), ("1000007", "B", 0.0)], "accuracy"
+    if name == "realworldqa":
+        write_parquet(root / "test-00000-of-00001.parquet", [
+            {"image": hf_image(), "question": test_realworldqa.QUESTION, "answer": "C"},
+            {"image": hf_image(), "question": "How many cones are there?", "answer": "3"}])
+        return root, [("realworldqa/0", "C.", 1.0), ("realworldqa/1", "three", 0.0)], "exact_match"
+    if name == "seedbench_2_plus":
+        record = test_seedbench_2_plus.RECORD
+        write_parquet(root / "test-00000-of-00001.parquet", [{**record, "image": hf_image()},
+                                                             {**record, "question_id": "1", "answer": "A",
+                                                              "image": hf_image()}])
+        return root, [("0", "B", 1.0), ("1", "The answer is A", 0.0)], "accuracy"
+    test_mmmu_pro.mmmu_pro_download(root)
+    if name == "mmmu_pro_standard":
+        return root, [("test_History_134", "J", 1.0), ("test_Art_5", "(A)", 1.0)], "accuracy"
+    return root, [("test_History_134", "Answer: J", 0.0)], "accuracy"
+
+
+@pytest.mark.parametrize("name", ["gqa", "mmbench", "realworldqa", "seedbench_2_plus", "mmmu_pro_standard",
+                                  "mmmu_pro_vision"])
+def test_rescoring_the_benchmarks_of_fast_dvlms_table(tmp_path, capsys, name):
+    data, cases, metric = rescoring_cases(name, tmp_path / "data")
+    source = write_predictions(tmp_path / "p.jsonl", [{"id": i, "prediction": p} for i, p, _ in cases])
+    assert main(["eval", "--benchmark", name, "--data", str(data), "--predictions", str(source),
+                 "--out", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.startswith(f"{name}: all {len(cases)} items. Rule: lmms-eval")
+    lines = [json.loads(x) for x in (tmp_path / "out" / f"{name}.rescored.predictions.jsonl").read_text().splitlines()]
+    assert [(line["id"], line[metric]) for line in lines] == [(i, expected) for i, _, expected in cases]
+
+
+def test_rescoring_mmmu_pro_vision_by_its_own_scorer(tmp_path, capsys):
+    # "Answer: J" is wrong by lmms-eval's rule (no parsing) and right by MMMU-Pro's evaluate.py.
+    data, cases, _ = rescoring_cases("mmmu_pro_vision", tmp_path / "data")
+    source = write_predictions(tmp_path / "p.jsonl", [{"id": i, "prediction": p} for i, p, _ in cases])
+    assert main(["eval", "--benchmark", "mmmu_pro_vision", "--data", str(data), "--predictions", str(source),
+                 "--rule", "official", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["rule"] == "official" and row["metrics"]["accuracy"] == 1.0

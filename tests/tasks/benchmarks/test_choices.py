@@ -51,6 +51,33 @@ def test_a_guess_is_seeded_by_the_question_id():
     assert all(parse_choice("dog", OPTIONS, "official", "validation_Art_1") == (first, True) for _ in range(5))
 
 
+TEN = ["cat", "dog", "bird", "red fish", "ant", "bee", "cow", "elk", "fox", "gnu"]
+
+
+# lmms_eval/tasks/_task_utils/mmmu_mcq_utils.py (`parse_mmmu_multi_choice_response`, which
+# lmms-eval's mmmu_pro task also runs) with ten options, as MMMU-Pro's standard setting has.
+@pytest.mark.parametrize("response, expected", [
+    ("B", "B"), ("(C) bird", "C"), ("I think B", "B"),     # "I " and "B " found; " B " is the later
+    ("The answer is J.", "J"),
+    ("A. cat", "A"),                                  # no "X " anywhere: the "A." step
+    ("Answer: H", "H"), ("Answer: (H)", "H"),
+    ("I'm sorry, I can't help with that.", "I"),     # option I exists among ten: ", I can't"
+    ("It is clearly the red fish in the picture", "D"),   # six words, no letter: the option's text
+    ("B.'", "B"),                                     # the quote trimmed after the period's turn
+    ("(B) or (E)", "E"),
+    ("D.E.", "E"),                                    # ends trimmed to "D.E": "E " before the padding
+])
+def test_parse_choice_lmms_eval_ten_options(response, expected):
+    assert parse_choice(response, TEN, "lmms-eval", "q") == (expected, False)
+
+
+def test_parse_choice_lmms_eval_without_candidates_guesses_reproducibly():
+    # "dog" is one word: no letter and too short for option texts, so lmms-eval draws at random.
+    letter, guessed = parse_choice("dog", TEN, "lmms-eval", "test_History_1")
+    assert guessed and letter in "ABCDEFGHIJ"
+    assert parse_choice("dog", TEN, "lmms-eval", "test_History_1") == (letter, True)
+
+
 @pytest.mark.parametrize("response, options, official, lmms_eval", [
     # validation_Biology_26 (right: E): the text of E; lmms-eval reads "A " in "DNA ".
     ("If you cut the above plasmid with restriction enzyme called HindIII, the form of DNA will be changed from "

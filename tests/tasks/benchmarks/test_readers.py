@@ -258,7 +258,8 @@ def test_mmmu_refuses_an_unknown_question_type(tmp_path):
 
 
 def test_every_benchmark_heads_with_a_metric_in_0_1():
-    assert set(BENCHMARKS) == {"mme", "pope", "ai2d", "chartqa", "docvqa", "textvqa", "mmmu"}
+    assert set(BENCHMARKS) == {"mme", "pope", "ai2d", "chartqa", "docvqa", "textvqa", "mmmu", "gqa", "mmbench",
+                               "realworldqa", "seedbench_2_plus", "mmmu_pro_standard", "mmmu_pro_vision"}
     for benchmark in BENCHMARKS.values():
         assert benchmark.headline and benchmark.max_new_tokens > 0
 

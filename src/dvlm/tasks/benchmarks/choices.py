@@ -1,4 +1,4 @@
-"""MMMU's answer parsing, two rules (used by MMMU).
+"""MMMU's answer parsing, two rules (used by MMMU and MMMU-Pro).
 
 Official (MMMU's mmmu/utils/eval_utils.py) and lmms-eval (lmms_eval/tasks/_task_utils/
 mmmu_mcq_utils.py and lmms_eval/tasks/mmmu/utils.py) share most steps and differ where noted.
