@@ -16,10 +16,10 @@ from dvlm.convert.conversion import (
     FP32_TOLERANCE,
     convert_checkpoint,
     half_precision_tolerance,
-    max_shard_bytes,
 )
 from dvlm.convert.verify import causal_logits, probe_input
 from dvlm.model.checkpoint_files import CheckpointError
+from dvlm.model.checkpoint_writing import max_shard_bytes
 from tests.convert.sources import (
     INDEX_FILE,
     SHAPE,

@@ -2,9 +2,9 @@
 exactly the settings dvlm's decoders run with.
 
 transformers fills every setting a `generate` call leaves unset from the model's
-`generation_config`, which it reads from the checkpoint's generation_config.json: Qwen2.5-VL's
-publishes sampling with `repetition_penalty` 1.05, which turns a greedy call into a penalised one
-that parts from greedy decoding. The baseline runs with a blank generation config instead, so
+`generation_config`, which it reads from the checkpoint's generation_config.json: a published
+one may ask for sampling with `repetition_penalty` 1.05, which turns a greedy call into a
+penalised one that parts from greedy decoding. The baseline runs with a blank generation config instead, so
 greedy means greedy (no penalty, no sampling, no other logits processor) and sampling uses only the
 temperature, top-k and top-p that `out.settings` records.
 """
