@@ -88,8 +88,9 @@ def shard_size_like(source: Path, state: dict[str, Any]) -> int:
 
 def declare_dtype(out: Path, dtype_name: str) -> None:
     """Make `out`'s config.json name `dtype_name` as the weights' dtype, at the top level and in every
-    sub-config that names one (transformers writes the dtype of the model object it saved, which
-    differs when the weights written were cast from a gathered state dict)."""
+    sub-config that names one. transformers writes the model's dtype at the top level but leaves a
+    sub-config's as the model was loaded (a model cast after loading), and a sharded model's own
+    dtype where the weights written were cast from a gathered state dict."""
     path = out / "config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
     config["dtype"] = dtype_name

@@ -301,8 +301,7 @@ def _write_final(run: _Run, final: Path, weights: dict[str, torch.Tensor] | None
     with written_whole(final) as tmp:
         save_model(run.lm.model, run.lm.processor, tmp, max_shard_size=shard_size_like(run.source, state),
                    state_dict=weights, source=run.source)
-        if weights is not None:
-            declare_dtype(tmp, run.save_dtype)  # transformers names the (sharded) model's own dtype
+        declare_dtype(tmp, run.save_dtype)  # transformers names the dtype the model (and its parts) loaded in
 
 
 def _write_lora(lm: LoadedModel, folder: Path) -> None:
