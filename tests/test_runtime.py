@@ -103,3 +103,21 @@ def test_load_and_generate_follow_the_rule(monkeypatch, half_checkpoints, image,
     answers = [lm.generate("Describe the image.", [image], decoder="ar", max_new_tokens=12) for lm in (fp16, explicit)]
     assert answers[0].tokens == answers[1].tokens and answers[0].num_tokens > 0
     assert dvlm.load(half_checkpoints["bfloat16"], device="cpu", dtype="bfloat16").model.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_training_in_bfloat16_on_a_slow_cpu_says_so(monkeypatch, tmp_path, capsys, half_checkpoints, fast):
+    """Training keeps float32 master weights; bfloat16 autocast is asked for explicitly, and a CPU
+    without bfloat16 instructions is named as the slow place for it."""
+    from dvlm.config import TrainConfig
+    from dvlm.tasks.builtin import export_llava, get_task
+    from dvlm.train.loop import train
+
+    fake_cpu(monkeypatch, fast)
+    data = export_llava(get_task("shapes-qa").generate("train", 2, seed=0), tmp_path / "data")
+    cfg = TrainConfig(max_steps=1, batch_size=2, objective="autoregressive", dtype="bfloat16")
+    result = train(half_checkpoints["bfloat16"], data, tmp_path / "run", cfg, device="cpu")
+    warned = "dtype: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX): bfloat16 autocast runs slower " \
+             "than float32 here (--dtype float32)"
+    assert (warned in capsys.readouterr().out) is not fast
+    assert dvlm.load(result.model_dir, dtype="bfloat16").model.dtype == torch.bfloat16  # written as stored

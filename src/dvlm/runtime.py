@@ -61,6 +61,11 @@ def _torch_reports_fast_bf16() -> bool:
         return False
 
 
+def slow_in_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 compute is slower than float32 on `device`: a CPU without bfloat16 instructions."""
+    return device.type == "cpu" and not cpu_has_fast_bf16()
+
+
 def pick_dtype(name: str | None, device: torch.device, saved: str | None = None) -> torch.dtype:
     """The dtype to compute in: the one rule for loading, generating, verifying a conversion and
     training. An explicit `name` (float32, bfloat16, float16) is obeyed.
@@ -75,7 +80,7 @@ def pick_dtype(name: str | None, device: torch.device, saved: str | None = None)
             raise ValueError(f"dtype {name!r} is not one of auto, {', '.join(_DTYPES)}")
         return _DTYPES[name]
     if device.type == "cpu":
-        return torch.bfloat16 if saved == "bfloat16" and cpu_has_fast_bf16() else torch.float32
+        return torch.bfloat16 if saved == "bfloat16" and not slow_in_bf16(device) else torch.float32
     if saved in _DTYPES:
         return _DTYPES[saved]
     return torch.bfloat16 if device.type == "cuda" else torch.float32

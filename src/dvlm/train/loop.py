@@ -48,7 +48,7 @@ from dvlm.model.adapters.registry import adapter_for_checkpoint
 from dvlm.model.checkpoint_files import read_config, saved_dtype
 from dvlm.model.checkpoint_writing import declare_dtype, shard_size_like
 from dvlm.model.loaded import LoadedModel, save_model, write_recipe
-from dvlm.runtime import cpu_has_fast_bf16, pick_device, seeded_generator, storage_dtype
+from dvlm.runtime import pick_device, seeded_generator, slow_in_bf16, storage_dtype
 from dvlm.train import distributed, lengths, memory, report
 from dvlm.train import lora as lora_tools
 from dvlm.train.resume import (
@@ -334,7 +334,7 @@ def _scan_lengths(source: Path, data: str | Path, image_root: str | Path | None,
 
 
 def _check_bf16_speed(cfg: TrainConfig, device: str | None, progress: bool) -> None:
-    if progress and cfg.dtype == "bfloat16" and pick_device(device).type == "cpu" and not cpu_has_fast_bf16():
+    if progress and cfg.dtype == "bfloat16" and slow_in_bf16(pick_device(device)):
         tqdm.write("dtype: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX): bfloat16 autocast runs slower "
                    "than float32 here (--dtype float32)")
 
