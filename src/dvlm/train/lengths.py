@@ -10,13 +10,17 @@ memory estimate is then bounded by the longest sample rather than by `max_length
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from dvlm.config import ConfigError, TrainConfig
 from dvlm.data.llava_json import LlavaJsonDataset, SampleError
+from dvlm.model.adapters.registry import adapter_for_checkpoint
 
 SCAN_LIMIT = 500
 """Samples encoded before training at most: a larger file is measured on a random draw of this many
@@ -98,3 +102,15 @@ def scan_lengths(dataset: LlavaJsonDataset, max_length: int, seed: int, limit: i
         except SampleError:
             continue  # an unreadable sample is skipped when drawn, with its reason
     return LengthScan(total, len(indices), tuple(lengths), max_length)
+
+
+def measure(source: Path, data: str | Path, image_root: str | Path | None, records: Sequence[dict],
+            cfg: TrainConfig, origin: str) -> LengthScan:
+    """Encode `data`'s samples as training will, with `source`'s processor, say how many are longer
+    than `cfg.max_length` (which came from `origin`), and refuse data of which none fits; no weight loads."""
+    processor = adapter_for_checkpoint(source).load_processor(source)  # no max_length: every sample measured
+    dataset = LlavaJsonDataset(data, processor, image_root=image_root, records=records)
+    scan = scan_lengths(dataset, cfg.max_length, cfg.seed)
+    tqdm.write(scan.describe(origin))
+    scan.require_some_fit()
+    return scan

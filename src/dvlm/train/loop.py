@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from dvlm.atomic import written_whole
 from dvlm.config import ConfigError, DiffusionConfig, TrainConfig, from_dict
 from dvlm.data.collate import Batch
 from dvlm.data.llava_json import (
@@ -43,7 +44,6 @@ from dvlm.diffusion.objective import (
     loss_normaliser,
 )
 from dvlm.diffusion.schedule import annealed_block_size
-from dvlm.atomic import written_whole
 from dvlm.model.adapters.registry import adapter_for_checkpoint
 from dvlm.model.checkpoint_files import read_config, saved_dtype
 from dvlm.model.checkpoint_writing import declare_dtype, shard_size_like
@@ -197,7 +197,7 @@ def train(
     shape = memory.model_shape(source, adapter_for_checkpoint(source))
     given = cfg  # as asked (trainer_state.json's train_config); data_order records the max_length used
     cfg, origin = lengths.resolve_max_length(cfg, shape.max_positions, _recorded_max_length(checkpoint))
-    scan = _scan_lengths(source, data, image_root, records, cfg, origin) if progress else None
+    scan = lengths.measure(source, data, image_root, records, cfg, origin) if progress else None
     _check_memory(shape, cfg, device, progress, scan.longest if scan else None)
     _check_bf16_speed(cfg, device, progress)
     # master weights in fp32; a LoRA checkpoint holds only the adapter, its base is `model`
@@ -319,18 +319,6 @@ def _recorded_max_length(checkpoint: Checkpoint | None) -> int | None:
         return None
     recorded = (checkpoint.state.get(DATA_ORDER_KEY) or {}).get("max_length")
     return recorded if isinstance(recorded, int) else None
-
-
-def _scan_lengths(source: Path, data: str | Path, image_root: str | Path | None, records, cfg: TrainConfig,
-                  origin: str) -> lengths.LengthScan:
-    """Encode the samples as training will (`dvlm.train.lengths`), say how many are too long, and refuse
-    data of which none fits; before any weight loads."""
-    processor = adapter_for_checkpoint(source).load_processor(source)  # no max_length: every sample measured
-    dataset = LlavaJsonDataset(data, processor, image_root=image_root, records=records)
-    scan = lengths.scan_lengths(dataset, cfg.max_length, cfg.seed)
-    tqdm.write(scan.describe(origin))
-    scan.require_some_fit()
-    return scan
 
 
 def _check_bf16_speed(cfg: TrainConfig, device: str | None, progress: bool) -> None:
