@@ -28,6 +28,7 @@ from dvlm.model.checkpoint_files import (
     read_config,
     saved_dtype,
 )
+from dvlm.model.checkpoint_writing import write_companions
 from dvlm.model.quantize import check_can_quantize, quantize_model, scheme_to_apply
 from dvlm.runtime import pick_device, pick_dtype
 
@@ -109,8 +110,9 @@ class LoadedModel:
         return self.adapter.max_positions(self.model)
 
     def save(self, out: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """`state_dict`: the weights to write when the model holds only its shard of them (FSDP2)."""
-        save_model(self.model, self.processor, Path(out), state_dict=state_dict)
+        """`state_dict`: the weights to write when the model holds only its shard of them (FSDP2).
+        The chat template and generation config come from the directory the model was loaded from."""
+        save_model(self.model, self.processor, Path(out), state_dict=state_dict, source=self.path)
 
 
 def require_recipe(diffusion: DiffusionConfig | None, decoder: str, path: str | None = None) -> DiffusionConfig:
@@ -125,14 +127,17 @@ def require_recipe(diffusion: DiffusionConfig | None, decoder: str, path: str | 
 
 
 def save_model(model: nn.Module, processor: ChatProcessor, out: Path, max_shard_size: int | None = None,
-               state_dict: dict[str, torch.Tensor] | None = None) -> None:
+               state_dict: dict[str, torch.Tensor] | None = None, source: str | Path | None = None) -> None:
     """A complete, loadable checkpoint: safetensors weights, config (with the recipe, if any),
-    tokenizer and image processor. `max_shard_size` in bytes (None: transformers' default);
-    `state_dict` the weights to write when the model holds only a shard (gathered by the caller)."""
+    tokenizer and image processor, and `source`'s chat template and generation config (the checkpoint
+    directory the model came from; `dvlm.model.checkpoint_writing`). `max_shard_size` in bytes (None:
+    transformers' default); `state_dict` the weights to write when the model holds only a shard
+    (gathered by the caller)."""
     out.mkdir(parents=True, exist_ok=True)
     options = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(out, safe_serialization=True, state_dict=state_dict, **options)
     processor.save_pretrained(out)
+    write_companions(out, source)
 
 
 def read_recipe(model: nn.Module, source: str = "config.json") -> DiffusionConfig | None:

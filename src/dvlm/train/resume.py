@@ -109,13 +109,6 @@ def save_checkpoint(run_dir: Path, step: int, lm: LoadedModel, optimizer, schedu
     return final
 
 
-def write_model(lm: LoadedModel, final: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """The final model directory, written atomically like a checkpoint. `state_dict`: the gathered
-    weights when the model holds only its shard of them (FSDP2)."""
-    with written_whole(final) as tmp:
-        lm.save(tmp, state_dict)
-
-
 # -- reading -----------------------------------------------------------------------------------------
 
 
