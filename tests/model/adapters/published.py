@@ -436,6 +436,15 @@ def write_checkpoint(published: Published, out: Path, *, shrink: bool = True, se
     return out
 
 
+def write_processor_files(published: Published, out: Path) -> Path:
+    """The checkpoint's files without weights (config, processor, template, tokenizer): enough to
+    encode prompts."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_published_files(published, out, with_values(published.config, published.shrunk))
+    build_tokenizer(published).save_pretrained(out)
+    return out
+
+
 def save_as_published(model, published: Published, out: Path, config: dict[str, Any] | None = None) -> None:
     """Write `model`'s weights into `out` with the published files beside them (`config`: the
     config.json written, the published one with its sizes changed; default: the one already there)."""
@@ -443,6 +452,10 @@ def save_as_published(model, published: Published, out: Path, config: dict[str, 
     model.save_pretrained(out)
     # save_pretrained rewrote config.json (transformers' own layout) and derived a generation config:
     # put the published files back.
+    write_published_files(published, out, config)
+
+
+def write_published_files(published: Published, out: Path, config: dict[str, Any]) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "generation_config.json").write_text(json.dumps(published.generation_config, indent=2))
     (out / "preprocessor_config.json").write_text(json.dumps(published.preprocessor_config, indent=2))
