@@ -173,3 +173,20 @@ def test_a_qwen3_vl_moe_checkpoint_is_refused_in_one_line(tmp_path, capsys):
 def test_the_published_configs_pass_the_checks(family):
     published = FAMILIES[family]()
     adapter_for_architecture(published.architecture).check_config(published.config, "config.json")
+
+
+def test_a_template_that_drops_images_is_refused(tmp_path):
+    path = write_processor_files(qwen2_5_vl(), tmp_path / "m")
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for p in m['content'] %}{{ p['text'] }}"
+        "{% endfor %}<|im_end|>\n{% endfor %}")}))
+    processor = adapter_for_checkpoint(path).load_processor(path)
+    with pytest.raises(TemplateError, match=r"rendered 0 image token\(s\) for 1 image\(s\)$"):
+        processor.encode(QUESTION, [Image.new("RGB", (56, 56))])
+
+
+def test_an_empty_answer_is_not_trained(tmp_path):
+    path = write_processor_files(qwen2_5_vl(), tmp_path / "m")
+    processor = adapter_for_checkpoint(path).load_processor(path)
+    with pytest.raises(TemplateError, match="empty answer"):
+        processor.encode([{"role": "user", "content": "Yes"}, {"role": "assistant", "content": " "}])
