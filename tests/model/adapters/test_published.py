@@ -55,7 +55,7 @@ MAX_NEW_TOKENS = 10
 SEEDS = range(4)
 INIT_STD = 0.3
 QUESTIONS = ("Describe the image.", "What colour is the cat?", "How many shapes are there?")
-"""One prompt per end token (at most two end tokens per family); the last one ends by length."""
+"""One prompt per end token (at most two end tokens per family), and a last one compared wherever it ends."""
 ANSWER = "A red square and a blue circle."
 
 
