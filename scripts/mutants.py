@@ -55,7 +55,6 @@ SAMPLING = "tests/decode/test_sampling.py"
 CONSISTENCY = "tests/decode/test_train_consistency.py"
 JOIN = "tests/decode/test_join.py"
 JOIN_CACHE = "tests/model/test_cache_join.py"
-LAYOUT = "tests/data/test_layout.py"
 PUBLISHED = "tests/model/adapters/test_published.py"
 PUBLISHED_FILES = "tests/model/adapters/test_published_files.py"
 
@@ -182,7 +181,7 @@ MUTATIONS = [
     # -- every family as published: the checkpoint's template and end tokens -------------------
     Mutation("template-ignored", "model/adapters/base.py",
              "template = template or tokenizer_template(tokenizer)", "template = None",
-             (LAYOUT, PUBLISHED_FILES), "the checkpoint's chat template is ignored for the family's own layout"),
+             (PUBLISHED_FILES,), "the checkpoint's chat template is ignored for the family's own layout"),
     Mutation("generation-config-eos-ignored", "model/checkpoint_files.py",
              '(GENERATION_CONFIG, generation.get("eos_token_id"))', '(GENERATION_CONFIG, None)',
              (PUBLISHED,), "generation_config.json's end tokens (<|endoftext|> for Qwen-VL) do not stop answers"),
