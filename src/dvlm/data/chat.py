@@ -16,11 +16,14 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dvlm.data.images import ImageSource
 from dvlm.data.positions import PositionScheme
 from dvlm.data.vision import VisionInputs
+
+if TYPE_CHECKING:
+    from dvlm.data.template import ChatTemplate
 
 ROLES = ("system", "user", "assistant")
 """The roles of a chat's messages."""
@@ -65,11 +68,10 @@ class ChatFormat:
     own, or the family's when the checkpoint has none (then with the family's default system prompt).
     """
 
-    def __init__(self, tokenizer: Any, image_processor: Any, positions: PositionScheme, template: Any,
+    def __init__(self, tokenizer: Any, image_processor: Any, positions: PositionScheme, template: ChatTemplate,
                  default_system_prompt: str | None = None) -> None:
-        """`template`: a `dvlm.data.template.ChatTemplate`; `default_system_prompt`: the system turn the
-        chat processor adds to a chat that has none (None for a checkpoint's own template, which adds
-        its own default, if any)."""
+        """`default_system_prompt`: the system turn the chat processor adds to a chat that has none
+        (None for a checkpoint's own template, which adds its own default, if any)."""
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.positions = positions

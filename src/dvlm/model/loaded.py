@@ -37,7 +37,6 @@ RECIPE_KEY = "dvlm"
 """The section of a converted checkpoint's config.json that holds its DiffusionConfig."""
 
 
-
 class LoadedModel:
     """A vision-language model ready to run: AR always, block diffusion once converted."""
 
