@@ -58,6 +58,8 @@ JOIN_CACHE = "tests/model/test_cache_join.py"
 SCORING = "tests/tasks/benchmarks/test_scoring.py"
 CHOICES = "tests/tasks/benchmarks/test_choices.py"
 ANSWERS = "tests/tasks/benchmarks/test_answers.py"
+PUBLISHED = "tests/model/adapters/test_published.py"
+PUBLISHED_FILES = "tests/model/adapters/test_published_files.py"
 
 MUTATIONS = [
     # -- training -----------------------------------------------------------------------------
@@ -211,6 +213,19 @@ MUTATIONS = [
     Mutation("stop-text-sent-early", "serve/answer_text.py",
              "return self._take(len(text) - held_back(text, self.stop))", "return self._take(len(text))",
              ("tests/serve/test_engine.py",), "the beginning of a stop string is streamed before it is known"),
+    # -- every family as published: the checkpoint's template and end tokens -------------------
+    Mutation("template-ignored", "model/adapters/base.py",
+             "template = template or tokenizer_template(tokenizer)", "template = None",
+             (PUBLISHED_FILES,), "the checkpoint's chat template is ignored for the family's own layout"),
+    Mutation("generation-config-eos-ignored", "model/checkpoint_files.py",
+             '(GENERATION_CONFIG, generation.get("eos_token_id"))', '(GENERATION_CONFIG, None)',
+             (PUBLISHED,), "generation_config.json's end tokens (<|endoftext|> for Qwen-VL) do not stop answers"),
+    Mutation("end-of-turn-not-trained", "data/template.py",
+             "return Span(start, end.end())", "return Span(start, start + len(text))",
+             ("tests/data/test_processor.py", PUBLISHED), "training never teaches the token that ends a turn"),
+    Mutation("stop-token-not-recorded", "decode/rows.py",
+             'row.finish, row.stop_token = "stop", tok', 'row.finish = "stop"',
+             (PUBLISHED,), "GenerationOutput does not say which end token ended the answer"),
 ]
 
 

@@ -41,11 +41,12 @@ from dvlm.model.adapters.registry import adapter_for_checkpoint
 from dvlm.model.checkpoint_files import (
     check_weights,
     read_config,
+    read_generation_config,
     saved_dtype,
     weight_files,
 )
 from dvlm.model.checkpoint_writing import shard_size_like
-from dvlm.model.loaded import LoadedModel, has_recipe, save_model, write_recipe
+from dvlm.model.loaded import LoadedModel, end_token_ids, has_recipe, save_model, write_recipe
 from dvlm.model.quantize import RECIPE_KEY as QUANTIZATION_RECIPE
 from dvlm.runtime import dtype_name, pick_device, pick_dtype
 
@@ -317,7 +318,7 @@ def plan_conversion(src: Path, out: Path, preset: str, settings: dict[str, Any],
     processor = adapter_for_checkpoint(src).load_processor(src)
     used = chat_tokens(processor, read_config(src))
     check_mask_token(processor.tokenizer, diffusion.mask_token, used)
-    diffusion.eos_token_ids = processor.eos_token_ids
+    diffusion.eos_token_ids = end_token_ids(processor.eos_token_ids, read_config(src), read_generation_config(src))
     diffusion.pad_token_id = processor.pad_token_id
     return ConversionPlan(architecture, diffusion, dtype_name, processor, used)
 

@@ -24,7 +24,9 @@ from dvlm.model.adapters.base import Adapter
 from dvlm.model.adapters.registry import adapter_for_checkpoint
 from dvlm.model.checkpoint_files import (
     CheckpointError,
+    check_processor_files,
     check_weights,
+    declared_eos_token_ids,
     read_config,
     saved_dtype,
 )
@@ -34,9 +36,6 @@ from dvlm.runtime import pick_device, pick_dtype
 
 RECIPE_KEY = "dvlm"
 """The section of a converted checkpoint's config.json that holds its DiffusionConfig."""
-
-PROCESSOR_FILES = {"preprocessor_config.json": "the image processor's settings",
-                   "tokenizer_config.json": "the tokenizer's settings"}
 
 
 class LoadedModel:
@@ -62,7 +61,7 @@ class LoadedModel:
         config = read_config(path)
         adapter = adapter_for_checkpoint(path)
         check_weights(path)
-        _check_processor_files(path)
+        check_processor_files(path)
         dev = pick_device(device)
         scheme = scheme_to_apply(quantize, config)
         if scheme is not None:
@@ -84,7 +83,15 @@ class LoadedModel:
 
     @property
     def eos_token_ids(self) -> list[int]:
-        return self.diffusion.eos_token_ids if self.diffusion else self.processor.eos_token_ids
+        """Every token that ends an answer (`end_token_ids`: the chat's end of turn and the tokenizer's
+        eos, config.json's and generation_config.json's `eos_token_id`), as transformers' `generate`
+        stops. A converted model stops on the ids its recipe recorded at conversion (the same union,
+        taken from the source checkpoint)."""
+        if self.diffusion is not None:
+            return self.diffusion.eos_token_ids
+        generation = getattr(self.model, "generation_config", None)
+        return end_token_ids(self.processor.eos_token_ids, self.model.config.to_dict(),
+                             generation.to_dict() if generation is not None else {})
 
     @property
     def mask_token_id(self) -> int:
@@ -113,6 +120,12 @@ class LoadedModel:
         """`state_dict`: the weights to write when the model holds only its shard of them (FSDP2).
         The chat template and generation config come from the directory the model was loaded from."""
         save_model(self.model, self.processor, Path(out), state_dict=state_dict, source=self.path)
+
+
+def end_token_ids(chat: list[int], config: dict[str, Any], generation: dict[str, Any]) -> list[int]:
+    """The tokens that end an answer: the chat's (the template's end-of-turn token, the tokenizer's
+    eos), then those config.json and generation_config.json declare (`declared_eos_token_ids`)."""
+    return list(dict.fromkeys([*chat, *declared_eos_token_ids(config, generation)]))
 
 
 def require_recipe(diffusion: DiffusionConfig | None, decoder: str, path: str | None = None) -> DiffusionConfig:
@@ -161,10 +174,3 @@ def write_recipe(model: nn.Module, diffusion: DiffusionConfig) -> None:
 def has_recipe(config: dict[str, Any]) -> bool:
     """Whether a config.json (as a dict) belongs to a converted dVLM."""
     return RECIPE_KEY in config
-
-
-def _check_processor_files(path: Path) -> None:
-    for name, what in PROCESSOR_FILES.items():
-        if not (path / name).is_file():
-            raise CheckpointError(f"{path} has no {name} ({what}); copy it from the model the checkpoint "
-                                  "came from, or re-save the processor with save_pretrained")
