@@ -150,3 +150,32 @@ def test_an_assembled_checkpoint_carries_the_language_models_generation_config(t
     tokenizer = AutoTokenizer.from_pretrained(out)
     rendered = tokenizer.apply_chat_template(IMAGE_MESSAGE, add_generation_prompt=True, tokenize=False)
     assert "<image>" in rendered and rendered.endswith("assistant\n")  # the family's template, which takes images
+
+
+def test_the_written_template_is_the_one_dvlm_lays_chats_out_with(tmp_path):
+    """Whatever file the template came from (processor_config.json, the tokenizer, ...), the written
+    checkpoint carries that very template where the tokenizer and the processor read it; a source's
+    chat_template.json keeps its other fields but takes the template in use (a processor prefers that
+    file, so a stale one would render another layout); a family's default layout is not written."""
+    from dvlm.data.template import ChatTemplate, find_chat_template
+    from dvlm.model.checkpoint_writing import write_companions
+
+    source, out = tmp_path / "source", tmp_path / "out"
+    source.mkdir()
+    out.mkdir()
+    (source / "chat_template.json").write_text(json.dumps({"chat_template": "stale", "extra": 1}))
+    used = ChatTemplate("{{ messages[0]['content'] }}", "processor_config.json")
+    write_companions(out, used, source)
+    assert (out / "chat_template.jinja").read_text() == used.text
+    assert json.loads((out / "chat_template.json").read_text()) == {"chat_template": used.text, "extra": 1}
+    assert find_chat_template(out, tokenizer=None).text == used.text
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    write_companions(bare, ChatTemplate("{{ 'x' }}", "tokenizer_config.json"), None)
+    assert sorted(p.name for p in bare.iterdir()) == ["chat_template.jinja"]
+
+    fallback = tmp_path / "fallback"
+    fallback.mkdir()
+    write_companions(fallback, ChatTemplate("{{ 'x' }}", "a family's default layout", fallback=True), None)
+    assert list(fallback.iterdir()) == []

@@ -42,6 +42,8 @@ class ChatTemplate:
 
     text: str
     source: str
+    fallback: bool = False
+    """True for a family's default layout (the checkpoint carries no template): nothing to write back."""
 
 
 def find_chat_template(path: str | Path, tokenizer: Any) -> ChatTemplate | None:

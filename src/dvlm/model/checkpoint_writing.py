@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from dvlm.data.template import ChatTemplate
 from dvlm.model.checkpoint_files import WEIGHTS_INDEX, CheckpointError, weight_files
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -30,31 +31,23 @@ PROCESSOR_TEMPLATE_FILE = "chat_template.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 
 
-def processor_template(source: Path) -> tuple[str | None, bool]:
-    """The chat template a transformers processor loaded from `source` renders with, and whether it
-    came from chat_template.json: that file's template, else chat_template.jinja's, else (None, False)."""
-    legacy = source / PROCESSOR_TEMPLATE_FILE
-    if legacy.is_file():
-        try:
-            template = json.loads(legacy.read_text(encoding="utf-8")).get("chat_template")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
-            raise CheckpointError(f"{legacy} is not a JSON object with a 'chat_template': {err}") from err
-        if not isinstance(template, str):
-            raise CheckpointError(f"{legacy}: 'chat_template' must be a string, got {type(template).__name__}")
-        return template, True
-    raw = source / CHAT_TEMPLATE_FILE
-    return (raw.read_text(encoding="utf-8"), False) if raw.is_file() else (None, False)
-
-
-def write_chat_template(out: Path, source: Path) -> None:
-    """Give `out` the chat template of `source`'s processor (see the module docstring); without one,
-    the tokenizer's own template, saved with the tokenizer, stays."""
-    template, legacy = processor_template(source)
-    if template is None:
+def write_chat_template(out: Path, template: ChatTemplate, source: Path | None) -> None:
+    """Give `out` the chat template dvlm lays chats out with (`dvlm.data.template.find_chat_template`'s,
+    see the module docstring): in chat_template.jinja, and in chat_template.json too when the source
+    had that file (a processor prefers it), so that every reader of `out` renders the same layout. A
+    family's default layout (no template in the source) is not written."""
+    if template.fallback:
         return
-    (out / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
-    if legacy:
-        shutil.copyfile(source / PROCESSOR_TEMPLATE_FILE, out / PROCESSOR_TEMPLATE_FILE)
+    (out / CHAT_TEMPLATE_FILE).write_text(template.text, encoding="utf-8")
+    legacy = None if source is None else source / PROCESSOR_TEMPLATE_FILE
+    if legacy is not None and legacy.is_file():
+        try:
+            fields = json.loads(legacy.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{legacy} is not valid JSON: {err}") from err
+        fields = fields if isinstance(fields, dict) else {}
+        (out / PROCESSOR_TEMPLATE_FILE).write_text(json.dumps({**fields, "chat_template": template.text}, indent=2),
+                                                   encoding="utf-8")
 
 
 def copy_generation_config(out: Path, source: Path) -> None:
@@ -64,12 +57,13 @@ def copy_generation_config(out: Path, source: Path) -> None:
         shutil.copyfile(source / GENERATION_CONFIG_FILE, out / GENERATION_CONFIG_FILE)
 
 
-def write_companions(out: Path, source: str | Path | None) -> None:
-    """The chat template and generation config of `source` (a checkpoint directory), into `out`."""
-    if source is None or not Path(source).is_dir():
-        return
-    write_chat_template(out, Path(source))
-    copy_generation_config(out, Path(source))
+def write_companions(out: Path, template: ChatTemplate, source: str | Path | None) -> None:
+    """The chat template in use, and the generation config of `source` (the checkpoint directory the
+    model came from, if any), into `out`."""
+    source = Path(source) if source is not None and Path(source).is_dir() else None
+    write_chat_template(out, template, source)
+    if source is not None:
+        copy_generation_config(out, source)
 
 
 def max_shard_bytes(source: Path) -> int | None:

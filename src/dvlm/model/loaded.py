@@ -150,7 +150,7 @@ def save_model(model: nn.Module, processor: ChatProcessor, out: Path, max_shard_
     options = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(out, safe_serialization=True, state_dict=state_dict, **options)
     processor.save_pretrained(out)
-    write_companions(out, source)
+    write_companions(out, processor.format.template, source)
 
 
 def read_recipe(model: nn.Module, source: str = "config.json") -> DiffusionConfig | None:

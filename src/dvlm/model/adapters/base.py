@@ -135,8 +135,8 @@ class Adapter:
         template = template or tokenizer_template(tokenizer)
         if template is not None:
             return template, None
-        return (ChatTemplate(self.fallback_template, f"{self.family}'s default layout (no chat template found)"),
-                self.fallback_system_prompt)
+        return (ChatTemplate(self.fallback_template, f"{self.family}'s default layout (no chat template found)",
+                             fallback=True), self.fallback_system_prompt)
 
     def load_processor(self, path: str | Path, **options: Any) -> ChatProcessor:
         """The chat processor of a local checkpoint directory (never a hub), laid out by the chat template
