@@ -55,6 +55,8 @@ SAMPLING = "tests/decode/test_sampling.py"
 CONSISTENCY = "tests/decode/test_train_consistency.py"
 JOIN = "tests/decode/test_join.py"
 JOIN_CACHE = "tests/model/test_cache_join.py"
+DATA_PARALLEL = "tests/train/test_data_parallel.py"
+SCHEDULES = "tests/train/test_schedules.py"
 
 MUTATIONS = [
     # -- training -----------------------------------------------------------------------------
@@ -109,6 +111,45 @@ MUTATIONS = [
              '"causal" if cfg.clean_attention == "causal" else "block_causal",',
              '"block_causal",',
              (OBJECTIVE,), "fast-dvlm trains a block-causal clean stream"),
+    # -- schedules of a training run -------------------------------------------------------------
+    Mutation("anneal-never-advances", "train/loop.py",
+             "annealed_block_size(step / total, dcfg.block_size, dcfg.anneal_fraction)",
+             "annealed_block_size(0 / total, dcfg.block_size, dcfg.anneal_fraction)",
+             (SCHEDULES,), "block-size annealing never advances: the whole run trains at B=2"),
+    Mutation("anneal-stage-rounded", "diffusion/schedule.py",
+             "stage = math.floor(progress / anneal_fraction * len(sizes))",
+             "stage = math.floor(progress / anneal_fraction * len(sizes) + Fraction(1, 2))",
+             (SCHEDULES, NOISING), "annealing stages rounded to the nearest: each starts half a stage early"),
+    Mutation("anneal-stage-in-floats", "diffusion/schedule.py",
+             "progress, anneal_fraction = exact_ratio(progress), exact_ratio(anneal_fraction)", "pass",
+             (SCHEDULES, NOISING), "annealing stages in floats: a stage due exactly at a step starts a step late"),
+    Mutation("warmup-steps-in-floats", "train/loop.py",
+             "warmup = math.floor(exact_ratio(cfg.warmup_ratio) * total_steps)",
+             "warmup = int(cfg.warmup_ratio * total_steps)",
+             (SCHEDULES,), "warmup_ratio 0.29 of 100 steps warms up for 28 (float rounding)"),
+    Mutation("warmup-one-step-long", "train/loop.py",
+             "        if step < warmup:\n", "        if step <= warmup:\n",
+             (SCHEDULES,), "the warmup's last step goes past the peak"),
+    Mutation("warmup-starts-at-zero", "train/loop.py",
+             "return (step + 1) / warmup", "return step / warmup",
+             (SCHEDULES,), "the first warmup step trains at learning rate 0"),
+    Mutation("cosine-not-clamped", "train/loop.py",
+             "math.cos(math.pi * min(progress, 1.0))", "math.cos(math.pi * progress)",
+             (SCHEDULES,), "past the schedule's end the cosine rises again"),
+    # -- data parallelism (two gloo processes == one with the global batch) ------------------------
+    Mutation("dp-share-not-scaled", "train/distributed.py",
+             "scale = micro.weight * self.world_size", "scale = micro.weight",
+             (DATA_PARALLEL,), "each process backpropagates its share unscaled: the averaged gradient is 1/N"),
+    Mutation("dp-loss-per-process-normaliser", "train/loop.py",
+             "out = _backward(run, micro, normaliser, block_size,",
+             "out = _backward(run, micro, int(counts[processes.rank, 1]), block_size,",
+             (DATA_PARALLEL,), "each process normalises its loss by its own tokens, not the step's"),
+    Mutation("dp-noise-own-length", "train/distributed.py",
+             "length=int(extents[:, micro, 1].max())", "length=int(extents[processes.rank, micro, 1])",
+             (DATA_PARALLEL,), "each process draws the noise at its own length, not the micro-batch's"),
+    Mutation("dp-noise-own-blocks", "train/distributed.py",
+             "blocks=int(extents[:, micro, 2].max())", "blocks=int(extents[processes.rank, micro, 2])",
+             (DATA_PARALLEL,), "each process draws the masking rates for its own block count"),
     # -- block decoding -----------------------------------------------------------------------
     Mutation("commit-block-causal", "decode/block.py",
              'self.commit_kind = "causal" if self.dcfg.clean_attention == "causal" else "block_causal"',

@@ -42,7 +42,7 @@ from dvlm.diffusion.objective import (
     diffusion_objective,
     loss_normaliser,
 )
-from dvlm.diffusion.schedule import annealed_block_size
+from dvlm.diffusion.schedule import annealed_block_size, exact_ratio
 from dvlm.model.adapters.registry import adapter_for_checkpoint
 from dvlm.model.loaded import LoadedModel, write_recipe
 from dvlm.runtime import pick_device, seeded_generator
@@ -82,8 +82,9 @@ class TrainResult:
 
 
 def lr_lambda(total_steps: int, cfg: TrainConfig) -> Callable[[int], float]:
-    """Linear warmup then cosine decay to min_lr_ratio, as a multiplier of the peak LR."""
-    warmup = int(cfg.warmup_ratio * total_steps)
+    """Linear warmup then cosine decay to min_lr_ratio, as a multiplier of the peak LR. The
+    warmup takes floor(warmup_ratio * total_steps) steps (0.29 of 100: 29, not float's 28)."""
+    warmup = math.floor(exact_ratio(cfg.warmup_ratio) * total_steps)
 
     def factor(step: int) -> float:
         if step < warmup:
