@@ -57,6 +57,9 @@ JOIN = "tests/decode/test_join.py"
 JOIN_CACHE = "tests/model/test_cache_join.py"
 DATA_PARALLEL = "tests/train/test_data_parallel.py"
 SCHEDULES = "tests/train/test_schedules.py"
+MEMORY = "tests/train/test_memory.py"
+RESUME = "tests/train/test_resume.py"
+LORA = "tests/train/test_lora.py"
 
 MUTATIONS = [
     # -- training -----------------------------------------------------------------------------
@@ -150,6 +153,23 @@ MUTATIONS = [
     Mutation("dp-noise-own-blocks", "train/distributed.py",
              "blocks=int(extents[:, micro, 2].max())", "blocks=int(extents[processes.rank, micro, 2])",
              (DATA_PARALLEL,), "each process draws the masking rates for its own block count"),
+    # -- memory estimate ---------------------------------------------------------------------------
+    Mutation("memory-noisy-stream-forgotten", "train/memory.py",
+             "longest = 2 * cfg.max_length", "longest = cfg.max_length",
+             (MEMORY,), "the estimate forgets the noisy stream's activations"),
+    Mutation("memory-frozen-vision-counted", "train/memory.py",
+             "frozen_vision = lora or cfg.vision_learning_rate == 0", "frozen_vision = lora",
+             (MEMORY,), "a frozen vision tower still counted with gradients and AdamW moments"),
+    # -- resume ----------------------------------------------------------------------------------
+    Mutation("resume-dropped-setting-ignored", "train/resume.py",
+             "for key in [*now, *(k for k in recorded if k not in now)]:", "for key in now:",
+             (RESUME,), "a setting the checkpoint records but the resumed run lacks (group_by_length off) passes"),
+    Mutation("lora-resume-setting-unchecked", "train/loop.py",
+             "        check_lora_resume(checkpoint, cfg.lora)\n", "        pass\n",
+             (LORA,), "a LoRA run resumes with another --lora setting (r, alpha, targets)"),
+    Mutation("lora-size-mismatch-raw", "train/lora.py",
+             "    except RuntimeError as err:  # torch's", "    except KeyError as err:  # torch's",
+             (LORA,), "an adapter of another rank fails with torch's multi-line size-mismatch traceback"),
     # -- block decoding -----------------------------------------------------------------------
     Mutation("commit-block-causal", "decode/block.py",
              'self.commit_kind = "causal" if self.dcfg.clean_attention == "causal" else "block_causal"',

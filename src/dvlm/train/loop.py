@@ -49,10 +49,13 @@ from dvlm.runtime import pick_device, seeded_generator
 from dvlm.train import distributed, memory, report
 from dvlm.train import lora as lora_tools
 from dvlm.train.resume import (
+    TRAIN_CONFIG_KEY,
     Checkpoint,
+    check_lora_resume,
     newest_usable_checkpoint,
     restore_training_state,
     save_checkpoint,
+    setting_changes,
     write_model,
 )
 from dvlm.train.step_data import StepData
@@ -212,7 +215,7 @@ def train(
     if processes.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(run_dir / METRICS_FILE, start)
-    state = {"train_config": asdict(cfg), "total_steps": total, "data": str(data), DATA_ORDER_KEY: order}
+    state = {TRAIN_CONFIG_KEY: asdict(cfg), "total_steps": total, "data": str(data), DATA_ORDER_KEY: order}
     run = _Run(lm, dcfg, cfg, steps, optimizer, scheduler, state, objective, processes, lora)
     result = TrainResult(run_dir, run_dir / FINAL_DIR, total, start_step=start, main_process=processes.is_main)
     _train_steps(run, result, progress, on_step)
@@ -307,6 +310,8 @@ def _attach_lora(lm: LoadedModel, cfg: TrainConfig, dcfg: DiffusionConfig | None
         return None
     if checkpoint is not None and not has_adapter:
         raise ConfigError(f"{checkpoint.path} is a full fine-tune checkpoint: resume it without --lora")
+    if has_adapter:
+        check_lora_resume(checkpoint, cfg.lora)
     tokens = [] if dcfg is None else [dcfg.mask_token_id]
     with torch.random.fork_rng(devices=[]):  # LoRA's random init is a function of the run's seed
         torch.manual_seed(cfg.seed)
@@ -363,20 +368,10 @@ def check_resume(checkpoint: Checkpoint, order: dict[str, Any], total: int) -> N
         recorded = {**recorded, "objective": "autoregressive" if recorded["ar_loss"] else "diffusion"}
         del recorded["ar_loss"]
     now = json.loads(json.dumps(order))  # as read back from JSON: lists, not tuples
-    changed = [f"{key} was {old!r} in {name}, is {new!r} now" for key, old, new in _differences(recorded, now)]
+    changed = setting_changes(recorded, now, name)
     if changed:
         raise ValueError(f"--resume: {'; '.join(changed)}; a resumed run must see the batches and noise of the run "
                          "it continues: use the same data and settings, or start a new run")
-
-
-def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted key, old, new) of each leaf that differs between two JSON-like dicts."""
-    if not (isinstance(old, dict) and isinstance(new, dict)):
-        return [] if old == new else [(prefix, old, new)]
-    found = []
-    for key in [*new, *(k for k in old if k not in new)]:
-        found += _differences(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)
-    return found
 
 
 def _prepare_model(model, cfg: TrainConfig) -> None:
