@@ -60,6 +60,7 @@ SCHEDULES = "tests/train/test_schedules.py"
 MEMORY = "tests/train/test_memory.py"
 RESUME = "tests/train/test_resume.py"
 LORA = "tests/train/test_lora.py"
+IMAGES = "tests/data/test_images.py"
 
 MUTATIONS = [
     # -- training -----------------------------------------------------------------------------
@@ -210,6 +211,23 @@ MUTATIONS = [
     Mutation("threshold-strict", "decode/sampling.py",
              "chosen = masked & (conf >= threshold)", "chosen = masked & (conf > threshold)",
              (SAMPLING, SCRIPTED), "confidence must exceed the threshold instead of reach it"),
+    Mutation("sampled-token-greedy-confidence", "decode/sampling.py",
+             "return torch.where(pick, sampled, tokens), torch.where(pick, sampled_conf, conf)",
+             "return torch.where(pick, sampled, tokens), conf",
+             (SAMPLING,), "a sampling row reports the greedy token's confidence for the token it sampled"),
+    Mutation("greedy-mask-not-banned", "decode/sampling.py",
+             '    if banned:\n        logits = logits.clone()\n        logits[..., banned] = float("-inf")\n'
+             "    conf, tokens",
+             "    conf, tokens",
+             (SAMPLING,), "greedy selection may output [MASK]"),
+    Mutation("sampling-mask-not-banned", "decode/sampling.py",
+             '    if banned:\n        logits = logits.clone()\n        logits[..., banned] = float("-inf")\n'
+             "    per_row",
+             "    per_row",
+             (SAMPLING,), "a sampling row may draw [MASK]"),
+    Mutation("block-schedule-tail-off-by-one", "decode/sampling.py",
+             "    if step >= steps:\n        return max(base, 1)", "    if step > steps:\n        return max(base, 1)",
+             (SAMPLING,), "the first pass after the last step (sub-blocks) unmasks nothing when B < steps"),
     # -- speculative decoding -----------------------------------------------------------------
     Mutation("spec-draft-off-by-one", "decode/speculative.py",
              "logits = lm.adapter.logits(lm.model, hidden[:, :-1])  # output j drafts position j + 1",
@@ -234,6 +252,20 @@ MUTATIONS = [
     Mutation("fused-draft-sees-padding", "model/cache.py",
              "            mask[:, :, self.length + q1:] &= d_valid.flatten(1)[:, None, :]", "            pass",
              (JOIN,), "a fused commit's draft attends to the padding of narrower rows"),
+    # -- documented limits, exactly at the limit -------------------------------------------------
+    Mutation("image-pixels-limit-exclusive", "data/images.py",
+             "if width * height > limits.max_pixels:", "if width * height >= limits.max_pixels:",
+             (IMAGES,), "an image of exactly max_pixels is refused"),
+    Mutation("image-aspect-limit-exclusive", "data/images.py",
+             "if ratio > limits.max_aspect_ratio:", "if ratio >= limits.max_aspect_ratio:",
+             (IMAGES,), "an image of exactly the largest aspect ratio is refused"),
+    Mutation("image-bytes-limit-exclusive", "data/images.py",
+             "if size > limits.max_bytes:", "if size >= limits.max_bytes:",
+             (IMAGES,), "an image of exactly max_bytes is refused"),
+    Mutation("data-url-padding-counted", "data/images.py",
+             '_check_bytes(_base64_size(payload), "<data URL>", limits)',
+             '_check_bytes(len(payload) * 3 // 4, "<data URL>", limits)',
+             (IMAGES,), "a data URL of exactly max_bytes is refused for its base64 padding"),
     Mutation("stop-text-sent-early", "serve/answer_text.py",
              "return self._take(len(text) - held_back(text, self.stop))", "return self._take(len(text))",
              ("tests/serve/test_engine.py",), "the beginning of a stop string is streamed before it is known"),
