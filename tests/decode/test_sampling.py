@@ -10,6 +10,7 @@ from dvlm.decode.sampling import (
     RowSampler,
     block_schedule_count,
     greedy_tokens,
+    sampling_distribution,
     steps_schedule_count,
     unmask_by_count,
     unmask_by_threshold,
@@ -161,3 +162,33 @@ def test_a_sampling_row_never_draws_a_banned_token():
     sampler = FixedDraws([Sampling(temperature=1.0)], [[0.99]], banned=[2])
     tokens, conf = sampler.select(LOGITS.expand(1, 1, 3))
     assert tokens.tolist() == [[1]] and close(conf, [[2 / 3]])
+
+
+@pytest.mark.parametrize(("top_p", "kept"), [
+    (0.5, [True, False, False, False]),  # 0.5 is reached by the first token alone
+    (0.5000001, [True, True, False, False]),
+    (0.875, [True, True, False, False]),  # 0.5 + 0.375 reaches it exactly
+    (0.8750001, [True, True, True, False]),
+    (1.0, [True, True, True, True]),
+])
+def test_top_p_keeps_the_smallest_set_that_reaches_p_as_transformers_does(top_p, kept):
+    """Probabilities 0.5, 0.375, 0.125, 1e-9 (exact in binary): the nucleus is the most likely
+    tokens up to the first whose cumulative probability reaches top_p, as transformers'
+    TopPLogitsWarper keeps them."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    logits = torch.tensor([[0.5, 0.375, 0.125, 1e-9]]).log()
+    ours = sampling_distribution(logits, [Sampling(temperature=1.0, top_p=top_p)])
+    assert (ours > 0).tolist() == [kept]
+    assert (TopPLogitsWarper(top_p)(None, logits.clone()) > float("-inf")).tolist() == [kept]
+
+
+def test_top_k_keeps_ties_with_the_kth_token_as_transformers_does():
+    """Logits 3, 2, 2, 1 and top_k=2: the k-th largest logit is 2, and every token at least that
+    likely stays (transformers' TopKLogitsWarper keeps the tie too); top_k=1 keeps the first."""
+    from transformers.generation.logits_process import TopKLogitsWarper
+
+    logits = torch.tensor([[3.0, 2.0, 2.0, 1.0]])
+    for k, kept in ((2, [True, True, True, False]), (1, [True, False, False, False]), (4, [True] * 4)):
+        assert (sampling_distribution(logits, [Sampling(temperature=1.0, top_k=k)]) > 0).tolist() == [kept]
+        assert (TopKLogitsWarper(k)(None, logits.clone()) > float("-inf")).tolist() == [kept]

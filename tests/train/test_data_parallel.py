@@ -53,8 +53,8 @@ WEIGHTS_ATOL = 1e-4  # measured 2e-5 after 3 steps at lr 1e-3; noise drawn wrong
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """12 records with answers of 7 to 40 tokens: captions, digit strings and short answers."""
-    samples = (get_task("shapes-caption").generate("train", 5, seed=0) + get_task("digits-read").generate("train", 4, seed=0)
-               + get_task("shapes-qa").generate("train", 3, seed=0))
+    samples = (get_task("shapes-caption").generate("train", 5, seed=0)
+               + get_task("digits-read").generate("train", 4, seed=0) + get_task("shapes-qa").generate("train", 3, seed=0))
     return export_llava(samples, tmp_path_factory.mktemp("data"))
 
 
