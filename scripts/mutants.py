@@ -62,6 +62,8 @@ RESUME = "tests/train/test_resume.py"
 LORA = "tests/train/test_lora.py"
 IMAGES = "tests/data/test_images.py"
 CONFIG_LIMITS = "tests/test_config_limits.py"
+POSITIONS = "tests/decode/test_position_limits.py"
+STEP_DATA = "tests/train/test_step_data.py"
 
 MUTATIONS = [
     # -- training -----------------------------------------------------------------------------
@@ -155,6 +157,16 @@ MUTATIONS = [
     Mutation("dp-noise-own-blocks", "train/distributed.py",
              "blocks=int(extents[:, micro, 2].max())", "blocks=int(extents[processes.rank, micro, 2])",
              (DATA_PARALLEL,), "each process draws the masking rates for its own block count"),
+    Mutation("dp-noise-offset-zero", "train/distributed.py",
+             "offset=int(rows[:processes.rank].sum())", "offset=0",
+             (DATA_PARALLEL,), "every process takes the noise of the micro-batch's first rows"),
+    Mutation("dp-stand-in-weighted", "train/distributed.py",
+             "scale = micro.weight * self.world_size", "scale = self.world_size",
+             (DATA_PARALLEL,), "a stand-in pass (a process without rows) adds its gradient"),
+    Mutation("dp-logged-losses-of-one-process", "train/loop.py",
+             "loss, diffusion_sum, ar_sum, masked, skipped = processes.sum([",
+             "loss, diffusion_sum, ar_sum, masked, skipped = ([",
+             (DATA_PARALLEL,), "metrics.jsonl logs rank 0's part of the step's loss and counts"),
     # -- memory estimate ---------------------------------------------------------------------------
     Mutation("memory-noisy-stream-forgotten", "train/memory.py",
              "longest = 2 * cfg.max_length", "longest = cfg.max_length",
@@ -303,6 +315,15 @@ MUTATIONS = [
         ("image-limits", "data/images.py", "not self.max_aspect_ratio >= 1", "not self.max_aspect_ratio > 1",
          "ImageLimits(max_aspect_ratio=1) refused"),
     ]],
+    Mutation("prompt-position-limit-off-by-one", "decode/generate.py",
+             "if next_position >= limit:", "if next_position > limit:",
+             (POSITIONS,), "a prompt that takes every position is accepted (no room for an answer)"),
+    Mutation("answer-position-warning-early", "decode/generate.py",
+             "if next_position + max_new_tokens > limit:", "if next_position + max_new_tokens >= limit:",
+             (POSITIONS,), "an answer ending on the model's last position warns"),
+    Mutation("max-length-exclusive", "data/processor.py",
+             "len(ids) > self.max_length:", "len(ids) >= self.max_length:",
+             (STEP_DATA,), "a training sample of exactly max_length tokens is skipped"),
     Mutation("top-p-strict", "decode/sampling.py",
              "drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= p",
              "drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) > p",

@@ -10,8 +10,10 @@ makes every draw give the same loss). What it catches, each on its own:
 * a process backpropagating its share unscaled (the averaged gradient is 1/2 of the step's):
   the gradient norm halves;
 * the loss normalised by the process's own tokens instead of the step's: the losses double;
-* the noise drawn at the process's own length or block count instead of the micro-batch's:
-  other masks for the rows after a process's first, other losses.
+* the noise drawn at the process's own length or block count instead of the micro-batch's, or
+  from the micro-batch's first rows on every process: other masks, other losses;
+* a stand-in pass (a process without rows in a micro-batch) counted with weight 1: another
+  gradient.
 
 The processes are started directly with torchrun's environment (the `slow` tests in
 test_distributed.py go through `accelerate launch`, resume across process counts and failures).
@@ -52,9 +54,11 @@ WEIGHTS_ATOL = 1e-4  # measured 2e-5 after 3 steps at lr 1e-3; noise drawn wrong
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    """12 records with answers of 7 to 40 tokens: captions, digit strings and short answers."""
+    """10 records with long and short answers (captions, digit strings, one-word answers). A step
+    takes 8 (2 processes x batch 2 x 2 micro-batches), so the second step has 2, both rank 0's:
+    rank 1 runs a stand-in of weight 0."""
     samples = (get_task("shapes-caption").generate("train", 5, seed=0)
-               + get_task("digits-read").generate("train", 4, seed=0) + get_task("shapes-qa").generate("train", 3, seed=0))
+               + get_task("digits-read").generate("train", 3, seed=0) + get_task("shapes-qa").generate("train", 2, seed=0))
     return export_llava(samples, tmp_path_factory.mktemp("data"))
 
 
@@ -77,10 +81,13 @@ def _start_processes(runs: list[dict], folder: Path) -> list[subprocess.Popen]:
     base = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", distributed.COLLECTIVE_TIMEOUT_ENV: "60",
             "PYTHONPATH": src, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
             "WORLD_SIZE": str(PROCESSES), "LOCAL_WORLD_SIZE": str(PROCESSES)}
-    return [subprocess.Popen([sys.executable, str(WORKER), str(runs_file)],
-                             env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                             stdout=subprocess.DEVNULL, stderr=open(folder / f"rank{rank}.log", "w"))
-            for rank in range(PROCESSES)]
+    processes = []
+    for rank in range(PROCESSES):
+        with (folder / f"rank{rank}.log").open("w") as log:  # the child keeps its own copy open
+            processes.append(subprocess.Popen([sys.executable, str(WORKER), str(runs_file)],
+                                              env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                                              stdout=subprocess.DEVNULL, stderr=log))
+    return processes
 
 
 def _wait(processes: list[subprocess.Popen], folder: Path) -> None:
@@ -90,6 +97,7 @@ def _wait(processes: list[subprocess.Popen], folder: Path) -> None:
         for p in processes:
             if p.poll() is None:
                 p.kill()
+                p.wait()
     logs = "\n".join((folder / f"rank{rank}.log").read_text()[-2000:] for rank in range(PROCESSES))
     assert codes == [0] * PROCESSES, logs
 
