@@ -9,7 +9,7 @@ makes every draw give the same loss). What it catches, each on its own:
 
 * a process backpropagating its share unscaled (the averaged gradient is 1/2 of the step's):
   the gradient norm halves;
-* the loss normalised by the process's own tokens instead of the step's: the losses double;
+* the loss normalised by the process's own tokens instead of the step's: the losses about double;
 * the noise drawn at the process's own length or block count instead of the micro-batch's, or
   from the micro-batch's first rows on every process: other masks, other losses;
 * a stand-in pass (a process without rows in a micro-batch) counted with weight 1: another
@@ -39,7 +39,7 @@ from dvlm.train.loop import FINAL_DIR, METRICS_FILE, train
 
 WORKER = Path(__file__).with_name("data_parallel_worker.py")
 PROCESSES = 2
-TIMEOUT_S = 240  # far above a healthy run (~20 s on 2 busy cores): only a hang reaches it
+TIMEOUT_S = 300  # far above a healthy run (30-60 s on 2 shared cores): only a hang reaches it
 STEPS = 3
 DIFFUSION = {"fast-dvlm": {"block_size": 8, "anneal_block_size": False}, "diffusionvl": {}}
 COUNTS = ("step", "response_tokens", "masked_tokens", "tokens", "block_size", "skipped")
@@ -57,8 +57,9 @@ def data(tmp_path_factory) -> Path:
     """10 records with long and short answers (captions, digit strings, one-word answers). A step
     takes 8 (2 processes x batch 2 x 2 micro-batches), so the second step has 2, both rank 0's:
     rank 1 runs a stand-in of weight 0."""
-    samples = (get_task("shapes-caption").generate("train", 5, seed=0)
-               + get_task("digits-read").generate("train", 3, seed=0) + get_task("shapes-qa").generate("train", 2, seed=0))
+    samples = [*get_task("shapes-caption").generate("train", 5, seed=0),
+               *get_task("digits-read").generate("train", 3, seed=0),
+               *get_task("shapes-qa").generate("train", 2, seed=0)]
     return export_llava(samples, tmp_path_factory.mktemp("data"))
 
 
