@@ -312,14 +312,16 @@ def test_setting_changes_literal():
     (True, False, "group_by_length was True in checkpoint-000002, is unset now"),
     (False, True, "group_by_length was unset in checkpoint-000002, is True now"),
 ])
-def test_resume_refuses_a_setting_recorded_then_dropped(tmp_path, data, fast_checkpoint, recorded, now, said):
+def test_resume_refuses_a_setting_recorded_then_dropped(tmp_path, data, reference_checkpoints, recorded, now, said):
     """group_by_length is recorded only when on (older checkpoints lack it): turning it off on
-    resume drops it from the data order, and that is refused like any changed setting."""
+    resume drops it from the data order, and that is refused like any changed setting. (One
+    family: the check is above the adapter seam.)"""
+    model = reference_checkpoints["fast-dvlm"]
     cfg = dataclasses.replace(CONFIG, max_steps=2, save_every=0, group_by_length=recorded)
-    train(fast_checkpoint, data, tmp_path / "run", cfg, progress=False)
+    train(model, data, tmp_path / "run", cfg, progress=False)
     before = snapshot(tmp_path / "run")
     with pytest.raises(ValueError, match=rf"^--resume: {said}; "):
-        train(fast_checkpoint, data, tmp_path / "run", dataclasses.replace(cfg, max_steps=3, group_by_length=now),
+        train(model, data, tmp_path / "run", dataclasses.replace(cfg, max_steps=3, group_by_length=now),
               progress=False, resume=True)
     assert snapshot(tmp_path / "run") == before
 
