@@ -204,3 +204,25 @@ def test_the_memory_line_says_it_is_a_worst_case_bound():
     # A sample longer than max_length (it will be skipped) does not raise the bound.
     assert "at max_length, 4,096 tokens" in check_fits(ROUND_SHAPE, cfg, torch.device("cpu"), available=64 * GIB,
                                                        longest=5000)
+
+
+def test_training_estimate_counts_both_streams_literally():
+    """A small configuration worked by hand. ModelShape: hidden 8, intermediate 16, 2 layers,
+    2 heads, vocab 50, 1000 parameters; batch 2, max_length 5, fp32, no checkpointing.
+
+    Each row is max_length clean tokens plus a noisy stream as long again: 2 * 5 = 10 positions,
+    so tokens = 2 rows * 10 = 20, the longest row 10, labelled = 2 * 5 // 2 = 5.
+    Per token and layer: 10 * 8 + 4 * 16 = 144 values; attention weights: 2 tensors * 2 heads *
+    10 * 10 * 2 rows = 800. Layers: (20 * 144 + 800) * 2 = 7360 values * 4 bytes = 29440.
+    Logits: 3 * 5 * 50 * 4 = 3000. Activations: 32440 bytes.
+    (Without the noisy stream: (10 * 144 + 2*2*5*5*2) * 2 * 4 + 3000 = 16120.)
+    States: weights 1000 * 4, gradients 1000 * 4, AdamW 1000 * 8 = 16000."""
+    shape = ModelShape(parameters=1000, vision_parameters=100, hidden_size=8, intermediate_size=16,
+                       num_layers=2, num_heads=2, vocab_size=50)
+    full = memory.training_estimate(shape, TrainConfig(batch_size=2, max_length=5), lora=False)
+    assert (full.weights, full.gradients, full.optimizer, full.activations) == (4000, 4000, 8000, 32440)
+    lora = memory.training_estimate(shape, TrainConfig(batch_size=2, max_length=5), lora=True)
+    assert (lora.weights, lora.gradients, lora.optimizer, lora.activations) == (4000, 0, 0, 32440)
+    frozen = memory.training_estimate(shape, TrainConfig(batch_size=2, max_length=5, vision_learning_rate=0.0),
+                                      lora=False)
+    assert (frozen.gradients, frozen.optimizer) == (900 * 4, 900 * 8)  # the 100 vision parameters train not

@@ -43,7 +43,7 @@ from dvlm.diffusion.objective import (
     diffusion_objective,
     loss_normaliser,
 )
-from dvlm.diffusion.schedule import annealed_block_size
+from dvlm.diffusion.schedule import annealed_block_size, exact_ratio
 from dvlm.model.adapters.registry import adapter_for_checkpoint
 from dvlm.model.checkpoint_files import read_config, saved_dtype
 from dvlm.model.checkpoint_writing import declare_dtype, shard_size_like
@@ -52,10 +52,13 @@ from dvlm.runtime import pick_device, seeded_generator, slow_in_bf16, storage_dt
 from dvlm.train import distributed, lengths, memory, report
 from dvlm.train import lora as lora_tools
 from dvlm.train.resume import (
+    TRAIN_CONFIG_KEY,
     Checkpoint,
+    check_lora_resume,
     newest_usable_checkpoint,
     restore_training_state,
     save_checkpoint,
+    setting_changes,
 )
 from dvlm.train.step_data import StepData
 
@@ -84,8 +87,9 @@ class TrainResult:
 
 
 def lr_lambda(total_steps: int, cfg: TrainConfig) -> Callable[[int], float]:
-    """Linear warmup then cosine decay to min_lr_ratio, as a multiplier of the peak LR."""
-    warmup = int(cfg.warmup_ratio * total_steps)
+    """Linear warmup then cosine decay to min_lr_ratio, as a multiplier of the peak LR. The
+    warmup takes floor(warmup_ratio * total_steps) steps (0.29 of 100: 29, not float's 28)."""
+    warmup = math.floor(exact_ratio(cfg.warmup_ratio) * total_steps)
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -227,7 +231,7 @@ def train(
     if processes.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(run_dir / METRICS_FILE, start)
-    state = {"train_config": asdict(given), "total_steps": total, "data": str(data), DATA_ORDER_KEY: order}
+    state = {TRAIN_CONFIG_KEY: asdict(given), "total_steps": total, "data": str(data), DATA_ORDER_KEY: order}
     run = _Run(lm, dcfg, cfg, steps, optimizer, scheduler, state, objective, processes, source, final_dtype, lora)
     result = TrainResult(run_dir, run_dir / FINAL_DIR, total, start_step=start, main_process=processes.is_main)
     _train_steps(run, result, progress, on_step)
@@ -352,6 +356,8 @@ def _attach_lora(lm: LoadedModel, cfg: TrainConfig, dcfg: DiffusionConfig | None
         return None
     if checkpoint is not None and not has_adapter:
         raise ConfigError(f"{checkpoint.path} is a full fine-tune checkpoint: resume it without --lora")
+    if has_adapter:
+        check_lora_resume(checkpoint, cfg.lora)
     tokens = [] if dcfg is None else [dcfg.mask_token_id]
     with torch.random.fork_rng(devices=[]):  # LoRA's random init is a function of the run's seed
         torch.manual_seed(cfg.seed)
@@ -408,20 +414,10 @@ def check_resume(checkpoint: Checkpoint, order: dict[str, Any], total: int) -> N
         recorded = {**recorded, "objective": "autoregressive" if recorded["ar_loss"] else "diffusion"}
         del recorded["ar_loss"]
     now = json.loads(json.dumps(order))  # as read back from JSON: lists, not tuples
-    changed = [f"{key} was {old!r} in {name}, is {new!r} now" for key, old, new in _differences(recorded, now)]
+    changed = setting_changes(recorded, now, name)
     if changed:
         raise ValueError(f"--resume: {'; '.join(changed)}; a resumed run must see the batches and noise of the run "
                          "it continues: use the same data and settings, or start a new run")
-
-
-def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted key, old, new) of each leaf that differs between two JSON-like dicts."""
-    if not (isinstance(old, dict) and isinstance(new, dict)):
-        return [] if old == new else [(prefix, old, new)]
-    found = []
-    for key in [*new, *(k for k in old if k not in new)]:
-        found += _differences(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)
-    return found
 
 
 def _prepare_model(model, cfg: TrainConfig) -> None:
