@@ -55,6 +55,7 @@ SAMPLING = "tests/decode/test_sampling.py"
 CONSISTENCY = "tests/decode/test_train_consistency.py"
 JOIN = "tests/decode/test_join.py"
 FUSED_PREFILL = "tests/decode/test_fused_prefill.py"
+COMPILED = "tests/decode/test_compiled.py"
 JOIN_CACHE = "tests/model/test_cache_join.py"
 
 MUTATIONS = [
@@ -174,6 +175,13 @@ MUTATIONS = [
              "agree = (target[:, :-1] == block[:, 1:]).long()",
              "agree = (target[:, :-1] == block[:, 1:]).long()\n    agree[:, -1:] = 0",
              (SCRIPTED, f"{DECODE}/test_speculative.py"), "spec never accepts the block's last draft"),
+    # -- the compiled decode path ---------------------------------------------------------------
+    Mutation("compiled-padding-visible", "decode/compiled.py",
+             "full = mask.new_zeros(rows, bucket, capacity)", "full = mask.new_ones(rows, bucket, capacity)",
+             (COMPILED,), "a compiled forward attends to the padding and the stale entries of its static buffers"),
+    Mutation("compiled-keeps-the-peek", "decode/compiled.py",
+             "            layer.length = start + keep\n", "            layer.length = start + q\n",
+             (COMPILED,), "a compiled peek leaves its block in the cache"),
     # -- rows joining a running batch, the engine ---------------------------------------------
     Mutation("join-pads-with-garbage", "model/cache.py",
              "keys, values = (t.new_zeros(", "keys, values = (torch.nan * t.new_ones(",
