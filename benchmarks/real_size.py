@@ -42,6 +42,7 @@ within one run only.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import statistics
@@ -62,7 +63,7 @@ from dvlm.data.processor import IGNORE_INDEX, Encoded
 from dvlm.data.vision import VisionInputs
 from dvlm.decode.ar import ARStepper
 from dvlm.decode.block import BlockStepper
-from dvlm.decode.compiled import CompiledKVContext, forget_compiled
+from dvlm.decode.compiled import CompiledKVContext, forget_compiled, static_capacity
 from dvlm.decode.prefill import prefill
 from dvlm.decode.speculative import SpecStepper
 from dvlm.eval.harness import evaluate
@@ -88,6 +89,9 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 IMAGE_SIDE = 448  # pixels: (448 / 14)^2 = 1024 patches, 256 image tokens after the 2x2 merge
 QUERY_LENGTHS = (1, 8, 16, 32)
+COMPILED_QUERY_LENGTHS = (1, 16, 32)  # the decoders' widths at B=16: each compiled width costs minutes at 3B
+PREFILL_REPEATS = 2
+TEXT_PROMPT = 32  # tokens of the decoders' prompt (a 32-token prefill shares the compiled Q=32 shape)
 BLOCK_SIZE = 16
 DECODERS = ("ar", "block", "spec")
 STEPPERS = {"ar": ARStepper, "block": BlockStepper, "spec": SpecStepper}
@@ -186,13 +190,20 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
+def text_prompt(lm: DVLM, length: int = TEXT_PROMPT) -> Encoded:
+    """A text-only prompt of random ids (the decoders' steps start from it)."""
+    ids = torch.randint(100, 20000, (length,), generator=torch.Generator().manual_seed(2))
+    positions, next_position = lm.positions.sample(torch.zeros_like(ids), None)
+    return Encoded(ids, torch.full_like(ids, IGNORE_INDEX), torch.zeros_like(ids), positions, next_position, None)
+
+
 @torch.inference_mode()
-def forward_costs(lm: DVLM, prompt: Encoded, context_cls, repeats: int) -> dict[str, float]:
+def forward_costs(lm: DVLM, prompt: Encoded, context_cls, repeats: int, widths) -> dict[str, float]:
     """Seconds of the prefill and of one peek of Q new tokens over its context."""
-    out = {"prefill": timed(lambda: prefill(lm, [prompt], context_cls), lm.device, repeats)}
+    out = {"prefill": timed(lambda: prefill(lm, [prompt], context_cls), lm.device, PREFILL_REPEATS)}
     pre = prefill(lm, [prompt], context_cls)
     ctx = pre.context
-    for q in QUERY_LENGTHS:
+    for q in widths:
         ids = torch.full((1, q), lm.mask_token_id, device=lm.device)
         embeds, positions = lm.adapter.embed(lm.model, ids), lm.positions.text(pre.next_position, q)
         valid, blocks = torch.ones_like(ids, dtype=torch.bool), torch.full_like(ids, ctx.next_block_id())
@@ -201,17 +212,18 @@ def forward_costs(lm: DVLM, prompt: Encoded, context_cls, repeats: int) -> dict[
 
 
 @torch.inference_mode()
-def decoder_costs(lm: DVLM, prompt: Encoded, compile: bool, steps: dict[str, int]) -> dict[str, dict[str, float]]:
-    """Per decoder: seconds per forward over a few steps after the prefill (and the step count)."""
-    out = {}
+def decoder_costs(lm: DVLM, context_cls, steps: dict[str, int]) -> dict[str, dict[str, float]]:
+    """Per decoder: seconds per forward over a few steps after a short text prompt (a step's cost
+    barely depends on the cache length at these sizes), and the step and forward counts."""
+    out, prompt = {}, text_prompt(lm)
+    compiled = context_cls is not KVContext
     for decoder in DECODERS:
         # spec unfused: its steady state, a draft and a verify pass of B tokens (on random weights a
         # fused prefill's rejected first draft would make every verify pass carry a redraft of B more)
-        cfg = DecodeConfig(decoder=decoder, block_size=BLOCK_SIZE, max_new_tokens=512, compile=compile,
-                           fuse_prefill=False)
+        cfg = DecodeConfig(decoder=decoder, block_size=BLOCK_SIZE, max_new_tokens=512, fuse_prefill=False)
         group, row = STEPPERS[decoder].settings_for(lm, cfg)
-        for _ in ("warm-up", "timed") if compile else ("timed",):  # a first run compiles the shapes it meets
-            stepper = STEPPERS[decoder](lm, group)
+        for _ in ("warm-up", "timed") if compiled else ("timed",):  # a first run compiles the shapes it meets
+            stepper = STEPPERS[decoder](lm, group, context_cls)
             stepper.join(stepper.start([prompt], [row]))
             seconds = forwards = 0.0
             for _ in range(steps[decoder]):
@@ -261,8 +273,13 @@ def measure_size(size: str, args: argparse.Namespace, device: torch.device, log)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
-        costs = forward_costs(lm, prompt, CompiledKVContext if compiled else KVContext, args.repeats)
-        costs["decoders"] = decoder_costs(lm, prompt, compiled, steps)
+        # Compiled: one buffer size (the image prompt's) for every context, so that the prompt's
+        # peeks and the decoders' forwards share their compiled shapes (Q = 1, 16, 32).
+        capacity = static_capacity(len(prompt) + max(QUERY_LENGTHS))
+        context_cls = functools.partial(CompiledKVContext, capacity=capacity) if compiled else KVContext
+        widths = COMPILED_QUERY_LENGTHS if compiled else QUERY_LENGTHS
+        costs = forward_costs(lm, prompt, context_cls, args.repeats, widths)
+        costs["decoders"] = decoder_costs(lm, context_cls, steps)
         costs["peak_memory_mb"] = round(peak_memory_mb(device), 1)
         costs["wall_s"] = round(time.perf_counter() - start, 1)
         result["variants"][variant] = costs
@@ -287,7 +304,8 @@ def report(results: list[dict[str, Any]], tpf: dict[str, Any], device: str) -> s
                   + " | Q=16 / Q=1 | " + " | ".join(f"{d} s/forward" for d in DECODERS) + " | peak MB |",
                   "|---" * (4 + len(QUERY_LENGTHS) + len(DECODERS)) + "|"]
         for name, c in variants.items():
-            cells = [name, f"{c['prefill']:.3f}", *(f"{c[f'q{q}']:.4f}" for q in QUERY_LENGTHS), f"{c['q16'] / c['q1']:.2f}x",
+            cells = [name, f"{c['prefill']:.3f}", *(f"{c[f'q{q}']:.4f}" if f"q{q}" in c else "-" for q in QUERY_LENGTHS),
+                     f"{c['q16'] / c['q1']:.2f}x",
                      *(f"{c['decoders'][d]['s_per_forward']:.4f}" for d in DECODERS), f"{c['peak_memory_mb']:.0f}"]
             lines.append("| " + " | ".join(cells) + " |")
         if base:
@@ -318,7 +336,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: auto)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per figure (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per figure (default: %(default)s)")
     parser.add_argument("--captions", type=int, default=20, help="built-in captions for tokens/forward")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "dvlm" / "real-size")
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats: checks that it runs")

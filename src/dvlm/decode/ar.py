@@ -26,7 +26,7 @@ def next_token(lm: LoadedModel, hidden: torch.Tensor, sampler: RowSampler) -> to
 @dataclass
 class PendingDraft:
     """Speculative decoding: drafts of each row's next block made before its step (in the prefill
-    forward), for block positions 1..B-1."""
+    forward, or alongside the last verify pass), for block positions 1..B-1."""
 
     tokens: torch.Tensor  # (R, B-1)
     logits: torch.Tensor  # (R, B-1, V) what they were drawn from

@@ -14,8 +14,8 @@ The first calls of a shape compile it (seconds for the built-in model, a minute 
 real one): `CompiledForward.warmup_s` counts them and `run_to_completion` leaves them out of the
 rows' times (tokens/s), reporting them as the `compile_s` timing.
 
-The prefill runs compiled too (its prompt padded to a bucket); the vision encoder, the logits and
-everything around the forward run eagerly. Tokens equal eager decoding in float32: masked entries weigh exactly 0, and only the
+A short prefill runs compiled too (its prompt padded to a bucket), a long one (an image prompt of
+a real model) eagerly; the vision encoder, the logits and everything around the forward run eagerly. Tokens equal eager decoding in float32: masked entries weigh exactly 0, and only the
 order of the sums differs (logits move by ~1e-6).
 """
 
@@ -38,11 +38,16 @@ MIN_BUCKET = 8
 RECOMPILE_LIMIT = 64
 """torch._dynamo's limit on compiled shapes per function (its default, 8, is below the buckets a
 server with changing batch sizes needs)."""
-CPU_OPTIONS: dict[str, Any] = {"cpp_wrapper": True}
-"""Inductor options on CPU: the code that calls the kernels is C++ too (a small model's forward
-is mostly the calls: 2.5x faster than eager on the built-in model, against 1.9x with Python calling
-them). Not `freezing` (weights folded in as constants): a little faster still, but a copy of the
-weights, and a model changed after compiling would silently decode with the old ones."""
+MAX_COMPILED_QUERY = 256
+"""Forwards of more new tokens (long prompts: an image is 256 tokens and up) run eagerly: they are
+compute-bound, so compiling them saves little, and every prompt-length bucket would be one more
+compile (minutes for a 3B model on a CPU). Short prompts (the built-in tasks') are compiled."""
+CPP_WRAPPER_MAX_PARAMETERS = 200_000_000
+"""On CPU, models up to this size compile with Inductor's C++ wrapper: the code that calls the
+kernels is C++ too. A small model's forward is mostly those calls (2.5x faster than eager on the
+built-in model, against 1.9x with Python calling them); a large model's is arithmetic, and the
+C++ wrapper doubles its compile time. Never `freezing` (weights folded in as constants): a copy of
+the weights, and a model changed after compiling would silently decode with the old ones."""
 CUDA_WARMUP_CALLS = 3
 """Calls of a new shape that count as warm-up on CUDA (cudagraph trees record on a later call)."""
 
@@ -151,8 +156,10 @@ class CompiledForward:
         device = next(model.parameters()).device
         self.cuda = device.type == "cuda"
         raise_recompile_limit()
+        small = sum(p.numel() for p in model.parameters()) <= CPP_WRAPPER_MAX_PARAMETERS
+        options = {"cpp_wrapper": True} if small and not self.cuda else None
         self._compiled = torch.compile(self._forward, dynamic=False, mode="reduce-overhead" if self.cuda else None,
-                                       options=None if self.cuda else CPU_OPTIONS)
+                                       options=options)
         self.calls: dict[tuple, int] = {}  # shape -> calls so far
         self.warmup_s = 0.0  # seconds spent in the first calls of each shape (compiling, recording)
 
@@ -192,8 +199,12 @@ class CompiledForward:
         if calls >= (CUDA_WARMUP_CALLS if self.cuda else 1):
             # A compiled shape: of dynamo's guards only those that tell the compiled shapes apart
             # are checked (checking all of them, the whole model's, costs as much as a tiny forward).
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                return self._compiled(*args)
+            try:
+                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                    return self._compiled(*args)
+            except RuntimeError as err:  # something besides the shape changed (grad mode, ...): compile for it
+                if "skip_guard_eval_unsafe" not in str(err):
+                    raise
         begin = time.perf_counter()
         hidden = self._compiled(*args)
         synchronize(hidden.device)
@@ -240,8 +251,9 @@ def forget_compiled(model: nn.Module) -> None:
 
 class CompiledKVContext(KVContext):
     """A KVContext whose forwards run through the model's `CompiledForward` over static buffers
-    (`StaticLayer`), the prefill's too (prompts padded to a bucket). A cache whose layers are not
-    all full-attention layers of the model's shape runs eagerly."""
+    (`StaticLayer`), a short prefill's too (padded to a bucket); forwards of more than
+    MAX_COMPILED_QUERY new tokens, and caches whose layers are not all full-attention layers of the
+    model's shape, run eagerly (writing the same buffers)."""
 
     def __init__(self, adapter: Adapter, model: nn.Module, batch_size: int, device: torch.device,
                  capacity: int = STATIC_CAPACITY) -> None:
@@ -255,7 +267,8 @@ class CompiledKVContext(KVContext):
 
     def _hidden(self, embeds, position_ids, mask: torch.Tensor, keep: int) -> torch.Tensor:
         layers = self.cache.layers
-        if not all(isinstance(layer, StaticLayer) and layer.is_initialized for layer in layers):
+        static = all(isinstance(layer, StaticLayer) and layer.is_initialized for layer in layers)
+        if not static or embeds.shape[1] > MAX_COMPILED_QUERY:
             return super()._hidden(embeds, position_ids, mask, keep)
         return self.compiled(layers, embeds, position_ids, mask, keep, self.dtype)
 

@@ -95,10 +95,10 @@ class SpecStepper(NextTokenStepper):
     With `fuse_prefill` a row's first draft is made in its prefill forward (`first_draft`), so its
     first step runs the verify pass only. Such a draft is made without the seed (it drafts two
     positions ahead of what it sees) and is more often rejected at once; so a verify pass over
-    drafts made beforehand also drafts [seed, MASK * (B-1)] as a draft pass would (`_redraft`),
-    and where the verifier rejects the first draft (one token accepted, the next seed at p + 1)
-    its outputs 1..B-1 are the next block's drafts for positions p + 2 .. p + B: that step needs
-    no draft pass either. Greedy output is AR's whatever the drafts."""
+    drafts made beforehand also drafts [seed, MASK * (B-1)] alongside, as a draft pass would, and
+    where the verifier rejects the first draft (one token accepted, the next seed at p + 1) that
+    draft's outputs 1..B-1 are the next block's drafts for positions p + 2 .. p + B (`_rolled`):
+    that step needs no draft pass either. Greedy output is AR's whatever the drafts."""
 
     decoder = "spec"
 
@@ -146,9 +146,10 @@ class SpecStepper(NextTokenStepper):
 
     def _drafts(self, ctx, block: torch.Tensor, positions: torch.Tensor, sampler: RowSampler,
                 pending: PendingDraft | None) -> torch.Tensor:
-        """Fill block[:, 1:] with each row's drafts: those made in its prefill where it has them,
-        else from a draft pass (run only when some row needs one). Returns the draft logits (R, B-1, V)."""
-        if pending is not None and bool(pending.ready.all()):  # one host sync, only right after a prefill
+        """Fill block[:, 1:] with each row's drafts: those made beforehand (in its prefill, or
+        alongside its last verify pass) where it has them, else from a draft pass (run only when
+        some row needs one). Returns the draft logits (R, B-1, V)."""
+        if pending is not None and bool(pending.ready.all()):  # one host sync, only where drafts were made before
             block[:, 1:] = pending.tokens
             return pending.logits
         needs = None if pending is None else ~pending.ready
