@@ -54,6 +54,8 @@ SCRIPTED = "tests/decode/test_scripted.py"
 SAMPLING = "tests/decode/test_sampling.py"
 CONSISTENCY = "tests/decode/test_train_consistency.py"
 JOIN = "tests/decode/test_join.py"
+FUSED_PREFILL = "tests/decode/test_fused_prefill.py"
+COMPILED = "tests/decode/test_compiled.py"
 JOIN_CACHE = "tests/model/test_cache_join.py"
 SCORING = "tests/tasks/benchmarks/test_scoring.py"
 CHOICES = "tests/tasks/benchmarks/test_choices.py"
@@ -195,9 +197,16 @@ MUTATIONS = [
              'self.commit_kind = "block_causal"',
              (CONSISTENCY, f"{DECODE}/test_decoders.py"), "fast-dvlm commits blocks block-causally"),
     Mutation("absolute-prefill-causal", "decode/canvas.py",
-             'real_index >= 0, real_index.clamp(min=0) // block_size, "block_causal")',
-             'real_index >= 0, real_index.clamp(min=0) // block_size, "causal")',
+             'ctx.commit(*committed, "block_causal")', 'ctx.commit(*committed, "causal")',
              (CONSISTENCY, DVL_DECODE), "diffusionvl prefills the prompt's blocks causally"),
+    Mutation("absolute-fused-prefill-causal", "decode/canvas.py",
+             'first_pass = ctx.commit_and_draft(committed, drafts, "block_causal")[1][:, 0]',
+             'first_pass = ctx.commit_and_draft(committed, drafts, "causal")[1][:, 0]',
+             (DVL_DECODE, FUSED_PREFILL), "diffusionvl's prefill with the first pass fused runs causally"),
+    Mutation("fused-prefill-pass-misses-prompt-end", "decode/canvas.py",
+             "canvas.positions, batch.input_ids.shape[1], canvas.valid)",
+             "canvas.positions, batch.input_ids.shape[1] - 1, canvas.valid)",
+             (FUSED_PREFILL, SCRIPTED), "the first pass fused into the prefill does not see the prompt's last token"),
     Mutation("fused-commit-off", "decode/settings.py",
              'fuse = cfg.fuse_commit and recipe.token_shift and recipe.clean_attention == "causal"',
              "fuse = False",
@@ -251,10 +260,25 @@ MUTATIONS = [
              "logits = lm.adapter.logits(lm.model, hidden[:, :-1])  # output j drafts position j + 1",
              "logits = lm.adapter.logits(lm.model, hidden[:, 1:])",
              (SCRIPTED, f"{DECODE}/test_speculative.py"), "spec drafts each position from its own output"),
+    Mutation("fused-prefill-draft-one-late", "decode/speculative.py",
+             "lm.positions.text(batch.next_positions, block_size - 1)",
+             "lm.positions.text(batch.next_positions + 1, block_size - 1)",
+             (SCRIPTED, FUSED_PREFILL), "the first draft, made in the prefill, drafts one position too late"),
+    Mutation("rolled-draft-one-early", "decode/speculative.py",
+             "logits = self.lm.adapter.logits(self.lm.model, redraft[:, 1:])",
+             "logits = self.lm.adapter.logits(self.lm.model, redraft[:, :-1])",
+             (SCRIPTED,), "after a rejected first draft, the next block's drafts are one position early"),
     Mutation("spec-accepts-one-less", "decode/speculative.py",
              "agree = (target[:, :-1] == block[:, 1:]).long()",
              "agree = (target[:, :-1] == block[:, 1:]).long()\n    agree[:, -1:] = 0",
              (SCRIPTED, f"{DECODE}/test_speculative.py"), "spec never accepts the block's last draft"),
+    # -- the compiled decode path ---------------------------------------------------------------
+    Mutation("compiled-padding-visible", "decode/compiled.py",
+             "full = mask.new_zeros(rows, bucket, capacity)", "full = mask.new_ones(rows, bucket, capacity)",
+             (COMPILED,), "a compiled forward attends to the padding and the stale entries of its static buffers"),
+    Mutation("compiled-keeps-the-peek", "decode/compiled.py",
+             "            layer.length = start + keep\n", "            layer.length = start + q\n",
+             (COMPILED,), "a compiled peek leaves its block in the cache"),
     # -- rows joining a running batch, the engine ---------------------------------------------
     Mutation("join-pads-with-garbage", "model/cache.py",
              "keys, values = (t.new_zeros(", "keys, values = (torch.nan * t.new_ones(",

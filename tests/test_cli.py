@@ -136,6 +136,40 @@ def test_generate_json_and_text(capsys, fast_checkpoint, image_file):
     assert code == 0 and out == result["text"] + "\n" and "tokens/nfe=" in err
 
 
+def test_generate_compiled(capsys, fast_checkpoint, image_file, adapter):
+    """--compile decodes under torch.compile (compiled once per shape; the reference family only:
+    tests/decode/test_compiled.py compiles the same model's shapes) to the eager answer."""
+    from dvlm.model.adapters.registry import REFERENCE_ARCHITECTURE
+
+    if adapter.architectures[0] != REFERENCE_ARCHITECTURE:
+        pytest.skip("compiled on the reference family only")
+    args = ["generate", "--model", fast_checkpoint, "--image", image_file, "--prompt", "Describe the image.",
+            "--max-new-tokens", 5, "--decoder", "ar", "--json"]
+    eager = json.loads(run(capsys, *args)[1])
+    code, out, _ = run(capsys, *args, "--compile")
+    compiled = json.loads(out)
+    assert code == 0 and compiled["settings"]["compile"] and not eager["settings"]["compile"]
+    assert compiled["tokens"] == eager["tokens"] and compiled["timings"]["compile_s"] >= 0
+
+
+def test_eval_and_serve_take_compile(capsys, monkeypatch):
+    import dvlm.eval.harness as harness
+
+    seen = {}
+
+    def fake_evaluate(lm, task, **kw):
+        seen.update(kw)
+        raise CLIError("stop here")
+
+    monkeypatch.setattr(harness, "evaluate", fake_evaluate)
+    code, _, err = run(capsys, "eval", "--task", "digits-read", "--limit", 1, "--compile")
+    assert code == 2 and seen["compile"] is True
+    from dvlm.cli import serve_settings
+
+    args = build_parser().parse_args(["serve", "--compile"])
+    assert serve_settings(args).compile and not serve_settings(build_parser().parse_args(["serve"])).compile
+
+
 def test_generate_corrupt_image(capsys, tmp_path, fast_checkpoint):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"definitely not a png")

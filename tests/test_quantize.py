@@ -108,6 +108,22 @@ def test_int8_weight_speculative_equals_ar(fast_checkpoint, prompts, block_size)
 
 
 @needs_torchao
+@pytest.mark.slow
+def test_int8_weight_compiled_speculative_equals_compiled_ar(fast_checkpoint, prompts, adapter):
+    """int8 is fast on CPU under the compiled path (Inductor fuses torchao's int8 weight-only
+    matmul); there too spec == AR, and both == eager int8 AR (reference family: compiling is slow)."""
+    from dvlm.model.adapters.registry import REFERENCE_ARCHITECTURE
+
+    if adapter.architectures[0] != REFERENCE_ARCHITECTURE:
+        pytest.skip("compiled on the reference family only")
+    lm = dvlm.load(fast_checkpoint, quantize="int8-weight")
+    eager = lm.generate(*prompts, decoder="ar", max_new_tokens=24)
+    ar = lm.generate(*prompts, decoder="ar", max_new_tokens=24, compile=True)
+    spec = lm.generate(*prompts, decoder="spec", block_size=4, max_new_tokens=24, compile=True)
+    assert [o.tokens for o in spec] == [o.tokens for o in ar] == [o.tokens for o in eager]
+
+
+@needs_torchao
 @pytest.mark.parametrize("block_size", [2, 3, 8, 16])
 def test_int8_dynamic_speculative_equals_ar_except_at_near_ties(fast_checkpoint, prompts, block_size):
     """Each token's activations are quantized on their own (rows independent), but a float rounding

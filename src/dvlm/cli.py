@@ -280,8 +280,15 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--json", action="store_true", help="print the full GenerationOutput as JSON")
     out.add_argument("--stream", action="store_true", help="print the answer as each block is committed")
     p.add_argument("--verbose", action="store_true", help="print decoding statistics on stderr")
+    add_compile_argument(p)
     p.add_argument("--device", help="e.g. cpu, cuda:0 (default: auto)")
     p.add_argument("--dtype", choices=DTYPES, help=DTYPE_HELP)
+
+
+def add_compile_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="run each decoding forward under torch.compile (CUDA graphs on a GPU): the same tokens, "
+                        "faster after a warm-up that compiles each new shape (not counted in tokens/s)")
 
 
 def generate(args: argparse.Namespace) -> None:
@@ -292,7 +299,7 @@ def generate(args: argparse.Namespace) -> None:
     options = dict(decoder=args.decoder, block_size=args.block_size, threshold=args.threshold, steps=args.steps,
                    sub_block_size=args.sub_block_size, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed)
+                   top_p=args.top_p, seed=args.seed, compile=args.compile)
     if args.stream:
         stream = lm.stream(args.prompt, images, **options)
         for piece in stream:
@@ -306,8 +313,9 @@ def generate(args: argparse.Namespace) -> None:
     elif not args.stream:
         print(out.text)
     if args.verbose:
+        compiling = f" compile_s={out.timings['compile_s']:.1f}" if "compile_s" in out.timings else ""
         print(f"decoder={out.decoder} tokens={out.num_tokens} nfe={out.nfe} tokens/nfe={out.tokens_per_nfe:.2f} "
-              f"tokens/s={out.tokens_per_second:.1f} finish={out.finish_reason}", file=sys.stderr)
+              f"tokens/s={out.tokens_per_second:.1f} finish={out.finish_reason}{compiling}", file=sys.stderr)
 
 
 def add_block_arguments(p: argparse.ArgumentParser) -> None:
@@ -401,6 +409,7 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, metavar="N",
                    help="(default: 96 for --task; the benchmark's lmms-eval setting for --benchmark)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    add_compile_argument(p)
     p.add_argument("--device", help="e.g. cpu, cuda:0 (default: auto)")
 
 
@@ -420,6 +429,8 @@ def evaluate(args: argparse.Namespace) -> None:
         lm = dvlm.load(model, device=checked_device(args.device))
     options = {k: v for k, v in (("block_size", args.block_size), ("threshold", args.threshold),
                                  ("steps", args.steps)) if v is not None}
+    if args.compile:
+        options["compile"] = True
     limit = TASK_LIMIT if args.limit is None else args.limit
     result = run_eval(lm, args.task, split=args.split, limit=limit, seed=args.seed, decoder=args.decoder,
                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens or 96, **options)
@@ -450,6 +461,7 @@ def evaluate_benchmark(args: argparse.Namespace) -> None:
     out = writable_directory(Path(args.out)) if args.out else None
     if args.predictions:
         used = [f"--{o.replace('_', '-')}" for o in MODEL_OPTIONS if getattr(args, o) is not None]
+        used += ["--compile"] if args.compile else []
         if used:
             raise CLIError(f"--predictions re-scores a file: {', '.join(used)} would not be used")
         source = Path(args.predictions).expanduser()
@@ -468,7 +480,8 @@ def evaluate_benchmark(args: argparse.Namespace) -> None:
             lm = dvlm.load(model, device=checked_device(args.device))
         runs = run_benchmark(lm, benchmark, items, decoders or ["block" if lm.diffusion else "ar"], rule=rule,
                              total=len(every), batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                             progress=True, block_size=args.block_size, threshold=args.threshold, steps=args.steps)
+                             progress=True, block_size=args.block_size, threshold=args.threshold, steps=args.steps,
+                             **({"compile": True} if args.compile else {}))
         device = describe_device(lm.device)
     report_benchmark(args, benchmark, runs, device, out)
 
@@ -497,6 +510,8 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=20, metavar="N", help="samples per task (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=96, metavar="N", help="(default: %(default)s)")
     p.add_argument("--out", default="bench-results", metavar="DIR", help="JSON, Markdown and plot (default: %(default)s)")
+    p.add_argument("--compile", action="store_true",
+                   help="also run every setting (but hf) under torch.compile, side by side with eager")
     p.add_argument("--device", help="e.g. cpu, cuda:0 (default: auto)")
 
 
@@ -529,7 +544,7 @@ def bench(args: argparse.Namespace) -> None:
         models = {"main": dvlm.load(model, device=checked_device(args.device))}
         if baseline:
             models["baseline"] = dvlm.load(baseline, device=args.device)
-    grid = settings_grid(decoders, block_sizes, thresholds, "baseline" in models)
+    grid = settings_grid(decoders, block_sizes, thresholds, "baseline" in models, compiled=args.compile)
     rows = run_bench(models, args.task or ["shapes-caption", "digits-read"], grid, limit=args.limit,
                      max_new_tokens=args.max_new_tokens, on_row=append_row(out / ROWS_FILE))
     device = describe_device(models["main"].device)
@@ -700,6 +715,7 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="let requests name http(s) image URLs, which the server downloads (size-capped, "
                         "time-limited) from whatever address a client names; default: data: URLs only")
     p.add_argument("--access-log", action="store_true", help="log every HTTP request on stderr")
+    add_compile_argument(p)
     p.add_argument("--device", help="e.g. cpu, cuda:0 (default: auto)")
     p.add_argument("--dtype", choices=DTYPES, help=DTYPE_HELP)
 
@@ -722,7 +738,8 @@ def serve_settings(args: argparse.Namespace) -> Any:
             steps=args.steps, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
             max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
             request_timeout_s=args.request_timeout, max_body_bytes=int(args.max_body_mb * MIB),
-            max_images=args.max_images, allow_local_images=local, allow_remote_images=args.allow_remote_images)
+            max_images=args.max_images, allow_local_images=local, allow_remote_images=args.allow_remote_images,
+            compile=args.compile)
     except ConfigError as err:
         raise ConfigError(_flag_names(str(err))) from err
 

@@ -335,6 +335,15 @@ class DecodeConfig:
     fuse_commit: bool = True
     """Block decoding with token shift: run each commit pass together with the next block's first
     denoising pass when the seed can be guessed (exact: the output does not change)."""
+    fuse_prefill: bool = True
+    """Run the first block's first denoising pass (block decoding without token shift) or the
+    first draft (spec, spec-quadratic) in the prefill forward: one forward less per request, the
+    same output (spec: AR's, whatever the draft). A token-shift block's first pass reads its seed,
+    which the prefill itself predicts, so block decoding with token shift has nothing to fuse."""
+    compile: bool = False
+    """Run each step's forward under torch.compile with static shapes (`dvlm.decode.compiled`;
+    CUDA graphs on a GPU); the same tokens as eager decoding, after a warm-up (compiling) per
+    shape that is reported as `compile_s` and left out of tokens/s. Not for `hf`."""
 
     def __post_init__(self) -> None:
         check_field_types(self)

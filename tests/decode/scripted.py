@@ -8,7 +8,9 @@ that depends only on p + 1: high (above 0.9) except at every `LOW_EVERY`-th posi
 * the last denoising pass of a block always guesses the next seed right (a fused commit always
   saves its forward);
 * thresholding unmasks every confident position in one pass and the others one per pass,
-  so the per-pass counts of a block can be worked out by hand.
+  so the per-pass counts of a block can be worked out by hand;
+* optionally, drafts (outputs over a [MASK] input) get chosen positions wrong, so that a draft
+  made without the seed can be rejected where a draft that saw it is not.
 It ignores attention masks and the cache, so it says nothing about them: the real tiny models
 are for that.
 """
@@ -58,13 +60,20 @@ class _NoCache:
 class ScriptedAdapter(Adapter):
     architectures = ()
 
+    def __init__(self, hard_positions: tuple[int, ...] = ()) -> None:
+        self.hard_positions = hard_positions  # positions a draft (an output over a [MASK]) gets wrong
+
     def embed(self, model, input_ids, vision=None) -> torch.Tensor:
         return nn.functional.one_hot(input_ids, VOCAB).float()  # (B, L, V)
 
     def hidden_states(self, model, inputs_embeds, position_ids, attention_mask, cache=None) -> torch.Tensor:
         target = position_ids[0] + 1  # (B, Q): the position each output predicts
         logit = torch.where(is_confident(target), HIGH_LOGIT, LOW_LOGIT)
-        return nn.functional.one_hot(script_token(target), VOCAB).float() * logit[..., None]
+        token = script_token(target)
+        over_mask = inputs_embeds[..., MASK] > 0  # an output whose own input is [MASK]: a draft
+        wrong = over_mask & torch.isin(target, torch.tensor(self.hard_positions, dtype=torch.long))
+        token = torch.where(wrong, (token + 1) % SCRIPT_TOKENS, token)
+        return nn.functional.one_hot(token, VOCAB).float() * logit[..., None]
 
     def logits(self, model, hidden) -> torch.Tensor:
         return hidden
@@ -88,11 +97,13 @@ class _Processor:
         return " ".join(map(str, tokens))
 
 
-def scripted_lm(preset: str = "fast-dvlm", **recipe) -> DVLM:
+def scripted_lm(preset: str = "fast-dvlm", hard_positions: tuple[int, ...] = (), **recipe) -> DVLM:
+    """The scripted model; `hard_positions`: positions every draft gets wrong (the verifier, whose
+    inputs are real tokens, never does)."""
     diffusion = DiffusionConfig.from_preset(preset, mask_token_id=MASK, eos_token_ids=[EOS], pad_token_id=PAD,
                                             **recipe)
     model = nn.Linear(1, 1)  # only gives the decoders a device and a dtype
-    return DVLM(model, ScriptedAdapter(), _Processor(), diffusion)
+    return DVLM(model, ScriptedAdapter(hard_positions), _Processor(), diffusion)
 
 
 def prompt(length: int) -> Encoded:

@@ -8,10 +8,13 @@ The rules (hustvl/DiffusionVL `generate_with_bd3lm`, reference/algorithms.md §2
 * pass s of a block unmasks min(B // steps + (s < B % steps), masks left) positions, chosen by
   `torch.topk` over the block's confidences (-inf off the masks);
 * after the last pass a commit forward writes the block (dvlm skips the last block's commit,
-  which nothing reads: one forward fewer).
+  which nothing reads: one forward fewer; and it runs the first block's first pass in the
+  prefill forward: one more).
 One deliberate difference: dvlm never produces the mask token (DiffusionVL could, and would then
 treat the position as still masked), so the transcription bans it too.
 """
+
+import dataclasses
 
 import pytest
 import torch
@@ -96,4 +99,8 @@ def test_block_decoder_equals_diffusionvl_rules(diffusionvl_lm, monkeypatch, pro
     cfg = DecodeConfig(decoder="block", block_size=block_size, steps=steps, max_new_tokens=gen_length)
     out = generate_block(lm, [prompt], cfg)[0]
     assert out.tokens == expected
-    assert out.nfe == forwards - 1  # no commit after the last block
+    # No commit after the last block, and the first pass runs in the prefill forward (where the
+    # prompt has a complete block, so that there is a prefill).
+    assert out.nfe == forwards - 1 - (prompt_len >= block_size)
+    plain = generate_block(lm, [prompt], dataclasses.replace(cfg, fuse_prefill=False))[0]
+    assert plain.tokens == expected and plain.nfe == forwards - 1

@@ -90,6 +90,9 @@ def test_every_output_records_the_settings_it_ran_with(decoder, run):
 class _ScriptedSteps:
     """A stepper stand-in whose rows finish one per step, a few milliseconds apart."""
 
+    compiled = None  # not the compiled path: no compiling to leave out of the rows' times
+    warmup_s = 0.0
+
     def __init__(self, rows: int) -> None:
         self.waiting = list(range(rows))
         self.timer = type("Timer", (), {"as_dict": lambda _: {"prefill_s": 0.0, "total_s": 1e9}})()
@@ -110,6 +113,26 @@ class _ScriptedSteps:
 
     def output(self, row_id: int, timings: dict[str, float]) -> dict[str, float]:
         return timings
+
+
+class _CompilingSteps(_ScriptedSteps):
+    """The stand-in on the compiled path: its first step compiles (for 0.05 s)."""
+
+    compiled = object()
+
+    def step(self) -> StepReport:
+        if self.warmup_s == 0.0:
+            time.sleep(0.05)
+            self.warmup_s = 0.05
+        return super().step()
+
+
+def test_compiling_is_left_out_of_the_rows_times():
+    timings = run_to_completion(_CompilingSteps(2), [prompt(4)] * 2, RowSettings(4))
+    assert [t["compile_s"] for t in timings] == [0.05, 0.05]
+    # Without the 0.05 s of compiling, the first row took one 5 ms step (counted in, it would be > 0.05).
+    assert 0 < timings[0]["total_s"] < 0.05 and timings[0]["total_s"] < timings[1]["total_s"]
+    assert "compile_s" not in run_to_completion(_ScriptedSteps(1), [prompt(4)], RowSettings(4))[0]
 
 
 def test_in_a_batch_each_row_is_timed_until_it_finished():

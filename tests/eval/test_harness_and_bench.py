@@ -56,6 +56,12 @@ def test_settings_grid():
     assert len(grid) == 3 + 4 + 2
 
 
+def test_settings_grid_with_compiled_twins():
+    grid = settings_grid(["ar", "hf", "spec"], [8], [0.9], has_baseline=False, compiled=True)
+    assert [s.label for s in grid] == ["ar", "ar(compile=True)", "hf", "spec(block_size=8)",
+                                       "spec(block_size=8,compile=True)"]
+
+
 def test_bench_rows_ratios_and_report(lm, tmp_path):
     grid = [Setting("ar"), Setting("hf"), Setting("spec", {"block_size": 4})]
     rows = run_bench({"main": lm}, ["digits-read"], grid, limit=2, max_new_tokens=6, progress=False)

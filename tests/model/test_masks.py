@@ -131,6 +131,22 @@ def test_commit_and_draft_mask():
     assert torch.equal(mask, expected)
 
 
+def test_commit_and_draft_mask_block_causal_commit():
+    # A block-causal prefill of 3 tokens (blocks 1, 1, 2) after 1 cached entry, with the first
+    # block's first pass (2 tokens) drafted after all 3: a block sees its whole self.
+    mask = commit_and_draft_mask(T([[1]], dtype=torch.bool), T([[0]]), T([[1, 1, 1]], dtype=torch.bool),
+                                 T([[1, 1, 2]]), prefix=T([3]), draft_len=2, kind="block_causal")
+    expected = T([[
+        # k  c0 c1 c2 d0 d1
+        [1, 1, 1, 0, 0, 0],  # c0: block 1 sees block 1 whole
+        [1, 1, 1, 0, 0, 0],  # c1
+        [1, 1, 1, 1, 0, 0],  # c2: block 2
+        [1, 1, 1, 1, 1, 1],  # the draft: cache, every committed token, itself
+        [1, 1, 1, 1, 1, 1],
+    ]], dtype=torch.bool)
+    assert torch.equal(mask, expected)
+
+
 def test_to_additive():
     out = to_additive(T([[[True, False]]]), torch.float32)
     assert out.shape == (1, 1, 1, 2)

@@ -9,7 +9,7 @@ import torch
 from dvlm.config import DecodeConfig
 from dvlm.data.processor import Encoded
 from dvlm.decode.output import GenerationOutput
-from dvlm.decode.prefill import prefill
+from dvlm.decode.prefill import DraftOf, prefill
 from dvlm.decode.rows import Listener
 from dvlm.decode.sampling import RowSampler
 from dvlm.decode.stepper import Stepper, generate_with
@@ -24,31 +24,74 @@ def next_token(lm: LoadedModel, hidden: torch.Tensor, sampler: RowSampler) -> to
 
 
 @dataclass
+class PendingDraft:
+    """Speculative decoding: drafts of each row's next block made before its step (in the prefill
+    forward, or alongside the last verify pass), for block positions 1..B-1."""
+
+    tokens: torch.Tensor  # (R, B-1)
+    logits: torch.Tensor  # (R, B-1, V) what they were drawn from
+    ready: torch.Tensor  # (R,) bool: the row has one (rows that joined from a running batch have none)
+
+    def select(self, keep: torch.Tensor) -> PendingDraft:
+        return PendingDraft(self.tokens[keep], self.logits[keep], self.ready[keep])
+
+    @staticmethod
+    def joined(parts: list[tuple[PendingDraft | None, int]]) -> PendingDraft | None:
+        """The drafts of several groups of rows (each (drafts or None, its row count)), in order."""
+        known = next((d for d, _ in parts if d is not None), None)
+        if known is None:
+            return None
+        full = [d if d is not None else PendingDraft(known.tokens.new_zeros(n, *known.tokens.shape[1:]),
+                                                     known.logits.new_zeros(n, *known.logits.shape[1:]),
+                                                     known.ready.new_zeros(n)) for d, n in parts]
+        return PendingDraft(*(torch.cat([getattr(d, f) for d in full]) for f in ("tokens", "logits", "ready")))
+
+
+@dataclass
 class NextTokens:
     """Rows whose next token is known (AR and speculative decoding, between steps)."""
 
     context: DecodeContext
     token: torch.Tensor  # (R,) the next token of each row, not yet committed
     position: torch.Tensor  # (R,) its position id
+    draft: PendingDraft | None = None  # speculative decoding: the next block's drafts, where already made
 
     def select(self, keep: torch.Tensor) -> NextTokens:
         self.context.select_rows(keep)
-        return NextTokens(self.context, self.token[keep], self.position[keep])
+        draft = None if self.draft is None else self.draft.select(keep)
+        return NextTokens(self.context, self.token[keep], self.position[keep], draft)
 
     def join(self, other: NextTokens) -> NextTokens:
+        rows = (self.token.shape[0], other.token.shape[0])
         self.context.join(other.context)
         token, position = torch.cat([self.token, other.token]), torch.cat([self.position, other.position])
-        return NextTokens(self.context, token, position)
+        return NextTokens(self.context, token, position, PendingDraft.joined(list(zip((self.draft, other.draft), rows))))
 
 
 class NextTokenStepper(Stepper):
     """Prefill the prompts causally and pick each row's first token (AR and speculative decoding)."""
 
     def _prefill(self, prompts: list[Encoded], ids: list[int]) -> NextTokens:
-        pre = prefill(self.lm, prompts, self.context_cls)
-        token = next_token(self.lm, pre.last_hidden, self._sampler(ids))
+        pre = prefill(self.lm, prompts, self.context_cls, draft=self._draft_in_prefill())
+        sampler = self._sampler(ids)
+        token = next_token(self.lm, pre.last_hidden, sampler)
         self.rows.count_forward_for(ids)
-        return NextTokens(pre.context, token, pre.next_position)
+        state = NextTokens(pre.context, token, pre.next_position)
+        if pre.draft_hidden is not None:
+            logits = self.lm.adapter.logits(self.lm.model, pre.draft_hidden[:, 1:])  # output i drafts position p + i
+            tokens, _ = sampler.select(logits)
+            state.draft = PendingDraft(tokens, logits, torch.ones_like(token, dtype=torch.bool))
+        return state
+
+    def _draft_in_prefill(self) -> DraftOf | None:
+        """The block that rides along the prefill forward (speculative decoding's first draft)."""
+        return None
+
+    def _emit_known(self, tokens: torch.Tensor) -> tuple[list[tuple[int, list[int]]], list[int]]:
+        """Commit each row's known next token (R,) before any forward: a row it ends (an end
+        token, or its last allowed token) leaves the batch without running one more."""
+        committed, done = self.rows.extend([[t] for t in tokens.tolist()])
+        return committed, self._leave_finished(done)
 
     def _join(self, running: NextTokens, joining: NextTokens) -> NextTokens:
         return running.join(joining)
@@ -65,8 +108,7 @@ class ARStepper(NextTokenStepper):
 
     def _advance(self) -> tuple[list[tuple[int, list[int]]], list[int]]:
         with self.timer("decode"):
-            committed, done = self.rows.extend([[t] for t in self.state.token.tolist()])
-            finished = self._leave_finished(done)
+            committed, finished = self._emit_known(self.state.token)
             if self.state is not None:
                 self.state = self._forward(self.state)
         return committed, finished

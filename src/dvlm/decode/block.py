@@ -22,6 +22,7 @@ from dvlm.data.processor import Encoded
 from dvlm.decode.ar import next_token
 from dvlm.decode.canvas import (
     Canvas,
+    canvas_embeds,
     next_canvas,
     pad_right,
     start_absolute,
@@ -62,17 +63,19 @@ class NextBlock:
         return NextBlock(self.context, self.canvas.select(keep), first, guess)
 
     def join(self, other: NextBlock, pad_token_id: int) -> NextBlock:
-        """Rows that just started join: they have no fused first pass (they run that pass themselves)."""
+        """Rows that just started join; each side's first passes (from a fused commit or a fused
+        prefill) stay with their rows, and rows without one run that pass themselves."""
         self.context.join(other.context)
         canvas = self.canvas.join(other.canvas, pad_token_id)
-        first = None
-        if self.first_pass is not None:
-            logits, usable = self.first_pass
-            joining = other.canvas.ids.shape[0]
-            logits = pad_right(logits, canvas.ids.shape[1], 0.0, dim=1)
-            first = (torch.cat([logits, logits.new_zeros(joining, *logits.shape[1:])]),
-                     torch.cat([usable, usable.new_zeros(joining)]))
-        return NextBlock(self.context, canvas, first)
+        parts = [(self.first_pass, self.canvas.ids.shape[0]), (other.first_pass, other.canvas.ids.shape[0])]
+        known = next((p for p, _ in parts if p is not None), None)
+        if known is None:
+            return NextBlock(self.context, canvas)
+        width, vocab = canvas.ids.shape[1], known[0].shape[-1]
+        logits = [pad_right(p[0], width, 0.0, dim=1) if p is not None else known[0].new_zeros(n, width, vocab)
+                  for p, n in parts]
+        usable = [p[1] if p is not None else known[1].new_zeros(n) for p, n in parts]
+        return NextBlock(self.context, canvas, (torch.cat(logits), torch.cat(usable)))
 
 
 class BlockStepper(Stepper):
@@ -84,16 +87,24 @@ class BlockStepper(Stepper):
         self.commit_kind = "causal" if self.dcfg.clean_attention == "causal" else "block_causal"
 
     def _prefill(self, prompts: list[Encoded], ids: list[int]) -> NextBlock:
-        budgets = [self.rows[i].settings.max_new_tokens for i in ids]
+        """The rows' context and first block; with `fuse_prefill` (no token shift) the block's first
+        denoising pass ran in the prefill forward, for every row (`first_pass`)."""
+        budgets, fuse = [self.rows[i].settings.max_new_tokens for i in ids], self.group.fuse_prefill
         if self.dcfg.block_layout == "response":
-            ctx, canvas = start_response(self.lm, prompts, self.dcfg, self.group.block_size, budgets,
-                                         self._sampler(ids), self.context_cls)
+            ctx, canvas, first = start_response(self.lm, prompts, self.dcfg, self.group.block_size, budgets,
+                                                self._sampler(ids), self.context_cls, fuse)
             self.rows.count_forward_for(ids)
         else:
-            ctx, canvas, prefilled = start_absolute(self.lm, prompts, self.group.block_size, budgets, self.context_cls)
-            if any(prefilled):  # only rows with a complete prompt block had work in that forward
+            ctx, canvas, first, prefilled = start_absolute(self.lm, prompts, self.group.block_size, budgets,
+                                                           self.context_cls, fuse)
+            if first is not None:  # every row's first pass was in that forward
+                self.rows.count_forward_for(ids)
+            elif any(prefilled):  # only rows with a complete prompt block had work in that forward
                 self.rows.count_forward_for([i for i, p in zip(ids, prefilled) if p])
-        return NextBlock(ctx, canvas)
+        if first is None:
+            return NextBlock(ctx, canvas)
+        usable = torch.ones(len(ids), dtype=torch.bool, device=canvas.ids.device)
+        return NextBlock(ctx, canvas, (self.lm.adapter.logits(self.lm.model, first), usable))
 
     def _join(self, running: NextBlock, joining: NextBlock) -> NextBlock:
         return running.join(joining, self.lm.processor.pad_token_id)
@@ -127,7 +138,7 @@ class BlockStepper(Stepper):
         if self.group.fuse_commit and state.guess_logits is not None and max(widths) > 1:
             canvas, first_pass = _commit_fused(lm, ctx, canvas, state.guess_logits, widths, sampler)
         else:
-            hidden = ctx.commit(_embed(lm, canvas), canvas.positions, canvas.validity(), _block_ids(ctx, canvas),
+            hidden = ctx.commit(canvas_embeds(lm, canvas), canvas.positions, canvas.validity(), _block_ids(ctx, canvas),
                                 self.commit_kind)
             seed = next_token(lm, canvas.at_ends(hidden), sampler) if self.dcfg.token_shift else None
             canvas, first_pass = next_canvas(lm, canvas, seed, widths), None
@@ -149,6 +160,7 @@ class BlockStepper(Stepper):
         lm, ctx, canvas, group, rows = self.lm, state.context, state.canvas, self.group, self.rows
         thresholds = self._thresholds(canvas.ids.device) if group.steps is None else None
         masked = canvas.ids == lm.mask_token_id  # (R, Q): masked state is tracked by ids
+        masked &= ~after_finished_answer(canvas, masked, lm.eos_token_ids)  # a seed that ends the answer
         step, last, first_pass = 0, None, state.first_pass
         while masked.any():
             fused, usable = first_pass if first_pass is not None else (None, None)
@@ -156,7 +168,7 @@ class BlockStepper(Stepper):
             needs_pass = masked.any(dim=1) if usable is None else masked.any(dim=1) & ~usable
             run = usable is None or bool(needs_pass.any())  # one host sync, only after a fused commit
             if run:
-                hidden = ctx.peek(_embed(lm, canvas), canvas.positions, canvas.validity(), _block_ids(ctx, canvas),
+                hidden = ctx.peek(canvas_embeds(lm, canvas), canvas.positions, canvas.validity(), _block_ids(ctx, canvas),
                                   "bidirectional")
                 logits = lm.adapter.logits(lm.model, hidden)  # (R, Q, V)
                 rows.count_forward(needs_pass)  # usable rows' pass was the fused commit
@@ -231,8 +243,8 @@ def _commit_fused(lm: LoadedModel, ctx, canvas: Canvas, guess_logits: torch.Tens
     nxt = next_canvas(lm, canvas, guess, widths)
     whole = torch.tensor([canvas.ids.shape[1]], device=canvas.ids.device)  # the next block sees all of this one
     hidden, peeked = ctx.commit_and_draft(
-        (_embed(lm, canvas), canvas.positions, canvas.validity(), _block_ids(ctx, canvas)),
-        (_embed(lm, nxt)[:, None], nxt.positions[:, :, None], whole, None if nxt.valid is None else nxt.valid[:, None]),
+        (canvas_embeds(lm, canvas), canvas.positions, canvas.validity(), _block_ids(ctx, canvas)),
+        (canvas_embeds(lm, nxt)[:, None], nxt.positions[:, :, None], whole, None if nxt.valid is None else nxt.valid[:, None]),
     )
     seed = next_token(lm, canvas.at_ends(hidden), sampler)
     nxt.ids[:, 0] = seed
@@ -242,13 +254,6 @@ def _commit_fused(lm: LoadedModel, ctx, canvas: Canvas, guess_logits: torch.Tens
 def _block_ids(ctx, canvas: Canvas) -> torch.Tensor:
     """A fresh block id (above every cached one) for all canvas positions."""
     return torch.full_like(canvas.ids, ctx.next_block_id())
-
-
-def _embed(lm: LoadedModel, canvas: Canvas) -> torch.Tensor:
-    embeds = lm.adapter.embed(lm.model, canvas.ids)  # (R, Q, D)
-    if canvas.fixed is None:
-        return embeds
-    return torch.where(canvas.fixed[..., None], canvas.fixed_embeds.to(embeds.dtype), embeds)
 
 
 @torch.inference_mode()

@@ -29,7 +29,7 @@ from dvlm.config import DiffusionConfig
 from dvlm.data.collate import collate
 from dvlm.data.processor import Encoded
 from dvlm.decode.ar import next_token
-from dvlm.decode.prefill import prefill
+from dvlm.decode.prefill import DraftBlock, prefill
 from dvlm.decode.sampling import RowSampler
 from dvlm.diffusion.noising import clean_block_ids
 from dvlm.model.loaded import LoadedModel
@@ -130,29 +130,51 @@ def next_canvas(lm: LoadedModel, canvas: Canvas, seed: torch.Tensor | None, widt
     return masked_canvas(lm, seed, start, widths)
 
 
+def canvas_embeds(lm: LoadedModel, canvas: Canvas) -> torch.Tensor:
+    """(R, Q, F) input features of the canvas: its ids' embeddings, the given ones where fixed."""
+    embeds = lm.adapter.embed(lm.model, canvas.ids)  # (R, Q, F)
+    if canvas.fixed is None:
+        return embeds
+    return torch.where(canvas.fixed[..., None], canvas.fixed_embeds.to(embeds.dtype), embeds)
+
+
 def start_response(lm: LoadedModel, prompts: list[Encoded], dcfg: DiffusionConfig, block_size: int, budgets: list[int],
-                   sampler: RowSampler, context_cls):
+                   sampler: RowSampler, context_cls, fuse: bool = False):
     """Prefill the whole prompt; with token shift its last output is the AR seed of block 1.
 
-    Row r's first block has min(B, budgets[r]) positions: every one of them is emitted.
-    Returns (context, canvas)."""
+    Row r's first block has min(B, budgets[r]) positions: every one of them is emitted. Without
+    token shift the block is all masks and, with `fuse`, its first denoising pass runs in the
+    prefill forward (it sees the whole prompt and itself, as its own pass would).
+    Returns (context, canvas, the first pass's hidden states (R, Q, D) or None)."""
     kind, blocks = "causal", None
     if dcfg.clean_attention == "block_causal":
         kind = "block_causal"
         batch = collate(prompts, lm.processor.pad_token_id, padding_side="left").to(lm.device)
         blocks = clean_block_ids(batch.labels, batch.attention_mask, dcfg, block_size)
-    pre = prefill(lm, prompts, context_cls, kind, blocks)
+    widths = [min(block_size, b) for b in budgets]
+
+    def first_block(batch, embeds) -> DraftBlock:
+        canvas = masked_canvas(lm, None, batch.next_positions, widths)
+        return DraftBlock(canvas_embeds(lm, canvas), canvas.positions, batch.input_ids.shape[1], canvas.valid)
+
+    fused = fuse and not dcfg.token_shift  # a token-shift block opens with the seed this forward predicts
+    pre = prefill(lm, prompts, context_cls, kind, blocks, first_block if fused else None)
     seed = next_token(lm, pre.last_hidden, sampler) if dcfg.token_shift else None
-    return pre.context, masked_canvas(lm, seed, pre.next_position, [min(block_size, b) for b in budgets])
+    return pre.context, masked_canvas(lm, seed, pre.next_position, widths), pre.draft_hidden
 
 
-def start_absolute(lm: LoadedModel, prompts: list[Encoded], block_size: int, budgets: list[int], context_cls):
+def start_absolute(lm: LoadedModel, prompts: list[Encoded], block_size: int, budgets: list[int], context_cls,
+                   fuse: bool = False):
     """Prefill each prompt's complete absolute blocks (block-causal); its tail opens block 1.
 
     Row r has P_r prompt tokens: its first cut_r = floor(P_r / B) * B go to the cache, its last
     P_r - cut_r tokens sit at the front of the first canvas. Prefixes are right-aligned to the
-    longest one, so all rows' canvases start at the same cache index.
-    Returns (context, canvas, per row whether the prefill forward held any of its tokens (R,) list).
+    longest one, so all rows' canvases start at the same cache index. With `fuse`, block 1's first
+    denoising pass runs in the prefill forward: under the block-causal mask the canvas is simply
+    the block after the prompt's blocks, seeing them all and itself.
+    Returns (context, canvas, the first pass's hidden states (R, Q, D) or None, per row whether
+    the prefill forward held any of its tokens (R,) list). With no complete block in any row there
+    is no prefill forward (and nothing to fuse).
     """
     batch = collate(prompts, lm.processor.pad_token_id, padding_side="left").to(lm.device)
     embeds = lm.adapter.embed(lm.model, batch.input_ids, batch.vision)  # (R, P, F)
@@ -162,12 +184,15 @@ def start_absolute(lm: LoadedModel, prompts: list[Encoded], block_size: int, bud
     first = width - lengths  # column of each row's first real token
     span = int(cut.max())
     ctx = context_cls(lm.adapter, lm.model, len(prompts), lm.device)
+    committed = None
     if span:
         col = torch.arange(span, device=lm.device)[None, :]
         real_index = col - (span - cut)[:, None]  # index of the token within its prompt (< 0: padding)
         source = (first[:, None] + real_index).clamp(min=0, max=width - 1)
-        ctx.commit(_gather(embeds, source), _gather_positions(batch.position_ids, source),
-                   real_index >= 0, real_index.clamp(min=0) // block_size, "block_causal")
+        committed = (_gather(embeds, source), _gather_positions(batch.position_ids, source), real_index >= 0,
+                     real_index.clamp(min=0) // block_size)
+        if not fuse:
+            ctx.commit(*committed, "block_causal")
     tail = lengths - cut
     # DiffusionVL decodes a prompt whose answer fits in the first block (P + G <= B) as one block
     # of exactly P + G positions (its "full diffusion" case); other first blocks are B wide.
@@ -184,7 +209,12 @@ def start_absolute(lm: LoadedModel, prompts: list[Encoded], block_size: int, bud
     positions = torch.where(is_tail[None], _gather_positions(batch.position_ids, source), generated)
     canvas = Canvas(ids, positions, tail, fixed=is_tail, fixed_embeds=_gather(embeds, source),
                     valid=None if bool(valid.all()) else valid)
-    return ctx, canvas, (cut > 0).tolist()
+    first_pass = None
+    if fuse and committed is not None:
+        drafts = (canvas_embeds(lm, canvas)[:, None], canvas.positions[:, :, None], torch.tensor([span], device=lm.device),
+                  None if canvas.valid is None else canvas.valid[:, None])
+        first_pass = ctx.commit_and_draft(committed, drafts, "block_causal")[1][:, 0]
+    return ctx, canvas, first_pass, (cut > 0).tolist()
 
 
 def _gather(embeds: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ serve; what it returns is what the decoders run with, what the server's engine g
 by, what the server echoes, and what `GenerationOutput.settings` records.
 
 A resolved config splits in two: `GroupSettings` shape a forward and are shared by every row of a
-batch (block size, fixed step count, sub-blocks, the fused commit); `RowSettings` are each row's
+batch (block size, fixed step count, sub-blocks, the fused commit and prefill, compiling);
+`RowSettings` are each row's
 own (its answer budget, its sampling, its threshold).
 """
 
@@ -37,6 +38,8 @@ class GroupSettings:
     steps: int | None = None  # block decoding with a fixed step count (None: each row's threshold)
     sub_block_size: int | None = None
     fuse_commit: bool = False
+    fuse_prefill: bool = False  # the first block's first pass (or first draft) rides along the prefill
+    compile: bool = False  # step forwards under torch.compile (dvlm.decode.compiled)
 
 
 @dataclass(frozen=True)
@@ -53,18 +56,25 @@ def resolve(cfg: DecodeConfig, diffusion: DiffusionConfig | None, path: str | No
 
     Raises ConfigError when the model cannot serve the decoder (a plain AR model for a diffusion
     decoder, a recipe speculative decoding cannot verify, a block too small)."""
-    unused = dict(block_size=None, threshold=None, steps=None, sub_block_size=None, fuse_commit=False)
+    unused = dict(block_size=None, threshold=None, steps=None, sub_block_size=None, fuse_commit=False,
+                  fuse_prefill=False)
+    if cfg.decoder == "hf":  # transformers' own loop: nothing of ours to compile
+        return dataclasses.replace(cfg, **unused, compile=False)
     if cfg.decoder not in ("block", *SPECULATIVE):
         return dataclasses.replace(cfg, **unused)
     recipe = require_recipe(diffusion, cfg.decoder, path)
     block_size = cfg.block_size or recipe.block_size
     if cfg.decoder in SPECULATIVE:
         check_speculative(recipe, block_size, cfg.decoder)
-        return dataclasses.replace(cfg, **{**unused, "block_size": block_size})
+        return dataclasses.replace(cfg, **{**unused, "block_size": block_size, "fuse_prefill": cfg.fuse_prefill})
     threshold, steps = unmasking_policy(cfg, recipe)
     # The fused commit needs the seed to come from the commit's causal pass (token shift, causal clean stream).
     fuse = cfg.fuse_commit and recipe.token_shift and recipe.clean_attention == "causal"
-    return dataclasses.replace(cfg, block_size=block_size, threshold=threshold, steps=steps, fuse_commit=fuse)
+    # With token shift the first block opens with the seed the prefill predicts: its first pass
+    # cannot run in the forward that computes that seed.
+    fuse_prefill = cfg.fuse_prefill and not recipe.token_shift
+    return dataclasses.replace(cfg, block_size=block_size, threshold=threshold, steps=steps, fuse_commit=fuse,
+                               fuse_prefill=fuse_prefill)
 
 
 def unmasking_policy(cfg: DecodeConfig, recipe: DiffusionConfig) -> tuple[float | None, int | None]:
@@ -87,7 +97,8 @@ def check_speculative(recipe: DiffusionConfig, block_size: int, decoder: str) ->
 
 def split(resolved: DecodeConfig) -> tuple[GroupSettings, RowSettings]:
     """A resolved config's group and row settings."""
-    group = GroupSettings(resolved.block_size, resolved.steps, resolved.sub_block_size, resolved.fuse_commit)
+    group = GroupSettings(resolved.block_size, resolved.steps, resolved.sub_block_size, resolved.fuse_commit,
+                          resolved.fuse_prefill, resolved.compile)
     return group, RowSettings(resolved.max_new_tokens, resolved.sampling, resolved.threshold)
 
 
@@ -97,4 +108,4 @@ def joined(decoder: str, group: GroupSettings, row: RowSettings) -> DecodeConfig
     return DecodeConfig(decoder=decoder, max_new_tokens=row.max_new_tokens, block_size=group.block_size,
                         threshold=row.threshold, steps=group.steps, temperature=s.temperature, top_k=s.top_k,
                         top_p=s.top_p, seed=s.seed, sub_block_size=group.sub_block_size,
-                        fuse_commit=group.fuse_commit)
+                        fuse_commit=group.fuse_commit, fuse_prefill=group.fuse_prefill, compile=group.compile)

@@ -20,9 +20,11 @@ from dataclasses import dataclass
 import torch
 
 from dvlm.config import DecodeConfig
+from dvlm.data.collate import Batch
 from dvlm.data.processor import Encoded
-from dvlm.decode.ar import NextTokens, NextTokenStepper
+from dvlm.decode.ar import NextTokens, NextTokenStepper, PendingDraft
 from dvlm.decode.output import GenerationOutput
+from dvlm.decode.prefill import DraftBlock, DraftOf
 from dvlm.decode.rows import Listener
 from dvlm.decode.sampling import RowSampler, greedy_tokens, sample_from
 from dvlm.decode.stepper import generate_with
@@ -37,48 +39,127 @@ def _masked_blocks(lm: LoadedModel, first: torch.Tensor, block_size: int) -> tor
     return block
 
 
-def _draft(lm: LoadedModel, ctx, block: torch.Tensor, positions: torch.Tensor, sampler: RowSampler) -> torch.Tensor:
-    """Fill block[:, 1:] in place from one bidirectional pass; returns the draft logits (R, B-1, V)."""
+def _draft(lm: LoadedModel, ctx, block: torch.Tensor, positions: torch.Tensor, sampler: RowSampler,
+           drawing: list[bool] | None = None) -> torch.Tensor:
+    """Fill block[:, 1:] in place from one bidirectional pass; returns the draft logits (R, B-1, V).
+    Only the rows `drawing` (None: all) draw from their random streams."""
     ids = torch.full_like(block, ctx.next_block_id())
     valid = torch.ones_like(block, dtype=torch.bool)
     hidden = ctx.peek(lm.adapter.embed(lm.model, block), positions, valid, ids, "bidirectional")
     logits = lm.adapter.logits(lm.model, hidden[:, :-1])  # output j drafts position j + 1
-    block[:, 1:], _ = sampler.select(logits)
+    block[:, 1:], _ = sampler.select(logits, drawing)
     return logits
 
 
+def first_draft(lm: LoadedModel, block_size: int) -> DraftOf:
+    """The first draft, made in the prefill forward: the block [last prompt token, MASK * (B-1)]
+    at positions p-1 .. p+B-2 (p: the seed's position), seeing the prompt before its last token.
+
+    The seed is what the prefill's own causal output predicts, so no forward that computes it can
+    also see it. This block is a token-shift block like every later one, one position earlier:
+    its first token is clean (the prompt's last) and its output i drafts position p + i, so
+    outputs 1..B-1 draft the block positions after the seed; the seed itself comes from the prefill,
+    and the verify pass checks every draft as usual (greedy output is AR's either way)."""
+    def draft(batch: Batch, embeds: torch.Tensor) -> DraftBlock:
+        masks = torch.full((embeds.shape[0], block_size - 1), lm.mask_token_id, device=embeds.device)
+        block = torch.cat([embeds[:, -1:], lm.adapter.embed(lm.model, masks)], dim=1)  # (R, B, F)
+        positions = torch.cat([batch.position_ids[:, :, -1:], lm.positions.text(batch.next_positions, block_size - 1)],
+                              dim=2)
+        return DraftBlock(block, positions, prefix=batch.input_ids.shape[1] - 1)
+
+    return draft
+
+
 def _keep_accepted(rows, block: torch.Tensor, accepted: torch.Tensor):
-    """Record and commit the accepted prefixes; returns rows.extend's (committed, done)."""
+    """Record the accepted prefixes and commit them after their seed (committed at the step's
+    start); returns rows.extend's (committed, done)."""
     counts = accepted.tolist()
     rows.record_accepts(counts)
-    return rows.extend([b[:n] for b, n in zip(block.tolist(), counts)])
+    return rows.extend([b[1:n] for b, n in zip(block.tolist(), counts)])
+
+
+def _merged(*reports: list[tuple[int, list[int]]]) -> list[tuple[int, list[int]]]:
+    """(row id, tokens) lists of one step, each row's tokens in order."""
+    merged: dict[int, list[int]] = {}
+    for report in reports:
+        for row_id, tokens in report:
+            merged.setdefault(row_id, []).extend(tokens)
+    return list(merged.items())
 
 
 class SpecStepper(NextTokenStepper):
-    """A step drafts each row's block, verifies it (committing its KV) and keeps the accepted prefix."""
+    """A step commits each row's known seed (as an AR step does: a seed that ends the answer ends
+    the row before any forward), then drafts the rows' blocks, verifies them (committing their KV)
+    and keeps the accepted prefixes; the verifier's token after each prefix is the next seed.
+
+    With `fuse_prefill` a row's first draft is made in its prefill forward (`first_draft`), so its
+    first step runs the verify pass only. Such a draft is made without the seed (it drafts two
+    positions ahead of what it sees) and is more often rejected at once; so a verify pass over
+    drafts made beforehand also drafts [seed, MASK * (B-1)] alongside, as a draft pass would, and
+    where the verifier rejects the first draft (one token accepted, the next seed at p + 1) that
+    draft's outputs 1..B-1 are the next block's drafts for positions p + 2 .. p + B (`_rolled`):
+    that step needs no draft pass either. Greedy output is AR's whatever the drafts."""
 
     decoder = "spec"
 
+    def _draft_in_prefill(self) -> DraftOf | None:
+        return first_draft(self.lm, self.group.block_size) if self.group.fuse_prefill else None
+
     def _advance(self) -> tuple[list[tuple[int, list[int]]], list[int]]:
+        seeds, finished = self._emit_known(self.state.token)
+        if self.state is None:
+            return seeds, finished
         lm, state, block_size, sampler = self.lm, self.state, self.group.block_size, self._sampler()
         ctx = state.context
         block = _masked_blocks(lm, state.token, block_size)
         positions = lm.positions.text(state.position, block_size)
         with self.timer("draft"):
-            draft_logits = _draft(lm, ctx, block, positions, sampler)
-        self.rows.count_forward()
+            draft_logits = self._drafts(ctx, block, positions, sampler, state.draft)
         with self.timer("verify"):
             block_start = ctx.length
-            valid = torch.ones_like(block, dtype=torch.bool)
-            ids = torch.full_like(block, ctx.next_block_id())
-            hidden = ctx.commit(lm.adapter.embed(lm.model, block), positions, valid, ids, "causal")
+            verified = (lm.adapter.embed(lm.model, block), positions, torch.ones_like(block, dtype=torch.bool),
+                        torch.full_like(block, ctx.next_block_id()))
+            redraft = None
+            if state.draft is None:
+                hidden = ctx.commit(*verified, "causal")
+            else:  # the drafts were made beforehand: draft the block again alongside (see the class docstring)
+                again = lm.adapter.embed(lm.model, _masked_blocks(lm, state.token, block_size))
+                zero = torch.zeros(1, dtype=torch.long, device=block.device)  # it sees the context, not the verified block
+                hidden, redraft = ctx.commit_and_draft(verified, (again[:, None], positions[:, :, None], zero, None))
             verify_logits = lm.adapter.logits(lm.model, hidden)  # (R, B, V): output i predicts i + 1
             accepted, seed = accept_drafts(block, draft_logits, verify_logits, sampler)
             ctx.crop_rows(block_start, accepted)
         self.rows.count_forward()
         committed, done = _keep_accepted(self.rows, block, accepted)
-        self.state = NextTokens(ctx, seed, state.position + accepted)
-        return committed, self._leave_finished(done)
+        rolled = None if redraft is None else self._rolled(redraft[:, 0], state.draft.ready & (accepted == 1), sampler)
+        self.state = NextTokens(ctx, seed, state.position + accepted, rolled)
+        return _merged(seeds, committed), finished + self._leave_finished(done)
+
+    def _rolled(self, redraft: torch.Tensor, use: torch.Tensor, sampler: RowSampler) -> PendingDraft | None:
+        """The next block's drafts from a draft of [seed, MASK * (B-1)] (hidden (R, B, D)) where
+        `use` (R,) (one token accepted: the next block starts one position after the seed)."""
+        if not bool(use.any()):
+            return None
+        logits = self.lm.adapter.logits(self.lm.model, redraft[:, 1:])  # output j drafts position p + j + 1
+        tokens, _ = sampler.select(logits, use.tolist())
+        return PendingDraft(tokens, logits, use)
+
+    def _drafts(self, ctx, block: torch.Tensor, positions: torch.Tensor, sampler: RowSampler,
+                pending: PendingDraft | None) -> torch.Tensor:
+        """Fill block[:, 1:] with each row's drafts: those made beforehand (in its prefill, or
+        alongside its last verify pass) where it has them, else from a draft pass (run only when
+        some row needs one). Returns the draft logits (R, B-1, V)."""
+        if pending is not None and bool(pending.ready.all()):  # one host sync, only where drafts were made before
+            block[:, 1:] = pending.tokens
+            return pending.logits
+        needs = None if pending is None else ~pending.ready
+        logits = _draft(self.lm, ctx, block, positions, sampler, None if needs is None else needs.tolist())
+        self.rows.count_forward(needs)
+        if pending is None:
+            return logits
+        ready = pending.ready[:, None]
+        block[:, 1:] = torch.where(ready, pending.tokens, block[:, 1:])
+        return torch.where(ready[..., None], pending.logits, logits)
 
 
 @torch.inference_mode()
@@ -123,15 +204,24 @@ class QuadraticStepper(NextTokenStepper):
 
     decoder = "spec-quadratic"
 
+    def _draft_in_prefill(self) -> DraftOf | None:
+        return first_draft(self.lm, self.group.block_size) if self.group.fuse_prefill else None
+
     def _prefill(self, prompts: list[Encoded], ids: list[int]) -> DraftedBlocks:
         start = super()._prefill(prompts, ids)
         block = _masked_blocks(self.lm, start.token, self.group.block_size)
+        if start.draft is not None:
+            block[:, 1:] = start.draft.tokens
+            return DraftedBlocks(start.context, block, start.position, start.draft.logits)
         positions = self.lm.positions.text(start.position, self.group.block_size)
         draft_logits = _draft(self.lm, start.context, block, positions, self._sampler(ids))
         self.rows.count_forward_for(ids)
         return DraftedBlocks(start.context, block, start.position, draft_logits)
 
     def _advance(self) -> tuple[list[tuple[int, list[int]]], list[int]]:
+        seeds, finished = self._emit_known(self.state.block[:, 0])
+        if self.state is None:
+            return seeds, finished
         lm, state, block_size, sampler = self.lm, self.state, self.group.block_size, self._sampler()
         ctx, block, position = state.context, state.block, state.position
         offsets = torch.arange(block_size, device=block.device)
@@ -156,7 +246,7 @@ class QuadraticStepper(NextTokenStepper):
         self.rows.count_forward()
         committed, done = _keep_accepted(self.rows, block, accepted)
         self.state = DraftedBlocks(ctx, next_block, position + accepted, draft_logits)
-        return committed, self._leave_finished(done)
+        return _merged(seeds, committed), finished + self._leave_finished(done)
 
 
 @torch.inference_mode()

@@ -62,6 +62,11 @@ class Stepper:
     def __init__(self, lm: LoadedModel, group: GroupSettings, context_cls=KVContext) -> None:
         self.lm = lm
         self.group = group
+        self.compiled = None  # the model's CompiledForward with group.compile
+        if group.compile and context_cls is KVContext:
+            from dvlm.decode.compiled import CompiledKVContext, compiled_forward  # torch.compile only when asked
+
+            context_cls, self.compiled = CompiledKVContext, compiled_forward(lm.adapter, lm.model)
         self.context_cls = context_cls
         self.timer = Timer(lm.device)
         self.rows = Rows(lm.eos_token_ids, lm.banned_token_ids)
@@ -76,6 +81,11 @@ class Stepper:
     @property
     def num_active(self) -> int:
         return self.rows.num_active
+
+    @property
+    def warmup_s(self) -> float:
+        """Seconds the compiled forward has spent compiling new shapes (0 when not compiled)."""
+        return 0.0 if self.compiled is None else self.compiled.warmup_s
 
     @torch.inference_mode()
     def start(self, prompts: list[Encoded], settings: list[RowSettings]) -> Started:
@@ -150,21 +160,23 @@ def run_to_completion(stepper: Stepper, prompts: list[Encoded], row: RowSettings
 
     Every output carries the batch's phase timings (seconds per phase for the whole batch) and its
     own `total_s`: the wall-clock seconds from the batch's start until the row finished, so its
-    tokens per second are its own."""
-    start = time.perf_counter()
+    tokens per second are its own. Compiling (the compiled path's first calls of a shape) is left
+    out of `total_s` and reported as `compile_s`."""
+    start, warmup = time.perf_counter(), stepper.warmup_s
     started = stepper.start(prompts, [row] * len(prompts))
     stepper.join(started)
     index = {row_id: i for i, row_id in enumerate(started.ids)}
     finished_at = {}
     while stepper.num_active:
         report = stepper.step()  # its timer synchronises the device: the clock sees finished work
-        now = time.perf_counter() - start
+        now = time.perf_counter() - start - (stepper.warmup_s - warmup)
         finished_at.update((row_id, now) for row_id in report.finished)
         if listener is not None:
             for row_id, tokens in report.committed:
                 listener(index[row_id], tokens)
     phases = stepper.timer.as_dict()
-    return [stepper.output(row_id, {**phases, "total_s": finished_at.get(row_id, phases["total_s"])})
+    compiling = {"compile_s": stepper.warmup_s - warmup} if stepper.compiled is not None else {}
+    return [stepper.output(row_id, {**phases, **compiling, "total_s": finished_at.get(row_id, phases["total_s"])})
             for row_id in started.ids]
 
 

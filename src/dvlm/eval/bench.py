@@ -2,7 +2,8 @@
 
 Every setting decodes the same samples of the same task in the same process; speed-ups are
 ratios against the AR settings of this run (our own AR loop, and HF `generate`), never absolute
-times from different runs. Each setting is warmed up on one sample first.
+times from different runs. Each setting is warmed up on one sample first (for a compiled setting
+that compiles its shapes; a shape first met later is compiled then, and left out of its time).
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ class Setting:
 
 
 def settings_grid(decoders: list[str], block_sizes: list[int], thresholds: list[float],
-                  has_baseline: bool) -> list[Setting]:
-    """One setting per decoder, block decoding across (B, tau), spec across B."""
+                  has_baseline: bool, compiled: bool = False) -> list[Setting]:
+    """One setting per decoder, block decoding across (B, tau), spec across B; with `compiled`,
+    each setting (but hf's) twice: eager, then under torch.compile (`compile=True`)."""
     grid: list[Setting] = []
     for decoder in decoders:
         if decoder == "block":
@@ -47,7 +49,14 @@ def settings_grid(decoders: list[str], block_sizes: list[int], thresholds: list[
             grid += [Setting("hf", model="baseline"), Setting("hf")]
         else:
             grid.append(Setting(decoder))
-    return grid
+    if not compiled:
+        return grid
+    twins = []
+    for setting in grid:
+        twins.append(setting)
+        if setting.decoder != "hf":  # transformers' own loop: nothing of ours to compile
+            twins.append(Setting(setting.decoder, {**setting.options, "compile": True}, setting.model))
+    return twins
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -111,11 +111,12 @@ class PreallocatedLayer(DynamicLayer):
         self.values = self.value_buffer[..., : self.length, :]
 
 
-def preallocate(cache: Any, capacity: int) -> Any:
-    """Swap a fresh cache's plain DynamicLayers for PreallocatedLayers (others are kept as they are)."""
+def preallocate(cache: Any, capacity: int, layer_cls: type[PreallocatedLayer] = PreallocatedLayer) -> Any:
+    """Swap a fresh cache's plain DynamicLayers for PreallocatedLayers (or a subclass; others are
+    kept as they are)."""
     layers = getattr(cache, "layers", None)
     if layers and all(type(layer) is DynamicLayer and not layer.is_initialized for layer in layers):
-        cache.layers = [PreallocatedLayer(capacity) for _ in layers]
+        cache.layers = [layer_cls(capacity) for _ in layers]
     return cache
 
 
@@ -127,11 +128,11 @@ def joined_layer(first: Any, second: Any, rows: tuple[int, int], width: int) -> 
     rows: (rows of first, rows of second). Returns a layer of `first`'s type.
     """
     for layer in (first, second):
-        if type(layer) not in (DynamicLayer, PreallocatedLayer):
+        if type(layer) is not DynamicLayer and not isinstance(layer, PreallocatedLayer):
             raise NotImplementedError(f"joining cache layers of type {type(layer).__name__} (only full-attention "
                                       "DynamicLayer and PreallocatedLayer)")
     parts = [_entries(first), _entries(second)]
-    joined = PreallocatedLayer(max(first.capacity, width)) if isinstance(first, PreallocatedLayer) else DynamicLayer()
+    joined = type(first)(max(first.capacity, width)) if isinstance(first, PreallocatedLayer) else DynamicLayer()
     known = next((p for p in parts if p is not None), None)
     if known is None:  # neither side has run a forward yet
         return joined
@@ -204,40 +205,36 @@ class KVContext:
 
     def peek(self, embeds, position_ids, query_valid, query_block, kind: str) -> torch.Tensor:
         """Hidden states (R, Q, D) of a block attending to the context; the context is unchanged."""
-        hidden = self._forward(embeds, position_ids, query_valid, query_block, kind)
-        self.cache.crop(-embeds.shape[1])  # the forward appended the block: take it back out
-        return hidden
+        return self._forward(embeds, position_ids, query_valid, query_block, kind, keep=0)
 
     def commit(self, embeds, position_ids, query_valid, query_block, kind: str) -> torch.Tensor:
         """Hidden states (R, Q, D) of a block that is appended to the context."""
-        hidden = self._forward(embeds, position_ids, query_valid, query_block, kind)
+        hidden = self._forward(embeds, position_ids, query_valid, query_block, kind, keep=embeds.shape[1])
         self.key_valid = torch.cat([self.key_valid, query_valid], dim=1)
         self.key_block = torch.cat([self.key_block, query_block], dim=1)
         return hidden
 
-    def commit_and_draft(self, commit: tuple, drafts: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward that commits a block (causal) and peeks at C draft blocks branching off it.
+    def commit_and_draft(self, commit: tuple, drafts: tuple, kind: str = "causal") -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward that commits a block (with the clean mask `kind`) and peeks at C draft
+        blocks branching off it.
 
         commit = (embeds (R, Q, F), position_ids (A, R, Q), valid (R, Q), block ids (R, Q));
         drafts = (embeds (R, C, L, F), position_ids (A, R, C, L), prefix (C,) long, valid (R, C, L)
         bool or None: all valid).
         Draft block c attends to the context, the first prefix[c] committed positions and the valid
         positions of itself (bidirectionally); drafts never see each other and only the committed
-        block stays. Returns the hidden states (R, Q, D) of the committed block and (R, C, L, D) of
-        the drafts.
+        block stays: the context afterwards is the one `commit` leaves. Returns the hidden states
+        (R, Q, D) of the committed block and (R, C, L, D) of the drafts.
         """
         embeds, positions, valid, block = commit
         d_embeds, d_positions, prefix, d_valid = drafts
         n_drafts, d_len = d_embeds.shape[1:3]
         q1, q2 = embeds.shape[1], n_drafts * d_len
-        mask = commit_and_draft_mask(self.key_valid, self.key_block, valid, block, prefix, d_len)
+        mask = commit_and_draft_mask(self.key_valid, self.key_block, valid, block, prefix, d_len, kind)
         if d_valid is not None:  # a draft position past its row's end is no key for anyone
             mask[:, :, self.length + q1:] &= d_valid.flatten(1)[:, None, :]
-        hidden = self.adapter.hidden_states(
-            self.model, torch.cat([embeds, d_embeds.flatten(1, 2)], dim=1),
-            torch.cat([positions, d_positions.flatten(2, 3)], dim=2), to_additive(mask, self.dtype), cache=self.cache,
-        )
-        self.cache.crop(-q2)
+        hidden = self._hidden(torch.cat([embeds, d_embeds.flatten(1, 2)], dim=1),
+                              torch.cat([positions, d_positions.flatten(2, 3)], dim=2), mask, keep=q1)
         self.key_valid = torch.cat([self.key_valid, valid], dim=1)
         self.key_block = torch.cat([self.key_block, block], dim=1)
         return hidden[:, :q1], hidden[:, q1:].unflatten(1, (n_drafts, d_len))
@@ -286,13 +283,21 @@ class KVContext:
         self.key_valid = torch.cat([pad_left(self.key_valid, width, False), pad_left(other.key_valid, width, False)])
         self.key_block = torch.cat([pad_left(self.key_block, width, 0), pad_left(other.key_block, width, 0)])
 
-    def _forward(self, embeds, position_ids, query_valid, query_block, kind: str) -> torch.Tensor:
+    def _forward(self, embeds, position_ids, query_valid, query_block, kind: str, keep: int) -> torch.Tensor:
         keys_valid = torch.cat([self.key_valid, query_valid], dim=1)
         keys_block = torch.cat([self.key_block, query_block], dim=1)
         mask = context_mask(query_block, keys_block, keys_valid, kind, query_offset=self.length)
-        return self.adapter.hidden_states(
-            self.model, embeds, position_ids, to_additive(mask, self.dtype), cache=self.cache
-        )
+        return self._hidden(embeds, position_ids, mask, keep)
+
+    def _hidden(self, embeds, position_ids, mask: torch.Tensor, keep: int) -> torch.Tensor:
+        """The forward of Q new tokens (R, Q, F) under `mask` (R, Q, T + Q) bool over the cache
+        and themselves; of their keys/values the cache keeps the first `keep` (the rest are
+        taken back out: a peek keeps none)."""
+        hidden = self.adapter.hidden_states(self.model, embeds, position_ids, to_additive(mask, self.dtype),
+                                            cache=self.cache)
+        if keep < embeds.shape[1]:
+            self.cache.crop(keep - embeds.shape[1])
+        return hidden
 
 
 class RecomputeContext:
@@ -311,12 +316,12 @@ class RecomputeContext:
     length = KVContext.length
     next_block_id = KVContext.next_block_id
 
-    def commit_and_draft(self, commit: tuple, drafts: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    def commit_and_draft(self, commit: tuple, drafts: tuple, kind: str = "causal") -> tuple[torch.Tensor, torch.Tensor]:
         """The reference: a commit, then each draft block peeked alone over the context cut back
         to the draft's committed prefix."""
         embeds, positions, valid, block = commit
         start = self.length
-        hidden = self.commit(embeds, positions, valid, block, "causal")
+        hidden = self.commit(embeds, positions, valid, block, kind)
         d_embeds, d_positions, prefix, d_valid = drafts
         if d_valid is None:
             d_valid = torch.ones(d_embeds.shape[:3], dtype=torch.bool, device=valid.device)

@@ -105,13 +105,15 @@ def commit_and_draft_mask(
     commit_block: torch.Tensor,
     prefix: torch.Tensor,
     draft_len: int,
+    kind: str = "causal",
 ) -> torch.Tensor:
     """One forward over a KV cache that commits a block and drafts C blocks branching off it.
 
     Keys: the T cached entries, the Q committed tokens, then C draft blocks of `draft_len` tokens.
-    The committed tokens are causal over the cache and themselves (the AR model's mask); draft
-    block c sees the cache, the first prefix[c] committed tokens and itself (bidirectionally),
-    never another draft.
+    The committed tokens attend to the cache and themselves with the clean mask `kind` (`causal`:
+    the AR model's; `block_causal`: by their block ids, as a block-causal prefill); draft block c
+    sees the cache, the first prefix[c] committed tokens and itself (bidirectionally), never
+    another draft.
 
     Args:
         key_valid, key_block: (R, T) of the cache.
@@ -132,7 +134,7 @@ def commit_and_draft_mask(
     d_total = n_drafts * draft_len
     keys_valid = torch.cat([key_valid, commit_valid], dim=1)
     keys_block = torch.cat([key_block, commit_block], dim=1)
-    commit_rows = context_mask(commit_block, keys_block, keys_valid, "causal", query_offset=cached)
+    commit_rows = context_mask(commit_block, keys_block, keys_valid, kind, query_offset=cached)
     commit_rows = torch.cat([commit_rows, commit_rows.new_zeros(rows, q_len, d_total)], dim=2)
     sees_committed = torch.arange(q_len, device=prefix.device)[None, :] < prefix[:, None]  # (C, Q)
     draft_id = torch.arange(n_drafts, device=prefix.device).repeat_interleave(draft_len)  # (C*L,)

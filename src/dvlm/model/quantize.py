@@ -28,10 +28,14 @@ copies the full-precision checkpoint and records the scheme in config.json (`dvl
 `dvlm.load` quantizes at load time. The directory is as large as its source; loading costs one
 quantization pass (seconds).
 
-On CPU, int8 is not a speed-up: torchao writes its CPU int8 paths as decomposed ops for
-torch.compile to fuse, and dvlm decodes eagerly (int8-weight converts its weights to float inside
-every matmul; int8-dynamic adds the activation quantization as separate ops). It saves weight
-memory at run time; `benchmarks/quantize.py` measures the speed.
+On CPU, int8 is a speed-up only under the compiled decode path (`DecodeConfig.compile`,
+`dvlm.decode.compiled`): torchao writes its CPU int8 paths as decomposed ops for torch.compile to
+fuse, and eagerly int8-weight converts its weights to float inside every matmul (int8-dynamic adds
+the activation quantization as separate ops), which is slower than float. Compiled, Inductor turns
+int8-weight's dequantize-and-matmul into one int8 kernel that reads half the bytes of bf16. A
+model quantized after it was compiled must be compiled anew (`dvlm.decode.compiled.forget_compiled`;
+`dvlm.load(..., quantize=...)` quantizes before anything compiles). `benchmarks/quantize.py`
+(built-in model) and `benchmarks/real_size.py` (3B shapes, eager and compiled) measure the speed.
 
 torchao is an optional extra (`pip install 'dvlm[quantize]'`), imported only when quantizing.
 """

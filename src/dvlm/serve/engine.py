@@ -91,10 +91,11 @@ class Engine:
     """Serves EngineRequests on one model from one loop thread (see the module docstring)."""
 
     def __init__(self, lm: LoadedModel, *, max_batch_size: int = 16, max_queue: int = 64,
-                 observer: EngineObserver | None = None) -> None:
+                 observer: EngineObserver | None = None, compile: bool = False) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError(f"max_batch_size and max_queue must be >= 1, got {max_batch_size} and {max_queue}")
         self.lm = lm
+        self.compile = compile  # every request decodes under torch.compile (DecodeConfig.compile)
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.observer = observer or EngineObserver()
@@ -173,7 +174,7 @@ class Engine:
         cfg = DecodeConfig(decoder=request.decoder, max_new_tokens=request.max_new_tokens,
                            block_size=request.block_size, threshold=request.threshold, steps=request.steps,
                            temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
-                           seed=request.seed)
+                           seed=request.seed, compile=self.compile)
         group, row = STEPPERS[request.decoder].settings_for(self.lm, cfg)
         # sub_block_size and fuse_commit are not request fields: one value per decoder, no need to key on them.
         return (request.decoder, group.block_size, group.steps), group, row

@@ -86,7 +86,8 @@ def build_app(lm: Any, name: str, settings: ServeSettings) -> Any:
     from dvlm.serve.engine import Engine
 
     metrics = ServeMetrics()
-    engine = Engine(lm, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue, observer=metrics)
+    engine = Engine(lm, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue, observer=metrics,
+                    compile=settings.compile)
     return create_app(engine, ServedModel.from_lm(lm, name), settings, metrics)
 
 

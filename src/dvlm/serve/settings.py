@@ -54,6 +54,8 @@ class ServeSettings:
     """Wall-clock limit of one image download."""
     encode_workers: int = 2
     """Threads that parse, load images and encode prompts (off the event loop)."""
+    compile: bool = False
+    """Decode under torch.compile (`DecodeConfig.compile`; CUDA graphs on a GPU)."""
 
     def __post_init__(self) -> None:
         check_field_types(self)
