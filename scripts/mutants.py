@@ -56,6 +56,9 @@ CONSISTENCY = "tests/decode/test_train_consistency.py"
 JOIN = "tests/decode/test_join.py"
 FUSED_PREFILL = "tests/decode/test_fused_prefill.py"
 JOIN_CACHE = "tests/model/test_cache_join.py"
+SCORING = "tests/tasks/benchmarks/test_scoring.py"
+CHOICES = "tests/tasks/benchmarks/test_choices.py"
+ANSWERS = "tests/tasks/benchmarks/test_answers.py"
 
 MUTATIONS = [
     # -- training -----------------------------------------------------------------------------
@@ -189,6 +192,38 @@ MUTATIONS = [
     Mutation("fused-draft-sees-padding", "model/cache.py",
              "            mask[:, :, self.length + q1:] &= d_valid.flatten(1)[:, None, :]", "            pass",
              (JOIN,), "a fused commit's draft attends to the padding of narrower rows"),
+    # -- benchmark scorers -------------------------------------------------------------------
+    Mutation("pope-precision-recall-swapped", "tasks/benchmarks/pope.py",
+             "    precision = tp / (tp + fp) if tp + fp else 0.0\n    recall = tp / (tp + fn) if tp + fn else 0.0",
+             "    precision = tp / (tp + fn) if tp + fn else 0.0\n    recall = tp / (tp + fp) if tp + fp else 0.0",
+             (SCORING,), "POPE's precision and recall swapped"),
+    Mutation("mmmu-option-text-at-five-words", "tasks/benchmarks/choices.py",
+             "if len(padded.split()) > LONG_ANSWER_WORDS:", "if len(padded.split()) >= LONG_ANSWER_WORDS:",
+             (CHOICES,), "MMMU matches option texts in a five-word answer (more than five words, in the rule)"),
+    Mutation("chartqa-tolerance-of-prediction", "tasks/benchmarks/answers.py",
+             "abs(predicted - expected) / abs(expected) <= RELAXED_TOLERANCE",
+             "abs(predicted - expected) / abs(predicted) <= RELAXED_TOLERANCE",
+             (ANSWERS,), "ChartQA's 5% taken relative to the prediction, not the target"),
+    Mutation("mme-parquet-question-own-image", "tasks/benchmarks/mme.py",
+             '{"category": text(row, "category", where), "image": image_key}',
+             '{"category": text(row, "category", where), "image": f"{image_key}#{counts[image_key]}"}',
+             (SCORING,), "MME parquet: each question counted as its own image (acc+ = acc)"),
+    Mutation("anls-threshold-drops-one-half", "tasks/benchmarks/answers.py",
+             "return 0.0 if similarity < threshold else similarity",
+             "return 0.0 if similarity <= threshold else similarity",
+             (ANSWERS,), "ANLS gives 0 at exactly NL = 0.5 (the reference keeps 0.5)"),
+    Mutation("anls-normalised-length", "tasks/benchmarks/answers.py",
+             "longer = max(len(answer.upper()), len(prediction.upper()))",
+             "longer = max(len(_anls_text(answer)), len(predicted))",
+             (ANSWERS,), "ANLS divides by the normalised lengths, not the raw ones"),
+    Mutation("generation-not-stripped", "tasks/benchmarks/items.py",
+             "return self.score(generation.strip(), item, self.check_rule(rule))",
+             "return self.score(generation, item, self.check_rule(rule))",
+             (SCORING,), "a generation reaches the scorer unstripped (POPE reads 'No\\n' as yes)"),
+    Mutation("limit-splits-mme-pairs", "tasks/benchmarks/items.py",
+             "        if self.group_key is None:\n            return items[:limit]",
+             "        if True:\n            return items[:limit]",
+             (SCORING,), "a limited MME run cuts an image's question pair (acc+ sees one question)"),
     Mutation("stop-text-sent-early", "serve/answer_text.py",
              "return self._take(len(text) - held_back(text, self.stop))", "return self._take(len(text))",
              ("tests/serve/test_engine.py",), "the beginning of a stop string is streamed before it is known"),

@@ -49,8 +49,12 @@ from dvlm.data.images import ImageError, load_image
 from dvlm.data.processor import PromptTooLongError
 from dvlm.model.adapters.registry import UnsupportedArchitectureError
 from dvlm.runtime import pick_device
+from dvlm.tasks.benchmarks.items import RULE_NAMES
 
 DEFAULT_MODEL = "tiny-dvlm"  # the built-in model `generate` uses when it is installed
+TASK_LIMIT = 100  # samples `dvlm eval --task` draws unless --limit says otherwise
+# `dvlm eval` options that only a model run reads (refused beside --predictions).
+MODEL_OPTIONS = ("model", "decoder", "decoders", "device", "block_size", "threshold", "steps", "max_new_tokens")
 
 
 class CLIError(Exception):
@@ -354,19 +358,26 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--task", help="built-in task: shapes-qa, shapes-caption, digits-read, multi-turn")
     which.add_argument("--benchmark", help="published benchmark read from --data: mme, pope, ai2d, chartqa, docvqa, "
-                                           "textvqa, mmmu")
+                                           "textvqa, mmmu, gqa, mmbench, realworldqa, seedbench_2_plus, "
+                                           "mmmu_pro_standard, mmmu_pro_vision")
     p.add_argument("--data", metavar="PATH", help="--benchmark: its file or folder (official release or the "
                                                   "Hugging Face parquet)")
-    p.add_argument("--images", metavar="DIR", help="--benchmark: the image folder, where the data names image files")
+    p.add_argument("--images", metavar="DIR", help="--benchmark: the image folder, where the data names image files "
+                                                   "(GQA's parquet: the testdev_balanced_images files)")
     p.add_argument("--decoders", metavar="LIST", help="--benchmark: comma-separated decoders run side by side "
                                                       "(default: --decoder, or the model's)")
     p.add_argument("--out", metavar="DIR", help="--benchmark: write JSON, a Markdown table, the plot and the "
                                                 "answers here")
+    p.add_argument("--rule", choices=RULE_NAMES, help="--benchmark: the scoring rule, lmms-eval's task code or the "
+                                                      "benchmark's own scorer where they differ (default: lmms-eval)")
+    p.add_argument("--predictions", metavar="FILE", help="--benchmark: re-score this JSON-lines file of "
+                                                        '{"id", "prediction"} (ids as dvlm writes them); no model')
     p.add_argument("--model", help=f"checkpoint directory or built-in name (default: {DEFAULT_MODEL})")
     p.add_argument("--decoder", choices=DECODERS, help="default: block for converted models, else ar")
     p.add_argument("--split", default="test", choices=("train", "validation", "test"), help="(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sample seed; a new seed draws fresh samples (default: 0)")
-    p.add_argument("--limit", type=int, default=100, metavar="N", help="samples to evaluate (default: %(default)s)")
+    p.add_argument("--limit", type=int, metavar="N", help="samples to evaluate (default: 100 for --task; every "
+                                                          "item for --benchmark)")
     p.add_argument("--batch-size", type=int, default=1, metavar="N", help="prompts decoded together (default: 1)")
     add_block_arguments(p)
     p.add_argument("--max-new-tokens", type=int, metavar="N",
@@ -379,15 +390,19 @@ def evaluate(args: argparse.Namespace) -> None:
     """Score a model on a built-in task's split; accuracy and speed from the same run."""
     from dvlm.eval.harness import evaluate as run_eval
 
-    if args.limit < 1 or args.batch_size < 1:
+    if (args.limit is not None and args.limit < 1) or args.batch_size < 1:
         raise CLIError("--limit and --batch-size must be >= 1")
     if args.benchmark:
         return evaluate_benchmark(args)
+    for option in ("data", "images", "decoders", "out", "rule", "predictions"):
+        if getattr(args, option) is not None:
+            raise CLIError(f"--{option} goes with --benchmark, not --task")
     with quiet_hf_progress():
         lm = dvlm.load(model_name(args.model), device=checked_device(args.device))
     options = {k: v for k, v in (("block_size", args.block_size), ("threshold", args.threshold),
                                  ("steps", args.steps)) if v is not None}
-    result = run_eval(lm, args.task, split=args.split, limit=args.limit, seed=args.seed, decoder=args.decoder,
+    limit = TASK_LIMIT if args.limit is None else args.limit
+    result = run_eval(lm, args.task, split=args.split, limit=limit, seed=args.seed, decoder=args.decoder,
                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens or 96, **options)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -400,35 +415,53 @@ def evaluate(args: argparse.Namespace) -> None:
 
 
 def evaluate_benchmark(args: argparse.Namespace) -> None:
-    """`dvlm eval --benchmark`: the files are read (and refused) before the model loads."""
-    from dvlm.eval.benchmark import run_benchmark, write_report
+    """`dvlm eval --benchmark`: the files are read (and refused) before the model loads; every item
+    is scored unless --limit is given; --predictions re-scores a file instead of running a model."""
+    from dvlm.eval.benchmark import match_predictions, read_predictions, rescore, run_benchmark
     from dvlm.tasks.benchmarks import get_benchmark
 
     if not args.data:
         raise CLIError("--benchmark needs --data (the benchmark's file or folder)")
     benchmark = get_benchmark(args.benchmark)
-    items = benchmark.read(Path(args.data).expanduser(), Path(args.images).expanduser() if args.images else None)
-    if not items:
+    rule = benchmark.check_rule(args.rule)
+    every = benchmark.read(Path(args.data).expanduser(), Path(args.images).expanduser() if args.images else None)
+    if not every:
         raise CLIError(f"{args.data}: no {benchmark.name} items")
-    items = items[:args.limit]
-    decoders = split_list(args.decoders, "--decoders") if args.decoders else [args.decoder] if args.decoder else None
-    unknown = [d for d in decoders or [] if d not in DECODERS]
-    if unknown:
-        raise ConfigError(f"unknown decoder(s) {', '.join(unknown)}; choose from {', '.join(DECODERS)}")
+    items = benchmark.select(every, args.limit)
     out = writable_directory(Path(args.out)) if args.out else None
-    with quiet_hf_progress():
-        lm = dvlm.load(model_name(args.model), device=checked_device(args.device))
-    runs = run_benchmark(lm, benchmark, items, decoders or ["block" if lm.diffusion else "ar"],
-                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, progress=True,
-                         block_size=args.block_size, threshold=args.threshold, steps=args.steps)
+    if args.predictions:
+        used = [f"--{o.replace('_', '-')}" for o in MODEL_OPTIONS if getattr(args, o) is not None]
+        if used:
+            raise CLIError(f"--predictions re-scores a file: {', '.join(used)} would not be used")
+        source = Path(args.predictions).expanduser()
+        predictions = read_predictions(source)
+        match_predictions(predictions, every, items, source)
+        runs = [rescore(benchmark, items, predictions, rule=rule, total=len(every), source=str(source))]
+        device = f"none, answers re-scored from {source.name}"
+    else:
+        decoders = (split_list(args.decoders, "--decoders") if args.decoders
+                    else [args.decoder] if args.decoder else None)
+        unknown = [d for d in decoders or [] if d not in DECODERS]
+        if unknown:
+            raise ConfigError(f"unknown decoder(s) {', '.join(unknown)}; choose from {', '.join(DECODERS)}")
+        with quiet_hf_progress():
+            lm = dvlm.load(model_name(args.model), device=checked_device(args.device))
+        runs = run_benchmark(lm, benchmark, items, decoders or ["block" if lm.diffusion else "ar"], rule=rule,
+                             total=len(every), batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                             progress=True, block_size=args.block_size, threshold=args.threshold, steps=args.steps)
+        device = describe_device(lm.device)
+    report_benchmark(args, benchmark, runs, device, out)
+
+
+def report_benchmark(args: argparse.Namespace, benchmark: Any, runs: list[Any], device: str, out: Path | None) -> None:
+    from dvlm.eval.benchmark import markdown_table, write_report
+
     if args.json:
         print(json.dumps([run.row for run in runs], indent=2))
     else:
-        from dvlm.eval.benchmark import markdown_table
-
-        print(markdown_table(benchmark, [run.row for run in runs], describe_device(lm.device)))
+        print(markdown_table(benchmark, [run.row for run in runs], device))
     if out is not None:
-        paths = write_report(benchmark, runs, out, describe_device(lm.device))
+        paths = write_report(benchmark, runs, out, device)
         print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
 
 

@@ -3,6 +3,11 @@
 Every decoder setting decodes the same items in the same process (after one warm-up item), so
 its tokens/s is comparable with the AR row of the same run: speed-ups are ratios within a run,
 as in `dvlm bench`. Rows have the shape `dvlm.eval.plots.pareto_plot` draws.
+
+Every generation is stripped and scored by one named rule of the benchmark (`Benchmark.judge`);
+each row says how many of the benchmark's items it scored ("partial: N of M items" for a limited
+run) and by which rule. `rescore` scores a predictions file written elsewhere (one
+`{"id", "prediction"}` per line) by the same rule, with no model.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from typing import Any, Callable
 from tqdm.auto import tqdm
 
 from dvlm.decode.output import GenerationOutput
-from dvlm.tasks.benchmarks import Benchmark, Item
+from dvlm.tasks.benchmarks import Benchmark, BenchmarkDataError, Item
+from dvlm.tasks.benchmarks.files import read_text
+from dvlm.tasks.benchmarks.items import Score, coverage
 
 # Decoding options each decoder reads (the others would only clutter its row and label).
 DECODER_OPTIONS = {"block": ("block_size", "threshold", "steps"), "spec": ("block_size",),
@@ -57,21 +64,88 @@ def decode_items(lm: Any, benchmark: Benchmark, items: list[Item], *, decoder: s
     return outputs, seconds
 
 
-def run_setting(lm: Any, benchmark: Benchmark, items: list[Item], decoder: str, *, batch_size: int = 1,
-                max_new_tokens: int | None = None, progress: bool = False, **options: Any) -> BenchmarkRun:
+def score_run(benchmark: Benchmark, items: list[Item], texts: list[str], rule: str,
+              total: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(row fields: rule, counts and metrics; one prediction line per item) for `texts`, item by item."""
+    scores = [benchmark.judge(text, item, rule) for text, item in zip(texts, items, strict=True)]
+    row = {"rule": rule, "reference": benchmark.rules[rule], "num_items": len(items), "total_items": total,
+           "coverage": coverage(len(items), total),
+           "metrics": benchmark.aggregate(items, [s.values for s in scores])}
+    return row, [_prediction_line(item, text, s) for item, text, s in zip(items, texts, scores)]
+
+
+def _prediction_line(item: Item, text: str, score: Score) -> dict[str, Any]:
+    """What a reader needs to audit one item's score: the answer, how the rule read it, the score."""
+    return {"id": item.id, "prediction": text, "parsed": score.parsed, "guessed": score.guessed,
+            "reference": item.answer, **score.values}
+
+
+def run_setting(lm: Any, benchmark: Benchmark, items: list[Item], decoder: str, *, rule: str, total: int,
+                batch_size: int = 1, max_new_tokens: int | None = None, progress: bool = False,
+                **options: Any) -> BenchmarkRun:
     """Warm up on one item, then decode and score every item with one decoder setting."""
     options = {k: v for k, v in options.items() if v is not None and k in DECODER_OPTIONS.get(decoder, ())}
     decode_items(lm, benchmark, items[:1], decoder=decoder, max_new_tokens=max_new_tokens, **options)
     outputs, seconds = decode_items(lm, benchmark, items, decoder=decoder, batch_size=batch_size,
                                     max_new_tokens=max_new_tokens, progress=progress, **options)
-    scores = [benchmark.score(o.text, item) for o, item in zip(outputs, items, strict=True)]
-    metrics = benchmark.aggregate(items, scores)
+    scored, predictions = score_run(benchmark, items, [o.text for o in outputs], rule, total)
     row = {"task": benchmark.name, "decoder": decoder, "model": "main", **options,
-           "setting": _label(decoder, options), "num_items": len(items), "metrics": metrics,
-           **speed(outputs, seconds)}
-    predictions = [{"id": i.id, "prediction": o.text, "reference": i.answer, **s, "nfe": o.nfe,
-                    "tokens": o.num_tokens} for i, o, s in zip(items, outputs, scores)]
+           "setting": _label(decoder, options), **scored, **speed(outputs, seconds)}
+    for line, output in zip(predictions, outputs):
+        line.update({"nfe": output.nfe, "tokens": output.num_tokens})
     return BenchmarkRun(row, predictions)
+
+
+def rescore(benchmark: Benchmark, items: list[Item], predictions: dict[str, str], *, rule: str,
+            total: int, source: str) -> BenchmarkRun:
+    """Score answers made elsewhere (`predictions`: item id -> answer) by the benchmark's rule."""
+    scored, lines = score_run(benchmark, items, [predictions[item.id] for item in items], rule, total)
+    return BenchmarkRun({"task": benchmark.name, "decoder": RESCORED, "model": source, "setting": RESCORED,
+                         **scored}, lines)
+
+
+RESCORED = "rescored"  # the setting name of a re-scored predictions file (no decoder ran)
+
+
+def read_predictions(path: Path) -> dict[str, str]:
+    """id -> prediction from a JSON-lines file of `{"id": ..., "prediction": "..."}` (ids as dvlm
+    writes them; an integer id is read as its digits)."""
+    predictions: dict[str, str] = {}
+    for number, line in enumerate(read_text(path).splitlines(), 1):
+        if line.strip():
+            item_id, text = _prediction_record(line, f"{path}, line {number}")
+            if item_id in predictions:
+                raise BenchmarkDataError(f"{path}, line {number}: id {item_id!r} appears twice")
+            predictions[item_id] = text
+    return predictions
+
+
+def _prediction_record(line: str, where: str) -> tuple[str, str]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise BenchmarkDataError(f"{where}: not valid JSON ({err.msg})") from err
+    if not isinstance(record, dict) or "id" not in record or "prediction" not in record:
+        raise BenchmarkDataError(f'{where}: expected {{"id": ..., "prediction": "..."}}')
+    item_id, text = record["id"], record["prediction"]
+    if isinstance(item_id, bool) or not isinstance(item_id, (str, int)) or not isinstance(text, str):
+        raise BenchmarkDataError(f"{where}: id must be text (or an integer) and prediction text")
+    return str(item_id), text
+
+
+def match_predictions(predictions: dict[str, str], every: list[Item], selected: list[Item], source: Path) -> None:
+    """Refuse ids the benchmark does not have, and selected items the file does not answer."""
+    known = {item.id for item in every}
+    unknown = [item_id for item_id in predictions if item_id not in known]
+    missing = [item.id for item in selected if item.id not in predictions]
+    for ids, what in ((unknown, "ids the benchmark does not have"), (missing, "no prediction for")):
+        if ids:
+            shown = ", ".join(repr(i) for i in ids[:SHOWN_IDS]) + (f" and {len(ids) - SHOWN_IDS} more"
+                                                                   if len(ids) > SHOWN_IDS else "")
+            raise BenchmarkDataError(f"{source}: {what} {len(ids)} item(s): {shown}")
+
+
+SHOWN_IDS = 5
 
 
 def _label(decoder: str, options: dict[str, Any]) -> str:
@@ -79,12 +153,13 @@ def _label(decoder: str, options: dict[str, Any]) -> str:
     return f"{decoder}({opts})" if opts else decoder
 
 
-def run_benchmark(lm: Any, benchmark: Benchmark, items: list[Item], decoders: list[str], *,
-                  on_run: Callable[[BenchmarkRun], None] | None = None, **settings: Any) -> list[BenchmarkRun]:
+def run_benchmark(lm: Any, benchmark: Benchmark, items: list[Item], decoders: list[str], *, rule: str,
+                  total: int, on_run: Callable[[BenchmarkRun], None] | None = None,
+                  **settings: Any) -> list[BenchmarkRun]:
     """Every decoder on the same items; rows get `speedup_vs_ar` when `ar` is among them."""
     runs = []
     for decoder in decoders:
-        runs.append(run_setting(lm, benchmark, items, decoder, **settings))
+        runs.append(run_setting(lm, benchmark, items, decoder, rule=rule, total=total, **settings))
         if on_run is not None:
             on_run(runs[-1])
     reference = next((r.row for r in runs if r.row["decoder"] == "ar"), None)
@@ -97,11 +172,15 @@ def run_benchmark(lm: Any, benchmark: Benchmark, items: list[Item], decoders: li
 def markdown_table(benchmark: Benchmark, rows: list[dict[str, Any]], device: str) -> str:
     """Accuracy and speed side by side, one line per decoder setting."""
     head = ["setting", *benchmark.headline, "tok/NFE", "tok/s", "vs AR"]
-    lines = [f"{benchmark.name}: {rows[0]['num_items']} items. Device: {device}. Speed-ups are ratios within this run.",
+    first = rows[0]
+    timed = any("tokens_per_second" in r for r in rows)
+    lines = [f"{benchmark.name}: {first['coverage']}. Rule: {first['rule']} ({first['reference']}). "
+             f"Device: {device}." + (" Speed-ups are ratios within this run." if timed else ""),
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["setting"], *(_metric(r["metrics"].get(m)) for m in benchmark.headline),
-                 f"{r['tokens_per_nfe']:.2f}", f"{r['tokens_per_second']:.1f}",
+                 f"{r['tokens_per_nfe']:.2f}" if "tokens_per_nfe" in r else "-",
+                 f"{r['tokens_per_second']:.1f}" if "tokens_per_second" in r else "-",
                  f"{r['speedup_vs_ar']:.2f}x" if r.get("speedup_vs_ar") else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -121,7 +200,9 @@ def write_report(benchmark: Benchmark, runs: list[BenchmarkRun], out: Path, devi
     out.mkdir(parents=True, exist_ok=True)
     rows = [run.row for run in runs]
     paths = {"json": out / f"{benchmark.name}.json", "markdown": out / f"{benchmark.name}.md"}
-    paths["json"].write_text(json.dumps({"benchmark": benchmark.name, "device": device, "rows": rows}, indent=2) + "\n")
+    document = {"benchmark": benchmark.name, "coverage": rows[0]["coverage"], "rule": rows[0]["rule"],
+                "reference": rows[0]["reference"], "device": device, "rows": rows}
+    paths["json"].write_text(json.dumps(document, indent=2) + "\n")
     paths["markdown"].write_text(markdown_table(benchmark, rows, device))
     for run in runs:
         name = out / f"{benchmark.name}.{run.row['setting']}.predictions.jsonl"

@@ -86,8 +86,16 @@ def _axes(ax, task: str, rows: list[dict[str, Any]]) -> None:
     ax.set_ylim(0, 1.04)
     ax.set_xlabel("speed-up over AR (tokens/s, same run)")
     ax.set_ylabel(name.replace("_", " "))
-    ax.set_title(task)
+    ax.set_title(panel_title(task, rows))
     ax.grid(alpha=0.3, zorder=0)
+
+
+def panel_title(task: str, rows: list[dict[str, Any]]) -> str:
+    """The task's name, with "partial: N of M items" under it when its rows scored a limited run."""
+    row = rows[0]
+    if "coverage" in row and row["num_items"] != row["total_items"]:
+        return f"{task}\n{row['coverage']}"
+    return task
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""Each reader on a small file in the benchmark's published layout, written here; aggregation
-of MME and POPE on worked examples."""
+"""Each reader on a small file in the benchmark's published layout, written here; files with odd
+values refused with one line naming the file and the record."""
 
 import io
 import json
@@ -8,7 +8,6 @@ import pytest
 from PIL import Image
 
 from dvlm.tasks.benchmarks import BENCHMARKS, BenchmarkDataError, get_benchmark
-from dvlm.tasks.benchmarks.items import Item
 
 
 def png(path=None, colour="red"):
@@ -73,29 +72,6 @@ def test_mme_parquet(tmp_path):
     assert Image.open(io.BytesIO(items[0].images[0])).size == (8, 8)
 
 
-def mme_item(category, image, k):
-    return Item(f"{category}/{image}#{k}", "q", [], "Yes", {"category": category, "image": f"{category}/{image}"})
-
-
-def test_mme_aggregate_worked_example():
-    # existence: image a both right, image b one of two -> acc 3/4, acc+ 1/2, score 125.
-    # code_reasoning: image c both wrong -> 0. Perception 125, cognition 0, overall acc 3/6.
-    items = [mme_item("existence", "a", 0), mme_item("existence", "a", 1), mme_item("existence", "b", 0),
-             mme_item("existence", "b", 1), mme_item("code_reasoning", "c", 0), mme_item("code_reasoning", "c", 1)]
-    scores = [{"acc": v} for v in (1.0, 1.0, 1.0, 0.0, 0.0, 0.0)]
-    result = get_benchmark("mme").aggregate(items, scores)
-    assert result["acc"] == 0.5
-    assert result["existence/acc"] == 0.75 and result["existence/acc_plus"] == 0.5
-    assert result["existence/score"] == 125.0 and result["code_reasoning/score"] == 0.0
-    assert result["perception"] == 125.0 and result["cognition"] == 0.0
-
-
-def test_mme_scores_by_its_yes_no_rule():
-    item = Item("x", "q", [], "Yes", {})
-    assert get_benchmark("mme").score("Yes, it is.", item) == {"acc": 1.0}
-    assert get_benchmark("mme").score("There is", item) == {"acc": 0.0}
-
-
 # -- POPE ----------------------------------------------------------------------------------------
 def test_pope_question_files(tmp_path):
     png(tmp_path / "val2014" / "COCO_val2014_000000310196.jpg")
@@ -127,17 +103,6 @@ def test_pope_parquet(tmp_path):
     assert (item.id, item.answer, item.meta) == ("41", "yes", {"category": "popular"})
 
 
-def test_pope_aggregate_worked_example():
-    pope = get_benchmark("pope")
-    items = [Item(str(k), "q", [], label, {"category": "random"}) for k, label in enumerate(["yes", "yes", "yes", "no"])]
-    scores = [pope.score(p, i) for p, i in zip(["Yes", "Yes", "No", "Yes"], items)]
-    # TP 2, FP 1, FN 1, TN 0: accuracy 2/4, precision 2/3, recall 2/3, F1 2/3, yes ratio 3/4.
-    result = pope.aggregate(items, scores)
-    assert result["accuracy"] == 0.5 and result["yes_ratio"] == 0.75
-    assert result["precision"] == pytest.approx(2 / 3) and result["recall"] == pytest.approx(2 / 3)
-    assert result["f1"] == pytest.approx(2 / 3) and result["random/f1"] == pytest.approx(2 / 3)
-
-
 # -- AI2D ----------------------------------------------------------------------------------------
 def test_ai2d_parquet_and_prompt(tmp_path):
     write_parquet(tmp_path / "data" / "test-00000-of-00001.parquet", [
@@ -148,8 +113,8 @@ def test_ai2d_parquet_and_prompt(tmp_path):
     assert get_benchmark("ai2d").prompt(item) == (
         "Which stage comes after the egg?\nA. larva\nB. pupa\nC. adult\nD. egg\n"
         "Answer with the option's letter from the given choices directly.")
-    assert get_benchmark("ai2d").score("A", item) == {"accuracy": 1.0}
-    assert get_benchmark("ai2d").score("(B)", item) == {"accuracy": 0.0}
+    assert get_benchmark("ai2d").judge("A", item, "lmms-eval").values == {"accuracy": 1.0}
+    assert get_benchmark("ai2d").judge("(B)", item, "lmms-eval").values == {"accuracy": 0.0}
 
 
 def test_ai2d_release_folder_with_test_ids(tmp_path):
@@ -176,7 +141,7 @@ def test_chartqa_release_files(tmp_path):
     assert [(i.id, i.answer) for i in items] == [("human/0", "12.5"), ("augmented/0", "2019")]
     assert get_benchmark("chartqa").prompt(items[0]) == ("What is the value of the red bar?\n"
                                                          "Answer the question with a single word.")
-    scores = [get_benchmark("chartqa").score(p, i) for p, i in zip(["12", "1900"], items)]
+    scores = [get_benchmark("chartqa").judge(p, i, "lmms-eval").values for p, i in zip(["12", "1900"], items)]
     result = get_benchmark("chartqa").aggregate(items, scores)
     assert result == {"relaxed_accuracy": 0.5, "augmented/relaxed_accuracy": 0.0, "human/relaxed_accuracy": 1.0}
 
@@ -200,7 +165,19 @@ def test_docvqa_annotation_file(tmp_path):
     (item,) = get_benchmark("docvqa").read(tmp_path / "val" / "val_v1.0.json", None)
     assert (item.id, item.answer) == ("49153", ["0.28"])
     assert item.images == [tmp_path / "val" / "documents" / "pybv0228_81.png"]
-    assert get_benchmark("docvqa").score("0.28", item) == {"anls": 1.0}
+    assert get_benchmark("docvqa").judge("0.28", item, "lmms-eval").values == {"anls": 1.0}
+
+
+def test_docvqa_reads_only_docvqa_from_the_root_of_the_whole_download(tmp_path):
+    # lmms-lab/DocVQA holds two configs: DocVQA/ and InfographicVQA/, each with its splits.
+    write_parquet(tmp_path / "DocVQA" / "validation-00000-of-00001.parquet", [
+        {"questionId": "7", "question": "What is the date?", "answers": ["May 5"], "image": hf_image()}])
+    write_parquet(tmp_path / "InfographicVQA" / "validation-00000-of-00001.parquet", [
+        {"questionId": "98765", "question": "How many?", "answers": ["3"], "image": hf_image()}])
+    assert [i.id for i in get_benchmark("docvqa").read(tmp_path, None)] == ["7"]
+    assert [i.id for i in get_benchmark("docvqa").read(tmp_path / "DocVQA", None)] == ["7"]
+    with pytest.raises(BenchmarkDataError, match="InfographicVQA files, not DocVQA's"):
+        get_benchmark("docvqa").read(tmp_path / "InfographicVQA", None)
 
 
 def test_docvqa_parquet(tmp_path):
@@ -224,9 +201,10 @@ def test_textvqa_annotation_file(tmp_path):
     assert (item.id, item.answer) == ("34602", answers)
     assert get_benchmark("textvqa").prompt(item) == ("What is the brand of this camera?\n"
                                                      "Answer the question using a single word or phrase.")
-    assert get_benchmark("textvqa").score("Nokia.", item) == {"vqa_accuracy": 1.0}
+    assert get_benchmark("textvqa").judge("Nokia.", item, "lmms-eval").values == {"vqa_accuracy": 1.0}
     # "nokia phone": 3 annotators; leaving one of them out leaves 2 (2/3), else 3 (1): (3*2/3 + 7)/10
-    assert get_benchmark("textvqa").score("nokia phone", item)["vqa_accuracy"] == pytest.approx(0.9)
+    score = get_benchmark("textvqa").judge("nokia phone", item, "lmms-eval")
+    assert score.values == {"vqa_accuracy": pytest.approx(0.9)}
 
 
 def test_textvqa_parquet(tmp_path):
@@ -259,8 +237,9 @@ def test_mmmu_parquet_images_follow_their_numbers(tmp_path):
     assert open_item.answer == ["3.5", "3.50"] and open_item.meta["subject"] == "Physics"
     assert get_benchmark("mmmu").prompt(open_item) == ("<image 1> What is the speed in m/s?\n\n"
                                                        "Answer the question using a single word or phrase.")
-    assert get_benchmark("mmmu").score("B", mc_item) == {"accuracy": 1.0}
-    assert get_benchmark("mmmu").score("The speed is 3.5", open_item) == {"accuracy": 1.0}
+    assert get_benchmark("mmmu").judge("B", mc_item, "lmms-eval").values == {"accuracy": 1.0}
+    assert get_benchmark("mmmu").judge("The speed is 3.5", open_item, "official").values == {"accuracy": 1.0}
+    assert get_benchmark("mmmu").judge("The speed is 3.5", open_item, "lmms-eval").values == {"accuracy": 0.0}
     result = get_benchmark("mmmu").aggregate([mc_item, open_item], [{"accuracy": 1.0}, {"accuracy": 0.0}])
     assert result == {"accuracy": 0.5, "multiple-choice/accuracy": 1.0, "open/accuracy": 0.0}
 
@@ -279,6 +258,89 @@ def test_mmmu_refuses_an_unknown_question_type(tmp_path):
 
 
 def test_every_benchmark_heads_with_a_metric_in_0_1():
-    assert set(BENCHMARKS) == {"mme", "pope", "ai2d", "chartqa", "docvqa", "textvqa", "mmmu"}
+    assert set(BENCHMARKS) == {"mme", "pope", "ai2d", "chartqa", "docvqa", "textvqa", "mmmu", "gqa", "mmbench",
+                               "realworldqa", "seedbench_2_plus", "mmmu_pro_standard", "mmmu_pro_vision"}
     for benchmark in BENCHMARKS.values():
         assert benchmark.headline and benchmark.max_new_tokens > 0
+
+
+def test_every_benchmark_offers_lmms_evals_rule_first():
+    for benchmark in BENCHMARKS.values():
+        assert next(iter(benchmark.rules)) == "lmms-eval"
+        assert set(benchmark.rules) <= {"lmms-eval", "official"}
+    assert get_benchmark("mme").check_rule(None) == "lmms-eval"
+    with pytest.raises(BenchmarkDataError, match="ai2d has no 'official' rule; its rules: lmms-eval"):
+        get_benchmark("ai2d").check_rule("official")
+
+
+# -- files with odd values: one line naming the file and the record -------------------------------
+def one_line(err):
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def test_docvqa_answers_stored_as_an_integer(tmp_path):
+    png(tmp_path / "documents" / "a.png")
+    (tmp_path / "val_v1.0.json").write_text(json.dumps({"data": [
+        {"questionId": 1, "question": "What?", "image": "documents/a.png", "answers": ["x"]},
+        {"questionId": 2, "question": "Which?", "image": "documents/a.png", "answers": 5}]}))
+    with pytest.raises(BenchmarkDataError) as err:
+        get_benchmark("docvqa").read(tmp_path / "val_v1.0.json", None)
+    assert one_line(err) == (f"{tmp_path / 'val_v1.0.json'}, record 1: answers must be a non-empty list of strings, "
+                             "got an int (5)")
+
+
+def test_docvqa_parquet_answers_of_the_wrong_type(tmp_path):
+    file = write_parquet(tmp_path / "validation-00000-of-00001.parquet", [
+        {"questionId": "7", "question": "What?", "answers": "May 5", "image": hf_image()}])
+    with pytest.raises(BenchmarkDataError, match=f"{file}, row 0: answers must be a non-empty list of strings, got "
+                                                 "a str"):
+        get_benchmark("docvqa").read(tmp_path, None)
+
+
+def test_mmmu_record_with_a_null_question(tmp_path):
+    (tmp_path / "m.json").write_text(json.dumps([MMMU_OPEN, {**MMMU_OPEN, "id": "validation_Physics_8",
+                                                             "question": None}]))
+    png(tmp_path / "p7.png")
+    records = json.loads((tmp_path / "m.json").read_text())
+    for record in records:
+        record["image_1"] = "p7.png"
+    (tmp_path / "m.json").write_text(json.dumps(records))
+    with pytest.raises(BenchmarkDataError) as err:
+        get_benchmark("mmmu").read(tmp_path / "m.json", tmp_path)
+    assert one_line(err) == f"{tmp_path / 'm.json'}, record 1: question must be text, got null"
+
+
+@pytest.mark.parametrize("name, record, message", [
+    ("pope", '"Is there a cat?"', "record 1: expected an object with question_id, image, text, label, got a str "
+                                  "('Is there a cat?')"),
+    ("pope", '{"question_id": 1, "image": "x.jpg", "text": "Is it?", "label": "maybe"}',
+     "record 1: label 'maybe' is neither yes nor no"),
+    ("pope", '{"question_id": 1, "image": null, "text": "Is it?", "label": "yes"}',
+     "record 1: image must be text, got null"),
+])
+def test_pope_records_with_odd_values(tmp_path, name, record, message):
+    png(tmp_path / "x.jpg")
+    (tmp_path / "coco_pope_random.json").write_text(record + "\n")
+    with pytest.raises(BenchmarkDataError) as err:
+        get_benchmark(name).read(tmp_path, None)
+    assert one_line(err) == f"{tmp_path / 'coco_pope_random.json'}, {message}"
+
+
+def test_chartqa_label_as_a_number_is_read_as_text_and_a_null_query_refused(tmp_path):
+    png(tmp_path / "png" / "a.png")
+    (tmp_path / "test_human.json").write_text(json.dumps([{"imgname": "a.png", "query": "Which year?", "label": 2019}]))
+    (item,) = get_benchmark("chartqa").read(tmp_path, None)
+    assert item.answer == "2019"
+    (tmp_path / "test_human.json").write_text(json.dumps([{"imgname": "a.png", "query": None, "label": "1"}]))
+    with pytest.raises(BenchmarkDataError, match="record 0: query must be text, got null"):
+        get_benchmark("chartqa").read(tmp_path, None)
+
+
+def test_textvqa_empty_answers_refused(tmp_path):
+    png(tmp_path / "train_images" / "a.jpg")
+    (tmp_path / "val.json").write_text(json.dumps({"data": [
+        {"question": "what?", "image_id": "a", "answers": [], "question_id": 3}]}))
+    with pytest.raises(BenchmarkDataError, match="record 0: answers must be a non-empty list of strings, got a list"):
+        get_benchmark("textvqa").read(tmp_path / "val.json", None)

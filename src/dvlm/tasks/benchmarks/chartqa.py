@@ -7,7 +7,10 @@ Layouts read:
 * the Hugging Face parquet that lmms-eval reads (lmms-lab/ChartQA, split `test`): `question`,
   `answer`, `type` (`human_test` / `augmented_test`), `image`.
 
-Scoring: `answers.relaxed_correct`; relaxed accuracy overall and per split (human, augmented).
+Rule (lmms_eval/tasks/chartqa/utils.py, Pix2Struct's relaxed accuracy as lmms-eval copies it;
+ChartQA's release has no scorer of its own): `answers.relaxed_correct`, the
+target as the dataset gives it (not stripped); relaxed accuracy overall and per split (human,
+augmented).
 """
 
 from __future__ import annotations
@@ -15,17 +18,34 @@ from __future__ import annotations
 from pathlib import Path
 
 from dvlm.tasks.benchmarks.answers import relaxed_correct
-from dvlm.tasks.benchmarks.files import image_bytes, image_file, is_parquet, parquet_rows, read_json, require
-from dvlm.tasks.benchmarks.items import SINGLE_WORD, Benchmark, BenchmarkDataError, Item, grouped_means
+from dvlm.tasks.benchmarks.files import (
+    answer_text,
+    image_bytes,
+    image_file,
+    is_parquet,
+    parquet_records,
+    read_json,
+    require,
+    text,
+)
+from dvlm.tasks.benchmarks.items import (
+    LMMS_EVAL,
+    SINGLE_WORD,
+    Benchmark,
+    BenchmarkDataError,
+    Item,
+    Score,
+    grouped_means,
+)
 
 OFFICIAL_FILES = ("test_human.json", "test_augmented.json")
 
 
 def read(data: Path, images: Path | None) -> list[Item]:
     if is_parquet(data):
-        return [Item(f"chartqa/{k}", r["question"], [image_bytes(r["image"], f"row {k}")], str(r["answer"]),
-                     {"type": r["type"].removesuffix("_test")})
-                for k, r in enumerate(parquet_rows(data, "test", ["question", "answer", "type", "image"]))]
+        return [Item(f"chartqa/{k}", text(r, "question", where), [image_bytes(r["image"], where)],
+                     answer_text(r, "answer", where), {"type": text(r, "type", where).removesuffix("_test")})
+                for k, (where, r) in enumerate(parquet_records(data, "test", ["question", "answer", "type", "image"]))]
     files = [data / name for name in OFFICIAL_FILES if (data / name).is_file()] if data.is_dir() else [data]
     if not files:
         raise BenchmarkDataError(f"{data}: no {' or '.join(OFFICIAL_FILES)}")
@@ -39,9 +59,11 @@ def _read_file(file: Path, images: Path) -> list[Item]:
         raise BenchmarkDataError(f"{file}: expected a JSON list of {{imgname, query, label}}")
     items = []
     for k, record in enumerate(records):
-        require(record, ("imgname", "query", "label"), f"{file}, record {k}")
-        items.append(Item(f"{kind}/{k}", record["query"], [image_file(images, record["imgname"], str(file))],
-                          str(record["label"]), {"type": kind}))
+        where = f"{file}, record {k}"
+        require(record, ("imgname", "query", "label"), where)
+        items.append(Item(f"{kind}/{k}", text(record, "query", where),
+                          [image_file(images, text(record, "imgname", where), where)],
+                          answer_text(record, "label", where), {"type": kind}))
     return items
 
 
@@ -49,8 +71,8 @@ def prompt(item: Item) -> str:
     return f"{item.question}\n{SINGLE_WORD}"
 
 
-def score(prediction: str, item: Item) -> dict[str, float]:
-    return {"relaxed_accuracy": float(relaxed_correct(prediction, item.answer))}
+def score(prediction: str, item: Item, rule: str) -> Score:
+    return Score({"relaxed_accuracy": float(relaxed_correct(prediction, item.answer))}, prediction)
 
 
 def aggregate(items: list[Item], scores: list[dict[str, float]]) -> dict[str, float]:
@@ -60,4 +82,5 @@ def aggregate(items: list[Item], scores: list[dict[str, float]]) -> dict[str, fl
 
 CHARTQA = Benchmark("chartqa", read, prompt, score, aggregate, ("relaxed_accuracy",), max_new_tokens=16,
                     layouts="test/test_human.json + test_augmented.json (images in test/png) or lmms-lab/ChartQA "
-                            "parquet")
+                            "parquet",
+                    rules={LMMS_EVAL: "lmms_eval/tasks/chartqa/utils.py"})

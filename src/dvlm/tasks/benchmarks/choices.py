@@ -1,16 +1,31 @@
-"""MMMU's answer parsing (Yue et al. 2024, the benchmark's evaluation rules), used by MMMU and AI2D.
+"""MMMU's answer parsing, two rules (used by MMMU and MMMU-Pro).
 
-Multiple choice (`parse_choice`): trim punctuation from the ends and pad with spaces, then look for
-candidates in order of trust: letters in brackets "(B)"; else letters standing alone " B "; else,
-for answers longer than five words, the options' texts. Several candidates: the one whose last
-occurrence comes latest wins (models state the answer at the end). None: MMMU draws a random
-option; dvlm draws it from a generator seeded by the question id, so reruns score the same.
+Official (MMMU's mmmu/utils/eval_utils.py) and lmms-eval (lmms_eval/tasks/_task_utils/
+mmmu_mcq_utils.py and lmms_eval/tasks/mmmu/utils.py) share most steps and differ where noted.
 
-Open questions (`parse_open` / `open_correct`): keep, from each line of the answer, the shortest
-tail after an indicator ("is ", "so ", "therefore ", "answer ", ... and "=" on the last line),
-add every number found in those tails, and normalise: numbers rounded to 2 decimals, text
-lowercased (a one-character text padded with a space, so it must stand alone). A number matches
-an equal reference number; a text matches when a normalised reference is inside it.
+Multiple choice (`parse_choice`): strip the characters , . ! ? ; : ' from both ends, one after the
+other in that order (so "B,." keeps its comma), and pad with spaces; then look for candidates in
+order of trust, stopping at the first step that finds one:
+1. letters in brackets "(B)";
+2. official: letters standing alone " B "; lmms-eval: letters followed by a space "B " (so "DNA"
+   names A), then, if none, letters followed by a period "B.";
+3. for answers of more than five words, the options' texts (case ignored).
+Several candidates: the one whose last occurrence ("(B)", " B " or the option text) comes latest
+wins; ties and candidates without such an occurrence go to the first. None: both references draw
+a random option (`random.choice`, seeded once per run); dvlm draws it from a generator seeded by
+the question id, so reruns score the same, and records that it guessed.
+
+Open questions (`parse_open`, the official rule): lowercase the stripped answer (trailing periods
+removed) and split it into lines (the reference's sentence split needs a capital letter, which
+lowercasing has removed); from each line keep the shortest tail after an indicator ("could be ",
+"so ", "is ", "thus ", "therefore ", "final ", "answer ", "result ", and "=" on the last line), the
+way the reference's loop keeps it; add the numbers its three patterns find in those tails
+(grouped "1,234", scientific "1e-3", simple "3.5"); normalise: a number rounded to 2 decimals, a
+text lowercased, a one-character text padded with a space. A number matches an equal reference
+number; a text matches when a normalised reference text is inside it.
+lmms-eval keeps one of those candidates as text and hands it to the same check where a list is
+expected, so the check runs over its characters: a reference matches only when it is contained
+in a single character, which a normalised answer never is (`lmms_eval_open_correct`).
 """
 
 from __future__ import annotations
@@ -19,39 +34,57 @@ import random
 import re
 import zlib
 
-ENDS = ",.!?;:'"
+from dvlm.tasks.benchmarks.items import OFFICIAL
+
+END_CHARACTERS = (",", ".", "!", "?", ";", ":", "'")  # stripped one after the other, in this order
 LONG_ANSWER_WORDS = 5
 OPEN_INDICATORS = ("could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result ")
+LAST_LINE_INDICATOR = "="
 TRIVIAL_TAILS = (":", ",", ".", "!", "?", ";", "'")
-_NUMBER = re.compile(
-    r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?"   # 1,234,567(.89): digit groups
-    r"|-?\d+(?:\.\d+)?[eE][+-]?\d+"     # 1.5e-3: scientific
-    r"|-?(?:\d+\.\d+|\.\d+|\d+)"        # 12, 3.5, .5: plain
-)
+ROUND_DIGITS = 2
+_GROUPED = re.compile(r"-?\b\d{1,3}(?:,\d{3})+\b")
+_SCIENTIFIC = re.compile(r"-?\d+(?:\.\d+)?[eE][+-]?\d+")
+_SIMPLE = re.compile(r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])")
 
 
 def option_letters(count: int) -> list[str]:
     return [chr(ord("A") + k) for k in range(count)]
 
 
-def parse_choice(response: str, options: list[str], seed_text: str = "") -> str:
-    """The option letter an answer names, by MMMU's rule (see the module doc)."""
+# -- multiple choice -----------------------------------------------------------------------------
+def parse_choice(response: str, options: list[str], rule: str, seed_text: str = "") -> tuple[str, bool]:
+    """(the option letter an answer names, whether it was drawn at random), by `rule`."""
     letters = option_letters(len(options))
-    padded = f" {response.strip(ENDS)} "
+    for char in END_CHARACTERS:
+        response = response.strip(char)
+    padded = f" {response} "
     found = [x for x in letters if f"({x})" in padded]
-    marker = "({})"
-    if not found:
-        found, marker = [x for x in letters if f" {x} " in padded], " {} "
     if found:
-        return max(found, key=lambda x: padded.rfind(marker.format(x)))
+        return _latest(found, [padded.rfind(f"({x})") for x in found]), False
+    found = _letter_candidates(padded, letters, rule)
+    if found:
+        return _latest(found, [padded.rfind(f" {x} ") for x in found]), False
     if len(padded.split()) > LONG_ANSWER_WORDS:
         lowered = padded.lower()
-        by_text = [x for x, text in zip(letters, options) if text.lower() in lowered]
-        if by_text:
-            return max(by_text, key=lambda x: lowered.rfind(options[letters.index(x)].lower()))
-    return random.Random(zlib.crc32(seed_text.encode())).choice(letters)
+        found = [x for x, text in zip(letters, options) if text.lower() in lowered]
+        if found:
+            return _latest(found, [lowered.rfind(options[letters.index(x)].lower()) for x in found]), False
+    return random.Random(zlib.crc32(seed_text.encode())).choice(letters), True
 
 
+def _letter_candidates(padded: str, letters: list[str], rule: str) -> list[str]:
+    if rule == OFFICIAL:
+        return [x for x in letters if f" {x} " in padded]
+    found = [x for x in letters if f"{x} " in padded]
+    return found or [x for x in letters if f"{x}." in padded]
+
+
+def _latest(candidates: list[str], positions: list[int]) -> str:
+    """The candidate at the largest position; the first of equal ones (numpy's argmax)."""
+    return candidates[positions.index(max(positions))]
+
+
+# -- open questions ------------------------------------------------------------------------------
 def _number(text: str) -> float | None:
     try:
         return float(text.replace(",", ""))
@@ -64,43 +97,67 @@ def normalize_open(text: str) -> list[str | float]:
     text = text.strip()
     number = _number(text)
     if number is not None:
-        return [round(number, 2)]
+        return [round(number, ROUND_DIGITS)]
     text = text.lower()
     return [" " + text, text + " "] if len(text) == 1 else [text]
 
 
+def _shortest_tail(line: str, indicators: tuple[str, ...]) -> str | None:
+    # The reference's loop: the first tail found is kept while it is empty; a later tail replaces
+    # a kept one only when strictly shorter (an empty tail included, which the next tail found
+    # then replaces again).
+    kept: str | None = None
+    for indicator in indicators:
+        if indicator in line:
+            tail = line.split(indicator)[-1].strip()
+            if not kept or len(tail) < len(kept):
+                kept = tail
+    return kept
+
+
 def _key_tails(response: str) -> list[str]:
-    # MMMU splits sentences with a pattern that needs a capital letter after ". ", but only after
-    # lowercasing the answer, so in effect it splits on line breaks alone; so does this.
-    lines = response.strip().strip(".").lower().split("\n")
+    text = response.strip().strip(".").lower()
+    lines = text.split("\n")
     tails = []
     for index, line in enumerate(lines):
-        indicators = OPEN_INDICATORS + (("=",) if index == len(lines) - 1 else ())
-        candidates = [line.split(ind)[-1].strip() for ind in indicators if ind in line]
-        if candidates:
-            shortest = min(candidates, key=len)
-            if shortest and shortest not in TRIVIAL_TAILS:
-                tails.append(shortest)
-    return tails or [response.strip().strip(".").lower()]
+        last = index == len(lines) - 1
+        tail = _shortest_tail(line, OPEN_INDICATORS + ((LAST_LINE_INDICATOR,) if last else ()))
+        if tail and tail.strip() not in TRIVIAL_TAILS:
+            tails.append(tail)
+    return tails or [text]
+
+
+def extract_numbers(text: str) -> list[str]:
+    """The numbers of a text, by the reference's three patterns in turn (a number may be found twice)."""
+    return _GROUPED.findall(text) + _SCIENTIFIC.findall(text) + _SIMPLE.findall(text)
 
 
 def parse_open(response: str) -> list[str | float]:
-    """The normalised candidate answers an open response states."""
+    """The normalised candidate answers an open response states (each once, in a fixed order)."""
     tails = _key_tails(response)
-    candidates: list[str] = [*tails, *(m for tail in tails for m in _NUMBER.findall(tail))]
+    candidates = [*tails, *(number for tail in tails for number in extract_numbers(tail))]
     parsed: list[str | float] = []
     for candidate in candidates:
         parsed += [value for value in normalize_open(candidate) if value not in parsed]
     return parsed
 
 
-def open_correct(response: str, references: list[str]) -> bool:
-    """True when a parsed candidate matches a reference (numbers equal, texts contained)."""
+def open_correct(candidates: list[str | float], references: list[str]) -> bool:
+    """The official check: a number equal to a reference number, or a reference text inside a text."""
     expected = [value for reference in references for value in normalize_open(reference)]
-    for candidate in parse_open(response):
+    for candidate in candidates:
         if isinstance(candidate, str):
             if any(isinstance(e, str) and e in candidate for e in expected):
                 return True
         elif candidate in expected:
             return True
     return False
+
+
+def lmms_eval_open_correct(candidates: list[str | float], answer: str | list[str]) -> bool:
+    """lmms-eval's check: one candidate as text, its characters each checked against the answer as
+    the dataset gives it (a list-literal string stays one string)."""
+    text = str(candidates[0]) if candidates else ""
+    expected = [v for a in ([answer] if isinstance(answer, str) else answer) for v in normalize_open(a)]
+    return any(isinstance(e, str) and e in character for character in text for e in expected)
+

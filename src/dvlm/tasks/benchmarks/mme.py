@@ -8,9 +8,11 @@ Layouts read:
 * the Hugging Face parquet that lmms-eval reads (lmms-lab/MME, split `test`): columns
   `question_id` ("<category>/<image file>"), `question`, `answer`, `category`, `image`.
 
-Scoring (MME's tool): per category, acc = questions right / questions and acc+ = images with both
-questions right / images; the category's score is 100 * (acc + acc+); Perception sums its 10
+Rules (`answers.mme_yes_no`, `answers.mme_yes_no_official`): lmms-eval's answer reading or MME's
+own tool's; both then score per category acc = questions right / questions and acc+ = images with
+both questions right / images; the category's score is 100 * (acc + acc+); Perception sums its 10
 categories (out of 2000), Cognition its 4 (out of 800). `acc` over all questions heads the table.
+A limited run takes whole images (`group_key`), so acc+ still sees both questions of each.
 """
 
 from __future__ import annotations
@@ -18,17 +20,18 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from dvlm.tasks.benchmarks.answers import mme_yes_no
-from dvlm.tasks.benchmarks.files import image_bytes, is_parquet, parquet_rows, require
-from dvlm.tasks.benchmarks.items import SHORT_ANSWER, Benchmark, BenchmarkDataError, Item
+from dvlm.tasks.benchmarks.answers import mme_label, mme_yes_no, mme_yes_no_official
+from dvlm.tasks.benchmarks.files import answer_text, image_bytes, is_parquet, parquet_records, read_text, text
+from dvlm.tasks.benchmarks.items import LMMS_EVAL, OFFICIAL, SHORT_ANSWER, Benchmark, BenchmarkDataError, Item, Score
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
               "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg")
 QUESTION_FOLDER = "questions_answers_YN"
-# The questions already end with this; lmms-eval swaps it for SHORT_ANSWER (mme/utils.py).
-BUILT_IN_INSTRUCTION = "Please answer yes or no."
+# The questions already end with this; lmms-eval removes it, the space before it included, and
+# appends SHORT_ANSWER (mme/utils.py `replace_prompt`).
+BUILT_IN_INSTRUCTION = " Please answer yes or no."
 
 
 def read(data: Path, images: Path | None) -> list[Item]:
@@ -48,7 +51,7 @@ def _read_category(folder: Path) -> list[Item]:
     items = []
     for text_file in sorted(text_dir.glob("*.txt")):
         image = _image_beside(image_dir, text_file.stem, text_file)
-        for number, line in enumerate(text_file.read_text(encoding="utf-8").splitlines()):
+        for number, line in enumerate(read_text(text_file).splitlines()):
             if line.strip():
                 question, answer = _question_line(line, f"{text_file}, line {number + 1}")
                 items.append(Item(f"{folder.name}/{image.name}#{number}", question, [image], answer,
@@ -73,22 +76,30 @@ def _question_line(line: str, where: str) -> tuple[str, str]:
 def _read_parquet(data: Path) -> list[Item]:
     items = []
     counts: dict[str, int] = defaultdict(int)
-    for row in parquet_rows(data, "test", ["question_id", "question", "answer", "category", "image"]):
-        image_key = str(row["question_id"])
-        items.append(Item(f"{image_key}#{counts[image_key]}", row["question"],
-                          [image_bytes(row["image"], image_key)], row["answer"],
-                          {"category": row["category"], "image": image_key}))
+    for where, row in parquet_records(data, "test", ["question_id", "question", "answer", "category", "image"]):
+        image_key = answer_text(row, "question_id", where)  # "<category>/<image file>": one per image
+        answer = answer_text(row, "answer", where)
+        if mme_label(answer) not in ("yes", "no"):
+            raise BenchmarkDataError(f"{where}: answer {answer!r} is neither Yes nor No")
+        items.append(Item(f"{image_key}#{counts[image_key]}", text(row, "question", where),
+                          [image_bytes(row["image"], where)], answer,
+                          {"category": text(row, "category", where), "image": image_key}))
         counts[image_key] += 1
     return items
 
 
 def prompt(item: Item) -> str:
-    """lmms-eval's MME prompt: the built-in yes/no instruction swapped for the short-answer one."""
-    return f"{item.question.replace(BUILT_IN_INSTRUCTION, '').strip()}\n{SHORT_ANSWER}"
+    """lmms-eval's MME prompt: the question stripped, its " Please answer yes or no." (with the
+    space before it) removed, then the short-answer instruction on a new line."""
+    return f"{item.question.strip().replace(BUILT_IN_INSTRUCTION, '')}\n{SHORT_ANSWER}"
 
 
-def score(prediction: str, item: Item) -> dict[str, float]:
-    return {"acc": float(mme_yes_no(prediction) == item.answer.strip().lower())}
+READERS = {LMMS_EVAL: mme_yes_no, OFFICIAL: mme_yes_no_official}
+
+
+def score(prediction: str, item: Item, rule: str) -> Score:
+    parsed = READERS[rule](prediction)
+    return Score({"acc": float(parsed == mme_label(item.answer))}, parsed)
 
 
 def aggregate(items: list[Item], scores: list[dict[str, float]]) -> dict[str, float]:
@@ -113,4 +124,7 @@ def aggregate(items: list[Item], scores: list[dict[str, float]]) -> dict[str, fl
 
 MME = Benchmark("mme", read, prompt, score, aggregate, ("acc", "perception", "cognition"), max_new_tokens=16,
                 layouts="the official release folder (category/questions_answers_YN/*.txt + images) or "
-                        "lmms-lab/MME parquet")
+                        "lmms-lab/MME parquet",
+                rules={LMMS_EVAL: "lmms_eval/tasks/mme/utils.py",
+                       OFFICIAL: "MME's eval_tool/calculation.py"},
+                group_key="image")
