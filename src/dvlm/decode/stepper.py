@@ -93,10 +93,13 @@ class Stepper:
     def start(self, prompts: list[Encoded], settings: list[RowSettings], cache: list[bool] | None = None) -> Started:
         """Prefill new rows (one forward for all of them); they join the batch with `join`.
         `cache`: per row, whether it reads and fills the caches (default: all do)."""
+        cache = [True] * len(prompts) if cache is None else cache
+        if not len(prompts) == len(settings) == len(cache):
+            raise ValueError(f"{len(prompts)} prompts, {len(settings)} row settings and {len(cache)} cache flags")
         ids = self.rows.add(settings, [len(p) for p in prompts], self.lm.device)
         try:
             with self.timer("prefill"):
-                state = self._prefill(self._open(prompts, ids, cache or [True] * len(prompts)), ids)
+                state = self._prefill(self._open(prompts, ids, cache), ids)
         except BaseException:
             self.forget(ids)
             raise
