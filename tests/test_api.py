@@ -96,8 +96,10 @@ def test_positions_beyond_the_model_warn_or_fail(lm):
         lm.generate(words, decoder="ar", max_new_tokens=4)
 
 
-def test_load_follows_the_checkpoints_dtype(ar, tmp_path):
-    """4b: a bf16 checkpoint ran in float32 unless --dtype was given."""
+def test_load_follows_the_checkpoints_dtype(ar, tmp_path, monkeypatch):
+    """4b: a bf16 checkpoint ran in float32 unless --dtype was given (on a CPU with bfloat16
+    instructions; tests/test_runtime.py covers the others)."""
+    monkeypatch.setattr("dvlm.runtime.cpu_has_fast_bf16", lambda: True)
     path = tmp_path / "bf16"
     ar.model.to(torch.bfloat16).save_pretrained(path)
     ar.model.to(torch.float32)

@@ -80,7 +80,7 @@ def test_convert_writes_a_loadable_verified_model(capsys, tmp_path, ar_checkpoin
 
 def test_convert_missing_source(capsys, tmp_path):
     code, _, err = run(capsys, "convert", "--model", tmp_path / "nope", "--out", tmp_path / "out")
-    assert code == 2 and "does not exist" in one_line_error(err, "convert")
+    assert code == 2 and "no such directory and no built-in model" in one_line_error(err, "convert")
     assert not (tmp_path / "out").exists()
 
 
@@ -391,3 +391,78 @@ def test_train_that_fails_leaves_no_run_folder(capsys, tmp_path, fast_checkpoint
                        "--steps", "1")
     assert code == 2 and "nothing to train on" in one_line_error(err.splitlines()[-1], "train")
     assert not (tmp_path / "run").exists()
+
+
+# -- a model name is a model name (issue 19): every verb takes a directory or a built-in name -----
+class Reached(Exception):
+    """Raised where a verb hands its model on: the test has seen which directory it resolved."""
+
+
+def reach(*args, **kwargs):
+    raise Reached(args, kwargs)
+
+
+VERB_ARGV = {  # each verb's arguments besides --model; {tmp} is a fresh folder
+    "convert": ["--out", "{tmp}/out"],
+    "train": ["--data", "{tmp}/data.json", "--out", "{tmp}/run"],
+    "generate": ["--prompt", "hi"],
+    "chat": [],
+    "serve": ["--port", "0"],
+    "eval": ["--task", "digits-read"],
+    "bench": ["--out", "{tmp}/bench"],
+    "quantize": ["--out", "{tmp}/q", "--scheme", "int8-weight"],
+    "ablate": ["--quick", "--out", "{tmp}/ablate"],
+}
+HANDED_ON = {  # where each verb hands the resolved model on
+    "convert": ("dvlm.cli.convert_checkpoint", 0), "train": ("dvlm.train.loop.train", 0),
+    "quantize": ("dvlm.model.quantize.write_quantized", 0), "ablate": ("dvlm.zoo.ablate.run_ablation", "source"),
+}
+
+
+@pytest.fixture
+def builtin(tmp_path, monkeypatch) -> Path:
+    """A built-in model named `tiny-test` (the verbs' next steps are stopped, so its folder needs only
+    what makes it a built-in: a config.json)."""
+    import dvlm.zoo.registry as registry
+
+    weights = tmp_path / "weights"
+    (weights / "tiny-test").mkdir(parents=True)
+    (weights / "tiny-test" / "config.json").write_text("{}")
+    monkeypatch.setattr(registry, "WEIGHTS_DIR", weights)
+    return weights / "tiny-test"
+
+
+@pytest.mark.parametrize("verb", VERB_ARGV)
+def test_every_verb_takes_a_builtin_name(capsys, tmp_path, monkeypatch, builtin, verb):
+    target, where = HANDED_ON.get(verb, ("dvlm.load", 0))
+    monkeypatch.setattr(target, reach)
+    argv = [a.format(tmp=tmp_path) for a in VERB_ARGV[verb]]
+    with pytest.raises(Reached) as reached:
+        main([verb, "--model", "tiny-test", *argv])
+    args, kwargs = reached.value.args
+    assert Path(kwargs[where] if isinstance(where, str) else args[where]) == builtin
+
+
+@pytest.mark.parametrize("verb", VERB_ARGV)
+def test_a_name_that_is_neither_is_one_line_naming_both_readings(capsys, tmp_path, monkeypatch, builtin, verb):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, verb, "--model", "tiny-tset", *[a.format(tmp=tmp_path) for a in VERB_ARGV[verb]])
+    assert code == 2
+    assert one_line_error(err, verb) == (f"dvlm {verb}: error: model 'tiny-tset': no such directory and no built-in "
+                                         "model of that name (built-in models: tiny-test)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["weights"]  # refused before anything was written
+
+
+def test_bench_resolves_its_baseline_too(capsys, tmp_path, builtin):
+    code, _, err = run(capsys, "bench", "--model", "tiny-test", "--baseline", "tiny-ra", "--out", tmp_path / "b")
+    assert code == 2 and "model 'tiny-ra': no such directory and no built-in model" in one_line_error(err, "bench")
+
+
+# -- dtype help (issue 24): the help says the rule the code follows ------------------------------------
+@pytest.mark.parametrize("verb", ["generate", "chat", "serve"])
+def test_dtype_help_states_the_cpu_rule(capsys, verb):
+    code, out, _ = run(capsys, verb, "--help")
+    text = " ".join(out.split())
+    assert code == 0 and "float32 on CPU" not in text
+    assert ("auto = the checkpoint's own dtype on CUDA; on a CPU, bfloat16 only where the CPU has AVX512-BF16 or "
+            "AMX, float32 otherwise and for float16 checkpoints") in text

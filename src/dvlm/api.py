@@ -24,7 +24,7 @@ from dvlm.decode.prompts import PREFIX_CACHE_MB, VISION_CACHE_MB
 from dvlm.decode.session import ChatSession
 from dvlm.decode.stream import TextStream
 from dvlm.model.loaded import LoadedModel
-from dvlm.zoo.registry import builtin_path
+from dvlm.zoo.registry import resolve_model
 
 __all__ = ["DVLM", "ChatSession", "PositionLimitWarning", "PromptError", "load", "resolve_model_path"]
 
@@ -74,14 +74,8 @@ class DVLM(LoadedModel):
 
 
 def resolve_model_path(name_or_path: str | Path) -> Path:
-    """A local checkpoint directory, or the directory of a built-in model name."""
-    path = Path(name_or_path)
-    if path.exists():
-        return path
-    found = builtin_path(str(name_or_path))
-    if found is None:
-        raise FileNotFoundError(f"model {name_or_path!r}: no such directory and no built-in model of that name")
-    return found
+    """A local checkpoint directory, or the directory of a built-in model name (`dvlm.zoo.registry.resolve_model`)."""
+    return resolve_model(name_or_path)
 
 
 def load(name_or_path: str | Path, *, device: str | None = None, dtype: str | None = None,

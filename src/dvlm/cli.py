@@ -55,6 +55,8 @@ DEFAULT_MODEL = "tiny-dvlm"  # the built-in model `generate` uses when it is ins
 TASK_LIMIT = 100  # samples `dvlm eval --task` draws unless --limit says otherwise
 # `dvlm eval` options that only a model run reads (refused beside --predictions).
 MODEL_OPTIONS = ("model", "decoder", "decoders", "device", "block_size", "threshold", "steps", "max_new_tokens")
+DTYPE_HELP = ("compute dtype (default: auto = the checkpoint's own dtype on CUDA; on a CPU, bfloat16 only where "
+              "the CPU has AVX512-BF16 or AMX, float32 otherwise and for float16 checkpoints)")
 
 
 class CLIError(Exception):
@@ -71,7 +73,7 @@ EXPECTED_ERRORS = (
 # -- convert -------------------------------------------------------------------------------------
 def convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="SRC",
-                   help="local directory of the autoregressive source checkpoint (safetensors)")
+                   help="the autoregressive source: a checkpoint directory (safetensors) or a built-in model's name")
     p.add_argument("--out", required=True, metavar="DST", help="directory to write the converted dVLM to")
     p.add_argument("--preset", default="fast-dvlm", choices=sorted(PRESETS),
                    help="diffusion recipe defaults (default: %(default)s)")
@@ -81,15 +83,15 @@ def convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists and is not empty")
     p.add_argument("--device", help="device for loading and verification, e.g. cpu, cuda:0 (default: auto)")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help="dtype to load, verify and write the model in (default: auto = the source's, "
-                   "from its config.json)")
+                   help="dtype to write the model in (default: auto = the source's, from its config.json); the check "
+                   "computes in it, or in float32 on a CPU slow in it (float16; bfloat16 without AVX512-BF16 or AMX)")
 
 
 def convert(args: argparse.Namespace) -> None:
     """Convert an AR checkpoint into a block-diffusion one and verify it."""
     with quiet_hf_progress():  # stderr holds only the one-line error, if any; the log says what happens
         report = convert_checkpoint(
-            args.model, args.out, preset=args.preset, block_size=args.block_size,
+            model_path(args.model), args.out, preset=args.preset, block_size=args.block_size,
             overrides=parse_overrides(args.overrides), overwrite=args.overwrite,
             device=checked_device(args.device), dtype=args.dtype, log=lambda line: print(line, flush=True),
         )
@@ -98,7 +100,8 @@ def convert(args: argparse.Namespace) -> None:
     print(f"  weights        {report.dtype}, {report.shards} file{'s' if report.shards > 1 else ''}")
     print(f"  preset         {report.preset}, block_size {report.block_size}")
     print(f"  mask token     {report.mask_token!r} = id {report.mask_token_id} ({report.mask_row_description})")
-    print(f"  max logit diff {report.max_logit_difference:.2e} (tolerance {report.tolerance:g}): verified")
+    print(f"  max logit diff {report.max_logit_difference:.2e} (tolerance {report.tolerance:g}, computed in "
+          f"{report.verified_in}): verified")
 
 
 # -- assemble ------------------------------------------------------------------------------------
@@ -135,7 +138,8 @@ def assemble(args: argparse.Namespace) -> None:
 # -- train ---------------------------------------------------------------------------------------
 def train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
-                   help="checkpoint to start from: a converted dVLM (or an AR model with --ar)")
+                   help="checkpoint to start from, a directory or a built-in model's name: a converted dVLM (or an "
+                        "AR model with --ar)")
     p.add_argument("--data", required=True, help="LLaVA-format training data (.json list or .jsonl)")
     p.add_argument("--out", required=True, metavar="RUN", help="run directory: checkpoints, metrics, final model")
     p.add_argument("--image-root", metavar="DIR", help="folder image paths are relative to (default: the data file's)")
@@ -157,7 +161,12 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report-to", choices=("tensorboard",),
                    help="also log loss parts, lr, tokens/s and block size to TensorBoard (RUN/tensorboard)")
     p.add_argument("--lr", type=float, metavar="F", help="peak learning rate")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (bfloat16: autocast)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                   help="compute dtype (default: float32; bfloat16: autocast, master weights stay float32; on a CPU "
+                        "without AVX512-BF16 or AMX bfloat16 runs slower than float32)")
+    p.add_argument("--save-dtype", default="auto", choices=DTYPES,
+                   help="dtype of the final model (default: auto = the --model checkpoint's; checkpoints for "
+                        "--resume stay float32)")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None,
                    help="recompute activations in the backward pass to save memory")
     p.add_argument("--ar", action="store_const", const="autoregressive", default=None,
@@ -196,6 +205,7 @@ def train(args: argparse.Namespace) -> None:
     from dvlm.train.loop import train as run_training
 
     cfg = train_config(args)
+    model = model_path(args.model)  # a bad name is refused before any process starts
     if args.num_processes is not None and args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
         raise SystemExit(_launch_processes(args.num_processes, args.argv))
     run_dir = Path(args.out)
@@ -203,9 +213,9 @@ def train(args: argparse.Namespace) -> None:
     try:
         with quiet_hf_progress():  # the training bar is the progress shown; HF's loading bars are noise
             result = run_training(
-                args.model, args.data, run_dir, cfg, image_root=args.image_root,
+                model, args.data, run_dir, cfg, image_root=args.image_root,
                 diffusion_overrides=parse_overrides(args.diffusion) or None, resume=args.resume,
-                device=checked_device(args.device),
+                device=checked_device(args.device), save_dtype=args.save_dtype,
             )
     except BaseException:
         if created and run_dir.is_dir() and not any(run_dir.iterdir()):
@@ -271,14 +281,14 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--stream", action="store_true", help="print the answer as each block is committed")
     p.add_argument("--verbose", action="store_true", help="print decoding statistics on stderr")
     p.add_argument("--device", help="e.g. cpu, cuda:0 (default: auto)")
-    p.add_argument("--dtype", choices=DTYPES, help="model dtype (default: auto = bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--dtype", choices=DTYPES, help=DTYPE_HELP)
 
 
 def generate(args: argparse.Namespace) -> None:
     """Answer one prompt; stdout holds only the answer (or the JSON output)."""
     images = [load_image(path) for path in args.image or []]  # bad images fail before the model loads
     with quiet_hf_progress():  # stderr stays empty unless --verbose
-        lm = dvlm.load(model_name(args.model), device=checked_device(args.device), dtype=args.dtype)
+        lm = dvlm.load(model_path(args.model), device=checked_device(args.device), dtype=args.dtype)
     options = dict(decoder=args.decoder, block_size=args.block_size, threshold=args.threshold, steps=args.steps,
                    sub_block_size=args.sub_block_size, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_k=args.top_k,
@@ -308,6 +318,14 @@ def add_block_arguments(p: argparse.ArgumentParser) -> None:
     policy.add_argument("--threshold", type=float, metavar="T",
                         help="block decoding: unmask every position with confidence >= T")
     policy.add_argument("--steps", type=int, metavar="S", help="block decoding: fixed denoising steps per block")
+
+
+def model_path(model: str | None) -> Path:
+    """The checkpoint directory of --model (a directory or a built-in model's name: one rule for every
+    verb, `dvlm.zoo.registry.resolve_model`), else of the default built-in model."""
+    from dvlm.zoo.registry import resolve_model
+
+    return resolve_model(model_name(model))
 
 
 def model_name(model: str | None) -> str:
@@ -397,8 +415,9 @@ def evaluate(args: argparse.Namespace) -> None:
     for option in ("data", "images", "decoders", "out", "rule", "predictions"):
         if getattr(args, option) is not None:
             raise CLIError(f"--{option} goes with --benchmark, not --task")
+    model = model_path(args.model)
     with quiet_hf_progress():
-        lm = dvlm.load(model_name(args.model), device=checked_device(args.device))
+        lm = dvlm.load(model, device=checked_device(args.device))
     options = {k: v for k, v in (("block_size", args.block_size), ("threshold", args.threshold),
                                  ("steps", args.steps)) if v is not None}
     limit = TASK_LIMIT if args.limit is None else args.limit
@@ -444,8 +463,9 @@ def evaluate_benchmark(args: argparse.Namespace) -> None:
         unknown = [d for d in decoders or [] if d not in DECODERS]
         if unknown:
             raise ConfigError(f"unknown decoder(s) {', '.join(unknown)}; choose from {', '.join(DECODERS)}")
+        model = model_path(args.model)
         with quiet_hf_progress():
-            lm = dvlm.load(model_name(args.model), device=checked_device(args.device))
+            lm = dvlm.load(model, device=checked_device(args.device))
         runs = run_benchmark(lm, benchmark, items, decoders or ["block" if lm.diffusion else "ar"], rule=rule,
                              total=len(every), batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                              progress=True, block_size=args.block_size, threshold=args.threshold, steps=args.steps)
@@ -499,12 +519,14 @@ def bench(args: argparse.Namespace) -> None:
     thresholds = [parse_number(t, float, "--thresholds") for t in split_list(args.thresholds, "--thresholds")]
     if args.limit < 1:
         raise CLIError("--limit must be >= 1")
+    name = model_name(args.model)
+    model = model_path(name)
+    baseline = args.baseline or ("tiny-ar" if name == DEFAULT_MODEL else None)
+    baseline = model_path(baseline) if baseline else None
     out = writable_directory(Path(args.out))
     (out / ROWS_FILE).unlink(missing_ok=True)
-    name = model_name(args.model)
-    baseline = args.baseline or ("tiny-ar" if name == DEFAULT_MODEL else None)
     with quiet_hf_progress():
-        models = {"main": dvlm.load(name, device=checked_device(args.device))}
+        models = {"main": dvlm.load(model, device=checked_device(args.device))}
         if baseline:
             models["baseline"] = dvlm.load(baseline, device=args.device)
     grid = settings_grid(decoders, block_sizes, thresholds, "baseline" in models)
@@ -555,10 +577,9 @@ def quantize_arguments(p: argparse.ArgumentParser) -> None:
 
 def quantize(args: argparse.Namespace) -> None:
     """Write a model that dvlm.load quantizes with --scheme, after checking it loads and quantizes here."""
-    from dvlm.api import resolve_model_path
     from dvlm.model.quantize import check_can_quantize, write_quantized
 
-    src = resolve_model_path(args.model)
+    src = model_path(args.model)
     check_can_quantize(args.scheme, pick_device(checked_device(args.device)))  # before anything is written
     out = write_quantized(src, Path(args.out), args.scheme, overwrite=args.overwrite)
     with quiet_hf_progress():
@@ -601,6 +622,9 @@ def ablate_arguments(p: argparse.ArgumentParser) -> None:
     from dvlm.zoo.ablate import VARIANTS, AblationPlan
 
     full = AblationPlan()
+    p.add_argument("--model", default="tiny-ar",
+                   help="the AR model each variant converts and fine-tunes, a directory or a built-in model's name "
+                        "(default: %(default)s)")
     p.add_argument("--only", metavar="NAME,...", help=f"variants to run, from {', '.join(VARIANTS)} (default: all)")
     p.add_argument("--seeds", type=int, metavar="N", help=f"fine-tunes per variant (default: {full.seeds})")
     p.add_argument("--steps", type=int, metavar="N", help=f"fine-tuning steps per run (default: {full.steps})")
@@ -621,9 +645,10 @@ def ablate(args: argparse.Namespace) -> None:
     plan = quick_plan(only) if args.quick else AblationPlan(**({"variants": only} if only else {}))
     given = {k: v for k, v in (("seeds", args.seeds), ("steps", args.steps), ("samples", args.samples)) if v is not None}
     plan = replace(plan, **given)  # validated again: bad names and counts are refused before any work
+    source = model_path(args.model)
     out = writable_directory(Path(args.out))
     with quiet_hf_progress():
-        results = run_ablation(plan, out, log=lambda line: print(line, flush=True))
+        results = run_ablation(plan, out, log=lambda line: print(line, flush=True), source=source)
     import torch
 
     paths = write_report(results, out, describe_device(torch.device("cpu")))
@@ -677,7 +702,7 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
     add_cache_arguments(p, "requests'")
     p.add_argument("--access-log", action="store_true", help="log every HTTP request on stderr")
     p.add_argument("--device", help="e.g. cpu, cuda:0 (default: auto)")
-    p.add_argument("--dtype", choices=DTYPES, help="model dtype (default: auto = bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--dtype", choices=DTYPES, help=DTYPE_HELP)
 
 
 def serve_settings(args: argparse.Namespace) -> Any:
@@ -723,14 +748,15 @@ def serve(args: argparse.Namespace) -> None:
     if not 0 <= args.port <= 65535:
         raise CLIError(f"--port must be in [0, 65535], got {args.port}")
     server_modules = serve_modules()
+    name = model_name(args.model)
+    model = model_path(name)
     if args.host not in LOOPBACK_HOSTS and settings.api_key is None:
         print(f"dvlm serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
               "machine can use the model", file=sys.stderr, flush=True)
     sock = listening_socket(args.host, args.port)
     try:
-        name = model_name(args.model)
         with quiet_hf_progress():
-            lm = dvlm.load(name, device=checked_device(args.device), dtype=args.dtype)
+            lm = dvlm.load(model, device=checked_device(args.device), dtype=args.dtype)
         app = server_modules.build_app(lm, name, settings)
         url = server_modules.url_of(sock)
         server_modules.run(app, sock, access_log=args.access_log, on_stop=app.state.dvlm.begin_shutdown,
@@ -779,7 +805,7 @@ def chat_arguments(p: argparse.ArgumentParser) -> None:
                                                           "tokens on stderr")
     add_cache_arguments(p, "the conversation's")
     p.add_argument("--device", help="e.g. cpu, cuda:0 (default: auto)")
-    p.add_argument("--dtype", choices=DTYPES, help="model dtype (default: auto = bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--dtype", choices=DTYPES, help=DTYPE_HELP)
 
 
 def add_cache_arguments(p: argparse.ArgumentParser, whose: str) -> None:
@@ -812,7 +838,7 @@ def chat(args: argparse.Namespace) -> None:
     sizes = cache_sizes(args)
     images = [load_image(path) for path in args.image or []]  # bad images fail before the model loads
     with quiet_hf_progress():
-        lm = dvlm.load(model_name(args.model), device=checked_device(args.device), dtype=args.dtype)
+        lm = dvlm.load(model_path(args.model), device=checked_device(args.device), dtype=args.dtype)
     decoder = args.decoder or ("block" if lm.diffusion else "ar")
     if decoder not in ("ar", "hf"):
         lm.require_diffusion(decoder)

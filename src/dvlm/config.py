@@ -453,8 +453,11 @@ class TrainConfig:
     """Training compute dtype: float32 or bfloat16 (autocast; master weights stay fp32)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
-    max_length: int = 2048
-    """Samples longer than this (in tokens) are skipped and reported."""
+    max_length: int | None = None
+    """Samples longer than this (in tokens, image tokens included) are skipped and reported. None:
+    the model's position limit (its config's `max_position_embeddings`), so that every sample the
+    model can place trains (a photo tiled at a published model's real geometry can be ~2,900
+    tokens); a resumed run keeps its own. How many samples exceed it is said before training starts."""
     seed: int = 0
     """Seed of data order, noise and initialisation of anything random."""
     log_every: int = 1
@@ -490,7 +493,7 @@ class TrainConfig:
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         for name in ("epochs", "batch_size", "grad_accum", "max_length", "log_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")

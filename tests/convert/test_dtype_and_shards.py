@@ -12,14 +12,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dvlm
+from dvlm import runtime
 from dvlm.convert.conversion import (
     FP32_TOLERANCE,
     convert_checkpoint,
     half_precision_tolerance,
-    max_shard_bytes,
 )
 from dvlm.convert.verify import causal_logits, probe_input
 from dvlm.model.checkpoint_files import CheckpointError
+from dvlm.model.checkpoint_writing import max_shard_bytes
 from tests.convert.sources import (
     INDEX_FILE,
     SHAPE,
@@ -44,10 +45,16 @@ def bf16_sharded(tmp_path_factory, tokenizer, adapter):
     return src
 
 
-def test_bf16_sharded_source_converts_to_bf16_shards_that_load_and_verify(tmp_path, bf16_sharded):
+def fake_cpu(monkeypatch, fast_bf16: bool) -> None:
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: fast_bf16)
+
+
+def test_bf16_sharded_source_converts_to_bf16_shards_that_load_and_verify(tmp_path, bf16_sharded, monkeypatch):
+    """On a CPU with bfloat16 instructions the check runs in bfloat16, as the model will."""
+    fake_cpu(monkeypatch, True)
     out = tmp_path / "out"
     report = convert_checkpoint(bf16_sharded, out, log=quiet)
-    assert (report.dtype, report.shards) == ("bfloat16", 3)
+    assert (report.dtype, report.shards, report.verified_in) == ("bfloat16", 3, "bfloat16")
     assert shard_files(out) == shard_files(bf16_sharded)
     index = json.loads((out / INDEX_FILE).read_text())
     assert set(index["weight_map"].values()) == set(shard_files(out))
@@ -60,6 +67,37 @@ def test_bf16_sharded_source_converts_to_bf16_shards_that_load_and_verify(tmp_pa
     reference = causal_logits(source.adapter, source.model, probe, source.processor.pad_token_id)
     assert report.tolerance == half_precision_tolerance(reference, torch.bfloat16)
     assert report.max_logit_difference <= report.tolerance
+
+
+def test_a_cpu_without_fast_bf16_verifies_in_float32_and_writes_bf16(tmp_path, bf16_sharded, monkeypatch):
+    """Issue 24: the check computes as `dvlm.load` will run the model there (bf16 ran ~5x slower than
+    float32 on an AVX2 CPU); the weights are written as stored."""
+    fake_cpu(monkeypatch, False)
+    lines = []
+    report = convert_checkpoint(bf16_sharded, tmp_path / "out", log=lines.append)
+    assert (report.dtype, report.verified_in, report.tolerance) == ("bfloat16", "float32", FP32_TOLERANCE)
+    assert report.max_logit_difference <= FP32_TOLERANCE
+    assert tensor_dtypes(tmp_path / "out") == {"BF16"} and set(config_dtypes(tmp_path / "out").values()) == {"bfloat16"}
+    assert any(line.endswith("in bfloat16, verifying in float32") for line in lines), lines
+    assert dvlm.load(tmp_path / "out").model.dtype == torch.float32
+
+
+@pytest.mark.parametrize("fast_bf16", [False, True])
+def test_a_float16_source_is_verified_in_float32_on_cpu(tmp_path_factory, tokenizer, adapter, monkeypatch,
+                                                      fast_bf16):
+    """Issue 24: convert verified an fp16 checkpoint in fp16 on CPU (a 0.9B model took 954 s) while
+    generate upcast it; one rule now, whatever the CPU."""
+    fake_cpu(monkeypatch, fast_bf16)
+    root = tmp_path_factory.mktemp("fp16")
+    src = build_checkpoint(root / "src", tokenizer, adapter=adapter, dtype=torch.float16)
+    report = convert_checkpoint(src, root / "out", log=quiet)
+    assert (report.dtype, report.verified_in, report.tolerance) == ("float16", "float32", FP32_TOLERANCE)
+    assert report.max_logit_difference <= FP32_TOLERANCE
+    assert tensor_dtypes(root / "out") == {"F16"}
+    written = load_file(root / "out" / "model.safetensors")
+    source = load_file(src / "model.safetensors")
+    unchanged = [name for name in source if written[name].shape == source[name].shape]
+    assert unchanged and all(torch.equal(written[n], source[n]) for n in unchanged)  # bit for bit, as stored
 
 
 def test_dtype_option_casts_and_keeps_shards_about_the_source_size(tmp_path, bf16_sharded):
@@ -77,7 +115,7 @@ def test_dtype_option_casts_and_keeps_shards_about_the_source_size(tmp_path, bf1
 
 def test_float16_option(tmp_path, bf16_sharded):
     report = convert_checkpoint(bf16_sharded, tmp_path / "out", dtype="float16", log=quiet)
-    assert report.dtype == "float16"
+    assert (report.dtype, report.verified_in) == ("float16", "float32")  # CPUs compute float16 in float32
     assert tensor_dtypes(tmp_path / "out") == {"F16"}
     assert set(config_dtypes(tmp_path / "out").values()) == {"float16"}
 

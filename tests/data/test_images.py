@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dvlm.data.images import MAX_IMAGE_PIXELS, ImageError, load_image
+from dvlm.data.images import MAX_IMAGE_PIXELS, ImageError, ImageLimits, load_image
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -193,3 +193,42 @@ def test_wide_grey_modes_are_rescaled_not_clipped():
     wide = Image.fromarray(np.array([[-5.0, 5.0]], dtype=np.float32))  # outside [0, 255]: stretched
     assert load_image(wide).getpixel((0, 0)) == (0, 0, 0) and load_image(wide).getpixel((1, 0)) == (255, 255, 255)
     assert load_image(Image.fromarray(np.full((4, 4), 3000, dtype=np.int32))).getpixel((0, 0)) == (12, 12, 12)
+
+
+# -- each limit exactly at the limit, and one past it ------------------------------------------------
+
+
+def test_an_image_of_exactly_max_pixels_is_accepted():
+    """The README: "at most 25 MP (width x height)". 5000 x 5000 = 25,000,000 pixels loads;
+    5000 x 5001 is refused from its header. With a set limit of 1000: 40 x 25 loads, 7 x 143 = 1001 not."""
+    assert MAX_IMAGE_PIXELS == 25_000_000
+    assert load_image(Image.new("L", (5000, 5000))).size == (5000, 5000)
+    with pytest.raises(ImageError, match=r"too large \(5000x5001 = 25005000 pixels, limit 25000000\)"):
+        load_image(png_header_only(5000, 5001))
+    limits = ImageLimits(max_pixels=1000)
+    assert load_image(Image.new("RGB", (40, 25)), limits=limits).size == (40, 25)
+    with pytest.raises(ImageError, match=r"too large \(7x143 = 1001 pixels, limit 1000\)"):
+        load_image(Image.new("RGB", (7, 143)), limits=limits)
+
+
+def test_an_aspect_ratio_of_exactly_the_limit_is_accepted():
+    """At most 200: 2000 x 10 (200.0) loads, 2001 x 10 (200.1) does not, either way round."""
+    assert load_image(Image.new("RGB", (2000, 10))).size == (2000, 10)
+    assert load_image(Image.new("RGB", (10, 2000))).size == (10, 2000)
+    for size in ((2001, 10), (10, 2001)):
+        with pytest.raises(ImageError, match="aspect ratio 200.1 "):
+            load_image(Image.new("RGB", size))
+
+
+@pytest.mark.parametrize("source", ["path", "bytes", "data URL"])
+def test_an_image_of_exactly_max_bytes_is_accepted(tmp_path, make_png, source):
+    """"At most max_bytes encoded": an image of exactly that many bytes loads from a file, bytes or
+    a data URL (its base64 padding not counted as data), one byte less of limit refuses it."""
+    data = make_png((29, 20))
+    assert len(data) % 3 != 0  # the data URL's payload ends in padding (89 bytes: 120 characters, one "=")
+    file = tmp_path / "image.png"
+    file.write_bytes(data)
+    given = {"path": file, "bytes": data, "data URL": "data:image/png;base64," + base64.b64encode(data).decode()}
+    assert load_image(given[source], limits=ImageLimits(max_bytes=len(data))).size == (29, 20)
+    with pytest.raises(ImageError, match=f"{len(data)} bytes, more than the limit of {len(data) - 1} "):
+        load_image(given[source], limits=ImageLimits(max_bytes=len(data) - 1))

@@ -9,8 +9,10 @@ from PIL import Image
 import dvlm
 from dvlm.data.chat import split_placeholders
 from dvlm.data.llava_json import LlavaJsonDataset
-from dvlm.model.adapters.qwen_chat import DEFAULT_SYSTEM_PROMPT, template_system_prompt
-from tests.data.conftest import qwen_processor
+from dvlm.data.template import ChatTemplate
+from dvlm.model.adapters.qwen_chat import DEFAULT_SYSTEM_PROMPT
+from dvlm.data.processor import ChatProcessor
+from tests.data.conftest import ADAPTER, qwen_processor
 
 
 def slots(parts):
@@ -76,16 +78,23 @@ def test_encoding_equals_the_models_own_chat_template(builtin):
     assert ours.input_ids.tolist() == tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
 
-def test_default_system_prompt_follows_the_template(builtin, processor):
+def test_default_system_prompt_follows_the_template(builtin, processor, as_tokens):
+    """A checkpoint's own template decides the default system turn (the processor adds none); a
+    checkpoint without a template gets the family's layout and default system prompt."""
     assert builtin.processor.system_prompt is None  # the built-in template adds none
     assert processor.system_prompt == DEFAULT_SYSTEM_PROMPT  # no template: the Qwen default
-    tokenizer = processor.tokenizer
-    tokenizer.chat_template = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nBe brief<|im_end|>\n"
-                               "{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-                               "{{ m['content'] }}<|im_end|>\n{% endfor %}")
-    assert template_system_prompt(tokenizer) == "Be brief"
-    tokenizer.chat_template = "[INST] {{ messages[0]['content'] }}"
-    with pytest.raises(ValueError, match="not a Qwen system turn"):
-        qwen_processor(tokenizer, processor.image_processor)
-    # An explicit choice beats the template.
-    assert qwen_processor(tokenizer, processor.image_processor, system_prompt=None).system_prompt is None
+    own = ChatTemplate("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nBe brief<|im_end|>\n"
+                       "{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                       "{% for part in m['content'] %}{{ part['text'] }}{% endfor %}<|im_end|>\n{% endfor %}",
+                       "a test template")
+    with_template = ChatProcessor(ADAPTER.chat_format(processor.tokenizer, processor.image_processor, own))
+    assert with_template.system_prompt is None
+    assert as_tokens(with_template.encode("Yes").input_ids) == [
+        "<|im_start|>", "system", "\n", "Be", "brief", "<|im_end|>", "\n", "<|im_start|>", "user", "\n", "Yes",
+        "<|im_end|>", "\n"]
+    # An explicit choice beats the template's default (its own system turn is then not added).
+    explicit = ChatProcessor(ADAPTER.chat_format(processor.tokenizer, processor.image_processor, own),
+                             system_prompt="Thanks")
+    assert as_tokens(explicit.encode("Yes").input_ids)[:6] == ["<|im_start|>", "system", "\n", "Thanks",
+                                                               "<|im_end|>", "\n"]
+    assert qwen_processor(processor.tokenizer, processor.image_processor, system_prompt=None).system_prompt is None

@@ -164,6 +164,23 @@ def test_annealed_block_size_schedule():
     assert annealed_block_size(0.0, 1, 0.5) == 1
 
 
+def test_annealing_stages_start_exactly_at_their_step():
+    """Worked by hand from the recipe (equal shares of the first anneal_fraction, one per size).
+
+    10 steps, B=16, anneal_fraction 0.4: 4 annealed steps, one per size 2, 4, 8, 16 (in floats
+    step 3 is 0.3 / 0.4 * 4 = 2.9999999999999996 stages in and would train at 8).
+    7 steps, B=12, anneal_fraction 1: sizes 2, 4, 8, 12 (12 is not a power of two), 7/4 = 1.75
+    steps each: stages start at 0, 1.75, 3.5, 5.25, so steps 0-1, 2-3, 4-5, 6.
+    B=3: sizes 2, 3; B=2: 2 alone."""
+    assert [annealed_block_size(s / 10, 16, 0.4) for s in range(10)] == [2, 4, 8, 16, 16, 16, 16, 16, 16, 16]
+    assert [annealed_block_size(s / 7, 12, 1.0) for s in range(7)] == [2, 2, 4, 4, 8, 8, 12]
+    assert [annealed_block_size(s / 4, 3, 1.0) for s in range(4)] == [2, 2, 3, 3]
+    assert [annealed_block_size(s / 4, 2, 1.0) for s in range(4)] == [2, 2, 2, 2]
+    # a long run: 300 annealed steps of 1000 (0.3), 75 per stage: steps 75, 150, 225 start the next
+    sizes = [annealed_block_size(s / 1000, 16, 0.3) for s in (74, 75, 149, 150, 224, 225, 299, 300)]
+    assert sizes == [2, 4, 4, 8, 8, 16, 16, 16]
+
+
 def test_antithetic_sequence_order_literal():
     """DiffusionVL's assignment: stratum j to flat block j of (row, block), u = u_j / N + j / N,
     so t rises along each sequence and from one row to the next."""

@@ -4,6 +4,8 @@ plain, and a resumed LoRA run is the uninterrupted one."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -122,3 +124,57 @@ def test_lora_resume_equals_the_uninterrupted_run(tmp_path, data, fast_checkpoin
 def _image(data: Path) -> Path:
     record = json.loads(data.read_text())[0]
     return data.parent / record["image"]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, data, reference_checkpoints) -> Path:
+    """A 2-step LoRA run (r=4, alpha=8) of the reference family, with its step-2 checkpoint."""
+    run = tmp_path_factory.mktemp("lora") / "run"
+    train(reference_checkpoints["fast-dvlm"], data, run, config(max_steps=2), progress=False)
+    return run
+
+
+@pytest.mark.parametrize(("lora", "said"), [
+    ("r=8,alpha=8", "lora.r was 4 in checkpoint-000002, is 8 now"),
+    ("r=4,alpha=16", "lora.alpha was 8.0 in checkpoint-000002, is 16.0 now"),
+    ("r=4,alpha=8,targets=q_proj", "lora.targets was [] in checkpoint-000002, is ['q_proj'] now"),
+])
+def test_lora_resume_with_other_settings_is_refused_in_one_line(tmp_path, lora_run, data, reference_checkpoints,
+                                                                lora, said):
+    """Another r used to fail deep in peft with torch's multi-line size-mismatch traceback."""
+    run = Path(shutil.copytree(lora_run, tmp_path / "run"))
+    with pytest.raises(ValueError, match=rf"^--resume: {re.escape(said)}; a resumed LoRA run continues"):
+        train(reference_checkpoints["fast-dvlm"], data, run, config(max_steps=3, lora=lora), progress=False,
+              resume=True)
+    train(reference_checkpoints["fast-dvlm"], data, run, config(max_steps=3, lora="alpha=8,r=4"), progress=False,
+          resume=True)  # the same setting written another way resumes
+
+
+def test_lora_resume_with_another_rank_from_the_command_line(capsys, tmp_path, lora_run, data, reference_checkpoints):
+    from tests.test_cli import one_line_error, run as run_cli
+
+    run = Path(shutil.copytree(lora_run, tmp_path / "run"))
+    code, _, err = run_cli(capsys, "train", "--model", reference_checkpoints["fast-dvlm"], "--data", data,
+                           "--out", run, "--steps", 3, "--batch-size", 4, "--lr", "5e-3", "--lora", "r=8,alpha=8",
+                           "--set", "warmup_ratio=0", "--resume")
+    assert code == 2
+    assert one_line_error(err, "train").startswith("dvlm train: error: --resume: lora.r was 4 in checkpoint-000002, "
+                                                   "is 8 now; ")
+
+
+def test_an_adapter_of_another_rank_is_refused_without_a_record(tmp_path, lora_run, data, reference_checkpoints):
+    """A checkpoint whose trainer state does not record the LoRA setting: the adapter's own shapes
+    are checked as it loads, and the mismatch is one line naming the file."""
+    run = Path(shutil.copytree(lora_run, tmp_path / "run"))
+    state_file = run / "checkpoint-000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["train_config"]["lora"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError) as err:
+        train(reference_checkpoints["fast-dvlm"], data, run, config(max_steps=3, lora="r=8,alpha=8"), progress=False,
+              resume=True)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"{run / 'checkpoint-000002' / ADAPTER_FILE} does not match this LoRA setting "
+                              "(size mismatch for ")
+    assert "torch.Size([4, " in message and "torch.Size([8, " in message

@@ -29,6 +29,7 @@ from dvlm.train.resume import (
     STATE_FILE,
     CheckpointError,
     list_checkpoints,
+    setting_changes,
 )
 
 CHECKPOINT_FILES = {"model.safetensors", "config.json", OPTIMIZER_FILE, RNG_FILE, STATE_FILE}
@@ -289,6 +290,40 @@ def test_resume_refuses_settings_that_change_the_data_order(tmp_path, data, fast
     with pytest.raises(ValueError, match=rf"^--resume: {said}; "):
         train(fast_checkpoint, data, copy, dataclasses.replace(CONFIG, **change), progress=False, resume=True)
     assert snapshot(copy) == before
+
+
+def test_setting_changes_literal():
+    """Every leaf that differs, dotted; a key recorded but gone now (or new now) is a change too;
+    unset and None are the same setting."""
+    recorded = {"seed": 0, "group_by_length": True, "diffusion": {"block_size": 16, "eps_min": 0.001},
+                "steps": None}
+    now = {"seed": 1, "diffusion": {"block_size": 16, "eps_min": 0.002, "fill_last_block": False}}
+    assert setting_changes(recorded, now, "checkpoint-000002") == [
+        "seed was 0 in checkpoint-000002, is 1 now",
+        "diffusion.eps_min was 0.001 in checkpoint-000002, is 0.002 now",
+        "diffusion.fill_last_block was unset in checkpoint-000002, is False now",
+        "group_by_length was True in checkpoint-000002, is unset now",
+    ]
+    assert setting_changes(recorded, {**recorded}, "c") == []
+    assert setting_changes({"a": {"b": 1}}, {"a": None}, "c") == ["a was {'b': 1} in c, is None now"]
+
+
+@pytest.mark.parametrize(("recorded", "now", "said"), [
+    (True, False, "group_by_length was True in checkpoint-000002, is unset now"),
+    (False, True, "group_by_length was unset in checkpoint-000002, is True now"),
+])
+def test_resume_refuses_a_setting_recorded_then_dropped(tmp_path, data, reference_checkpoints, recorded, now, said):
+    """group_by_length is recorded only when on (older checkpoints lack it): turning it off on
+    resume drops it from the data order, and that is refused like any changed setting. (One
+    family: the check is above the adapter seam.)"""
+    model = reference_checkpoints["fast-dvlm"]
+    cfg = dataclasses.replace(CONFIG, max_steps=2, save_every=0, group_by_length=recorded)
+    train(model, data, tmp_path / "run", cfg, progress=False)
+    before = snapshot(tmp_path / "run")
+    with pytest.raises(ValueError, match=rf"^--resume: {said}; "):
+        train(model, data, tmp_path / "run", dataclasses.replace(cfg, max_steps=3, group_by_length=now),
+              progress=False, resume=True)
+    assert snapshot(tmp_path / "run") == before
 
 
 def test_resume_refuses_other_data_or_recipe(tmp_path, data, fast_checkpoint, run):

@@ -105,3 +105,19 @@ def test_workers_are_not_started_without_num_workers():
     steps = StepData(_Records([1, 2, 3]), TrainConfig(batch_size=1), 0, SkipReport())
     steps.prefetch(0, 3)
     assert steps._prefetched is None
+
+
+def test_a_sample_of_exactly_max_length_tokens_trains(tmp_path, reference_checkpoints):
+    """The README: training samples of "at most max_length tokens" are used, longer ones skipped.
+    A record of L tokens encodes with max_length = L and is refused with L - 1."""
+    from dvlm.data.llava_json import LlavaJsonDataset, SampleError
+    from dvlm.model.loaded import LoadedModel
+
+    data = export_llava(get_task("shapes-qa").generate("train", 1, seed=0), tmp_path)
+    processor = LoadedModel.load(reference_checkpoints["fast-dvlm"], device="cpu").processor
+    length = len(LlavaJsonDataset(data, processor)[0].input_ids)
+    processor.max_length = length
+    assert len(LlavaJsonDataset(data, processor)[0].input_ids) == length
+    processor.max_length = length - 1
+    with pytest.raises(SampleError, match=f"encoded sample has {length} tokens, more than max_length={length - 1}"):
+        LlavaJsonDataset(data, processor)[0]

@@ -4,7 +4,8 @@ second route, before alignment and conversion).
 The family's adapter joins the parts with a fresh projector (`Adapter.assemble`); this module checks
 the inputs and the output place first, writes the result whole or not at all (`dvlm.atomic`), and
 proves it: the written checkpoint holds every weight of the parts bit for bit, and its tokenizer and
-image processor make the family's chat format. Then
+image processor make the family's chat format. It carries the family's chat template (the one its
+tokenizer was given) and the language model's generation_config.json (its end tokens). Then
 `dvlm train --trainable projector --ar` aligns the projector and `dvlm convert` makes a dVLM of it.
 """
 
@@ -21,6 +22,7 @@ from dvlm.config import DTYPES
 from dvlm.convert.conversion import check_not_quantized, check_output
 from dvlm.model.adapters.registry import adapter_for_architecture, assembling_architectures
 from dvlm.model.checkpoint_files import check_weights, read_config
+from dvlm.model.checkpoint_writing import copy_generation_config
 
 
 @dataclass
@@ -77,6 +79,7 @@ def assemble_checkpoint(language_model: str | Path, vision_tower: str | Path, ou
         assembled.model.save_pretrained(tmp, safe_serialization=True)
         assembled.tokenizer.save_pretrained(tmp)
         assembled.image_processor.save_pretrained(tmp)
+        copy_generation_config(tmp, language_model)
         assembled.check_written(tmp)
         adapter.load_processor(tmp)  # the chat format takes the written tokenizer and image processor
     log(f"verified: every weight of both parts is in {out}, bit for bit")

@@ -3,10 +3,13 @@
 A dVLM is the same network as its AR source. Conversion only adds the [MASK] token (tokenizer +
 a mean-initialised embedding row) and writes the diffusion recipe into config.json. It then proves
 itself: the written checkpoint, loaded back, must give the source model's logits in causal mode
-(invariant 1). The output keeps the source's dtype (unless `dtype` says otherwise) and its
-sharded layout, and is assembled in a temporary directory that replaces `out` only once every
-check has passed (`dvlm.atomic`): a failed or killed conversion never leaves a half-written or
-half-deleted model, and the next run removes what a killed one left behind.
+(invariant 1). The output keeps the source's dtype (unless `dtype` says otherwise), its sharded
+layout, its chat template and its generation_config.json. The check computes in the dtype the
+device runs that dtype in (`dvlm.runtime.pick_dtype`: float32 on a CPU for float16, and for
+bfloat16 where the CPU lacks bfloat16 instructions). The output is assembled in a temporary
+directory that replaces `out` only once every check has passed (`dvlm.atomic`): a failed or
+killed conversion never leaves a half-written or half-deleted model, and the next run removes
+what a killed one left behind.
 
 The mask token is either new (a spare embedding row if the table has one, else the table grows)
 or an existing added special token the chat never uses; any other token would have its rows
@@ -36,15 +39,16 @@ from dvlm.data.processor import ChatProcessor
 from dvlm.model.adapters.base import Adapter
 from dvlm.model.adapters.registry import adapter_for_checkpoint
 from dvlm.model.checkpoint_files import (
-    WEIGHTS_INDEX,
     check_weights,
     read_config,
+    read_generation_config,
     saved_dtype,
     weight_files,
 )
-from dvlm.model.loaded import LoadedModel, has_recipe, save_model, write_recipe
+from dvlm.model.checkpoint_writing import shard_size_like
+from dvlm.model.loaded import LoadedModel, end_token_ids, has_recipe, save_model, write_recipe
 from dvlm.model.quantize import RECIPE_KEY as QUANTIZATION_RECIPE
-from dvlm.runtime import pick_device, pick_dtype
+from dvlm.runtime import dtype_name, pick_device, pick_dtype
 
 REPORT_FILE = "dvlm_conversion.json"
 FP32_TOLERANCE = 1e-4
@@ -79,6 +83,8 @@ class ConversionReport:
     max_logit_difference: float
     tolerance: float
     parameters: int
+    verified_in: str = "float32"
+    """The dtype the check computed in (the written dtype, or float32 where the device is slow in it)."""
 
     @property
     def mask_row_description(self) -> str:
@@ -144,14 +150,6 @@ def conversion_dtype(requested: str, src: Path, log: Callable[[str], None]) -> s
         raise ValueError(f"{src} has dtype {declared!r}, not one of {', '.join(names)}; "
                          "pass --dtype to convert to one of them")
     return declared
-
-
-def max_shard_bytes(src: Path) -> int | None:
-    """The size of the source's largest shard, so the output is sharded alike; None when the
-    source is a single file (the output then stays one file)."""
-    if not (src / WEIGHTS_INDEX).is_file():
-        return None
-    return max(p.stat().st_size for p in weight_files(src))
 
 
 # -- the mask token --------------------------------------------------------------------------------
@@ -285,9 +283,10 @@ def remove_leftovers(out: Path) -> list[str]:
 
 
 def save_converted(model: nn.Module, processor: ChatProcessor, tmp: Path, src: Path, dtype_name: str) -> int:
-    """Write model, tokenizer and image processor, sharded like the source; returns the shard count."""
-    whole = sum(t.numel() * t.element_size() for t in model.state_dict().values())  # fits in one file
-    save_model(model, processor, tmp, max_shard_size=max_shard_bytes(src) or whole)
+    """Write model (cast to `dtype_name` in place), tokenizer, image processor, chat template and
+    generation config, sharded like the source; returns the shard count."""
+    model.to(getattr(torch, dtype_name))
+    save_model(model, processor, tmp, max_shard_size=shard_size_like(src, model.state_dict()), source=src)
     written = saved_dtype(read_config(tmp))
     if written != dtype_name:
         raise ConversionError(f"config.json was written with dtype {written!r}, weights in {dtype_name}")
@@ -319,7 +318,7 @@ def plan_conversion(src: Path, out: Path, preset: str, settings: dict[str, Any],
     processor = adapter_for_checkpoint(src).load_processor(src)
     used = chat_tokens(processor, read_config(src))
     check_mask_token(processor.tokenizer, diffusion.mask_token, used)
-    diffusion.eos_token_ids = processor.eos_token_ids
+    diffusion.eos_token_ids = end_token_ids(processor.eos_token_ids, read_config(src), read_generation_config(src))
     diffusion.pad_token_id = processor.pad_token_id
     return ConversionPlan(architecture, diffusion, dtype_name, processor, used)
 
@@ -344,10 +343,14 @@ def convert_checkpoint(
     settings = dict(overrides or {}) | ({} if block_size is None else {"block_size": block_size})
     plan = plan_conversion(src, out, preset, settings, overwrite, dtype, log)
     processor, diffusion, dev = plan.processor, plan.diffusion, pick_device(device)
-    torch_dtype = pick_dtype(plan.dtype_name, dev)
-    log(f"loading {plan.architecture} from {src} in {plan.dtype_name}")
+    stored = getattr(torch, plan.dtype_name)
+    compute = pick_dtype("auto", dev, plan.dtype_name)  # the written dtype, unless the device is slow in it
+    log(f"loading {plan.architecture} from {src} in {plan.dtype_name}"
+        + ("" if compute == stored else f", verifying in {dtype_name(compute)}"))
     adapter = adapter_for_checkpoint(src)
-    model = adapter.load_model(src, torch_dtype, dev)
+    model = adapter.load_model(src, stored, dev)  # the weights as they will be written
+    if compute != stored:
+        model.to(compute)  # a lossless upcast (never a cast of the float32 buffers, such as RoPE's, down)
     probe = probe_input(processor)
     reference = causal_logits(adapter, model, probe, processor.pad_token_id)
     require_finite_source(reference, plan.dtype_name)
@@ -361,17 +364,17 @@ def convert_checkpoint(
         shards = save_converted(model, processor, tmp, src, plan.dtype_name)
         del model  # free the source before loading the written copy: memory stays near one copy
         gc.collect()
-        converted = LoadedModel.load(tmp, device=device, dtype=plan.dtype_name)
+        converted = LoadedModel.load(tmp, device=device, dtype=dtype_name(compute))
         logits = causal_logits(converted.adapter, converted.model, probe, processor.pad_token_id)
         diff = max_logit_difference(reference, logits, [mask.token_id])
-        tol = tolerance if tolerance is not None else verification_tolerance(reference, torch_dtype)
+        tol = tolerance if tolerance is not None else verification_tolerance(reference, compute)
         require_match(diff, tol)
         log(f"verified: causal logits match the source (max |diff| {diff:.2e} <= {tol:g})")
         report = ConversionReport(
             source=str(src), output=str(out), architecture=plan.architecture, preset=preset,
             block_size=diffusion.block_size, mask_token=diffusion.mask_token, mask_token_id=mask.token_id,
             mask_row=mask.row, dtype=plan.dtype_name, shards=shards, max_logit_difference=diff,
-            tolerance=tol, parameters=parameters,
+            tolerance=tol, parameters=parameters, verified_in=dtype_name(compute),
         )
         (tmp / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report

@@ -2,22 +2,28 @@
 
 Every input form of a request (a prompt string with images, ``<image>`` placeholders in a string,
 OpenAI-style messages with image parts, a LLaVA record) becomes a list of turns whose parts are
-text pieces and image slots, in the user's order (`to_turns`). A family's `ChatFormat` then lays
-the turns out in tokens: its chat template, its special tokens, what an image becomes (its tensors
-and how many image tokens stand for it), and its position ids. The chat processor
+text pieces and image slots, in the user's order (`to_turns`). A family's `ChatFormat` then says
+what the checkpoint adds: its chat template (which lays the turns out, `dvlm.data.template`), its
+special tokens, what an image becomes (its tensors and how many image tokens stand for it), and its
+position ids. The chat processor
 (`dvlm.data.processor`) joins the two; a family's adapter builds its `ChatFormat`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import functools
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dvlm.data.images import ImageSource
 from dvlm.data.positions import PositionScheme
 from dvlm.data.vision import VisionInputs
+
+if TYPE_CHECKING:
+    from dvlm.data.template import ChatTemplate
 
 ROLES = ("system", "user", "assistant")
 """The roles of a chat's messages."""
@@ -29,10 +35,6 @@ IMAGE_PLACEHOLDER = "<image>"
 """Where an image goes in a text (LLaVA's convention); its image tokens replace it."""
 
 Messages = str | Sequence[Mapping[str, Any]]
-TextEncoder = Callable[[str], list[int]]
-"""Text -> token ids, refusing special tokens typed as text (`ChatProcessor._text`)."""
-Segment = tuple[list[int], bool]
-"""Token ids and whether they are trained (labelled): a family's layout returns a turn as segments."""
 
 
 @dataclass
@@ -56,45 +58,29 @@ class Turn:
 
 
 class ChatFormat:
-    """What one model family adds to a chat. Its adapter builds one from the checkpoint's tokenizer
-    and image processor (`Adapter.chat_format`); everything else about encoding (input forms,
-    placeholders, loading images, refusing special tokens typed as text, labels, length limits)
-    is the chat processor's and the same for every family.
+    """What one model family adds to a chat. Its adapter builds one from the checkpoint's tokenizer,
+    image processor and chat template (`Adapter.chat_format`); everything else about encoding (input
+    forms, placeholders, loading images, refusing special tokens typed as text, rendering the chat
+    through the template, labels, length limits) is the chat processor's and the same for every family.
 
-    Subclasses implement the layout (`turn`, `generation_prompt`, `default_system_prompt`,
-    `image_token_id`, `structure_token_ids`) and `process_images`, and pass their position scheme.
+    Subclasses give `image_token_id`, `structure_token_ids` and `process_images`, and pass their
+    position scheme. The layout itself is the chat template (`dvlm.data.template`): the checkpoint's
+    own, or the family's when the checkpoint has none (then with the family's default system prompt).
     """
 
-    def __init__(self, tokenizer: Any, image_processor: Any, positions: PositionScheme) -> None:
+    def __init__(self, tokenizer: Any, image_processor: Any, positions: PositionScheme, template: ChatTemplate,
+                 default_system_prompt: str | None = None) -> None:
+        """`default_system_prompt`: the system turn the chat processor adds to a chat that has none
+        (None for a checkpoint's own template, which adds its own default, if any)."""
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.positions = positions
-
-    def turn(self, role: str, parts: list[str | ImagePart], text: TextEncoder) -> list[Segment]:
-        """One turn in tokens, as the family's chat template renders it.
-
-        Args:
-            role: one of ROLES.
-            parts: the turn's text pieces and images, in the order the user gave them.
-            text: tokenises a piece of text (the family may add its own separators to a piece).
-        Returns:
-            segments in order; the trained ones are the span a training label covers (an
-            assistant's answer and the token that ends it).
-        """
-        raise NotImplementedError
-
-    def generation_prompt(self, text: TextEncoder) -> list[int]:
-        """The tokens after the last turn that make the model answer (the assistant turn's header)."""
-        raise NotImplementedError
-
-    def default_system_prompt(self) -> str | None:
-        """The system prompt of a chat that has none: the one the tokenizer's own chat template
-        adds (None if it adds none)."""
-        raise NotImplementedError
+        self.template = template
+        self.default_system_prompt = default_system_prompt
 
     @property
     def image_token_id(self) -> int:
-        """The token whose positions receive image features."""
+        """The token whose positions receive image features (the one the template writes per image)."""
         raise NotImplementedError
 
     def structure_token_ids(self) -> dict[str, int]:
@@ -109,8 +95,28 @@ class ChatFormat:
 
     @property
     def eos_token_ids(self) -> list[int]:
-        """Ids that end an answer."""
-        return [int(self.tokenizer.eos_token_id)]
+        """Ids that end an answer as far as the chat knows: the token the template ends an assistant
+        turn with (what training teaches), then the tokenizer's eos, deduplicated."""
+        eos = self.tokenizer.eos_token_id
+        return list(dict.fromkeys([self.end_of_turn_token_id, *([int(eos)] if eos is not None else [])]))
+
+    @functools.cached_property
+    def end_of_turn_token_id(self) -> int:
+        """The special token the chat template ends an assistant turn with (what training teaches)."""
+        from dvlm.data.template import end_of_turn_token
+
+        return int(self.tokenizer.convert_tokens_to_ids(end_of_turn_token(self.template, self.tokenizer,
+                                                                          self.special_tokens_pattern)))
+
+    @functools.cached_property
+    def special_tokens_pattern(self) -> re.Pattern[str] | None:
+        """Matches any special token of the tokenizer (longest first) but the ``<image>`` placeholder
+        (placeholders are split out of texts before they are encoded); None if it has none."""
+        added = getattr(self.tokenizer, "added_tokens_decoder", {}).values()
+        tokens = {t.content for t in added if t.special} | set(self.tokenizer.all_special_tokens)
+        tokens -= {IMAGE_PLACEHOLDER}
+        tokens = sorted((t for t in tokens if t), key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, tokens))) if tokens else None
 
     @property
     def pad_token_id(self) -> int:

@@ -129,11 +129,18 @@ def _data_url_bytes(url: str, limits: ImageLimits) -> bytes:
     header, sep, payload = url.partition(",")
     if not sep or not header.startswith("data:image/") or not header.endswith(";base64"):
         raise ImageError("<data URL>", "expected 'data:image/<format>;base64,<payload>'")
-    _check_bytes(len(payload) * 3 // 4, "<data URL>", limits)
+    _check_bytes(_base64_size(payload), "<data URL>", limits)
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as err:
         raise ImageError("<data URL>", f"invalid base64 payload ({err})") from err
+
+
+def _base64_size(payload: str) -> int:
+    """Bytes a padded base64 payload decodes to: 3 per 4 characters, less one per `=` of padding
+    (at most 2), so an image of exactly `max_bytes` is not refused for its padding."""
+    padding = min(2, len(payload) - len(payload.rstrip("=")))
+    return len(payload) * 3 // 4 - padding
 
 
 def _fetch(url: str, limits: ImageLimits) -> bytes:

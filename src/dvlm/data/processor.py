@@ -1,25 +1,24 @@
 """The chat processor: chats with images -> `Encoded` samples, the same code for every model family.
 
 It takes every input form (`dvlm.data.chat`), loads and checks the images, and asks the family's
-`ChatFormat` for the rest: the tokens of each turn (its chat template, rebuilt token by token, so
-label boundaries are exact), the image tensors and image-token counts, and the position ids.
-Only the answer span of each assistant turn is labelled; everything else is IGNORE_INDEX.
+`ChatFormat` for the rest: the chat template the turns are rendered through (`dvlm.data.template`:
+transformers' renderer, the text tokenized whole), the image tensors and image-token counts, and the
+position ids. Only each assistant answer and the token ending its turn are labelled; everything
+else is IGNORE_INDEX.
 Special tokens typed as text are refused, in prompts and answers alike.
 """
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 
 from dvlm.data.chat import (
-    IMAGE_PLACEHOLDER,
     ChatFormat,
     ImagePart,
     ImageSlot,
@@ -29,6 +28,7 @@ from dvlm.data.chat import (
 )
 from dvlm.data.images import DEFAULT_LIMITS, ImageLimits, ImageSource, load_image
 from dvlm.data.positions import PositionScheme
+from dvlm.data.template import TemplateError, encode_chat
 from dvlm.data.vision import VisionInputs
 
 IGNORE_INDEX = -100
@@ -78,10 +78,10 @@ class ChatProcessor:
     def __init__(self, format: ChatFormat, *, system_prompt: str | None | _FromFormat = FROM_FORMAT,
                  max_length: int | None = None, allow_remote_images: bool = False,
                  image_limits: ImageLimits = DEFAULT_LIMITS):
-        """``system_prompt``: the system turn added when a chat has none; by default the family's
-        (the one the tokenizer's own chat template adds, if any)."""
+        """``system_prompt``: the system turn added when a chat has none; by default the format's (None
+        for a checkpoint's own template, which adds its own default system turn, if any)."""
         self.format = format
-        self.system_prompt = format.default_system_prompt() if isinstance(system_prompt, _FromFormat) else system_prompt
+        self.system_prompt = format.default_system_prompt if isinstance(system_prompt, _FromFormat) else system_prompt
         self.max_length = max_length
         self.allow_remote_images = allow_remote_images
         self.image_limits = image_limits
@@ -119,10 +119,12 @@ class ChatProcessor:
 
     def encode(self, messages: Messages, images: Sequence[ImageSource] | None = None, *,
                add_generation_prompt: bool = False) -> Encoded:
-        """Encode a prompt string or an OpenAI-style message list (see `dvlm.data.chat`).
+        """Encode a prompt string or an OpenAI-style message list (see `dvlm.data.chat`) through the
+        chat template (`dvlm.data.template`).
 
         Raises:
-            ValueError: malformed messages or placeholder/image count mismatch.
+            ValueError: malformed messages or placeholder/image count mismatch, special tokens typed
+                as text, a chat the template cannot render (TemplateError).
             ImageError: an image cannot be loaded. PromptTooLongError: longer than max_length.
         """
         turns = to_turns(messages, images)
@@ -132,43 +134,34 @@ class ChatProcessor:
         pil = [load_image(s, allow_remote=self.allow_remote_images, limits=self.image_limits) for s in sources]
         vision, counts = self.format.process_images(pil) if pil else (None, [])
         tokens = iter(counts)
-        ids: list[int] = []
-        labels: list[int] = []
-        for turn in turns:
-            parts: list[Union[str, ImagePart]] = [
-                p if isinstance(p, str) else ImagePart(next(tokens)) for p in turn.parts]
-            for segment, trained in self.format.turn(turn.role, parts, self._text):
-                ids += segment
-                labels += segment if trained else [IGNORE_INDEX] * len(segment)
-        if add_generation_prompt:
-            header = self.format.generation_prompt(self._text)
-            ids += header
-            labels += [IGNORE_INDEX] * len(header)
+        laid_out = [(turn.role, [self._checked(p) if isinstance(p, str) else ImagePart(next(tokens))
+                                 for p in turn.parts]) for turn in turns]
+        ids, trained = encode_chat(self.format.template, self.tokenizer, laid_out, self.format.image_token_id,
+                                   self._end_pattern, add_generation_prompt=add_generation_prompt)
         if self.max_length is not None and len(ids) > self.max_length:
             raise PromptTooLongError(len(ids), self.max_length)
         input_ids = torch.tensor(ids, dtype=torch.long)
+        labels = torch.where(torch.tensor(trained, dtype=torch.bool), input_ids, IGNORE_INDEX)
         image_tokens = (input_ids == self.format.image_token_id).long()
         positions, next_position = self.positions.sample(image_tokens, vision)
-        return Encoded(input_ids, torch.tensor(labels, dtype=torch.long), image_tokens, positions, next_position,
-                       vision)
+        return Encoded(input_ids, labels, image_tokens, positions, next_position, vision)
 
-    def _text(self, text: str) -> list[int]:
-        """Token ids of plain text (a prompt, a system prompt or a training answer).
+    def _checked(self, text: str) -> str:
+        """A piece of plain text (a prompt, a system prompt or a training answer), checked.
 
         One rule for every text: a special token's string inside it (an end-of-turn token, a pad
-        or image token, the mask token, ...) is refused rather than encoded as that control token.
+        or image token, the mask token, ...) is refused rather than rendered as that control token.
         Typed text must not end a turn, fake an image, or plant a mask."""
-        found = self._special_pattern.search(text) if self._special_pattern else None
+        pattern = self.format.special_tokens_pattern
+        found = pattern.search(text) if pattern else None
         if found:
             raise ValueError(f"text contains the special token {found.group()!r}; special tokens cannot be "
                              "given as text")
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return text
 
-    @functools.cached_property
-    def _special_pattern(self) -> re.Pattern[str] | None:
-        """Matches any special token of the tokenizer (longest first), or None if it has none."""
-        added = getattr(self.tokenizer, "added_tokens_decoder", {}).values()
-        tokens = {t.content for t in added if t.special} | set(self.tokenizer.all_special_tokens)
-        tokens -= {IMAGE_PLACEHOLDER}  # placeholders are split out before text is encoded
-        tokens = sorted((t for t in tokens if t), key=len, reverse=True)
-        return re.compile("|".join(map(re.escape, tokens))) if tokens else None
+    @property
+    def _end_pattern(self) -> re.Pattern[str]:
+        pattern = self.format.special_tokens_pattern
+        if pattern is None:
+            raise TemplateError("the tokenizer has no special tokens: nothing can end an assistant turn")
+        return pattern

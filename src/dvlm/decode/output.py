@@ -22,6 +22,9 @@ class GenerationOutput:
     decoder: str
     nfe: int
     prompt_tokens: int
+    # The end token that finished the answer (one of the model's end tokens, `LoadedModel.eos_token_ids`);
+    # None when the answer did not stop on one ("length").
+    stop_token: int | None = None
     # Seconds per phase of the batch the row ran in (`prefill_s`, `denoise_s`, ...), and `total_s`:
     # this row's own time, from the start of its prefill until it finished.
     timings: dict[str, float] = field(default_factory=dict)

@@ -25,6 +25,7 @@ class Row:
     generator: torch.Generator | None
     tokens: list[int] = field(default_factory=list)
     finish: str | None = None  # "stop" (EOS) or "length" once finished
+    stop_token: int | None = None  # the end token that finished the row ("stop" only)
     nfe: int = 0
     steps: list[int] = field(default_factory=list)  # tokens unmasked by each denoising pass
     accepts: list[int] = field(default_factory=list)  # speculative decoding: tokens accepted per block
@@ -138,7 +139,7 @@ class Rows:
             before = len(row.tokens)
             for tok in toks:
                 if tok in self.eos:
-                    row.finish = "stop"
+                    row.finish, row.stop_token = "stop", tok
                     break
                 row.tokens.append(tok)
                 if row.remaining <= 0:
@@ -156,7 +157,7 @@ class Rows:
         row = self.rows[row_id]
         return GenerationOutput(
             text=decode_text(row.tokens), tokens=list(row.tokens), finish_reason=row.finish or "length",
-            decoder=decoder, nfe=row.nfe, prompt_tokens=row.prompt_tokens, timings=dict(timings),
+            stop_token=row.stop_token, decoder=decoder, nfe=row.nfe, prompt_tokens=row.prompt_tokens, timings=dict(timings),
             settings=dataclasses.asdict(joined(decoder, group, row.settings)), tokens_per_step=list(row.steps),
             accept_lengths=list(row.accepts), cached_tokens=row.cached_tokens,
         )

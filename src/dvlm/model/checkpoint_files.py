@@ -1,4 +1,5 @@
-"""A Hugging Face checkpoint directory as dvlm reads it: config.json, safetensors weights, shards, dtype."""
+"""A Hugging Face checkpoint directory as dvlm reads it: config.json, the processor's files,
+safetensors weights, shards, dtype."""
 
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ from typing import Any
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 """A sharded checkpoint's map of tensor names to shard files."""
+GENERATION_CONFIG = "generation_config.json"
+"""The checkpoint's generation defaults; dvlm reads only its end tokens (`eos_token_id`)."""
+PROCESSOR_FILES = {"preprocessor_config.json": "the image processor's settings",
+                   "tokenizer_config.json": "the tokenizer's settings"}
+"""Files of a checkpoint's processor that dvlm needs, and what they hold."""
 
 
 class CheckpointError(ValueError):
@@ -31,6 +37,43 @@ def read_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise CheckpointError(f"{cfg} must hold a JSON object, not {type(config).__name__}")
     return config
+
+
+def read_generation_config(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's generation_config.json as a dict; {} when it has none."""
+    file = Path(path) / GENERATION_CONFIG
+    if not file.is_file():
+        return {}
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file} is not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file} must hold a JSON object, not {type(config).__name__}")
+    return config
+
+
+def declared_eos_token_ids(config: dict[str, Any], generation: dict[str, Any]) -> list[int]:
+    """The end tokens a checkpoint declares, in order, deduplicated: config.json's `eos_token_id` (top
+    level, then its text_config's), then generation_config.json's; each one id, a list, or absent.
+    (transformers' `generate` stops on generation_config.json's, config.json's when it has none.)"""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    found: list[int] = []
+    for source, value in (("config.json", config.get("eos_token_id")), ("config.json text_config",
+                          text.get("eos_token_id")), (GENERATION_CONFIG, generation.get("eos_token_id"))):
+        values = [] if value is None else value if isinstance(value, list) else [value]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+            raise CheckpointError(f"{source}: eos_token_id must be a token id or a list of token ids, got {value!r}")
+        found += values
+    return list(dict.fromkeys(found))
+
+
+def check_processor_files(path: str | Path) -> None:
+    """A CheckpointError naming the first processor file the directory lacks (`PROCESSOR_FILES`)."""
+    for name, what in PROCESSOR_FILES.items():
+        if not (Path(path) / name).is_file():
+            raise CheckpointError(f"{path} has no {name} ({what}); copy it from the model the checkpoint "
+                                  "came from, or re-save the processor with save_pretrained")
 
 
 def check_weights(path: str | Path) -> list[Path]:

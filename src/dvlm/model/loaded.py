@@ -24,18 +24,18 @@ from dvlm.model.adapters.base import Adapter
 from dvlm.model.adapters.registry import adapter_for_checkpoint
 from dvlm.model.checkpoint_files import (
     CheckpointError,
+    check_processor_files,
     check_weights,
+    declared_eos_token_ids,
     read_config,
     saved_dtype,
 )
+from dvlm.model.checkpoint_writing import write_companions
 from dvlm.model.quantize import check_can_quantize, quantize_model, scheme_to_apply
 from dvlm.runtime import pick_device, pick_dtype
 
 RECIPE_KEY = "dvlm"
 """The section of a converted checkpoint's config.json that holds its DiffusionConfig."""
-
-PROCESSOR_FILES = {"preprocessor_config.json": "the image processor's settings",
-                   "tokenizer_config.json": "the tokenizer's settings"}
 
 
 class LoadedModel:
@@ -61,7 +61,7 @@ class LoadedModel:
         config = read_config(path)
         adapter = adapter_for_checkpoint(path)
         check_weights(path)
-        _check_processor_files(path)
+        check_processor_files(path)
         dev = pick_device(device)
         scheme = scheme_to_apply(quantize, config)
         if scheme is not None:
@@ -83,7 +83,15 @@ class LoadedModel:
 
     @property
     def eos_token_ids(self) -> list[int]:
-        return self.diffusion.eos_token_ids if self.diffusion else self.processor.eos_token_ids
+        """Every token that ends an answer (`end_token_ids`: the chat's end of turn and the tokenizer's
+        eos, config.json's and generation_config.json's `eos_token_id`), as transformers' `generate`
+        stops. A converted model stops on the ids its recipe recorded at conversion (the same union,
+        taken from the source checkpoint)."""
+        if self.diffusion is not None:
+            return self.diffusion.eos_token_ids
+        generation = getattr(self.model, "generation_config", None)
+        return end_token_ids(self.processor.eos_token_ids, self.model.config.to_dict(),
+                             generation.to_dict() if generation is not None else {})
 
     @property
     def mask_token_id(self) -> int:
@@ -109,8 +117,15 @@ class LoadedModel:
         return self.adapter.max_positions(self.model)
 
     def save(self, out: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """`state_dict`: the weights to write when the model holds only its shard of them (FSDP2)."""
-        save_model(self.model, self.processor, Path(out), state_dict=state_dict)
+        """`state_dict`: the weights to write when the model holds only its shard of them (FSDP2).
+        The chat template and generation config come from the directory the model was loaded from."""
+        save_model(self.model, self.processor, Path(out), state_dict=state_dict, source=self.path)
+
+
+def end_token_ids(chat: list[int], config: dict[str, Any], generation: dict[str, Any]) -> list[int]:
+    """The tokens that end an answer: the chat's (the template's end-of-turn token, the tokenizer's
+    eos), then those config.json and generation_config.json declare (`declared_eos_token_ids`)."""
+    return list(dict.fromkeys([*chat, *declared_eos_token_ids(config, generation)]))
 
 
 def require_recipe(diffusion: DiffusionConfig | None, decoder: str, path: str | None = None) -> DiffusionConfig:
@@ -125,14 +140,17 @@ def require_recipe(diffusion: DiffusionConfig | None, decoder: str, path: str | 
 
 
 def save_model(model: nn.Module, processor: ChatProcessor, out: Path, max_shard_size: int | None = None,
-               state_dict: dict[str, torch.Tensor] | None = None) -> None:
+               state_dict: dict[str, torch.Tensor] | None = None, source: str | Path | None = None) -> None:
     """A complete, loadable checkpoint: safetensors weights, config (with the recipe, if any),
-    tokenizer and image processor. `max_shard_size` in bytes (None: transformers' default);
-    `state_dict` the weights to write when the model holds only a shard (gathered by the caller)."""
+    tokenizer and image processor, and `source`'s chat template and generation config (the checkpoint
+    directory the model came from; `dvlm.model.checkpoint_writing`). `max_shard_size` in bytes (None:
+    transformers' default); `state_dict` the weights to write when the model holds only a shard
+    (gathered by the caller)."""
     out.mkdir(parents=True, exist_ok=True)
     options = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(out, safe_serialization=True, state_dict=state_dict, **options)
     processor.save_pretrained(out)
+    write_companions(out, processor.format.template, source)
 
 
 def read_recipe(model: nn.Module, source: str = "config.json") -> DiffusionConfig | None:
@@ -156,10 +174,3 @@ def write_recipe(model: nn.Module, diffusion: DiffusionConfig) -> None:
 def has_recipe(config: dict[str, Any]) -> bool:
     """Whether a config.json (as a dict) belongs to a converted dVLM."""
     return RECIPE_KEY in config
-
-
-def _check_processor_files(path: Path) -> None:
-    for name, what in PROCESSOR_FILES.items():
-        if not (path / name).is_file():
-            raise CheckpointError(f"{path} has no {name} ({what}); copy it from the model the checkpoint "
-                                  "came from, or re-save the processor with save_pretrained")

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from dvlm.atomic import written_whole
 from dvlm.config import ConfigError, DiffusionConfig, TrainConfig, from_dict
 from dvlm.data.collate import Batch
 from dvlm.data.llava_json import (
@@ -42,18 +43,22 @@ from dvlm.diffusion.objective import (
     diffusion_objective,
     loss_normaliser,
 )
-from dvlm.diffusion.schedule import annealed_block_size
+from dvlm.diffusion.schedule import annealed_block_size, exact_ratio
 from dvlm.model.adapters.registry import adapter_for_checkpoint
-from dvlm.model.loaded import LoadedModel, write_recipe
-from dvlm.runtime import pick_device, seeded_generator
-from dvlm.train import distributed, memory, report
+from dvlm.model.checkpoint_files import read_config, saved_dtype
+from dvlm.model.checkpoint_writing import declare_dtype, shard_size_like
+from dvlm.model.loaded import LoadedModel, save_model, write_recipe
+from dvlm.runtime import pick_device, seeded_generator, slow_in_bf16, storage_dtype
+from dvlm.train import distributed, lengths, memory, report
 from dvlm.train import lora as lora_tools
 from dvlm.train.resume import (
+    TRAIN_CONFIG_KEY,
     Checkpoint,
+    check_lora_resume,
     newest_usable_checkpoint,
     restore_training_state,
     save_checkpoint,
-    write_model,
+    setting_changes,
 )
 from dvlm.train.step_data import StepData
 
@@ -82,8 +87,9 @@ class TrainResult:
 
 
 def lr_lambda(total_steps: int, cfg: TrainConfig) -> Callable[[int], float]:
-    """Linear warmup then cosine decay to min_lr_ratio, as a multiplier of the peak LR."""
-    warmup = int(cfg.warmup_ratio * total_steps)
+    """Linear warmup then cosine decay to min_lr_ratio, as a multiplier of the peak LR. The
+    warmup takes floor(warmup_ratio * total_steps) steps (0.29 of 100: 29, not float's 28)."""
+    warmup = math.floor(exact_ratio(cfg.warmup_ratio) * total_steps)
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -145,6 +151,10 @@ class _Run:
     objective: distributed.Objective
     """The model with its loss as one module, as the data-parallel wrapper returned it."""
     processes: distributed.SingleProcess
+    source: Path
+    """The checkpoint the run started from: the final model keeps its layout, template and generation config."""
+    save_dtype: str
+    """The final model's dtype (the source's unless asked otherwise)."""
     lora: Any = None
     """peft's LoraModel around `lm.model` when training LoRA (`TrainConfig.lora`), else None."""
 
@@ -161,6 +171,7 @@ def train(
     device: str | None = None,
     progress: bool = True,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    save_dtype: str = "auto",
 ) -> TrainResult:
     """Fine-tune `model` on LLaVA-format `data`; checkpoints and metrics go to `out`.
 
@@ -168,13 +179,16 @@ def train(
     otherwise it must be a converted dVLM and trains with its DiffusionConfig (updated by
     `diffusion_overrides`). `model` is a checkpoint directory (the CLI resolves built-in names).
     `resume` continues from the run's newest usable checkpoint (from step 0 when it has none yet).
+    `cfg.max_length` None: the model's position limit (`dvlm.train.lengths`). The final model is
+    written in `save_dtype` (`auto`: `model`'s dtype) and `model`'s shard layout, with its chat
+    template and generation config; checkpoints keep the float32 master weights.
 
     Raises:
         TrainingError: a step with nothing to train on, or a non-finite loss.
         CheckpointError: no usable checkpoint to resume from. WriteError: a directory could not be written.
         ValueError: no records in `data`, or a resume that would change the data order or go back.
     """
-    run_dir = Path(out)
+    run_dir, source = Path(out), Path(model)
     records = open_records(data)  # a file without records fails before the model loads; JSONL is read lazily
     if cfg.lora is not None:
         lora_tools.require_peft()
@@ -183,7 +197,13 @@ def train(
     device, progress = processes.device(device), progress and processes.is_main
     with processes.main_first():  # rank 0 sets unusable checkpoints aside before the others look
         checkpoint = _resume_point(run_dir, resume)
-    _check_memory(model, cfg, device, progress)
+    final_dtype = storage_dtype(save_dtype, saved_dtype(read_config(source)))
+    shape = memory.model_shape(source, adapter_for_checkpoint(source))
+    given = cfg  # as asked (trainer_state.json's train_config); data_order records the max_length used
+    cfg, origin = lengths.resolve_max_length(cfg, shape.max_positions, _recorded_max_length(checkpoint))
+    scan = lengths.measure(source, data, image_root, records, cfg, origin) if progress else None
+    _check_memory(shape, cfg, device, progress, scan.longest if scan else None)
+    _check_bf16_speed(cfg, device, progress)
     # master weights in fp32; a LoRA checkpoint holds only the adapter, its base is `model`
     lora_checkpoint = checkpoint is not None and (checkpoint.path / lora_tools.ADAPTER_FILE).exists()
     weights = model if checkpoint is None or lora_checkpoint else checkpoint.path
@@ -211,8 +231,8 @@ def train(
     if processes.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(run_dir / METRICS_FILE, start)
-    state = {"train_config": asdict(cfg), "total_steps": total, "data": str(data), DATA_ORDER_KEY: order}
-    run = _Run(lm, dcfg, cfg, steps, optimizer, scheduler, state, objective, processes, lora)
+    state = {TRAIN_CONFIG_KEY: asdict(given), "total_steps": total, "data": str(data), DATA_ORDER_KEY: order}
+    run = _Run(lm, dcfg, cfg, steps, optimizer, scheduler, state, objective, processes, source, final_dtype, lora)
     result = TrainResult(run_dir, run_dir / FINAL_DIR, total, start_step=start, main_process=processes.is_main)
     _train_steps(run, result, progress, on_step)
     return result
@@ -249,7 +269,7 @@ def _train_steps(run: _Run, result: TrainResult, progress: bool, on_step) -> Non
     run.lm.model.eval()
     weights = run.processes.full_state_dict(run.objective)  # sharded weights gathered (a collective)
     if main:
-        write_model(run.lm, result.model_dir, weights)
+        _write_final(run, result.model_dir, weights)
     run.processes.barrier()  # the run ends when its model is written
     result.skipped = skips.count
     if skips.count:
@@ -272,6 +292,22 @@ def _save_checkpoint(run: _Run, run_dir: Path, step: int) -> None:
     run.processes.barrier()
 
 
+def _write_final(run: _Run, final: Path, weights: dict[str, torch.Tensor] | None) -> None:
+    """The final model, written atomically like a checkpoint, as its source was written: in its dtype
+    (`run.save_dtype`) and shard layout, with its chat template and generation config. `weights`:
+    the gathered weights when the model holds only its shard of them (FSDP2, ZeRO-3)."""
+    dtype = getattr(torch, run.save_dtype)
+    if weights is None:
+        run.lm.model.to(dtype)  # the run is over: its fp32 master weights are not needed any more
+    else:
+        weights = {name: t.to(dtype) if t.is_floating_point() else t for name, t in weights.items()}
+    state = run.lm.model.state_dict() if weights is None else weights
+    with written_whole(final) as tmp:
+        save_model(run.lm.model, run.lm.processor, tmp, max_shard_size=shard_size_like(run.source, state),
+                   state_dict=weights, source=run.source)
+        declare_dtype(tmp, run.save_dtype)  # transformers names the dtype the model (and its parts) loaded in
+
+
 def _write_lora(lm: LoadedModel, folder: Path) -> None:
     from safetensors.torch import save_file
 
@@ -281,13 +317,27 @@ def _write_lora(lm: LoadedModel, folder: Path) -> None:
     save_file(tensors, folder / lora_tools.ADAPTER_FILE)
 
 
-def _check_memory(model: str | Path, cfg: TrainConfig, device: str | None, progress: bool) -> None:
+def _recorded_max_length(checkpoint: Checkpoint | None) -> int | None:
+    """The max_length the resumed run trained with (its checkpoint's data order), if it says."""
+    if checkpoint is None:
+        return None
+    recorded = (checkpoint.state.get(DATA_ORDER_KEY) or {}).get("max_length")
+    return recorded if isinstance(recorded, int) else None
+
+
+def _check_bf16_speed(cfg: TrainConfig, device: str | None, progress: bool) -> None:
+    if progress and cfg.dtype == "bfloat16" and slow_in_bf16(pick_device(device)):
+        tqdm.write("dtype: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX): bfloat16 autocast runs slower "
+                   "than float32 here (--dtype float32)")
+
+
+def _check_memory(shape: memory.ModelShape, cfg: TrainConfig, device: str | None, progress: bool,
+                  longest: int | None) -> None:
     """Estimate the run's memory from the checkpoint's config before any weight loads; refuse a run
-    whose weights and optimizer state cannot fit (unless `memory_check` is off)."""
-    path = Path(model)
-    shape = memory.model_shape(path, adapter_for_checkpoint(path))
+    whose weights and optimizer state cannot fit (unless `memory_check` is off). `longest`: the
+    longest sample's tokens, when measured."""
     try:
-        line = memory.check_fits(shape, cfg, pick_device(device))
+        line = memory.check_fits(shape, cfg, pick_device(device), longest=longest)
     except memory.InsufficientMemoryError:
         if cfg.memory_check:
             raise
@@ -306,6 +356,8 @@ def _attach_lora(lm: LoadedModel, cfg: TrainConfig, dcfg: DiffusionConfig | None
         return None
     if checkpoint is not None and not has_adapter:
         raise ConfigError(f"{checkpoint.path} is a full fine-tune checkpoint: resume it without --lora")
+    if has_adapter:
+        check_lora_resume(checkpoint, cfg.lora)
     tokens = [] if dcfg is None else [dcfg.mask_token_id]
     with torch.random.fork_rng(devices=[]):  # LoRA's random init is a function of the run's seed
         torch.manual_seed(cfg.seed)
@@ -362,20 +414,10 @@ def check_resume(checkpoint: Checkpoint, order: dict[str, Any], total: int) -> N
         recorded = {**recorded, "objective": "autoregressive" if recorded["ar_loss"] else "diffusion"}
         del recorded["ar_loss"]
     now = json.loads(json.dumps(order))  # as read back from JSON: lists, not tuples
-    changed = [f"{key} was {old!r} in {name}, is {new!r} now" for key, old, new in _differences(recorded, now)]
+    changed = setting_changes(recorded, now, name)
     if changed:
         raise ValueError(f"--resume: {'; '.join(changed)}; a resumed run must see the batches and noise of the run "
                          "it continues: use the same data and settings, or start a new run")
-
-
-def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted key, old, new) of each leaf that differs between two JSON-like dicts."""
-    if not (isinstance(old, dict) and isinstance(new, dict)):
-        return [] if old == new else [(prefix, old, new)]
-    found = []
-    for key in [*new, *(k for k in old if k not in new)]:
-        found += _differences(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)
-    return found
 
 
 def _prepare_model(model, cfg: TrainConfig) -> None:

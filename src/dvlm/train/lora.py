@@ -82,7 +82,11 @@ def load_adapter_state(model: nn.Module, path: Path) -> None:
     from safetensors.torch import load_file
 
     saved = load_file(path / ADAPTER_FILE)
-    result = set_peft_model_state_dict(model, saved)
+    try:
+        result = set_peft_model_state_dict(model, saved)
+    except RuntimeError as err:  # torch's "size mismatch for ..." lines: another rank r
+        mismatch = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
+        raise ValueError(f"{path / ADAPTER_FILE} does not match this LoRA setting ({mismatch})") from err
     # A tied output layer shares the embedding's token rows: peft saves them once.
     state = model.state_dict(keep_vars=True)
     loaded = {state[k].data_ptr() for k in state if k.replace(".default", "") in saved or k in saved}

@@ -38,6 +38,8 @@ class ModelShape:
     num_layers: int
     num_heads: int
     vocab_size: int
+    max_positions: int | None = None
+    """The language model's position limit (None: it states none)."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ def model_shape(path: str | Path, adapter) -> ModelShape:
         num_layers=text.num_hidden_layers,
         num_heads=text.num_attention_heads,
         vocab_size=text.vocab_size,
+        max_positions=adapter.max_positions(model),
     )
 
 
@@ -156,15 +159,23 @@ def training_estimate(shape: ModelShape, cfg, *, lora: bool) -> MemoryEstimate:
     return base
 
 
-def check_fits(shape: ModelShape, cfg, device: torch.device, available: int | None = None) -> str:
+def check_fits(shape: ModelShape, cfg, device: torch.device, available: int | None = None,
+               longest: int | None = None) -> str:
     """One line saying what the run needs; raises InsufficientMemoryError, with the options that
-    would fit, when its weights and optimizer state alone exceed what `device` has free."""
+    would fit, when its weights and optimizer state alone exceed what `device` has free.
+
+    `longest`: the longest sample's tokens when the data was measured (the activations are then
+    bounded by it rather than by `cfg.max_length`)."""
     available = available_bytes(device) if available is None else available
     lora = cfg.lora is not None
-    needed = training_estimate(shape, cfg, lora=lora)
+    measured = longest is not None and longest < cfg.max_length
+    needed = training_estimate(shape, replace(cfg, max_length=longest) if measured else cfg, lora=lora)
+    rows = f"as long as the longest sample, {longest:,} tokens" if measured else \
+        f"at max_length, {cfg.max_length:,} tokens"
     line = (
-        f"memory: weights + optimizer state {needed.states / GIB:.1f} GiB, activations up to "
-        f"{needed.activations / GIB:.1f} GiB (batch {cfg.batch_size} x {cfg.max_length} tokens); "
+        f"memory: weights + optimizer state {needed.states / GIB:.1f} GiB, activations at most "
+        f"{needed.activations / GIB:.1f} GiB (a worst-case bound: every row of a micro-batch of {cfg.batch_size} "
+        f"{rows}{'' if cfg.autoregressive else ', with its noisy copy'}); "
         f"{available / GIB:.1f} GiB available on {device.type}"
     )
     if needed.states <= available:

@@ -12,6 +12,7 @@ optimizer and RNG state are plain tensors/numbers read back with `torch.load(wei
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -30,7 +31,7 @@ from safetensors import safe_open
 from dvlm.atomic import first_line, written_whole
 from dvlm.model.checkpoint_files import CheckpointError, check_weights
 from dvlm.model.loaded import LoadedModel
-from dvlm.train.lora import ADAPTER_FILE
+from dvlm.train.lora import ADAPTER_FILE, parse_lora
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -38,6 +39,9 @@ OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
 CONFIG_FILE = "config.json"
 UNUSABLE_SUFFIX = ".unusable"  # a corrupt checkpoint set aside: kept for a look, never listed
+TRAIN_CONFIG_KEY = "train_config"  # in trainer_state.json: the run's TrainConfig
+
+
 @dataclass
 class Checkpoint:
     """A checkpoint read back whole: trainer state, optimizer + scheduler state and RNG state."""
@@ -82,6 +86,55 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# -- what a resume must not change -------------------------------------------------------------------
+
+
+class _Unset:
+    """A setting one side does not record (e.g. `group_by_length`, recorded only when on)."""
+
+    def __repr__(self) -> str:
+        return "unset"
+
+
+UNSET = _Unset()
+
+
+def setting_changes(recorded: Any, now: Any, name: str, prefix: str = "") -> list[str]:
+    """Each leaf that differs between two JSON-like dicts, as "KEY was OLD in NAME, is NEW now"
+    (dotted keys). A key that only one side has is `unset` on the other: recorded and since
+    dropped counts as a change like any other (unset and None are the same setting)."""
+    if not (isinstance(recorded, dict) and isinstance(now, dict)):
+        if _or_none(recorded) == _or_none(now):
+            return []
+        return [f"{prefix} was {recorded!r} in {name}, is {now!r} now"]
+    changes = []
+    for key in [*now, *(k for k in recorded if k not in now)]:
+        changes += setting_changes(recorded.get(key, UNSET), now.get(key, UNSET), name,
+                                   f"{prefix}.{key}" if prefix else key)
+    return changes
+
+
+def _or_none(value: Any) -> Any:
+    return None if value is UNSET else value
+
+
+def check_lora_resume(checkpoint: Checkpoint, lora: str) -> None:
+    """Refuse to resume a LoRA checkpoint with other LoRA settings: its adapter tensors have the
+    run's rank `r` (another one cannot load), and alpha, dropout and targets decide what they mean.
+
+    Raises:
+        ValueError: "--resume: lora.r was 4 in checkpoint-000002, is 8 now; ..." (each change).
+    """
+    recorded = checkpoint.state.get(TRAIN_CONFIG_KEY, {}).get("lora")
+    if recorded is None:  # not recorded: the adapter's shapes are still checked as it loads
+        return
+    settings = [json.loads(json.dumps(dataclasses.asdict(parse_lora(spec)))) for spec in (recorded, lora)]
+    changes = setting_changes(settings[0], settings[1], checkpoint.path.name, "lora")
+    if changes:
+        raise ValueError(f"--resume: {'; '.join(changes)}; a resumed LoRA run continues the adapter it saved: "
+                         "use the same --lora setting, or start a new run")
+
+
 # -- writing -----------------------------------------------------------------------------------------
 
 
@@ -107,13 +160,6 @@ def save_checkpoint(run_dir: Path, step: int, lm: LoadedModel, optimizer, schedu
     for _, old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old)
     return final
-
-
-def write_model(lm: LoadedModel, final: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """The final model directory, written atomically like a checkpoint. `state_dict`: the gathered
-    weights when the model holds only its shard of them (FSDP2)."""
-    with written_whole(final) as tmp:
-        lm.save(tmp, state_dict)
 
 
 # -- reading -----------------------------------------------------------------------------------------

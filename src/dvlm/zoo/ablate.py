@@ -199,19 +199,20 @@ def evaluate_run(model_dir: Path, plan: AblationPlan, sweep: bool, progress: boo
 
 
 def run_ablation(plan: AblationPlan, out: str | Path, *, log: Callable[[str], None] = print,
-                 progress: bool = True) -> dict[str, Any]:
-    """Train and evaluate every (variant, seed) into `out`; returns the results (also in results.json)."""
+                 progress: bool = True, source: Path | None = None) -> dict[str, Any]:
+    """Train and evaluate every (variant, seed) into `out`; returns the results (also in results.json).
+    `source`: the AR checkpoint each variant converts and fine-tunes (default: the built-in tiny-ar)."""
     from dvlm.convert.conversion import convert_checkpoint
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     recipe = ZooRecipe()
-    source = _tiny_ar()
+    source = source or _tiny_ar()
     mix = training_mix(recipe, plan.steps * plan.batch_size)
     data = run_stage(out / "data", ("data", mix, recipe.seed), log, f"generating {sum(mix.values())} training samples",
                      lambda d: build_data(ZooRecipe(train_mix=mix), d)) / "data.json"
     convert_key = ("convert", _digest(source), recipe.block_size, recipe.diffusion_overrides)
-    converted = run_stage(out / "converted", convert_key, log, "converting tiny-ar with the fast-dvlm preset",
+    converted = run_stage(out / "converted", convert_key, log, f"converting {source.name} with the fast-dvlm preset",
                           lambda d: convert_checkpoint(source, d, preset="fast-dvlm", block_size=recipe.block_size,
                                                        overrides=recipe.diffusion_overrides, overwrite=True,
                                                        log=lambda _: None))
@@ -296,10 +297,10 @@ def _source_rows(source: Path, plan: AblationPlan, out: Path, log, progress: boo
     def evaluate_source(d: Path) -> None:
         lm = LoadedModel.load(source)
         _write_rows(d, [decode_and_score(lm, task, eval_samples(task, plan.samples), plan, "ar", {})
-                        for task in tqdm(EVAL_TASKS, desc="eval tiny-ar", disable=not progress, leave=False)])
+                        for task in tqdm(EVAL_TASKS, desc=f"eval {source.name}", disable=not progress, leave=False)])
 
     stage = run_stage(out / "source-eval", ("source", _digest(source), _eval_key(plan)), log,
-                      "evaluating tiny-ar (AR source)", evaluate_source)
+                      f"evaluating {source.name} (AR source)", evaluate_source)
     return _read_rows(stage)
 
 

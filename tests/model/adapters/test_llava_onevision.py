@@ -65,7 +65,7 @@ def chat_format(model, tokenizer):
     image_processor.image_grid_pinpoints = config.image_grid_pinpoints
     features = TileFeatures.from_image_processor(image_processor, config.vision_config.patch_size,
                                                  config.vision_aspect_ratio)
-    return ADAPTER.chat_format(tokenizer, image_processor, features)
+    return ADAPTER.chat_format(tokenizer, image_processor, features=features)
 
 
 # The tiny models' tiling; the same with a cap of one tile (most grids shrink); 45 px tiles of 14 px

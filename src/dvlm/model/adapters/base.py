@@ -7,8 +7,10 @@ one module: an `Adapter` subclass decorated with `@register` (`dvlm.model.adapte
 
 The interface, by concern:
 
-* loading: `load_model`, `load_image_processor` (never torchvision), `chat_format` (chat layout,
-  special tokens, image tokens, image tensors, position ids), `load_processor` (provided);
+* loading: `load_model`, `load_image_processor` (never torchvision), `chat_format` (special
+  tokens, image tokens, image tensors, position ids; the layout is the checkpoint's chat template,
+  else the family's `fallback_template`), `load_processor` (provided), `check_config` (a config
+  the family's network cannot run, refused in one line before any weight loads);
 * forward seams: `image_features` (the vision tower and projector), `embed_with_features` (input
   features, given image features in place), `split_images` (a batch's images one by one, as the
   tower takes each alone), `hidden_states` (the masked forward, optionally over a KV cache),
@@ -36,8 +38,10 @@ from torch import nn
 from dvlm.data.chat import ChatFormat
 from dvlm.data.collate import Batch
 from dvlm.data.processor import ChatProcessor
+from dvlm.data.template import ChatTemplate, find_chat_template, tokenizer_template
 from dvlm.data.tokenizer import load_tokenizer
 from dvlm.data.vision import VisionInputs
+from dvlm.model.checkpoint_files import check_processor_files, read_config
 from dvlm.model.masks import context_mask, to_additive
 
 
@@ -106,13 +110,22 @@ class Adapter:
     """The family's name for people (model cards, messages)."""
     model_class: ClassVar[type[nn.Module] | None] = None
     """The transformers class `load_model` loads (its `from_pretrained`)."""
+    fallback_template: ClassVar[str] = ""
+    """The family's chat layout (a Jinja template) for a checkpoint that carries no chat template."""
+    fallback_system_prompt: ClassVar[str | None] = None
+    """The system turn added, with `fallback_template`, to a chat that has none."""
 
     # -- loading -----------------------------------------------------------------------------
+    def check_config(self, config: dict[str, Any], source: str) -> None:
+        """Raise a one-line ValueError naming `source` (config.json) and the field when the family's
+        network cannot run this config (checked before any weight loads). Nothing to check by default."""
+
     def load_model(self, path: str | Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
         """The network from a local safetensors checkpoint, in eval mode, with SDPA attention:
         `model_class.from_pretrained` offline (a family sets `model_class`, or overrides this)."""
         if self.model_class is None:
             raise NotImplementedError
+        self.check_config(read_config(path), str(Path(path) / "config.json"))
         model = self.model_class.from_pretrained(
             path, dtype=dtype, local_files_only=True, use_safetensors=True, attn_implementation="sdpa"
         )
@@ -122,17 +135,38 @@ class Adapter:
         """The checkpoint's image processor (a PIL one: dvlm never needs torchvision)."""
         raise NotImplementedError
 
-    def chat_format(self, tokenizer: Any, image_processor: Any) -> ChatFormat:
-        """The family's chat layout, special tokens, images and position ids (`dvlm.data.chat`)."""
+    def chat_format(self, tokenizer: Any, image_processor: Any, template: ChatTemplate | None = None) -> ChatFormat:
+        """The family's special tokens, images and position ids (`dvlm.data.chat`); the layout is
+        `template` (a checkpoint's, `dvlm.data.template.find_chat_template`), else the tokenizer's, else
+        the family's fallback (`chat_layout`)."""
         raise NotImplementedError
 
+    def chat_layout(self, tokenizer: Any, template: ChatTemplate | None) -> tuple[ChatTemplate, str | None]:
+        """The template a chat format follows and the system prompt it adds to chats without one:
+        `template`, else the tokenizer's (both with no added system turn: a template adds its own
+        default), else the family's fallback with its default system prompt."""
+        template = template or tokenizer_template(tokenizer)
+        if template is not None:
+            return template, None
+        return (ChatTemplate(self.fallback_template, f"{self.family}'s default layout (no chat template found)",
+                             fallback=True), self.fallback_system_prompt)
+
     def load_processor(self, path: str | Path, **options: Any) -> ChatProcessor:
-        """The chat processor of a local checkpoint directory (never a hub); `options` go to ChatProcessor."""
+        """The chat processor of a local checkpoint directory (never a hub), laid out by the chat template
+        the directory carries (`dvlm.data.template`); `options` go to ChatProcessor."""
+        tokenizer, image_processor = self.load_processor_parts(path)
+        template = find_chat_template(path, tokenizer)
+        return ChatProcessor(self.chat_format(tokenizer, image_processor, template), **options)
+
+    def load_processor_parts(self, path: str | Path) -> tuple[Any, Any]:
+        """The checkpoint's tokenizer and image processor, after checking their files are there (one
+        line naming the missing file, never transformers' hub error)."""
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"{path} is not a local directory; dvlm loads processors "
                                     "from local directories only")
-        return ChatProcessor(self.chat_format(load_tokenizer(path), self.load_image_processor(path)), **options)
+        check_processor_files(path)
+        return load_tokenizer(path), self.load_image_processor(path)
 
     # -- forward seams -----------------------------------------------------------------------
     def embed(self, model: nn.Module, input_ids: torch.Tensor, vision: Any = None) -> torch.Tensor:

@@ -1,14 +1,16 @@
 """LLaVA-OneVision adapter (transformers 5.x `LlavaOnevisionForConditionalGeneration`): a SigLIP
 vision tower, a two-layer projector and a Qwen2 language model with plain 1-D positions.
 
-The chat is ChatML, as LLaVA-OneVision was trained (an image is its image tokens on a line of
-their own, before the text)::
+The layout is the checkpoint's chat template (`dvlm.data.template`). The llava-hf checkpoints
+publish their own (`PUBLISHED_TEMPLATE`), which is not the layout LLaVA-OneVision was originally
+trained with (ChatML with a system turn, ``user\\n``): no system turn, a space after the role, each
+message's images first, then each text part after a line break, no line break between turns::
 
-    <|im_start|>system\\n{system}<|im_end|>\\n
-    <|im_start|>user\\n<image>×n\\n{text}<|im_end|>\\n
-    <|im_start|>assistant\\n{answer}<|im_end|>\\n
+    <|im_start|>user <image>×n\\n{text}<|im_end|><|im_start|>assistant\\n          (the prompt)
+    <|im_start|>user <image>×n\\n{text}<|im_end|><|im_start|>assistant \\n{answer}<|im_end|>
 
-Only ``{answer}<|im_end|>`` of an assistant turn is trained. The image token is ``<image>`` itself
+dvlm follows the checkpoint, as transformers, vLLM and lmms-eval's ``llava_onevision_hf`` do. Only
+``{answer}<|im_end|>`` of an assistant turn is trained. The image token is ``<image>`` itself
 (LLaVA's placeholder), repeated as many times as the model's feature packing gives features
 (`dvlm.model.adapters.anyres`): a sample's only image is tiled ("anyres"), each image of a
 multi-image sample is one padded tile. Positions are 0, 1, 2, ... over text and image tokens alike.
@@ -27,10 +29,10 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
     LlavaOnevisionImageProcessorPil,
 )
 
-from dvlm.data.chat import IMAGE_PLACEHOLDER, ChatFormat, ImagePart, Segment, TextEncoder
+from dvlm.data.chat import IMAGE_PLACEHOLDER, ChatFormat
 from dvlm.data.positions import PositionScheme
 from dvlm.data.processor import ChatProcessor
-from dvlm.data.tokenizer import load_tokenizer
+from dvlm.data.template import ChatTemplate, find_chat_template
 from dvlm.data.vision import VisionInputs
 from dvlm.model.adapters.anyres import TileFeatures, max_tiles
 from dvlm.model.adapters.base import (
@@ -42,7 +44,6 @@ from dvlm.model.adapters.base import (
     language_model_hidden_states,
     place_image_features,
 )
-from dvlm.model.adapters.qwen_chat import template_system_prompt
 from dvlm.model.adapters.registry import register
 from dvlm.model.checkpoint_files import read_config
 
@@ -77,8 +78,24 @@ CHAT_TEMPLATE = r"""{%- macro render_content(content) -%}
 {{- '\n' -}}
 {%- endfor -%}
 {%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"""
-"""LLaVA-OneVision's layout without a default system prompt, assistant turns marked for
-`return_assistant_tokens_mask`: for tokenizers built from scratch."""
+"""LLaVA-OneVision's original ChatML layout without a default system prompt, assistant turns marked
+for `return_assistant_tokens_mask`: for tokenizers built from scratch (the tests' tiny models, and
+checkpoints assembled from a language model and a vision tower, which dvlm trains on it)."""
+
+PUBLISHED_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}{# Render all images first #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{# Render all video then #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>' }}{% endfor %}"
+    "{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\\n' + content['text'] }}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ '\\n' + content['text'] }}{% endgeneration %}{% endfor %}{% endif %}{{'<|im_end|>'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+"""The chat template of the llava-hf LLaVA-OneVision checkpoints (chat_template.json of
+llava-hf/llava-onevision-qwen2-0.5b-ov-hf, as transformers' own processor tests copy it): dvlm's
+layout for a LLaVA-OneVision checkpoint that carries no template."""
 
 
 @dataclass(frozen=True)
@@ -101,29 +118,13 @@ class ChatTokenIds:
 
 
 class LlavaOnevisionChatFormat(ChatFormat):
-    """ChatML turns with ``<image>`` tokens, anyres tiles, 1-D positions."""
+    """``<image>`` tokens, anyres tiles, 1-D positions; the layout is the chat template."""
 
-    def __init__(self, tokenizer: Any, image_processor: Any, features: TileFeatures) -> None:
-        super().__init__(tokenizer, image_processor, PositionScheme())
+    def __init__(self, tokenizer: Any, image_processor: Any, features: TileFeatures, template: ChatTemplate,
+                 default_system_prompt: str | None = None) -> None:
+        super().__init__(tokenizer, image_processor, PositionScheme(), template, default_system_prompt)
         self.token_ids = ChatTokenIds.from_tokenizer(tokenizer)
         self.features = features
-
-    def turn(self, role: str, parts: list[str | ImagePart], text: TextEncoder) -> list[Segment]:
-        """``<|im_start|>role\\n content <|im_end|>\\n``; an image is its tokens and a line break."""
-        ids, trained = self.token_ids, role == "assistant"
-        segments: list[Segment] = [([ids.im_start, *text(f"{role}\n")], False)]
-        for part in parts:
-            if isinstance(part, str):
-                segments.append((text(part), trained))
-            else:
-                segments.append(([ids.image] * part.tokens + text("\n"), False))
-        return segments + [([ids.im_end], trained), (text("\n"), False)]
-
-    def generation_prompt(self, text: TextEncoder) -> list[int]:
-        return [self.token_ids.im_start, *text("assistant\n")]
-
-    def default_system_prompt(self) -> str | None:
-        return template_system_prompt(self.tokenizer)  # ChatML, as Qwen's
 
     @property
     def image_token_id(self) -> int:
@@ -131,12 +132,6 @@ class LlavaOnevisionChatFormat(ChatFormat):
 
     def structure_token_ids(self) -> dict[str, int]:
         return dict(vars(self.token_ids))
-
-    @property
-    def eos_token_ids(self) -> list[int]:
-        """``<|im_end|>`` and the tokenizer's eos (deduplicated)."""
-        eos = self.tokenizer.eos_token_id
-        return [self.token_ids.im_end, *([eos] if eos is not None and eos != self.token_ids.im_end else [])]
 
     @property
     def pad_token_id(self) -> int:
@@ -167,22 +162,25 @@ class LlavaOnevisionAdapter(Adapter):
     architectures = ("LlavaOnevisionForConditionalGeneration",)
     family = "LLaVA-OneVision"
     model_class = LlavaOnevisionForConditionalGeneration
+    fallback_template = PUBLISHED_TEMPLATE
 
     def load_image_processor(self, path: str | Path) -> Any:
         return LlavaOnevisionImageProcessorPil.from_pretrained(path, local_files_only=True)
 
-    def chat_format(self, tokenizer: Any, image_processor: Any, features: TileFeatures | None = None) -> ChatFormat:
+    def chat_format(self, tokenizer: Any, image_processor: Any, template: ChatTemplate | None = None,
+                    features: TileFeatures | None = None) -> ChatFormat:
         """`features`: the checkpoint's (`tile_features`); None: the released models' patch and cap."""
         features = features or TileFeatures.from_image_processor(image_processor, SIGLIP_PATCH_SIZE,
                                                                  RELEASED_ASPECT_RATIO)
-        return LlavaOnevisionChatFormat(tokenizer, image_processor, features)
+        return LlavaOnevisionChatFormat(tokenizer, image_processor, features, *self.chat_layout(tokenizer, template))
 
     def load_processor(self, path: str | Path, **options: Any) -> ChatProcessor:
         """The image-token count needs the vision tower's patch and the model's feature cap: read from config.json."""
         config = read_config(path)  # clear errors for a missing directory or config.json
-        image_processor = self.load_image_processor(path)
+        tokenizer, image_processor = self.load_processor_parts(path)
         features = tile_features(config, image_processor)
-        return ChatProcessor(self.chat_format(load_tokenizer(path), image_processor, features), **options)
+        template = find_chat_template(path, tokenizer)
+        return ChatProcessor(self.chat_format(tokenizer, image_processor, template, features), **options)
 
     def image_features(self, model, vision: VisionInputs) -> torch.Tensor:
         features = model.model.get_image_features(

@@ -82,3 +82,38 @@ def mrope_position_ids(input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor,
         raise ValueError(f"{len(grids)} image_grid_thw rows but {image} image blocks")
     rope_delta = int(positions.max()) + 1 - length if length else 0
     return positions.to(input_ids.device), rope_delta
+
+
+ROPE_KEYS = ("rope_scaling", "rope_parameters")
+"""Where a Qwen-VL config.json keeps `mrope_section` (older and newer transformers names)."""
+
+
+def check_mrope_section(config: dict, source: str) -> None:
+    """A one-line ValueError unless config.json's `mrope_section` (the temporal / height / width split
+    of half a head's rotary dimensions) sums to head_dim / 2: otherwise transformers fails deep in the
+    rotary embedding (a split_with_sizes error) or, interleaved, numbers positions wrongly."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    for section_name, section in (("text_config", text), ("", config)):
+        for key in ROPE_KEYS:
+            rope = section.get(key)
+            if isinstance(rope, dict) and "mrope_section" in rope:
+                field = ".".join(filter(None, (section_name, key, "mrope_section")))
+                return _check_sum(rope["mrope_section"], head_dim(section or config), source, field)
+    raise ValueError(f"{source} has no mrope_section (under text_config.rope_scaling or rope_parameters): "
+                     "a Qwen-VL config needs one")
+
+
+def head_dim(section: dict) -> int | None:
+    """The attention head size a text config gives: `head_dim`, else hidden_size / num_attention_heads."""
+    if isinstance(section.get("head_dim"), int):
+        return section["head_dim"]
+    hidden, heads = section.get("hidden_size"), section.get("num_attention_heads")
+    return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else None
+
+
+def _check_sum(sections, size: int | None, source: str, field: str) -> None:
+    if not (isinstance(sections, list) and sections and all(isinstance(s, int) and s > 0 for s in sections)):
+        raise ValueError(f"{source}: {field} must be a list of positive integers, got {sections!r}")
+    if size is not None and 2 * sum(sections) != size:
+        raise ValueError(f"{source}: {field} {sections} sums to {sum(sections)}, but the attention heads have "
+                         f"{size} dimensions, so it must sum to head_dim / 2 = {size // 2}")

@@ -17,6 +17,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
 )
 
 from dvlm.data.chat import ChatFormat
+from dvlm.data.template import ChatTemplate
 from dvlm.data.vision import VisionInputs
 from dvlm.model.adapters.base import (
     Adapter,
@@ -26,9 +27,10 @@ from dvlm.model.adapters.base import (
     language_model_hidden_states,
     place_image_features,
 )
-from dvlm.model.adapters.mrope import MRopePositions
+from dvlm.model.adapters.mrope import MRopePositions, check_mrope_section
 from dvlm.model.adapters.qwen_chat import (
     CHAT_TEMPLATE,
+    DEFAULT_SYSTEM_PROMPT,
     ENDOFTEXT,
     SPECIAL_TOKENS,
     QwenChatFormat,
@@ -44,14 +46,20 @@ class Qwen25VLAdapter(Adapter):
     architectures = ("Qwen2_5_VLForConditionalGeneration",)
     family = "Qwen2.5-VL"
     model_class = Qwen2_5_VLForConditionalGeneration
+    fallback_template = CHAT_TEMPLATE
+    fallback_system_prompt = DEFAULT_SYSTEM_PROMPT
+
+    def check_config(self, config: dict[str, Any], source: str) -> None:
+        check_mrope_section(config, source)
 
     def load_image_processor(self, path: str | Path) -> Any:
         # Explicit PIL class: AutoImageProcessor would pick the torchvision backend when
         # torchvision is importable; both produce the same pixel_values and grids.
         return Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
 
-    def chat_format(self, tokenizer: Any, image_processor: Any) -> ChatFormat:
-        return QwenChatFormat(tokenizer, image_processor, MRopePositions(int(image_processor.merge_size)))
+    def chat_format(self, tokenizer: Any, image_processor: Any, template: ChatTemplate | None = None) -> ChatFormat:
+        return QwenChatFormat(tokenizer, image_processor, MRopePositions(int(image_processor.merge_size)),
+                              *self.chat_layout(tokenizer, template))
 
     def image_features(self, model, vision: VisionInputs) -> torch.Tensor:
         features = model.model.get_image_features(vision["pixel_values"], vision["image_grid_thw"]).pooler_output

@@ -31,6 +31,7 @@ from transformers import DynamicCache, Qwen3VLConfig, Qwen3VLForConditionalGener
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from dvlm.data.chat import ChatFormat
+from dvlm.data.template import ChatTemplate
 from dvlm.data.vision import VisionInputs
 from dvlm.model.adapters.base import (
     Adapter,
@@ -40,7 +41,7 @@ from dvlm.model.adapters.base import (
     language_model_hidden_states,
     place_image_features,
 )
-from dvlm.model.adapters.mrope import MRopePositions
+from dvlm.model.adapters.mrope import MRopePositions, check_mrope_section
 from dvlm.model.adapters.qwen2_5_vl import split_patches
 from dvlm.model.adapters.qwen_chat import CHAT_TEMPLATE, ENDOFTEXT, SPECIAL_TOKENS, QwenChatFormat
 from dvlm.model.adapters.registry import register
@@ -54,13 +55,18 @@ class Qwen3VLAdapter(Adapter):
     architectures = ("Qwen3VLForConditionalGeneration",)
     family = "Qwen3-VL"
     model_class = Qwen3VLForConditionalGeneration
+    fallback_template = CHAT_TEMPLATE  # Qwen3-VL's published template adds no default system turn
+
+    def check_config(self, config: dict[str, Any], source: str) -> None:
+        check_mrope_section(config, source)
 
     def load_image_processor(self, path: str | Path) -> Any:
         # Qwen3-VL ships a Qwen2-VL image processor (patch 16); the PIL class never needs torchvision.
         return Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
 
-    def chat_format(self, tokenizer: Any, image_processor: Any) -> ChatFormat:
-        return QwenChatFormat(tokenizer, image_processor, MRopePositions(int(image_processor.merge_size)))
+    def chat_format(self, tokenizer: Any, image_processor: Any, template: ChatTemplate | None = None) -> ChatFormat:
+        return QwenChatFormat(tokenizer, image_processor, MRopePositions(int(image_processor.merge_size)),
+                              *self.chat_layout(tokenizer, template))
 
     def image_features(self, model, vision: VisionInputs) -> torch.Tensor:
         """(N, D·(1 + S)): each image token's embedding, then its S DeepStack levels (module docstring)."""

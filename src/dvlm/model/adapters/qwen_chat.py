@@ -1,16 +1,15 @@
 """The Qwen-VL chat (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): ChatML turns with Qwen's vision tokens.
 
-The combined HF processors need torchvision, so the template is rebuilt token by token (which
-also makes the label boundaries exact)::
+The layout is the checkpoint's chat template (`dvlm.data.template`). As published, Qwen2-VL's and
+Qwen2.5-VL's render::
 
-    <|im_start|>system\\n{system}<|im_end|>\\n
-    <|im_start|>user\\n<|vision_start|><|image_pad|>×n<|vision_end|>{text}<|im_end|>\\n
+    <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n      (when the chat has none)
+    <|im_start|>user\\n<|vision_start|><|image_pad|><|vision_end|>{text}<|im_end|>\\n
     <|im_start|>assistant\\n{answer}<|im_end|>\\n
 
-Only ``{answer}<|im_end|>`` of an assistant turn is trained. An image of grid (t, h, w) patches
-takes t·h·w / merge² ``<|image_pad|>`` tokens. The default system prompt is the one the
-tokenizer's chat template adds ("You are a helpful assistant." for Qwen2-VL and Qwen2.5-VL, none
-for Qwen3-VL).
+and Qwen3-VL's the same without a default system turn. An image of grid (t, h, w) patches takes
+t·h·w / merge² ``<|image_pad|>`` tokens. A checkpoint without a template is laid out as Qwen2-VL's
+published one (`CHAT_TEMPLATE` with `DEFAULT_SYSTEM_PROMPT`).
 """
 
 from __future__ import annotations
@@ -18,12 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dvlm.data.chat import ChatFormat, ImagePart, Segment, TextEncoder
+from dvlm.data.chat import ChatFormat
 from dvlm.data.positions import PositionScheme
+from dvlm.data.template import ChatTemplate
 from dvlm.data.vision import VisionInputs
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-"""Qwen's system prompt, for a tokenizer that has no chat template to say otherwise."""
+"""The system turn Qwen2-VL's and Qwen2.5-VL's published templates add to a chat that has none: dvlm
+adds it for a Qwen checkpoint that carries no chat template."""
 ENDOFTEXT = "<|endoftext|>"
 VIDEO_PAD = "<|video_pad|>"
 # Field of ChatTokenIds -> the token string it is looked up by.
@@ -53,9 +54,8 @@ CHAT_TEMPLATE = r"""{%- macro render_content(content) -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"""
 """Qwen2-VL's chat template without a default system prompt and without `add_vision_id`, with the
-assistant turns marked for `return_assistant_tokens_mask`: for tokenizers built from scratch."""
-
-_PROBE_TEXT = "dvlm-probe"
+assistant turns marked for `return_assistant_tokens_mask`: for tokenizers built from scratch (the
+built-in models were trained on it) and, with `DEFAULT_SYSTEM_PROMPT`, for checkpoints without one."""
 
 
 @dataclass(frozen=True)
@@ -80,30 +80,14 @@ class ChatTokenIds:
 
 
 class QwenChatFormat(ChatFormat):
-    """The Qwen-VL layout, Qwen2-VL style image processors (patches + grids), and a position scheme
-    (M-RoPE for every Qwen-VL family)."""
+    """Qwen's vision tokens, Qwen2-VL style image processors (patches + grids), and a position scheme
+    (M-RoPE for every Qwen-VL family); the layout is the chat template."""
 
-    def __init__(self, tokenizer: Any, image_processor: Any, positions: PositionScheme) -> None:
-        super().__init__(tokenizer, image_processor, positions)
+    def __init__(self, tokenizer: Any, image_processor: Any, positions: PositionScheme, template: ChatTemplate,
+                 default_system_prompt: str | None = None) -> None:
+        super().__init__(tokenizer, image_processor, positions, template, default_system_prompt)
         self.token_ids = ChatTokenIds.from_tokenizer(tokenizer)
         self.merge_size = int(image_processor.merge_size)
-
-    def turn(self, role: str, parts: list[str | ImagePart], text: TextEncoder) -> list[Segment]:
-        """``<|im_start|>role\\n content <|im_end|>\\n``; an assistant's text and <|im_end|> are trained."""
-        ids, trained = self.token_ids, role == "assistant"
-        segments: list[Segment] = [([ids.im_start, *text(f"{role}\n")], False)]
-        for part in parts:
-            if isinstance(part, str):
-                segments.append((text(part), trained))
-            else:
-                segments.append(([ids.vision_start, *[ids.image_pad] * part.tokens, ids.vision_end], False))
-        return segments + [([ids.im_end], trained), (text("\n"), False)]
-
-    def generation_prompt(self, text: TextEncoder) -> list[int]:
-        return [self.token_ids.im_start, *text("assistant\n")]
-
-    def default_system_prompt(self) -> str | None:
-        return template_system_prompt(self.tokenizer)
 
     @property
     def image_token_id(self) -> int:
@@ -111,15 +95,6 @@ class QwenChatFormat(ChatFormat):
 
     def structure_token_ids(self) -> dict[str, int]:
         return dict(vars(self.token_ids))
-
-    @property
-    def eos_token_ids(self) -> list[int]:
-        """``<|im_end|>`` and the tokenizer's eos (deduplicated)."""
-        ids = [self.token_ids.im_end]
-        eos = self.tokenizer.eos_token_id
-        if eos is not None and eos not in ids:
-            ids.append(eos)
-        return ids
 
     @property
     def pad_token_id(self) -> int:
@@ -142,23 +117,3 @@ class QwenChatFormat(ChatFormat):
             raise ValueError(f"image grids {grids.tolist()} not divisible by merge²")
         return VisionInputs({"pixel_values": out["pixel_values"], "image_grid_thw": grids}), \
             (patches // merge_area).tolist()
-
-
-def template_system_prompt(tokenizer: Any) -> str | None:
-    """The system prompt the tokenizer's chat template adds to a chat that has none.
-
-    Qwen2.5-VL's template adds "You are a helpful assistant."; Qwen3-VL's and dvlm's built-in
-    models' add none. Without a chat template: the Qwen default, ``DEFAULT_SYSTEM_PROMPT``.
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        return DEFAULT_SYSTEM_PROMPT
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": _PROBE_TEXT}], tokenize=False)
-    prefix = rendered.split(f"{CHAT_TOKEN_STRINGS['im_start']}user", 1)[0]
-    head, end = f"{CHAT_TOKEN_STRINGS['im_start']}system\n", f"{CHAT_TOKEN_STRINGS['im_end']}\n"
-    if not prefix:
-        return None
-    if not (prefix.startswith(head) and prefix.endswith(end)):
-        raise ValueError(f"the tokenizer's chat template starts a chat with {prefix!r}, not a Qwen "
-                         "system turn; dvlm's Qwen chat format cannot follow it")
-    return prefix[len(head):-len(end)]
-
