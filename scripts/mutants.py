@@ -310,6 +310,9 @@ MUTATIONS = [
              "keys[row, :, width - n:] = prefix.layers[index][0][0, :, :n]",
              "keys[row, :, :n] = prefix.layers[index][0][0, :, :n]",
              (PREFIX,), "a reused prefix's keys sit at the start of a wider row, not beside its prompt"),
+    Mutation("vision-key-pixels-only", "model/vision_cache.py",
+             "    for name in sorted(vision.tensors):", "    for name in [\"pixel_values\"]:",
+             ("tests/model/test_prefix_store.py",), "an image's cache key ignores its grid (the same patches on another grid hit)"),
     # -- benchmark scorers -------------------------------------------------------------------
     Mutation("pope-precision-recall-swapped", "tasks/benchmarks/pope.py",
              "    precision = tp / (tp + fp) if tp + fp else 0.0\n    recall = tp / (tp + fn) if tp + fn else 0.0",

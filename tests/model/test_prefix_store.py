@@ -69,7 +69,7 @@ def test_whole_blocks_counts_aligned_blocks_that_end_where_their_chunk_ends():
 
 
 def test_match_takes_the_longest_usable_entry_and_counts_hits():
-    store = PrefixStore(1000)
+    store = PrefixStore(1000, index_chunk=1)
     store.add(prefix([1, 2, 3, 4, 5]))
     store.add(prefix([1, 2, 9]))
     assert store.match(CAUSAL, key([1, 2, 3, 4, 8, 8]), limit=5)[1] == 4
@@ -81,7 +81,7 @@ def test_match_takes_the_longest_usable_entry_and_counts_hits():
 
 
 def test_entries_are_evicted_least_recently_used_first_by_bytes():
-    store = PrefixStore(capacity_bytes=40)  # 4 bytes per entry: 10 entries
+    store = PrefixStore(capacity_bytes=40, index_chunk=1)  # 4 bytes per entry: 10 entries
     store.add(prefix([1, 1, 1, 1]))  # 16 bytes
     store.add(prefix([2, 2, 2, 2]))  # 32
     store.match(CAUSAL, key([1, 1, 1, 1, 0]), limit=4)  # [1...] is now the most recently used
@@ -96,7 +96,7 @@ def test_entries_are_evicted_least_recently_used_first_by_bytes():
 
 
 def test_an_entry_that_starts_another_is_not_kept_twice():
-    store = PrefixStore(1000)
+    store = PrefixStore(1000, index_chunk=1)
     store.add(prefix([1, 2, 3]))
     store.add(prefix([1, 2, 3, 4, 5]))  # extends the first: the first goes
     assert (len(store), store.stats.bytes, store.stats.evictions) == (1, 20, 0)
@@ -107,11 +107,27 @@ def test_an_entry_that_starts_another_is_not_kept_twice():
 
 
 def test_max_entries_keeps_the_newest():
-    store = PrefixStore(1000, max_entries=1)
+    store = PrefixStore(1000, max_entries=1, index_chunk=1)
     store.add(prefix([1, 2]))
     store.add(prefix([3, 4]))
     assert store.match(CAUSAL, key([1, 2, 0]), limit=2) is None and store.match(CAUSAL, key([3, 4, 0]), limit=2)
     assert store.stats.evictions == 1
+
+
+def test_lookups_go_through_whole_chunks():
+    """Entries are found by the hashes of their first 4, 8, ... tokens (chunks of 4): a prompt that
+    shares fewer than 4 tokens with every entry reuses nothing; among entries sharing its longest
+    run of whole chunks the one sharing most is taken."""
+    store = PrefixStore(1000, index_chunk=4)
+    store.add(prefix([1, 2, 3, 4, 5, 6, 7, 8, 9]))
+    store.add(prefix([1, 2, 3, 4, 5, 6, 0, 0]))
+    store.add(prefix([1, 2, 3, 7]))
+    assert store.match(CAUSAL, key([1, 2, 3, 9, 9]), limit=4) is None  # 3 shared: no whole chunk
+    assert store.match(CAUSAL, key([1, 2, 3, 4, 5, 6, 7, 0, 0]), limit=8)[1] == 7
+    assert store.match(CAUSAL, key([1, 2, 3, 4, 5, 6, 0, 5, 5]), limit=8)[1] == 7
+    assert store.match(CAUSAL, key([1, 2, 3, 7, 7]), limit=4)[1] == 4
+    store.add(prefix([1, 2, 3, 4, 5, 6, 0, 0, 1, 2]))  # extends the second entry, which goes
+    assert len(store) == 3 and store.match(CAUSAL, key([1, 2, 3, 4, 5, 6, 0, 0, 1, 2, 3]), limit=10)[1] == 10
 
 
 def test_vision_cache_lru_by_bytes():

@@ -21,12 +21,21 @@ Exactness is "the same computation": a reused entry equals the fresh one up to f
 the forward's shape (as cached block decoding equals recomputed decoding, invariant 4), and the
 answers are the same token for token (invariant 12).
 
+Lookup. Kept prefixes are indexed by the hashes of their first C, 2C, 3C, ... key columns
+(C = `index_chunk`, 16 by default): a prompt's lookup hashes its own key once and finds the
+entries that share its longest run of whole chunks, then measures the exact common length with a
+few of them (they all share the same whole chunks: they differ by less than C reused tokens). A
+lookup costs one pass over the prompt whatever the store holds; a prompt sharing fewer than C
+tokens with every kept prefix reuses nothing.
+
 Bounded by bytes (keys and values), least recently used evicted first. Not thread-safe: one
 owner (the server's engine loop, a chat session) uses it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import heapq
 import itertools
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -38,6 +47,8 @@ from dvlm.model.cache import KVContext, PreallocatedLayer
 from dvlm.model.vision_cache import CacheStats
 
 TOKEN_ROW, IMAGE_ROW, POSITION_ROWS = 0, 1, 2  # the rows of a sequence key
+INDEX_CHUNK = 16  # key columns per indexed chunk (module docstring, "Lookup")
+MATCH_CANDIDATES = 8  # entries sharing a prompt's longest run of whole chunks whose exact common length is measured
 
 
 def image_code(digest: bytes) -> int:
@@ -55,6 +66,17 @@ def text_key(tokens: list[int], start: int, axes: int) -> torch.Tensor:
     ids = torch.tensor(tokens, dtype=torch.long)
     positions = (start + torch.arange(len(tokens)))[None].expand(axes, -1)
     return sequence_key(ids, torch.zeros_like(ids), positions)
+
+
+def chunk_digests(key: torch.Tensor, chunk: int) -> list[bytes]:
+    """Hashes of the key's first `chunk`, 2 * `chunk`, ... columns (whole chunks only)."""
+    data = key.t().contiguous().numpy().tobytes()  # column by column: one token's rows together
+    width = len(data) // key.shape[1] if key.shape[1] else 0
+    running, digests = hashlib.blake2b(digest_size=16), []
+    for end in range(chunk, key.shape[1] + 1, chunk):
+        running.update(data[(end - chunk) * width:end * width])
+        digests.append(running.copy().digest())
+    return digests
 
 
 def common_length(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -118,17 +140,21 @@ class PrefixStats(CacheStats):
 
 
 class PrefixStore:
-    """Prefixes by LRU, bounded by bytes (and by `max_entries`, when given: a chat session keeps one)."""
+    """Prefixes by LRU, bounded by bytes (and by `max_entries`, when given: a chat session keeps
+    one), found through their chunks' hashes (module docstring, "Lookup")."""
 
-    def __init__(self, capacity_bytes: int, max_entries: int | None = None) -> None:
+    def __init__(self, capacity_bytes: int, max_entries: int | None = None, index_chunk: int = INDEX_CHUNK) -> None:
         if capacity_bytes < 0:
             raise ValueError(f"the prefix cache's capacity must be >= 0 bytes, got {capacity_bytes}")
         if max_entries is not None and max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, got {max_entries}")
         self.capacity_bytes = capacity_bytes
         self.max_entries = max_entries
+        self.index_chunk = index_chunk
         self.stats = PrefixStats()
         self._entries: OrderedDict[int, Prefix] = OrderedDict()
+        self._index: dict[tuple[Stream, bytes], set[int]] = {}  # (stream, chunk hash) -> entries
+        self._digests: dict[int, list[bytes]] = {}
         self._ids = itertools.count()
 
     def __len__(self) -> int:
@@ -136,14 +162,14 @@ class PrefixStore:
 
     def match(self, stream: Stream, key: torch.Tensor, limit: int) -> tuple[Prefix, int] | None:
         """The entry of `stream` whose first n entries a prompt of key `key` may reuse, n largest
-        (`usable_length`, at most `limit`), and n; None when no entry gives n > 0. Counted as a hit
-        or a miss."""
+        (`usable_length`, at most `limit`) among the entries sharing the prompt's longest run of
+        whole chunks, and n; None when no entry gives n > 0. Counted as a hit or a miss."""
         best, best_n, best_id = None, 0, None
-        for entry_id, prefix in self._entries.items():
-            if prefix.stream == stream:
-                n = usable_length(common_length(prefix.key, key), key, limit, stream.align)
-                if n > best_n:
-                    best, best_n, best_id = prefix, n, entry_id
+        for entry_id in self._candidates(stream, key):
+            prefix = self._entries[entry_id]
+            n = usable_length(common_length(prefix.key, key), key, limit, stream.align)
+            if n > best_n:
+                best, best_n, best_id = prefix, n, entry_id
         if best is None:
             self.stats.misses += 1
             return None
@@ -153,34 +179,52 @@ class PrefixStore:
         return best, best_n
 
     def add(self, prefix: Prefix) -> None:
-        """Keep `prefix`, evicting least recently used entries to make room. An entry whose key starts
-        the new one's goes (the new one serves every prompt it served); a new key that starts a kept
-        one's only refreshes that one; a prefix larger than the whole store is not kept."""
+        """Keep `prefix`, evicting least recently used entries to make room. A kept entry whose key
+        starts the new one's goes (the new one serves every prompt it served); a new key that starts
+        a kept one's only refreshes that one; a prefix larger than the whole store is not kept."""
         if prefix.nbytes > self.capacity_bytes:
             return
-        for entry_id, kept in list(self._entries.items()):
-            if kept.stream != prefix.stream:
-                continue
-            shared = common_length(kept.key, prefix.key)
+        for entry_id in self._candidates(prefix.stream, prefix.key):
+            shared = common_length(self._entries[entry_id].key, prefix.key)
             if shared == len(prefix):
                 self._entries.move_to_end(entry_id)
                 return
-            if shared == len(kept):
+            if shared == len(self._entries[entry_id]):
                 self._remove(entry_id)
         while self._entries and (self.stats.bytes + prefix.nbytes > self.capacity_bytes
                                  or (self.max_entries is not None and len(self._entries) >= self.max_entries)):
             self._remove(next(iter(self._entries)))
             self.stats.evictions += 1
-        self._entries[next(self._ids)] = prefix
+        entry_id = next(self._ids)
+        self._entries[entry_id] = prefix
+        self._digests[entry_id] = chunk_digests(prefix.key, self.index_chunk)
+        for digest in self._digests[entry_id]:
+            self._index.setdefault((prefix.stream, digest), set()).add(entry_id)
         self.stats.bytes += prefix.nbytes
         self.stats.entries = len(self._entries)
 
     def clear(self) -> None:
         self._entries.clear()
+        self._index.clear()
+        self._digests.clear()
         self.stats.entries = self.stats.bytes = 0
 
+    def _candidates(self, stream: Stream, key: torch.Tensor) -> list[int]:
+        """The newest few entries sharing the key's longest run of whole chunks (none: nothing shares a chunk)."""
+        for digest in reversed(chunk_digests(key, self.index_chunk)):
+            found = self._index.get((stream, digest))
+            if found:
+                return heapq.nlargest(MATCH_CANDIDATES, found)
+        return []
+
     def _remove(self, entry_id: int) -> None:
-        self.stats.bytes -= self._entries.pop(entry_id).nbytes
+        prefix = self._entries.pop(entry_id)
+        for digest in self._digests.pop(entry_id):
+            entries = self._index[(prefix.stream, digest)]
+            entries.discard(entry_id)
+            if not entries:
+                del self._index[(prefix.stream, digest)]
+        self.stats.bytes -= prefix.nbytes
         self.stats.entries = len(self._entries)
 
 
