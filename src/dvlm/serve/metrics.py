@@ -97,7 +97,7 @@ class CacheCollector:
             if cache is None:
                 continue
             stats = cache.stats
-            counts = {"hits": "lookups that found", "misses": "lookups that found nothing",
+            counts = {"hits": "lookups that found a kept entry", "misses": "lookups that found none",
                       "evictions": "entries evicted to make room"}
             if name == "prefix":
                 counts["hit_tokens"] = "prompt tokens whose keys/values were reused, not recomputed"
