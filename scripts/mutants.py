@@ -57,6 +57,7 @@ JOIN = "tests/decode/test_join.py"
 FUSED_PREFILL = "tests/decode/test_fused_prefill.py"
 COMPILED = "tests/decode/test_compiled.py"
 JOIN_CACHE = "tests/model/test_cache_join.py"
+PREFIX = "tests/decode/test_prefix_cache.py"
 SCORING = "tests/tasks/benchmarks/test_scoring.py"
 CHOICES = "tests/tasks/benchmarks/test_choices.py"
 ANSWERS = "tests/tasks/benchmarks/test_answers.py"
@@ -294,6 +295,32 @@ MUTATIONS = [
     Mutation("fused-draft-sees-padding", "model/cache.py",
              "            mask[:, :, self.length + q1:] &= d_valid.flatten(1)[:, None, :]", "            pass",
              (JOIN,), "a fused commit's draft attends to the padding of narrower rows"),
+    # -- the prefix and vision caches ---------------------------------------------------------
+    Mutation("prefix-reuses-partial-block", "model/prefix_cache.py",
+             "        cut -= cut % align\n", "",
+             (PREFIX,), "diffusionvl: a kept prefix reused up to the first difference, inside an absolute block"),
+    Mutation("prefix-matches-token-ids-only", "decode/prompts.py",
+             "= image_code(image.digest)", "= 0",
+             (PREFIX,), "kept prefixes matched on token ids, not image identity (two pictures, one key)"),
+    Mutation("prefix-suffix-one-late", "decode/prompts.py",
+             "parts.append(part_after(prompt, n))", "parts.append(part_after(prompt, n + 1 if n else 0))",
+             (PREFIX,), "a prompt that reuses n entries is prefilled from token n + 1"),
+    Mutation("prefix-suffix-one-early", "decode/prompts.py",
+             "parts.append(part_after(prompt, n))", "parts.append(part_after(prompt, max(n - 1, 0)))",
+             (PREFIX,), "a prompt that reuses n entries is prefilled from token n - 1 (one token twice)"),
+    Mutation("prefix-reuses-last-prompt-token", "decode/prompts.py",
+             "store.match(stream, key, len(prompt) - 1)", "store.match(stream, key, len(prompt))",
+             (PREFIX,), "a prompt kept whole is reused whole: nothing is left to predict its first token from"),
+    Mutation("prefix-blocks-not-offset", "decode/canvas.py",
+             " // block_size + prompts.block_offsets(lm.device)[:, None])", " // block_size)",
+             (PREFIX,), "diffusionvl: the blocks prefilled after reused ones restart at block 0"),
+    Mutation("prefix-seeded-left-aligned", "model/prefix_cache.py",
+             "keys[row, :, width - n:] = prefix.layers[index][0][0, :, :n]",
+             "keys[row, :, :n] = prefix.layers[index][0][0, :, :n]",
+             (PREFIX,), "a reused prefix's keys sit at the start of a wider row, not beside its prompt"),
+    Mutation("vision-key-pixels-only", "model/vision_cache.py",
+             "    for name in sorted(vision.tensors):", "    for name in [\"pixel_values\"]:",
+             ("tests/model/test_prefix_store.py",), "an image's cache key ignores its grid (the same patches on another grid hit)"),
     # -- benchmark scorers -------------------------------------------------------------------
     Mutation("pope-precision-recall-swapped", "tasks/benchmarks/pope.py",
              "    precision = tp / (tp + fp) if tp + fp else 0.0\n    recall = tp / (tp + fn) if tp + fn else 0.0",

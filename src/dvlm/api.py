@@ -3,10 +3,12 @@
     import dvlm
     model = dvlm.load("tiny-dvlm")                     # a checkpoint directory or a built-in name
     out = model.generate("What is in the picture?", images=["cat.png"], decoder="block")
+    chat = model.chat()                                # a conversation that keeps its KV between turns
+    out = chat.send("What is in the picture?", images=["cat.png"])
 
 `DVLM` is a `dvlm.model.loaded.LoadedModel` (network, adapter, processor, recipe) with `generate`
 and `stream`, which run the one generate path (`dvlm.decode.generate`) that the CLI, the
-evaluation harness and the benchmark run too.
+evaluation harness and the benchmark run too, and `chat` (`dvlm.decode.session`).
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from dvlm.data.images import DEFAULT_LIMITS, ImageLimits
 from dvlm.decode import generate as generate_path
 from dvlm.decode.generate import PositionLimitWarning, PromptError
 from dvlm.decode.output import GenerationOutput
+from dvlm.decode.prompts import PREFIX_CACHE_MB, VISION_CACHE_MB
+from dvlm.decode.session import ChatSession
 from dvlm.decode.stream import TextStream
 from dvlm.model.loaded import LoadedModel
 from dvlm.zoo.registry import resolve_model
 
-__all__ = ["DVLM", "PositionLimitWarning", "PromptError", "load", "resolve_model_path"]
+__all__ = ["DVLM", "ChatSession", "PositionLimitWarning", "PromptError", "load", "resolve_model_path"]
 
 
 class DVLM(LoadedModel):
@@ -52,6 +56,21 @@ class DVLM(LoadedModel):
 
         After the loop, `stream.output` holds the GenerationOutput."""
         return generate_path.stream(self, prompt, images, decoder=decoder, **decode_options)
+
+    def chat(self, *, decoder: str | None = None, vision_cache_mb: float = VISION_CACHE_MB,
+             prefix_cache_mb: float = PREFIX_CACHE_MB, **decode_options: Any) -> ChatSession:
+        """A conversation: `session.send(text, images=...)` answers the next user message (a
+        GenerationOutput) and keeps the keys/values of the conversation so far, so the next turn
+        prefills only its new tokens; images already sent are not encoded again. Each answer equals
+        `generate` of the whole conversation. `session.reset()` starts over.
+
+        Args:
+            decoder, decode_options: as `generate` (the settings of every turn).
+            vision_cache_mb, prefix_cache_mb: memory for the session's image features and for the
+                keys/values of the conversation (MiB; 0 turns that cache off).
+        """
+        return ChatSession(self, decoder=decoder, vision_cache_mb=vision_cache_mb, prefix_cache_mb=prefix_cache_mb,
+                           **decode_options)
 
 
 def resolve_model_path(name_or_path: str | Path) -> Path:

@@ -714,6 +714,7 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-remote-images", action="store_true",
                    help="let requests name http(s) image URLs, which the server downloads (size-capped, "
                         "time-limited) from whatever address a client names; default: data: URLs only")
+    add_cache_arguments(p, "requests'")
     p.add_argument("--access-log", action="store_true", help="log every HTTP request on stderr")
     add_compile_argument(p)
     p.add_argument("--device", help="e.g. cpu, cuda:0 (default: auto)")
@@ -739,7 +740,7 @@ def serve_settings(args: argparse.Namespace) -> Any:
             max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
             request_timeout_s=args.request_timeout, max_body_bytes=int(args.max_body_mb * MIB),
             max_images=args.max_images, allow_local_images=local, allow_remote_images=args.allow_remote_images,
-            compile=args.compile)
+            compile=args.compile, **cache_sizes(args))
     except ConfigError as err:
         raise ConfigError(_flag_names(str(err))) from err
 
@@ -816,27 +817,48 @@ def chat_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
                    help="answer length limit (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default: %(default)s)")
-    p.add_argument("--verbose", action="store_true", help="print each answer's tokens and forwards on stderr")
+    p.add_argument("--verbose", action="store_true", help="print each answer's tokens, forwards and reused prompt "
+                                                          "tokens on stderr")
+    add_cache_arguments(p, "the conversation's")
     p.add_argument("--device", help="e.g. cpu, cuda:0 (default: auto)")
     p.add_argument("--dtype", choices=DTYPES, help=DTYPE_HELP)
+
+
+def add_cache_arguments(p: argparse.ArgumentParser, whose: str) -> None:
+    from dvlm.decode.prompts import PREFIX_CACHE_MB, VISION_CACHE_MB
+
+    p.add_argument("--vision-cache-mb", type=float, default=VISION_CACHE_MB, metavar="MB",
+                   help=f"memory for {whose} image features, so an image is encoded once (MiB; 0: off; "
+                        "default: %(default)s)")
+    p.add_argument("--prefix-cache-mb", type=float, default=PREFIX_CACHE_MB, metavar="MB",
+                   help=f"memory for the keys/values of {whose} earlier prompts and answers, so a prompt that "
+                        "starts with them prefills only the rest (MiB; 0: off; default: %(default)s)")
+
+
+def cache_sizes(args: argparse.Namespace) -> dict[str, float]:
+    for flag, value in (("--vision-cache-mb", args.vision_cache_mb), ("--prefix-cache-mb", args.prefix_cache_mb)):
+        if not 0 <= value < float("inf"):
+            raise CLIError(f"{flag} must be >= 0 (0: off), got {value:g}")
+    return {"vision_cache_mb": args.vision_cache_mb, "prefix_cache_mb": args.prefix_cache_mb}
 
 
 def chat(args: argparse.Namespace) -> None:
     """Talk to a model in the terminal; answers stream as blocks are committed."""
     from dvlm.config import DecodeConfig
-    from dvlm.serve.chat import ChatSession, run_chat
+    from dvlm.serve.chat import TerminalChat, run_chat
 
     options = {k: v for k, v in (("block_size", args.block_size), ("threshold", args.threshold),
                                  ("steps", args.steps)) if v is not None}
     options.update(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     DecodeConfig(**options)  # a bad setting fails now, not at the first question
+    sizes = cache_sizes(args)
     images = [load_image(path) for path in args.image or []]  # bad images fail before the model loads
     with quiet_hf_progress():
         lm = dvlm.load(model_path(args.model), device=checked_device(args.device), dtype=args.dtype)
     decoder = args.decoder or ("block" if lm.diffusion else "ar")
     if decoder not in ("ar", "hf"):
         lm.require_diffusion(decoder)
-    session = ChatSession(lm, {**options, "decoder": decoder})
+    session = TerminalChat(lm, {**options, **sizes, "decoder": decoder})
     session.pending_images.extend(images)
     run_chat(session, input, sys.stdout, sys.stderr, verbose=args.verbose)
 

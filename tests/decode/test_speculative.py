@@ -8,6 +8,7 @@ import dvlm
 from dvlm.config import ConfigError, DecodeConfig, Sampling
 from dvlm.convert.verify import probe_image
 from dvlm.decode.prefill import prefill
+from dvlm.decode.prompts import plain_prompts
 from dvlm.decode.sampling import RowSampler
 from dvlm.decode.speculative import (
     accept_drafts,
@@ -92,7 +93,7 @@ def test_commit_and_draft_equals_separate_passes(lm):
     prefix = torch.tensor([0, 2, 5])
     results = []
     for context_cls in (KVContext, RecomputeContext):
-        pre = prefill(lm, prompts, context_cls)
+        pre = prefill(lm, plain_prompts(lm, prompts), context_cls)
         ctx, position = pre.context, pre.next_position
         offsets = prefix[None, :, None] + torch.arange(d_len)[None, None, :]
         d_positions = lm.positions.along_axes(position[:, None, None] + offsets)

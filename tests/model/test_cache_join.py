@@ -8,6 +8,7 @@ from transformers.cache_utils import DynamicLayer
 import dvlm
 from dvlm.convert.verify import probe_image
 from dvlm.decode.prefill import prefill
+from dvlm.decode.prompts import plain_prompts
 from dvlm.model.cache import (
     KVContext,
     PreallocatedLayer,
@@ -80,7 +81,7 @@ def test_cached_join_equals_recomputed_join_and_each_row_alone(lm):
     block = torch.randint(0, lm.mask_token_id, (3, 4), generator=gen)
 
     def run(context_cls, groups, rows):
-        pres = [prefill(lm, g, context_cls) for g in groups]
+        pres = [prefill(lm, plain_prompts(lm, g), context_cls) for g in groups]
         ctx, position = pres[0].context, torch.cat([p.next_position for p in pres])
         for pre in pres[1:]:
             ctx.join(pre.context)

@@ -56,12 +56,26 @@ def test_end_of_input_leaves_and_bad_questions_do_not(capsys, monkeypatch):
     assert code == 0 and len(answers) == 1
     assert "error: text contains the special token '<|im_end|>'" in err
     assert "tokens/forward" in err  # --verbose statistics
+    assert re.search(r"0 of \d+ prompt tokens reused", err)  # the first answer reuses nothing
+
+
+def test_later_turns_reuse_the_conversation(capsys, monkeypatch, scene):
+    path, _ = scene
+    lines = [f"/image {path}", "Describe the image.", "How many shapes are there?", "/reset", "Describe the image."]
+    code, answers, err = chat(capsys, monkeypatch, lines, "--verbose", "--max-new-tokens", "16")
+    reused = [int(n) for n in re.findall(r"(\d+) of \d+ prompt tokens reused", err)]
+    assert code == 0 and len(answers) == 3
+    assert reused[0] == 0 and reused[1] > 0 and reused[2] == 0  # nothing kept across /reset
+    code, _, err = chat(capsys, monkeypatch, lines[:3], "--verbose", "--max-new-tokens", "16", "--prefix-cache-mb", "0")
+    assert [int(n) for n in re.findall(r"(\d+) of \d+ prompt tokens reused", err)] == [0, 0]
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--threshold", "2"], "threshold must be in [0, 1], got 2.0"),
     (["--image", "missing.png"], "cannot load image missing.png: file not found"),
     (["--max-new-tokens", "0"], "max_new_tokens must be >= 1, got 0"),
+    (["--prefix-cache-mb", "-1"], "--prefix-cache-mb must be >= 0 (0: off), got -1"),
+    (["--vision-cache-mb", "inf"], "--vision-cache-mb must be >= 0 (0: off), got inf"),
 ])
 def test_bad_settings_are_one_line_errors(capsys, monkeypatch, argv, message):
     monkeypatch.setattr("sys.stdin", io.StringIO(""))

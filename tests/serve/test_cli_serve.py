@@ -37,6 +37,8 @@ START_TIMEOUT_S = 120
     (["--max-body-mb", "0"], "--max-body-mb must be > 0"),
     (["--api-key="], "--api-key (or DVLM_API_KEY) is empty"),
     (["--allow-local-images", "/nonexistent/dir"], "--allow-local-images: /nonexistent/dir is not a directory"),
+    (["--prefix-cache-mb", "-0.5"], "--prefix-cache-mb must be >= 0 (0: off), got -0.5"),
+    (["--vision-cache-mb", "nan"], "--vision-cache-mb must be >= 0 (0: off), got nan"),
 ])
 def test_settings_are_refused_in_one_line_before_anything_starts(capsys, argv, message):
     code, out, err = run(capsys, "serve", *argv)

@@ -169,3 +169,29 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(server, client, samp
     else:
         pytest.fail("no request was still running when its client disconnected")
     assert ask(client, *samples[1], True, 16) is not None  # still serving
+
+
+def test_a_conversation_reuses_the_turn_before_and_answers_as_generate(server, client, lm, samples):
+    """Three turns about one picture through the caches (on by default): each answer equals
+    `generate` of the conversation, later turns report the prompt tokens they reused (`dvlm`
+    field, and /metrics), and `cache: false` reuses nothing."""
+    question, image = samples[0]
+    messages, history = openai_messages(question, image), library_messages(question, image)
+    hit_tokens = metric(server, "dvlm_prefix_cache_hit_tokens_total")
+    reused = []
+    for follow_up in (None, "How many shapes are there?", "What colour is the circle?"):
+        if follow_up is not None:
+            messages += [{"role": "user", "content": follow_up}]
+            history += [{"role": "user", "content": follow_up}]
+        out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=32, temperature=0)
+        text = out.choices[0].message.content
+        assert text == lm.generate(history, max_new_tokens=32).text
+        reused.append(out.model_extra["dvlm"]["cached_tokens"])
+        messages += [{"role": "assistant", "content": text}]
+        history += [{"role": "assistant", "content": text}]
+    assert reused[1] > 0 and reused[2] > reused[1]
+    assert metric(server, "dvlm_prefix_cache_hit_tokens_total") - hit_tokens == sum(reused)
+    opted_out = client.chat.completions.create(model=MODEL, messages=messages[:-1], max_tokens=32, temperature=0,
+                                               extra_body={"cache": False})
+    assert opted_out.model_extra["dvlm"]["cached_tokens"] == 0
+    assert opted_out.choices[0].message.content == messages[-1]["content"]

@@ -10,11 +10,13 @@ from dvlm.config import DecodeConfig
 from dvlm.data.processor import Encoded
 from dvlm.decode.output import GenerationOutput
 from dvlm.decode.prefill import DraftOf, prefill
+from dvlm.decode.prompts import PromptBatch
 from dvlm.decode.rows import Listener
 from dvlm.decode.sampling import RowSampler
 from dvlm.decode.stepper import Stepper, generate_with
 from dvlm.model.cache import DecodeContext, KVContext
 from dvlm.model.loaded import LoadedModel
+from dvlm.model.prefix_cache import CAUSAL, Stream
 
 
 def next_token(lm: LoadedModel, hidden: torch.Tensor, sampler: RowSampler) -> torch.Tensor:
@@ -71,7 +73,7 @@ class NextTokens:
 class NextTokenStepper(Stepper):
     """Prefill the prompts causally and pick each row's first token (AR and speculative decoding)."""
 
-    def _prefill(self, prompts: list[Encoded], ids: list[int]) -> NextTokens:
+    def _prefill(self, prompts: PromptBatch, ids: list[int]) -> NextTokens:
         pre = prefill(self.lm, prompts, self.context_cls, draft=self._draft_in_prefill())
         sampler = self._sampler(ids)
         token = next_token(self.lm, pre.last_hidden, sampler)
@@ -86,6 +88,10 @@ class NextTokenStepper(Stepper):
     def _draft_in_prefill(self) -> DraftOf | None:
         """The block that rides along the prefill forward (speculative decoding's first draft)."""
         return None
+
+    def _prefix_stream(self) -> Stream:
+        """A causal prefill, then causal commits (AR steps, verify passes): every committed entry."""
+        return CAUSAL
 
     def _emit_known(self, tokens: torch.Tensor) -> tuple[list[tuple[int, list[int]]], list[int]]:
         """Commit each row's known next token (R,) before any forward: a row it ends (an end

@@ -29,6 +29,7 @@ from dvlm.decode.canvas import (
     start_response,
 )
 from dvlm.decode.output import GenerationOutput
+from dvlm.decode.prompts import Caches, PromptBatch
 from dvlm.decode.rows import Listener
 from dvlm.decode.sampling import (
     RowSampler,
@@ -43,6 +44,7 @@ from dvlm.decode.settings import GroupSettings
 from dvlm.decode.stepper import Stepper, generate_with
 from dvlm.model.cache import DecodeContext, KVContext
 from dvlm.model.loaded import LoadedModel
+from dvlm.model.prefix_cache import CAUSAL, Stream
 
 FirstPass = tuple[torch.Tensor, torch.Tensor]  # (logits (R, Q, V), usable (R,) bool) from a fused commit
 
@@ -81,12 +83,12 @@ class NextBlock:
 class BlockStepper(Stepper):
     decoder = "block"
 
-    def __init__(self, lm: LoadedModel, group: GroupSettings, context_cls=KVContext) -> None:
-        super().__init__(lm, group, context_cls)
+    def __init__(self, lm: LoadedModel, group: GroupSettings, context_cls=KVContext, caches: Caches | None = None) -> None:
+        super().__init__(lm, group, context_cls, caches)
         self.dcfg = lm.require_diffusion("block")
         self.commit_kind = "causal" if self.dcfg.clean_attention == "causal" else "block_causal"
 
-    def _prefill(self, prompts: list[Encoded], ids: list[int]) -> NextBlock:
+    def _prefill(self, prompts: PromptBatch, ids: list[int]) -> NextBlock:
         """The rows' context and first block; with `fuse_prefill` (no token shift) the block's first
         denoising pass ran in the prefill forward, for every row (`first_pass`)."""
         budgets, fuse = [self.rows[i].settings.max_new_tokens for i in ids], self.group.fuse_prefill
@@ -105,6 +107,14 @@ class BlockStepper(Stepper):
             return NextBlock(ctx, canvas)
         usable = torch.ones(len(ids), dtype=torch.bool, device=canvas.ids.device)
         return NextBlock(ctx, canvas, (self.lm.adapter.logits(self.lm.model, first), usable))
+
+    def _prefix_stream(self) -> Stream | None:
+        """The response layout over a causal clean stream commits causally (the prompt, then each
+        block); absolute blocks commit whole blocks block-causally. (Response blocks over a
+        block-causal clean stream reuse nothing: their prompt blocks follow the prompt's labels.)"""
+        if self.dcfg.block_layout == "response":
+            return CAUSAL if self.commit_kind == "causal" else None
+        return Stream("absolute", self.group.block_size) if self.commit_kind == "block_causal" else None
 
     def _join(self, running: NextBlock, joining: NextBlock) -> NextBlock:
         return running.join(joining, self.lm.processor.pad_token_id)

@@ -26,10 +26,9 @@ from dataclasses import dataclass
 import torch
 
 from dvlm.config import DiffusionConfig
-from dvlm.data.collate import collate
-from dvlm.data.processor import Encoded
 from dvlm.decode.ar import next_token
 from dvlm.decode.prefill import DraftBlock, prefill
+from dvlm.decode.prompts import PromptBatch
 from dvlm.decode.sampling import RowSampler
 from dvlm.diffusion.noising import clean_block_ids
 from dvlm.model.loaded import LoadedModel
@@ -138,7 +137,7 @@ def canvas_embeds(lm: LoadedModel, canvas: Canvas) -> torch.Tensor:
     return torch.where(canvas.fixed[..., None], canvas.fixed_embeds.to(embeds.dtype), embeds)
 
 
-def start_response(lm: LoadedModel, prompts: list[Encoded], dcfg: DiffusionConfig, block_size: int, budgets: list[int],
+def start_response(lm: LoadedModel, prompts: PromptBatch, dcfg: DiffusionConfig, block_size: int, budgets: list[int],
                    sampler: RowSampler, context_cls, fuse: bool = False):
     """Prefill the whole prompt; with token shift its last output is the AR seed of block 1.
 
@@ -149,7 +148,7 @@ def start_response(lm: LoadedModel, prompts: list[Encoded], dcfg: DiffusionConfi
     kind, blocks = "causal", None
     if dcfg.clean_attention == "block_causal":
         kind = "block_causal"
-        batch = collate(prompts, lm.processor.pad_token_id, padding_side="left").to(lm.device)
+        batch = prompts.collate(lm)
         blocks = clean_block_ids(batch.labels, batch.attention_mask, dcfg, block_size)
     widths = [min(block_size, b) for b in budgets]
 
@@ -163,7 +162,7 @@ def start_response(lm: LoadedModel, prompts: list[Encoded], dcfg: DiffusionConfi
     return pre.context, masked_canvas(lm, seed, pre.next_position, widths), pre.draft_hidden
 
 
-def start_absolute(lm: LoadedModel, prompts: list[Encoded], block_size: int, budgets: list[int], context_cls,
+def start_absolute(lm: LoadedModel, prompts: PromptBatch, block_size: int, budgets: list[int], context_cls,
                    fuse: bool = False):
     """Prefill each prompt's complete absolute blocks (block-causal); its tail opens block 1.
 
@@ -174,23 +173,24 @@ def start_absolute(lm: LoadedModel, prompts: list[Encoded], block_size: int, bud
     the block after the prompt's blocks, seeing them all and itself.
     Returns (context, canvas, the first pass's hidden states (R, Q, D) or None, per row whether
     the prefill forward held any of its tokens (R,) list). With no complete block in any row there
-    is no prefill forward (and nothing to fuse).
+    is no prefill forward (and nothing to fuse). A row that reuses kept entries (whole blocks,
+    `PromptBatch`) starts from them: its prompt here is the rest, whose blocks follow the reused ones.
     """
-    batch = collate(prompts, lm.processor.pad_token_id, padding_side="left").to(lm.device)
-    embeds = lm.adapter.embed(lm.model, batch.input_ids, batch.vision)  # (R, P, F)
+    batch = prompts.collate(lm)
+    embeds = prompts.embed(lm, batch.input_ids)  # (R, P, F)
     width = batch.input_ids.shape[1]
     lengths = batch.attention_mask.sum(dim=1)  # (R,)
     cut = lengths // block_size * block_size
     first = width - lengths  # column of each row's first real token
     span = int(cut.max())
-    ctx = context_cls(lm.adapter, lm.model, len(prompts), lm.device)
+    ctx = prompts.context(lm, context_cls)
     committed = None
     if span:
         col = torch.arange(span, device=lm.device)[None, :]
         real_index = col - (span - cut)[:, None]  # index of the token within its prompt (< 0: padding)
         source = (first[:, None] + real_index).clamp(min=0, max=width - 1)
         committed = (_gather(embeds, source), _gather_positions(batch.position_ids, source), real_index >= 0,
-                     real_index.clamp(min=0) // block_size)
+                     real_index.clamp(min=0) // block_size + prompts.block_offsets(lm.device)[:, None])
         if not fuse:
             ctx.commit(*committed, "block_causal")
     tail = lengths - cut

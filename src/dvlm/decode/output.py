@@ -31,6 +31,7 @@ class GenerationOutput:
     settings: dict[str, Any] = field(default_factory=dict)
     tokens_per_step: list[int] = field(default_factory=list)  # tokens unmasked by each denoising pass
     accept_lengths: list[int] = field(default_factory=list)  # speculative decoding: tokens accepted per block
+    cached_tokens: int = 0  # prompt tokens whose keys/values were reused from the prefix cache, not recomputed
 
     @property
     def num_tokens(self) -> int:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dvlm.data.collate import Batch, collate
-from dvlm.data.processor import Encoded
+from dvlm.data.collate import Batch
+from dvlm.decode.prompts import PromptBatch
 from dvlm.model.cache import DecodeContext
 from dvlm.model.loaded import LoadedModel
 
@@ -41,17 +41,19 @@ class Prefilled:
     draft_hidden: torch.Tensor | None = None  # (R, L, D) the hidden states of the block that rode along
 
 
-def prefill(lm: LoadedModel, prompts: list[Encoded], context_cls, kind: str = "causal",
+def prefill(lm: LoadedModel, prompts: PromptBatch, context_cls, kind: str = "causal",
             block_ids: torch.Tensor | None = None, draft: DraftOf | None = None) -> Prefilled:
     """Encode the left-padded prompts (with images) and commit them to a new context.
 
     Left padding puts every prompt's last token in the last column, so the next token of every
     row is predicted from `hidden[:, -1]` and generated blocks stay aligned across rows. `draft`
-    builds the block that rides along the same forward (None: the prompts alone).
+    builds the block that rides along the same forward (None: the prompts alone). A row that
+    reuses kept entries (`PromptBatch`) starts from them and commits the rest of its prompt:
+    `batch` then holds those parts, at the whole prompts' positions.
     """
-    batch = collate(prompts, lm.processor.pad_token_id, padding_side="left").to(lm.device)
-    ctx = context_cls(lm.adapter, lm.model, len(prompts), lm.device)
-    embeds = lm.adapter.embed(lm.model, batch.input_ids, batch.vision)
+    batch = prompts.collate(lm)
+    ctx = prompts.context(lm, context_cls)
+    embeds = prompts.embed(lm, batch.input_ids)
     blocks = torch.zeros_like(batch.input_ids) if block_ids is None else block_ids
     committed = (embeds, batch.position_ids, batch.attention_mask, blocks)
     if draft is None:

@@ -29,6 +29,7 @@ class Row:
     nfe: int = 0
     steps: list[int] = field(default_factory=list)  # tokens unmasked by each denoising pass
     accepts: list[int] = field(default_factory=list)  # speculative decoding: tokens accepted per block
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
 
     @property
     def remaining(self) -> int:
@@ -158,5 +159,5 @@ class Rows:
             text=decode_text(row.tokens), tokens=list(row.tokens), finish_reason=row.finish or "length",
             stop_token=row.stop_token, decoder=decoder, nfe=row.nfe, prompt_tokens=row.prompt_tokens, timings=dict(timings),
             settings=dataclasses.asdict(joined(decoder, group, row.settings)), tokens_per_step=list(row.steps),
-            accept_lengths=list(row.accepts),
+            accept_lengths=list(row.accepts), cached_tokens=row.cached_tokens,
         )

@@ -25,6 +25,7 @@ from dvlm.data.processor import Encoded
 from dvlm.decode.ar import NextTokens, NextTokenStepper, PendingDraft
 from dvlm.decode.output import GenerationOutput
 from dvlm.decode.prefill import DraftBlock, DraftOf
+from dvlm.decode.prompts import PromptBatch
 from dvlm.decode.rows import Listener
 from dvlm.decode.sampling import RowSampler, greedy_tokens, sample_from
 from dvlm.decode.stepper import generate_with
@@ -207,7 +208,7 @@ class QuadraticStepper(NextTokenStepper):
     def _draft_in_prefill(self) -> DraftOf | None:
         return first_draft(self.lm, self.group.block_size) if self.group.fuse_prefill else None
 
-    def _prefill(self, prompts: list[Encoded], ids: list[int]) -> DraftedBlocks:
+    def _prefill(self, prompts: PromptBatch, ids: list[int]) -> DraftedBlocks:
         start = super()._prefill(prompts, ids)
         block = _masked_blocks(self.lm, start.token, self.group.block_size)
         if start.draft is not None:

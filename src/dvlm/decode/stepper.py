@@ -25,11 +25,13 @@ import torch
 from dvlm.config import DecodeConfig
 from dvlm.data.processor import Encoded
 from dvlm.decode.output import GenerationOutput
+from dvlm.decode.prompts import Caches, PromptBatch, RowKey, open_prompts, remember
 from dvlm.decode.rows import Listener, Rows
 from dvlm.decode.sampling import RowSampler
 from dvlm.decode.settings import GroupSettings, RowSettings, resolve, split
 from dvlm.model.cache import KVContext
 from dvlm.model.loaded import LoadedModel
+from dvlm.model.prefix_cache import Stream, reusable_layers
 from dvlm.runtime import Timer
 
 
@@ -54,12 +56,17 @@ class Stepper:
     """One decoder over a batch whose rows join between blocks and leave when they finish.
 
     Subclasses implement `_prefill` (new rows -> their batch state), `_advance` (one block for
-    every active row), and `_join` / `_select` on their batch state.
+    every active row), `_join` / `_select` on their batch state, and `_prefix_stream` (how their
+    contexts' entries are computed: which kept prefixes their prefills may reuse).
+
+    `caches`: the vision features and prefixes it reuses (`dvlm.decode.prompts`); a row that leaves
+    the batch leaves its prefix in `caches.prefixes`.
     """
 
     decoder = ""  # the name in DecodeConfig and GenerationOutput
 
-    def __init__(self, lm: LoadedModel, group: GroupSettings, context_cls=KVContext) -> None:
+    def __init__(self, lm: LoadedModel, group: GroupSettings, context_cls=KVContext,
+                 caches: Caches | None = None) -> None:
         self.lm = lm
         self.group = group
         self.compiled = None  # the model's CompiledForward with group.compile
@@ -68,9 +75,14 @@ class Stepper:
 
             context_cls, self.compiled = CompiledKVContext, compiled_forward(lm.adapter, lm.model)
         self.context_cls = context_cls
+        self.caches = caches or Caches()
         self.timer = Timer(lm.device)
         self.rows = Rows(lm.eos_token_ids, lm.banned_token_ids)
         self.state: Any = None  # batch state of the active rows; None when no row is active
+        self._kept: dict[int, RowKey] = {}  # rows whose prefix is kept when they leave
+        # Kept entries fill a KVContext (the recomputing reference keeps none) of full-attention layers.
+        self._reuses_prefixes = (caches is not None and caches.prefixes is not None and issubclass(context_cls, KVContext)
+                                 and reusable_layers(lm.adapter.new_cache(lm.model)))
 
     @classmethod
     def settings_for(cls, lm: LoadedModel, cfg: DecodeConfig) -> tuple[GroupSettings, RowSettings]:
@@ -88,14 +100,18 @@ class Stepper:
         return 0.0 if self.compiled is None else self.compiled.warmup_s
 
     @torch.inference_mode()
-    def start(self, prompts: list[Encoded], settings: list[RowSettings]) -> Started:
-        """Prefill new rows (one forward for all of them); they join the batch with `join`."""
+    def start(self, prompts: list[Encoded], settings: list[RowSettings], cache: list[bool] | None = None) -> Started:
+        """Prefill new rows (one forward for all of them); they join the batch with `join`.
+        `cache`: per row, whether it reads and fills the caches (default: all do)."""
+        cache = [True] * len(prompts) if cache is None else cache
+        if not len(prompts) == len(settings) == len(cache):
+            raise ValueError(f"{len(prompts)} prompts, {len(settings)} row settings and {len(cache)} cache flags")
         ids = self.rows.add(settings, [len(p) for p in prompts], self.lm.device)
         try:
             with self.timer("prefill"):
-                state = self._prefill(prompts, ids)
+                state = self._prefill(self._open(prompts, ids, cache), ids)
         except BaseException:
-            self.rows.forget(ids)
+            self.forget(ids)
             raise
         return Started(ids, state)
 
@@ -120,6 +136,8 @@ class Stepper:
 
     def forget(self, ids: list[int]) -> None:
         self.rows.forget(ids)
+        for row_id in ids:
+            self._kept.pop(row_id, None)
 
     def output(self, row_id: int, timings: dict[str, float]) -> GenerationOutput:
         return self.rows.output(row_id, self.lm.processor.decode, self.decoder, timings, self.group)
@@ -134,6 +152,7 @@ class Stepper:
     def _keep(self, indices: list[int]) -> None:
         if len(indices) == self.rows.num_active:
             return
+        self._remember(sorted(set(range(self.rows.num_active)) - set(indices)))
         self.rows.keep(indices)
         # An empty batch holds no context: its memory goes back before the next rows start.
         self.state = self._select(self.state, torch.tensor(indices, device=self.lm.device)) if indices else None
@@ -141,7 +160,30 @@ class Stepper:
     def _sampler(self, ids: list[int] | None = None) -> RowSampler:
         return self.rows.sampler(ids)
 
-    def _prefill(self, prompts: list[Encoded], ids: list[int]) -> Any:
+    def _open(self, prompts: list[Encoded], ids: list[int], cache: list[bool]) -> PromptBatch:
+        """The new rows' prompts, with the kept prefixes they reuse; records what they will keep."""
+        stream = self._prefix_stream() if self._reuses_prefixes else None
+        batch, keys = open_prompts(self.lm, prompts, self.caches, cache, stream)
+        for row_id, key, reused in zip(ids, keys, batch.reused_tokens):
+            self.rows[row_id].cached_tokens = reused
+            if key is not None:
+                self._kept[row_id] = key
+        return batch
+
+    def _remember(self, leaving: list[int]) -> None:
+        """Rows at these batch indices leave: each keeps its prefix (prompt and committed answer)."""
+        store, stream = self.caches.prefixes, self._prefix_stream()
+        for index in leaving:
+            row_id = self.rows.active[index]
+            key = self._kept.pop(row_id, None)
+            if key is not None and store is not None and stream is not None:
+                remember(store, stream, self.state.context, index, key, self.rows[row_id].tokens)
+
+    def _prefix_stream(self) -> Stream | None:
+        """How this decoder computes its contexts' entries (None: its prefills reuse no kept prefix)."""
+        return None
+
+    def _prefill(self, prompts: PromptBatch, ids: list[int]) -> Any:
         raise NotImplementedError
 
     def _advance(self) -> tuple[list[tuple[int, list[int]]], list[int]]:

@@ -5,8 +5,10 @@
     > /reset                  forgets the conversation (and pending images)
     > /quit                   (or Ctrl-D, or Ctrl-C) leaves
 
-The conversation is a chat message list with image parts, decoded by `dvlm.decode.generate.stream`, the
-path of `model.generate`: each answer equals what `generate` returns for that conversation.
+The conversation is a `dvlm.decode.session.ChatSession` (what `model.chat()` returns): each turn
+prefills only what the conversation added since the previous answer (its keys/values stay, and
+images already shown are not encoded again), and each answer equals what `generate` returns for
+the whole conversation. /reset drops the conversation and its caches.
 """
 
 from __future__ import annotations
@@ -14,19 +16,19 @@ from __future__ import annotations
 from typing import Any, Callable, TextIO
 
 from dvlm.data.images import ImageError, load_image
-from dvlm.decode.generate import stream
+from dvlm.decode.session import ChatSession
 from dvlm.model.loaded import LoadedModel
 
 HELP = "/image PATH adds an image to your next message, /reset starts over, /quit (or Ctrl-D) leaves"
 
 
-class ChatSession:
-    """The conversation so far and the images waiting for the next user message."""
+class TerminalChat:
+    """The conversation and the images waiting for the next user message."""
 
     def __init__(self, lm: LoadedModel, options: dict[str, Any]) -> None:
+        """`options`: the ChatSession's (decoding settings, cache sizes)."""
         self.lm = lm
-        self.options = options
-        self.messages: list[dict[str, Any]] = []
+        self.session = ChatSession(lm, **options)
         self.pending_images: list[Any] = []
 
     def add_image(self, path: str) -> None:
@@ -34,27 +36,18 @@ class ChatSession:
         self.pending_images.append(load_image(path, limits=self.lm.processor.image_limits))
 
     def reset(self) -> None:
-        self.messages.clear()
+        self.session.reset()
         self.pending_images.clear()
 
     def ask(self, text: str, write: Callable[[str], None]) -> Any:
         """Stream the answer to `text` through `write`; returns the GenerationOutput. On an error the
         question is dropped (the conversation stays as it was) and the error propagates."""
-        parts = [{"type": "image", "image": image} for image in self.pending_images]
-        self.messages.append({"role": "user", "content": [*parts, {"type": "text", "text": text}]})
-        try:
-            answer = stream(self.lm, self.messages, **self.options)
-            for piece in answer:
-                write(piece)
-        except BaseException:
-            self.messages.pop()
-            raise
+        output = self.session.send(text, self.pending_images, on_text=write)
         self.pending_images.clear()
-        self.messages.append({"role": "assistant", "content": answer.output.text})
-        return answer.output
+        return output
 
 
-def run_chat(session: ChatSession, read: Callable[[str], str], out: TextIO, err: TextIO,
+def run_chat(session: TerminalChat, read: Callable[[str], str], out: TextIO, err: TextIO,
              verbose: bool = False) -> None:
     """The read-answer loop until /quit, end of input or Ctrl-C."""
     print(f"dvlm chat: {HELP}", file=err, flush=True)
@@ -72,7 +65,7 @@ def run_chat(session: ChatSession, read: Callable[[str], str], out: TextIO, err:
             return
 
 
-def _command(session: ChatSession, line: str, out: TextIO, err: TextIO) -> bool:
+def _command(session: TerminalChat, line: str, out: TextIO, err: TextIO) -> bool:
     """Run a /command; False to leave the chat."""
     name, _, argument = line.partition(" ")
     if name in ("/quit", "/exit"):
@@ -91,7 +84,7 @@ def _command(session: ChatSession, line: str, out: TextIO, err: TextIO) -> bool:
     return True
 
 
-def _answer(session: ChatSession, text: str, out: TextIO, err: TextIO, verbose: bool) -> bool:
+def _answer(session: TerminalChat, text: str, out: TextIO, err: TextIO, verbose: bool) -> bool:
     """Answer one message; False to leave the chat (Ctrl-C while decoding)."""
     def write(piece: str) -> None:
         out.write(piece)
@@ -99,8 +92,7 @@ def _answer(session: ChatSession, text: str, out: TextIO, err: TextIO, verbose: 
 
     try:
         output = session.ask(text, write)
-    except KeyboardInterrupt:
-        # The decoder thread cannot be stopped midway; leaving is the only safe way to stop it.
+    except KeyboardInterrupt:  # Ctrl-C leaves, while answering as at the prompt
         print("\n(interrupted)", file=out, flush=True)
         return False
     except ValueError as error:  # a typed special token, a prompt too long, a bad setting, ...
@@ -109,5 +101,6 @@ def _answer(session: ChatSession, text: str, out: TextIO, err: TextIO, verbose: 
     print(file=out, flush=True)
     if verbose:
         print(f"({output.num_tokens} tokens, {output.nfe} forwards, {output.tokens_per_nfe:.2f} tokens/forward, "
-              f"finish: {output.finish_reason})", file=err, flush=True)
+              f"{output.cached_tokens} of {output.prompt_tokens} prompt tokens reused, finish: {output.finish_reason})",
+              file=err, flush=True)
     return True

@@ -16,6 +16,11 @@ The groups are the decoders' own steppers (`dvlm.decode.stepper`): the engine ru
 A failure while serving a group ends that group's requests with finish_reason "error"; the other
 groups go on. Nothing but the loop thread calls the model.
 
+The engine's `caches` (`dvlm.decode.prompts.Caches`: vision features and prompt prefixes, from
+`--vision-cache-mb` and `--prefix-cache-mb`) are shared by its groups: a request whose prompt
+starts with a previous request's prompt and answer starts from their keys/values, and a request
+that shows an image already seen reuses its features (`EngineRequest.cache` False: neither).
+
 Per request, `Finished.output` is the request's own: `nfe` counts the forwards that did work for
 its row (so `tokens_per_nfe` is its own), `timings["total_s"]` is its wall-clock time from the
 start of its prefill to its finish, and the other timings (`prefill_s`, `denoise_s`, ...) are the
@@ -36,6 +41,7 @@ from dvlm.config import ConfigError, DecodeConfig
 from dvlm.decode.ar import ARStepper
 from dvlm.decode.block import BlockStepper
 from dvlm.decode.output import GenerationOutput
+from dvlm.decode.prompts import Caches
 from dvlm.decode.settings import GroupSettings, RowSettings
 from dvlm.decode.speculative import SpecStepper
 from dvlm.decode.stepper import Stepper
@@ -91,7 +97,8 @@ class Engine:
     """Serves EngineRequests on one model from one loop thread (see the module docstring)."""
 
     def __init__(self, lm: LoadedModel, *, max_batch_size: int = 16, max_queue: int = 64,
-                 observer: EngineObserver | None = None, compile: bool = False) -> None:
+                 observer: EngineObserver | None = None, compile: bool = False,
+                 caches: Caches | None = None) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError(f"max_batch_size and max_queue must be >= 1, got {max_batch_size} and {max_queue}")
         self.lm = lm
@@ -99,6 +106,7 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.observer = observer or EngineObserver()
+        self.caches = caches or Caches()  # touched by the loop thread only (read by /metrics)
         self._lock = threading.Condition()
         self._waiting: deque[_Entry] = deque()
         self._inflight: dict[int, _Entry] = {}  # id(handle) -> entry, every request not yet finished
@@ -236,7 +244,8 @@ class Engine:
         for key, entries in by_group.items():
             group = self._groups.get(key)
             if group is None:
-                group = self._groups[key] = _Group(key, STEPPERS[entries[0].request.decoder](self.lm, entries[0].group))
+                stepper = STEPPERS[entries[0].request.decoder](self.lm, entries[0].group, caches=self.caches)
+                group = self._groups[key] = _Group(key, stepper)
             self._start_rows(group, entries)
             self._forget_if_empty(group)
         self._count_running()
@@ -246,7 +255,8 @@ class Engine:
         stepper, now = group.stepper, time.perf_counter()
         phases, forwards = dict(stepper.timer.seconds), stepper.rows.forwards
         try:
-            started = stepper.start([e.request.prompt for e in entries], [e.row for e in entries])
+            started = stepper.start([e.request.prompt for e in entries], [e.row for e in entries],
+                                    [e.request.cache for e in entries])
         except Exception as err:  # only these requests fail: the running batch was not touched
             log.exception("prefill failed")
             for entry in entries:

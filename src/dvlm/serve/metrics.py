@@ -8,10 +8,13 @@ from the engine when `/metrics` is scraped.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from dvlm.decode.prompts import Caches
 
 from dvlm.serve.requests import EngineObserver, EngineRequest, Finished
 
@@ -54,6 +57,10 @@ class ServeMetrics(EngineObserver):
         self.queue_depth.set_function(lambda: float(queue_depth()))
         self.running_rows.set_function(lambda: float(running_rows()))
 
+    def watch_caches(self, caches: Caches) -> None:
+        """Export the engine's cache counts, read at scrape time (`CacheCollector`)."""
+        self.registry.register(CacheCollector(caches))
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -75,6 +82,30 @@ class ServeMetrics(EngineObserver):
     # -- HTTP layer ---------------------------------------------------------------------------
     def on_response(self, path: str, code: int) -> None:
         self.http_responses.labels(path=path, code=str(code)).inc()
+
+
+class CacheCollector:
+    """The vision and prefix caches' counts (hits, misses, evictions, reused prompt tokens) and
+    contents (entries, bytes), as the caches hold them when `/metrics` is scraped. A cache that is
+    off exports nothing."""
+
+    def __init__(self, caches: Caches) -> None:
+        self.caches = caches
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        for name, cache in (("vision", self.caches.vision), ("prefix", self.caches.prefixes)):
+            if cache is None:
+                continue
+            stats = cache.stats
+            counts = {"hits": "lookups that found a kept entry", "misses": "lookups that found none",
+                      "evictions": "entries evicted to make room"}
+            if name == "prefix":
+                counts["hit_tokens"] = "prompt tokens whose keys/values were reused, not recomputed"
+            for field, text in counts.items():
+                yield CounterMetricFamily(f"dvlm_{name}_cache_{field}", f"{name} cache: {text}",
+                                          value=getattr(stats, field))
+            yield GaugeMetricFamily(f"dvlm_{name}_cache_entries", f"{name} cache: entries held", value=stats.entries)
+            yield GaugeMetricFamily(f"dvlm_{name}_cache_bytes", f"{name} cache: bytes held", value=stats.bytes)
 
 
 def sample_value(metrics: ServeMetrics, name: str, labels: dict[str, Any] | None = None) -> float:

@@ -57,6 +57,7 @@ class EngineRequest:
     max_new_tokens: int = 128  # per row
     stop: tuple[str, ...] = ()  # per row: the answer ends before the first of these strings
     timeout_s: float | None = None  # per row: wall-clock limit from submission
+    cache: bool = True  # per row: reuse and fill the engine's vision and prefix caches
 
     @property
     def group_key(self) -> tuple:
@@ -101,7 +102,7 @@ class EngineObserver:
 #
 #   class Engine:
 #       def __init__(self, lm: LoadedModel, *, max_batch_size: int = 16, max_queue: int = 64,
-#                    observer: EngineObserver | None = None): ...
+#                    observer: EngineObserver | None = None, caches: Caches | None = None): ...
 #       def start(self) -> None                      # starts the loop thread
 #       def submit(self, request: EngineRequest) -> RequestHandle
 #                                                    # QueueFullError / EngineStoppedError; thread-safe,

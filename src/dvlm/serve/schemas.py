@@ -94,6 +94,9 @@ class ChatCompletionRequest(_Strict):
     block_size: Any = None
     threshold: Any = None
     steps: Any = None
+    # dvlm: false keeps this request out of the server's caches (it neither reuses nor leaves there
+    # the keys/values of its prompt and answer, or its images' features).
+    cache: bool = True
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -181,5 +184,7 @@ def chunk_body(request_id: str, created: int, model: str, delta: dict[str, str] 
 
 
 def dvlm_body(settings: dict[str, Any], output: GenerationOutput) -> dict[str, Any]:
-    """The `dvlm` field: the decoding settings used and what they bought (forwards, tokens per forward)."""
-    return {**settings, "nfe": output.nfe, "tokens_per_forward": round(output.tokens_per_nfe, 4)}
+    """The `dvlm` field: the decoding settings used and what they bought (forwards, tokens per forward,
+    prompt tokens whose keys/values the prefix cache gave)."""
+    return {**settings, "nfe": output.nfe, "tokens_per_forward": round(output.tokens_per_nfe, 4),
+            "cached_tokens": output.cached_tokens}

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 
 import uvicorn
 
+from dvlm.decode.prompts import Caches
 from dvlm.serve.app import create_app
 from dvlm.serve.metrics import ServeMetrics
 from dvlm.serve.settings import ServedModel, ServeSettings
@@ -82,12 +83,15 @@ class Server(uvicorn.Server):
 
 
 def build_app(lm: Any, name: str, settings: ServeSettings) -> Any:
-    """The app over a real engine driving `lm`; the engine reports to the app's metrics."""
+    """The app over a real engine driving `lm`, with the caches of `settings`; the engine reports
+    to the app's metrics, which also read the caches' counts."""
     from dvlm.serve.engine import Engine
 
     metrics = ServeMetrics()
+    caches = Caches.sized(settings.vision_cache_mb, settings.prefix_cache_mb)
     engine = Engine(lm, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue, observer=metrics,
-                    compile=settings.compile)
+                    compile=settings.compile, caches=caches)
+    metrics.watch_caches(caches)
     return create_app(engine, ServedModel.from_lm(lm, name), settings, metrics)
 
 

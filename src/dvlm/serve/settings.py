@@ -14,6 +14,7 @@ from typing import Any, Callable
 from dvlm.config import ConfigError, DecodeConfig, DiffusionConfig, check_field_types
 from dvlm.data.images import DEFAULT_LIMITS, MIB, ImageLimits
 from dvlm.data.processor import Encoded
+from dvlm.decode.prompts import PREFIX_CACHE_MB, VISION_CACHE_MB
 from dvlm.model.loaded import LoadedModel
 from dvlm.serve.requests import SERVED_DECODERS
 
@@ -56,6 +57,11 @@ class ServeSettings:
     """Threads that parse, load images and encode prompts (off the event loop)."""
     compile: bool = False
     """Decode under torch.compile (`DecodeConfig.compile`; CUDA graphs on a GPU)."""
+    vision_cache_mb: float = VISION_CACHE_MB
+    """Memory for the vision tower's features of images seen before (0: no vision cache)."""
+    prefix_cache_mb: float = PREFIX_CACHE_MB
+    """Memory for the keys/values of earlier prompts and answers, reused by prompts that start with
+    them (0: no prefix cache)."""
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -64,6 +70,9 @@ class ServeSettings:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ConfigError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+        for name in ("vision_cache_mb", "prefix_cache_mb"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ConfigError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
         for name in ("request_timeout_s", "remote_timeout_s"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -44,7 +44,7 @@ def adapter_classes() -> list[type[Adapter]]:
 
 
 def test_the_interface_has_abstract_methods_to_check():
-    assert {"chat_format", "embed", "hidden_states", "logits", "new_cache",
+    assert {"chat_format", "image_features", "embed_with_features", "split_images", "hidden_states", "logits", "new_cache",
             "vision_parameters", "tokenizer_spec", "random_model", "tiny_image_processor"} <= abstract_methods(Adapter)
 
 

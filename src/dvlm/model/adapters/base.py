@@ -11,8 +11,10 @@ The interface, by concern:
   tokens, image tokens, image tensors, position ids; the layout is the checkpoint's chat template,
   else the family's `fallback_template`), `load_processor` (provided), `check_config` (a config
   the family's network cannot run, refused in one line before any weight loads);
-* forward seams: `embed` (input features, images in place), `hidden_states` (the masked
-  forward, optionally over a KV cache), `logits`, `new_cache`; provided on top of them:
+* forward seams: `image_features` (the vision tower and projector), `embed_with_features` (input
+  features, given image features in place), `split_images` (a batch's images one by one, as the
+  tower takes each alone), `hidden_states` (the masked forward, optionally over a KV cache),
+  `logits`, `new_cache`; provided on top of them: `embed` (input features, images in place),
   `causal_hidden_states` (the AR model's forward), `hf_generate_inputs`, `max_positions`;
 * conversion: `embedding_tables`, `resize_vocabulary` (provided through the HF API; override when
   a family's embeddings live elsewhere);
@@ -38,6 +40,7 @@ from dvlm.data.collate import Batch
 from dvlm.data.processor import ChatProcessor
 from dvlm.data.template import ChatTemplate, find_chat_template, tokenizer_template
 from dvlm.data.tokenizer import load_tokenizer
+from dvlm.data.vision import VisionInputs
 from dvlm.model.checkpoint_files import check_processor_files, read_config
 from dvlm.model.masks import context_mask, to_additive
 
@@ -69,6 +72,16 @@ class TokenizerSpec:
     eos_token: str
     chat_template: str
     """A Jinja chat template rendering the family's layout, without a default system prompt."""
+
+
+@dataclass(frozen=True)
+class ImageInputs:
+    """One image as the family's vision tower takes it alone (`Adapter.split_images`)."""
+
+    vision: VisionInputs
+    """Its tensors: `Adapter.image_features(model, vision)` gives its features."""
+    tokens: int
+    """The image tokens those features fill in the text (the rows of its features)."""
 
 
 @dataclass
@@ -163,7 +176,29 @@ class Adapter:
         tower into later layers too (Qwen3-VL's DeepStack) may carry those features in the same
         tensor (F > hidden size): shared code only gathers, concatenates, selects and pads it along
         the first two dimensions (noisy-stream copies, canvases, caches) and hands it back to
-        `hidden_states`, so copies of image tokens keep all their features."""
+        `hidden_states`, so copies of image tokens keep all their features.
+
+        Every image of `vision` goes through the tower in one call (training, conversion); decoding
+        runs the tower per image (`split_images`), so that a cached image's features are exactly
+        the ones its own call computes."""
+        features = None if vision is None else self.image_features(model, vision)
+        return self.embed_with_features(model, input_ids, features)
+
+    def image_features(self, model: nn.Module, vision: VisionInputs) -> torch.Tensor:
+        """(N, F) features of the images of `vision` at their N image tokens, in order: what `embed`
+        puts at those tokens (F as in `embed`)."""
+        raise NotImplementedError
+
+    def embed_with_features(self, model: nn.Module, input_ids: torch.Tensor,
+                            features: torch.Tensor | None) -> torch.Tensor:
+        """(..., L) ids -> (..., L, F) input features: the tokens' embeddings, with `features` (N, F)
+        (from `image_features`, in order) at the N image tokens; None: no image."""
+        raise NotImplementedError
+
+    def split_images(self, model: nn.Module, vision: VisionInputs) -> list[ImageInputs]:
+        """The images of `vision` one by one, in order, each as the vision tower takes it alone: the
+        tower never mixes images (its attention is per image), so the features of each, concatenated,
+        are those of all of them in one call, up to float rounding."""
         raise NotImplementedError
 
     def hidden_states(self, model: nn.Module, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,

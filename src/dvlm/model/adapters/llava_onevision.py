@@ -34,9 +34,10 @@ from dvlm.data.positions import PositionScheme
 from dvlm.data.processor import ChatProcessor
 from dvlm.data.template import ChatTemplate, find_chat_template
 from dvlm.data.vision import VisionInputs
-from dvlm.model.adapters.anyres import TileFeatures
+from dvlm.model.adapters.anyres import TileFeatures, max_tiles
 from dvlm.model.adapters.base import (
     Adapter,
+    ImageInputs,
     AssembledModel,
     TinyShape,
     TokenizerSpec,
@@ -53,6 +54,8 @@ SIGLIP_PATCH_SIZE = 14
 """The released checkpoints' vision patch (SigLIP so400m/14) and feature cap, for a chat format
 built without the checkpoint's config.json (`chat_format`); `load_processor` reads both from it."""
 RELEASED_ASPECT_RATIO = "anyres_max_9"
+UNTILED_COUNT = 2
+"""`batch_num_images` of an image among others, given alone (`LlavaOnevisionAdapter.split_images`)."""
 TINY_TILE = 2 * SIGLIP_PATCH_SIZE
 """The tiny models' tile: 2×2 features, so an image takes a few dozen tokens at most."""
 TINY_PINPOINTS = tuple((rows * TINY_TILE, cols * TINY_TILE) for rows in range(1, 5) for cols in range(1, 5)
@@ -179,15 +182,35 @@ class LlavaOnevisionAdapter(Adapter):
         template = find_chat_template(path, tokenizer)
         return ChatProcessor(self.chat_format(tokenizer, image_processor, template, features), **options)
 
-    def embed(self, model, input_ids, vision: VisionInputs | None = None) -> torch.Tensor:
-        embeds = model.get_input_embeddings()(input_ids)  # (R, L, D)
-        if vision is None:
-            return embeds
+    def image_features(self, model, vision: VisionInputs) -> torch.Tensor:
         features = model.model.get_image_features(
             vision["pixel_values"], vision["image_sizes"], batch_num_images=vision["batch_num_images"]
         ).pooler_output
-        features = torch.cat(list(features), dim=0).to(embeds.dtype)  # (num_image_tokens, D)
+        return torch.cat(list(features), dim=0)  # (num_image_tokens, D)
+
+    def embed_with_features(self, model, input_ids, features: torch.Tensor | None = None) -> torch.Tensor:
+        embeds = model.get_input_embeddings()(input_ids)  # (R, L, D)
+        if features is None:
+            return embeds
         return place_image_features(embeds, input_ids, model.config.image_token_id, features)[0]
+
+    def split_images(self, model, vision: VisionInputs) -> list[ImageInputs]:
+        """Each image with its own tiles: a sample's only image is tiled (`TileFeatures.tiles` of them,
+        the base tile first), an image among others is one tile. SigLIP reads each tile alone and the
+        packing (unpadding, the feature cap, `image_newline`) is per image, so an image alone gets the
+        features it gets among others. Its `batch_num_images` says which: [1] tiled, [2] not
+        (transformers takes one "tile it" flag per image from these counts, n == 1 meaning tiled, and
+        reads as many flags as images are given)."""
+        features = model_tile_features(model.config)
+        sizes = vision["image_sizes"]
+        tiled = [n == 1 for n in vision["batch_num_images"].tolist() for _ in range(n)]
+        tiles = [features.tiles(h, w) if alone else 1 for (h, w), alone in zip(sizes.tolist(), tiled)]
+        tokens = [features.tokens(h, w) if alone else features.untiled_tokens()
+                  for (h, w), alone in zip(sizes.tolist(), tiled)]
+        parts = vision["pixel_values"].split(tiles)
+        return [ImageInputs(VisionInputs({"pixel_values": part, "image_sizes": size[None],
+                                          "batch_num_images": torch.tensor([1 if alone else UNTILED_COUNT])}), count)
+                for part, size, alone, count in zip(parts, sizes, tiled, tokens)]
 
     def hidden_states(self, model, inputs_embeds, position_ids, attention_mask, cache=None) -> torch.Tensor:
         # (1, R, Q) -> (R, Q): one position axis
@@ -223,6 +246,15 @@ class LlavaOnevisionAdapter(Adapter):
         have one size, and the model's config must list the same pinpoints)."""
         return LlavaOnevisionImageProcessorPil(size={"height": TINY_TILE, "width": TINY_TILE},
                                                image_grid_pinpoints=[list(p) for p in TINY_PINPOINTS])
+
+
+def model_tile_features(config: LlavaOnevisionConfig) -> TileFeatures:
+    """The TileFeatures of a loaded model, from its config alone (`tile_features` checks that a
+    checkpoint's image processor agrees with it)."""
+    vision = config.vision_config
+    return TileFeatures(tile_size=vision.image_size, patch_size=vision.patch_size,
+                        max_tiles=max_tiles(config.vision_aspect_ratio),
+                        pinpoints=tuple((int(h), int(w)) for h, w in config.image_grid_pinpoints))
 
 
 def tile_features(config: dict[str, Any], image_processor: Any) -> TileFeatures:

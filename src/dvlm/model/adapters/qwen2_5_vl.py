@@ -21,6 +21,7 @@ from dvlm.data.template import ChatTemplate
 from dvlm.data.vision import VisionInputs
 from dvlm.model.adapters.base import (
     Adapter,
+    ImageInputs,
     TinyShape,
     TokenizerSpec,
     language_model_hidden_states,
@@ -60,13 +61,18 @@ class Qwen25VLAdapter(Adapter):
         return QwenChatFormat(tokenizer, image_processor, MRopePositions(int(image_processor.merge_size)),
                               *self.chat_layout(tokenizer, template))
 
-    def embed(self, model, input_ids, vision: VisionInputs | None = None) -> torch.Tensor:
-        embeds = model.get_input_embeddings()(input_ids)  # (R, L, D)
-        if vision is None:
-            return embeds
+    def image_features(self, model, vision: VisionInputs) -> torch.Tensor:
         features = model.model.get_image_features(vision["pixel_values"], vision["image_grid_thw"]).pooler_output
-        features = torch.cat(list(features), dim=0).to(embeds.dtype)  # (num_image_tokens, D)
+        return torch.cat(list(features), dim=0)  # (num_image_tokens, D)
+
+    def embed_with_features(self, model, input_ids, features: torch.Tensor | None = None) -> torch.Tensor:
+        embeds = model.get_input_embeddings()(input_ids)  # (R, L, D)
+        if features is None:
+            return embeds
         return place_image_features(embeds, input_ids, model.config.image_token_id, features)[0]
+
+    def split_images(self, model, vision: VisionInputs) -> list[ImageInputs]:
+        return split_patches(vision, model.config.vision_config.spatial_merge_size)
 
     def hidden_states(self, model, inputs_embeds, position_ids, attention_mask, cache=None) -> torch.Tensor:
         return language_model_hidden_states(model.model.language_model, inputs_embeds, position_ids,
@@ -98,6 +104,18 @@ class Qwen25VLAdapter(Adapter):
             min_pixels=min_pixels, max_pixels=max_pixels,
             size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
         )
+
+
+def split_patches(vision: VisionInputs, merge_size: int) -> list[ImageInputs]:
+    """Qwen's images one by one: `pixel_values` holds each image's t·h·w patches in turn
+    (`image_grid_thw` row by row), and each image fills t·h·w / merge² image tokens. Its vision
+    tower attends within an image only (per-image `cu_seqlens`), so each image alone gives the
+    features it gets among others."""
+    grids = vision["image_grid_thw"]  # (images, 3)
+    patches = grids.prod(dim=1).tolist()
+    parts = vision["pixel_values"].split(patches)
+    return [ImageInputs(VisionInputs({"pixel_values": part, "image_grid_thw": grid[None]}), count // merge_size ** 2)
+            for part, grid, count in zip(parts, grids, patches)]
 
 
 def mrope_section(shape: TinyShape) -> list[int]:

@@ -35,12 +35,14 @@ from dvlm.data.template import ChatTemplate
 from dvlm.data.vision import VisionInputs
 from dvlm.model.adapters.base import (
     Adapter,
+    ImageInputs,
     TinyShape,
     TokenizerSpec,
     language_model_hidden_states,
     place_image_features,
 )
 from dvlm.model.adapters.mrope import MRopePositions, check_mrope_section
+from dvlm.model.adapters.qwen2_5_vl import split_patches
 from dvlm.model.adapters.qwen_chat import CHAT_TEMPLATE, ENDOFTEXT, SPECIAL_TOKENS, QwenChatFormat
 from dvlm.model.adapters.registry import register
 
@@ -66,15 +68,23 @@ class Qwen3VLAdapter(Adapter):
         return QwenChatFormat(tokenizer, image_processor, MRopePositions(int(image_processor.merge_size)),
                               *self.chat_layout(tokenizer, template))
 
-    def embed(self, model, input_ids, vision: VisionInputs | None = None) -> torch.Tensor:
+    def image_features(self, model, vision: VisionInputs) -> torch.Tensor:
+        """(N, D·(1 + S)): each image token's embedding, then its S DeepStack levels (module docstring)."""
+        features, levels = image_features(model, vision)
+        return torch.cat([features, levels.flatten(1)], dim=-1)
+
+    def embed_with_features(self, model, input_ids, features: torch.Tensor | None = None) -> torch.Tensor:
         """(..., L) ids -> (..., L, D·(1 + S)): input embeddings, then S DeepStack levels (module docstring)."""
         embeds = model.get_input_embeddings()(input_ids)  # (..., L, D)
         deepstack = embeds.new_zeros(*embeds.shape[:-1], deepstack_levels(model), embeds.shape[-1])  # (..., L, S, D)
-        if vision is not None:
-            features, levels = image_features(model, vision)
-            embeds, slots = place_image_features(embeds, input_ids, model.config.image_token_id, features)
-            deepstack[slots] = levels.to(embeds.dtype)
+        if features is not None:
+            hidden_size = embeds.shape[-1]
+            embeds, slots = place_image_features(embeds, input_ids, model.config.image_token_id, features[:, :hidden_size])
+            deepstack[slots] = features[:, hidden_size:].unflatten(-1, (-1, hidden_size)).to(embeds.dtype)
         return torch.cat([embeds, deepstack.flatten(-2)], dim=-1)
+
+    def split_images(self, model, vision: VisionInputs) -> list[ImageInputs]:
+        return split_patches(vision, model.config.vision_config.spatial_merge_size)
 
     def hidden_states(self, model, inputs_embeds, position_ids, attention_mask, cache=None) -> torch.Tensor:
         hidden_size = model.config.text_config.hidden_size
