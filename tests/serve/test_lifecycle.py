@@ -156,3 +156,19 @@ def test_each_app_has_its_own_registry(serve):
     assert first.metric("dvlm_requests_total", finish_reason="stop") == 1
     assert second.metric("dvlm_requests_total", finish_reason="stop") == 0
     assert ServeMetrics().registry is not ServeMetrics().registry
+
+
+def test_health_is_503_once_the_engine_loop_is_gone(serve):
+    """A load balancer must stop sending to an instance whose engine can no longer answer."""
+    server = serve()
+    server.engine.hang = True
+    response, events = open_stream(server)
+    wait_for(lambda: server.engine.running_rows == 1)
+    assert server.http.get("/health").json() == {"status": "ok"}
+    server.engine.die()
+    rest = list(events)
+    assert json.loads(rest[0])["error"]["message"] == "generation failed: engine failure: the loop died"
+    response.close()
+    health = server.http.get("/health")
+    assert (health.status_code, health.json()) == (503, {"status": "engine stopped"})
+    assert_error(server.http.post("/v1/chat/completions", json=body()), 503, "not taking requests", "unavailable")

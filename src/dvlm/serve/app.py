@@ -2,7 +2,7 @@
 
     POST /v1/chat/completions   OpenAI chat completions (streamed as SSE or not), dvlm knobs as extra fields
     GET  /v1/models             the one served model
-    GET  /health                200 while serving, 503 once shutting down
+    GET  /health                200 while serving, 503 once shutting down or if the engine's loop has stopped
     GET  /metrics               Prometheus text
 
 A request is read (body size capped), parsed, its images loaded and its chat encoded in a worker
@@ -14,6 +14,7 @@ its request cancelled, which frees its row at the next block boundary.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 import threading
@@ -32,7 +33,7 @@ from dvlm.serve.errors import APIError, bad_request, error_body, queue_full, too
 from dvlm.serve.images import ImagePolicy
 from dvlm.serve.metrics import CONTENT_TYPE, ServeMetrics
 from dvlm.serve.prepare import prepare
-from dvlm.serve.relay import Run
+from dvlm.serve.relay import Run, timeout_error
 from dvlm.serve.requests import EngineRequest, EngineStoppedError, QueueFullError
 from dvlm.serve.schemas import ChatCompletionRequest, validation_message
 from dvlm.serve.settings import ServedModel, ServeSettings
@@ -56,6 +57,8 @@ class EngineLike(Protocol):
     def queue_depth(self) -> int: ...
     @property
     def running_rows(self) -> int: ...
+    @property
+    def alive(self) -> bool: ...
 
 
 class ServerState:
@@ -83,11 +86,12 @@ class ServerState:
         """Refuse new requests and stop the engine, which ends every in-flight request with an error
         (streams get an error event). Idempotent; blocking; callable from any thread."""
         self.shutting_down = True
+        # Held while the engine stops: a second caller (the signal's thread, then the app's lifespan)
+        # returns only once it has, so the process never exits with the engine inside a step.
         with self._shutdown_lock:
-            if self._engine_stopped:
-                return
-            self._engine_stopped = True
-        self.engine.shutdown()
+            if not self._engine_stopped:
+                self.engine.shutdown()
+                self._engine_stopped = True
 
     @contextmanager
     def admission(self) -> Iterator[None]:
@@ -149,6 +153,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def health() -> JSONResponse:
         if state.shutting_down:
             return JSONResponse({"status": "shutting down"}, status_code=503)
+        if not state.engine.alive:
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
@@ -179,7 +185,7 @@ async def _chat_completions(request: Request, state: ServerState) -> Response:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         prepared = await state.run_blocking(prepare, body, request_id, state.model, state.settings, state.policy)
         state.check_open()  # a shutdown may have begun while the request was being prepared
-        handle = submit(state, prepared.request)
+        handle = submit(state, with_time_left(prepared.request, state.settings, arrived))
     run = Run(state, handle, prepared, body, arrived)
     if body.stream:
         return run.streaming_response()
@@ -191,6 +197,18 @@ def parse_request(raw: bytes) -> ChatCompletionRequest:
         return ChatCompletionRequest.model_validate_json(raw)
     except ValidationError as err:
         raise bad_request(validation_message(err)) from err
+
+
+def with_time_left(request: EngineRequest, settings: ServeSettings, arrived: float) -> EngineRequest:
+    """The request with the time it has left: --request-timeout counts from its arrival, reading
+    and preparing it (images, tokenizing) included; 504 if nothing is left."""
+    limit = settings.request_timeout_s
+    if limit is None:
+        return request
+    left = limit - (time.monotonic() - arrived)
+    if left <= 0:
+        raise timeout_error(limit)
+    return dataclasses.replace(request, timeout_s=left)
 
 
 def submit(state: ServerState, request: EngineRequest) -> Any:

@@ -84,9 +84,7 @@ class Run:
         if reason in ANSWERED:
             return None
         if reason == "timeout":
-            limit = self.state.settings.request_timeout_s
-            return APIError(504, f"the request ran past the server's timeout of {limit:g} s", type="timeout",
-                            code="timeout")
+            return timeout_error(self.state.settings.request_timeout_s)
         if self.state.shutting_down:
             return unavailable("the server is shutting down; retry on another instance")
         detail = self.finished.error or reason
@@ -115,9 +113,8 @@ class Run:
         error = self.error()
         if error is not None:
             raise error
-        output = self.finished.output
-        return JSONResponse(completion_body(self.id, self.created, self.state.model.name, output,
-                                            dvlm_body(self.prepared.settings, output)))
+        return JSONResponse(completion_body(self.id, self.created, self.state.model.name, self.finished,
+                                            dvlm_body(self.prepared.settings, self.finished)))
 
     async def _collect(self) -> None:
         async for _ in self.events():
@@ -135,10 +132,11 @@ class Run:
             if error is not None:
                 yield self._sse(error.body())
             else:
-                output = self.finished.output
-                yield self._sse(self._chunk({}, output.finish_reason, dvlm=dvlm_body(self.prepared.settings, output)))
+                finished = self.finished
+                yield self._sse(self._chunk({}, finished.output.finish_reason,
+                                            dvlm=dvlm_body(self.prepared.settings, finished)))
                 if self.include_usage:
-                    yield self._sse(self._chunk(None, usage=usage(output)))
+                    yield self._sse(self._chunk(None, usage=usage(finished)))
         except APIError as err:
             yield self._sse(err.body())
         except Exception as err:  # an engine bug: the client still gets a proper end of stream
@@ -165,6 +163,10 @@ class Run:
     @staticmethod
     def _sse(payload: dict[str, Any]) -> str:
         return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+def timeout_error(limit_s: float) -> APIError:
+    return APIError(504, f"the request ran past the server's timeout of {limit_s:g} s", type="timeout", code="timeout")
 
 
 async def _disconnected(request: Request) -> None:

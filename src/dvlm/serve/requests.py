@@ -76,12 +76,23 @@ class Delta:
 @dataclass(frozen=True)
 class Finished:
     """The last event of a request. `output.finish_reason` is one of FINISH_REASONS; its text is
-    cut before a stop string when one ended the answer. `error` says why, for "error"/"timeout"."""
+    cut before a stop string when one ended the answer (`stop_string`; its tokens then run through
+    the token that completed the stop string). `error` says why, for "error"/"timeout"."""
 
     output: GenerationOutput
     error: str | None = None
     queue_seconds: float = 0.0  # from submission until the request's prefill started
     first_token_seconds: float | None = None  # from submission until its first Delta
+    stop_string: bool = False  # a stop string ended the answer (finish_reason "stop", no end token produced)
+
+    @property
+    def completion_tokens(self) -> int:
+        """The tokens the answer cost (OpenAI's `usage.completion_tokens`): its tokens, and the
+        end-of-answer token when the model produced the one that ended it. An answer cut by a stop
+        string counts through the token that completed the stop string; tokens its last block
+        committed after that token, and an end token the model never produced, do not count."""
+        ended_by_end_token = self.output.finish_reason == "stop" and not self.stop_string
+        return len(self.output.tokens) + (1 if ended_by_end_token else 0)
 
 
 class EngineObserver:
@@ -117,6 +128,8 @@ class EngineObserver:
 #                                                    # the loop thread ends
 #       queue_depth: int (property)                  # requests submitted, not yet prefilled
 #       running_rows: int (property)                 # rows in running batches
+#       alive: bool (property)                       # the loop is serving (False once stopping, or if
+#                                                    # its thread ended: /health then answers 503)
 #
 #   class RequestHandle:
 #       id: str
