@@ -22,13 +22,14 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import math
 import os
 import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NoReturn
 
 import dvlm
 from dvlm.atomic import WriteError
@@ -55,6 +56,17 @@ DEFAULT_MODEL = "tiny-dvlm"  # the built-in model `generate` uses when it is ins
 
 class CLIError(Exception):
     """A usage problem the CLI itself detects (printed as one line, exit status 2)."""
+
+
+def real(text: str) -> float:
+    """The argparse type of every real-valued option: a finite number (inf and nan are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 # Errors a user can cause and fix; anything else is a bug and keeps its traceback.
@@ -152,7 +164,7 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
                    help="put samples of similar length in the same steps (less padding)")
     p.add_argument("--report-to", choices=("tensorboard",),
                    help="also log loss parts, lr, tokens/s and block size to TensorBoard (RUN/tensorboard)")
-    p.add_argument("--lr", type=float, metavar="F", help="peak learning rate")
+    p.add_argument("--lr", type=real, metavar="F", help="peak learning rate")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (bfloat16: autocast)")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None,
                    help="recompute activations in the backward pass to save memory")
@@ -258,9 +270,9 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="block decoding: unmask sub-blocks of S positions left to right")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
                    help="answer length limit (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default: %(default)s)")
+    p.add_argument("--temperature", type=real, default=0.0, metavar="T", help="0 = greedy (default: %(default)s)")
     p.add_argument("--top-k", type=int, metavar="K", help="sample from the K most likely tokens only")
-    p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling probability mass")
+    p.add_argument("--top-p", type=real, metavar="P", help="nucleus sampling probability mass")
     p.add_argument("--seed", type=int, metavar="S", help="seed of the sampling generator")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print the full GenerationOutput as JSON")
@@ -301,7 +313,7 @@ def add_block_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, metavar="N",
                    help="block size for block and spec decoding (default: the model's)")
     policy = p.add_mutually_exclusive_group()
-    policy.add_argument("--threshold", type=float, metavar="T",
+    policy.add_argument("--threshold", type=real, metavar="T",
                         help="block decoding: unmask every position with confidence >= T")
     policy.add_argument("--steps", type=int, metavar="S", help="block decoding: fixed denoising steps per block")
 
@@ -492,9 +504,9 @@ def split_list(text: str, flag: str) -> list[str]:
 
 def parse_number(text: str, kind: type, flag: str) -> Any:
     try:
-        return kind(text)
-    except ValueError as err:
-        raise CLIError(f"{flag}: {text!r} is not {'an integer' if kind is int else 'a number'}") from err
+        return int(text) if kind is int else real(text)
+    except (ValueError, argparse.ArgumentTypeError) as err:
+        raise CLIError(f"{flag}: {text!r} is not {'an integer' if kind is int else 'a finite number'}") from err
 
 
 def describe_device(device: Any) -> str:
@@ -542,7 +554,7 @@ def zoo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work-dir", metavar="DIR",
                    help="data, runs and stage stamps (default: OUT/.zoo-build); rerunning with the same "
                         "directory skips the stages an earlier build finished")
-    p.add_argument("--scale", type=float, default=1.0, help="fraction of the recipe's steps and data (default: 1)")
+    p.add_argument("--scale", type=real, default=1.0, help="fraction of the recipe's steps and data (default: 1)")
 
 
 def zoo(args: argparse.Namespace) -> None:
@@ -615,7 +627,7 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, metavar="N",
                    help="block size of requests that give none (default: the model's)")
     policy = p.add_mutually_exclusive_group()
-    policy.add_argument("--threshold", type=float, metavar="T",
+    policy.add_argument("--threshold", type=real, metavar="T",
                         help="confidence threshold of block decoding for requests that give none "
                              "(default: the model's)")
     policy.add_argument("--steps", type=int, metavar="S",
@@ -629,9 +641,9 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=512, metavar="N",
                    help="largest max_tokens a request may ask for, and the answer limit when it gives none "
                         "(default: %(default)s)")
-    p.add_argument("--request-timeout", type=float, default=600.0, metavar="S",
+    p.add_argument("--request-timeout", type=real, default=600.0, metavar="S",
                    help="wall-clock limit of one request in seconds (default: %(default)s)")
-    p.add_argument("--max-body-mb", type=float, default=48.0, metavar="MB",
+    p.add_argument("--max-body-mb", type=real, default=48.0, metavar="MB",
                    help="largest request body in MiB; data: URL images travel inside it (default: %(default)s)")
     p.add_argument("--max-images", type=int, default=16, metavar="N",
                    help="most images per request (default: %(default)s)")
@@ -655,15 +667,16 @@ def serve_settings(args: argparse.Namespace) -> Any:
         local = Path(args.allow_local_images).expanduser()
         if not local.is_dir():
             raise CLIError(f"--allow-local-images: {local} is not a directory")
-    if not args.max_body_mb > 0:
-        raise CLIError(f"--max-body-mb must be > 0, got {args.max_body_mb:g}")
+    max_body_bytes = int(args.max_body_mb * MIB)
+    if max_body_bytes < 1:
+        raise CLIError(f"--max-body-mb must be > 0 (one byte at least), got {args.max_body_mb:g}")
     api_key = args.api_key if args.api_key is not None else os.environ.get("DVLM_API_KEY") or None
     try:
         return ServeSettings(
             api_key=api_key, decoder=args.decoder, block_size=args.block_size, threshold=args.threshold,
             steps=args.steps, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
             max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
-            request_timeout_s=args.request_timeout, max_body_bytes=int(args.max_body_mb * MIB),
+            request_timeout_s=args.request_timeout, max_body_bytes=max_body_bytes,
             max_images=args.max_images, allow_local_images=local, allow_remote_images=args.allow_remote_images)
     except ConfigError as err:
         raise ConfigError(_flag_names(str(err))) from err
@@ -739,7 +752,7 @@ def chat_arguments(p: argparse.ArgumentParser) -> None:
     add_block_arguments(p)
     p.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
                    help="answer length limit (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default: %(default)s)")
+    p.add_argument("--temperature", type=real, default=0.0, metavar="T", help="0 = greedy (default: %(default)s)")
     p.add_argument("--verbose", action="store_true", help="print each answer's tokens and forwards on stderr")
     p.add_argument("--device", help="e.g. cpu, cuda:0 (default: auto)")
     p.add_argument("--dtype", choices=DTYPES, help="model dtype (default: auto = bfloat16 on CUDA, float32 on CPU)")
@@ -814,10 +827,18 @@ def quiet_hf_progress() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+class VerbParser(argparse.ArgumentParser):
+    """A verb's parser: a usage error is one line, `dvlm VERB: error: ...` (exit status 2), like
+    every other refusal; `--help` shows the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dvlm", description=dvlm.__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"dvlm {dvlm.__version__}")
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=VerbParser)
     for name, verb in VERBS.items():
         sub = verbs.add_parser(name, help=verb.help, description=verb.help)
         verb.arguments(sub)

@@ -28,8 +28,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from dvlm.serve.errors import APIError, bad_request, error_body, queue_full, too_large, unavailable
+from dvlm.serve.errors import CLIENT_GONE, APIError, bad_request, error_body, queue_full, too_large, unavailable
 from dvlm.serve.images import ImagePolicy
 from dvlm.serve.metrics import CONTENT_TYPE, ServeMetrics
 from dvlm.serve.prepare import prepare
@@ -41,9 +42,11 @@ from dvlm.serve.settings import ServedModel, ServeSettings
 log = logging.getLogger("dvlm.serve")
 T = TypeVar("T")
 
-# An oversize body is read (and dropped) up to this multiple of the limit before the 413, so the
-# client, still sending, reads the answer instead of a reset connection; beyond it we just close.
-DRAIN_FACTOR = 4
+# An oversize body is still read (and dropped, chunk by chunk) before the 413 is sent, for at most
+# this long: a client that sends its whole body before reading the answer (http.client, requests,
+# most simple clients) would otherwise find the connection reset, the 413 lost. nginx's lingering
+# close waits as long.
+DRAIN_S = 30.0
 KNOWN_PATHS = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 
@@ -225,24 +228,32 @@ async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length", "")
     stream = request.stream()
     if declared.isdigit() and int(declared) > limit:
-        await _drain(stream, limit * DRAIN_FACTOR)
+        await _drain(stream)
         raise _body_too_large(limit)
     chunks, size = [], 0
-    async for chunk in stream:
-        size += len(chunk)
-        if size > limit:
-            await _drain(stream, limit * DRAIN_FACTOR - size)
-            raise _body_too_large(limit)
-        chunks.append(chunk)
+    try:
+        async for chunk in stream:
+            size += len(chunk)
+            if size > limit:
+                await _drain(stream)
+                raise _body_too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect as err:  # nobody is left to answer; not a server error either
+        raise APIError(CLIENT_GONE, "the client closed the connection before sending its whole body",
+                       code="client_closed") from err
     return b"".join(chunks)
 
 
-async def _drain(stream: AsyncIterator[bytes], budget: int) -> None:
-    """Read and drop the rest of an oversize body (at most `budget` bytes more)."""
-    async for chunk in stream:
-        budget -= len(chunk)
-        if budget < 0:
-            return
+async def _drain(stream: AsyncIterator[bytes]) -> None:
+    """Read and drop the rest of an oversize body, for at most DRAIN_S seconds."""
+    async def drop() -> None:
+        async for _ in stream:
+            pass
+
+    try:
+        await asyncio.wait_for(drop(), DRAIN_S)
+    except (asyncio.TimeoutError, ClientDisconnect):
+        pass  # the 413 still goes out, to a client that may no longer read it
 
 
 def _body_too_large(limit: int) -> APIError:

@@ -16,6 +16,7 @@ anything else 400; each names the request part it is about.
 
 from __future__ import annotations
 
+import errno
 import http.client
 import os
 import stat
@@ -126,7 +127,12 @@ def _read_local(raw: str, policy: ImagePolicy, where: str) -> bytes:
                           "--allow-local-images DIR, or send the image as a data: URL)",
                           code="image_not_allowed", param=where)
     path = Path(raw) if Path(raw).is_absolute() else root / raw
-    resolved = path.resolve(strict=False)  # symlinks and '..' of the existing part are resolved
+    try:
+        resolved = path.resolve(strict=False)  # symlinks and '..' of the existing part are resolved
+    except (OSError, RuntimeError) as err:  # a symlink loop (RuntimeError before Python 3.13), ...
+        reason = "a symlink loop" if isinstance(err, RuntimeError) or err.errno == errno.ELOOP else err.strerror
+        raise bad_request(f"{where}: {raw!r} cannot be resolved ({reason})", code="invalid_image",
+                          param=where) from err
     if not resolved.is_relative_to(root):
         raise bad_request(f"{where}: {raw!r} is outside the directory this server may read images from",
                           code="image_not_allowed", param=where)

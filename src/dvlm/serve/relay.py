@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from dvlm.serve.errors import APIError, error_body, unavailable
+from dvlm.serve.errors import CLIENT_GONE, APIError, error_body, unavailable
 from dvlm.serve.prepare import Prepared
 from dvlm.serve.requests import Delta, Finished
 from dvlm.serve.schemas import ChatCompletionRequest, chunk_body, completion_body, dvlm_body, usage
@@ -102,7 +102,7 @@ class Run:
                 collect.cancel()
                 self.release()
         if collect not in done:
-            return Response(status_code=499)  # nobody reads it: the client has gone
+            return Response(status_code=CLIENT_GONE)  # nobody reads it: the client has gone
         try:
             collect.result()
         except APIError:  # the engine overran the deadline
