@@ -21,8 +21,9 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+import contextlib
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any, AsyncIterator, Callable, Iterator, Protocol, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Protocol, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -79,8 +80,14 @@ class ServerState:
         self.created = int(time.time())
         self.preparing = 0  # admitted requests not yet submitted (touched on the event loop only)
         self.shutting_down = False
+        self.closing: asyncio.Event | None = None  # set on the event loop when the shutdown begins
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._shutdown_lock = threading.Lock()
         self._engine_stopped = False
+
+    def serving(self) -> None:
+        """Called on the event loop once it serves (the app's lifespan)."""
+        self._loop, self.closing = asyncio.get_running_loop(), asyncio.Event()
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -89,6 +96,9 @@ class ServerState:
         """Refuse new requests and stop the engine, which ends every in-flight request with an error
         (streams get an error event). Idempotent; blocking; callable from any thread."""
         self.shutting_down = True
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the event loop has closed: no body is being read
+                self._loop.call_soon_threadsafe(self.closing.set)
         # Held while the engine stops: a second caller (the signal's thread, then the app's lifespan)
         # returns only once it has, so the process never exits with the engine inside a step.
         with self._shutdown_lock:
@@ -136,6 +146,7 @@ def create_app(engine: EngineLike, model: ServedModel, settings: ServeSettings,
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state.serving()
         engine.start()
         try:
             yield
@@ -180,7 +191,7 @@ async def _chat_completions(request: Request, state: ServerState) -> Response:
     state.check_api_key(request)
     state.check_open()
     with state.admission():
-        raw = await read_body(request, state.settings.max_body_bytes)
+        raw = await until_closing(state, read_body(request, state.settings.max_body_bytes))
         body = await state.run_blocking(parse_request, raw)
         if body.model != state.model.name:
             raise APIError(404, f"the model {body.model!r} does not exist; this server serves {state.model.name!r} "
@@ -221,6 +232,23 @@ def submit(state: ServerState, request: EngineRequest) -> Any:
         raise queue_full(str(err), err.retry_after_s) from err
     except EngineStoppedError as err:
         raise unavailable(f"the server is not taking requests ({err})") from err
+
+
+async def until_closing(state: ServerState, work: Awaitable[T]) -> T:
+    """`work`, unless the server begins to shut down first: a client still sending its body then gets
+    a 503 and a closed connection, instead of holding the shutdown until uvicorn gives up on it."""
+    task, closing = asyncio.ensure_future(work), asyncio.ensure_future(state.closing.wait())
+    try:
+        done, _ = await asyncio.wait({task, closing}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        closing.cancel()
+        if not task.done():
+            task.cancel()
+    if task not in done:
+        error = unavailable("the server is shutting down")
+        error.headers["Connection"] = "close"
+        raise error
+    return task.result()
 
 
 async def read_body(request: Request, limit: int) -> bytes:
