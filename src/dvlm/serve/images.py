@@ -29,7 +29,15 @@ from pathlib import Path
 
 from PIL import Image
 
-from dvlm.data.images import DEFAULT_LIMITS, MIB, ImageError, ImageLimits, ImageTooLargeError, load_image
+from dvlm.data.images import (
+    DEFAULT_LIMITS,
+    MIB,
+    ImageError,
+    ImageLimits,
+    ImageTooLargeError,
+    base64_size,
+    load_image,
+)
 from dvlm.serve.errors import APIError, bad_request, too_large
 
 READ_CHUNK = 64 * 1024
@@ -99,8 +107,7 @@ def _decode(source: str | bytes, where: str, limits: ImageLimits) -> Image.Image
 
 
 def _check_data_url_size(url: str, limits: ImageLimits, where: str) -> None:
-    payload = len(url) - url.find(",") - 1
-    _check_size(payload * 3 // 4, limits, where)  # base64: 4 characters per 3 bytes
+    _check_size(base64_size(url, url.find(",") + 1), limits, where)
 
 
 def _check_size(size: int, limits: ImageLimits, where: str) -> None:
