@@ -33,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_TIMEOUT_S = 300  # a mutation that makes decoding loop forever counts as caught
+WEIGHTS = Path("dvlm", "zoo", "weights")
 
 
 @dataclass(frozen=True)
@@ -235,14 +236,15 @@ MUTATIONS = [
              (FAILURES,), "ending a failed group's requests raises the failure again (the loop dies, requests hang)"),
     Mutation("health-ignores-a-dead-engine", "serve/app.py",
              "if not state.engine.alive:", "if False:",
-             ("tests/serve/test_lifecycle.py",), "/health answers 200 with the engine loop gone"),
+             ("tests/serve/test_lifecycle.py::test_health_is_503_once_the_engine_loop_is_gone",),
+             "/health answers 200 with the engine loop gone"),
     Mutation("usage-counts-an-unproduced-end-token", "serve/requests.py",
              'ended_by_end_token = self.output.finish_reason == "stop" and not self.stop_string',
              'ended_by_end_token = self.output.finish_reason == "stop"',
              (USAGE,), "an answer cut by a stop string counts an end token the model never produced"),
-    Mutation("timeout-unchecked-after-a-step", "serve/engine.py",
-             "late = [row_id for row_id, entry in group.entries.items() if row_id not in ended and entry.expired(now)]",
-             "late = []", (USAGE,), "a request past its timeout gets its answer if one step completes it"),
+    Mutation("timeout-unchecked-at-the-answer-s-end", "serve/engine.py",
+             "self._end_rows(group, ended, now)", 'self._end_rows(group, ended, float("-inf"))',
+             (USAGE,), "a request past its timeout gets its answer when the step that passed it completes it"),
     Mutation("timeout-from-submission", "serve/app.py",
              "handle = submit(state, with_time_left(prepared.request, state.settings, arrived))",
              "handle = submit(state, prepared.request)",
@@ -252,7 +254,8 @@ MUTATIONS = [
              ("tests/serve/test_images.py",), "a symlink loop in the image folder is a 500"),
     Mutation("non-finite-options-accepted", "cli.py",
              "if not math.isfinite(value):", "if False:",
-             ("tests/serve/test_cli_serve.py",), "dvlm serve --max-body-mb inf: a traceback"),
+             ("tests/serve/test_cli_serve.py::test_non_finite_numbers_are_a_one_line_usage_error",),
+             "dvlm serve --max-body-mb inf: a traceback"),
 ]
 
 
@@ -303,6 +306,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="dvlm-mutants-") as tmp:
         tree = Path(tmp) / "src"
         shutil.copytree(ROOT / "src", tree, ignore=shutil.ignore_patterns("weights", "__pycache__"))
+        # The built-in models, linked rather than copied: the server's tests encode with tiny-dvlm.
+        (tree / WEIGHTS).symlink_to(ROOT / "src" / WEIGHTS, target_is_directory=True)
         for m in selected:  # every patch must apply before anything runs
             _patched(tree, m)
         _check_imports_from(tree)
@@ -314,7 +319,7 @@ def main() -> int:
         rows = []
         for m in selected:
             work = Path(tmp) / m.name / "src"
-            shutil.copytree(tree, work)
+            shutil.copytree(tree, work, symlinks=True)
             (work / "dvlm" / m.path).write_text(_patched(tree, m))
             start = time.monotonic()
             passed, why = _run_tests(work, m.tests)

@@ -9,8 +9,8 @@ Requests wait in a bounded queue (`QueueFullError` beyond `max_queue`). Each ite
    one small batch, then join its running batch;
 3. advances every group by one step (one block; one token for ar), round robin, and hands each
    request its newly committed text as a `Delta`; rows that finish (EOS, max_new_tokens, a stop
-   string) leave the batch at once and get their `Finished`, and so do rows whose timeout passed
-   during the step (finish_reason "timeout", even if the step completed their answer).
+   string) leave the batch at once and get their `Finished` (finish_reason "timeout" if their
+   timeout passed during the step, even though the step completed their answer).
 
 The groups are the decoders' own steppers (`dvlm.decode.stepper`): the engine runs the step code
 `generate` runs, so a request's answer equals `generate` of that request alone (invariant 7).
@@ -299,8 +299,8 @@ class Engine:
                 self._send(entry, piece, now)
             if entry.text.stopped and row_id not in report.finished:
                 ended.append(row_id)  # a stop string ended this answer: its row leaves now
-        late = [row_id for row_id, entry in group.entries.items() if row_id not in ended and entry.expired(now)]
-        self._end_rows(group, ended + late, now)
+        # Rows still running past their timeout end at the next iteration's start, before any more work.
+        self._end_rows(group, ended, now)
 
     def _end_rows(self, group: Group, row_ids: list[int], now: float) -> None:
         """End rows of a group, the ones still in its batch leaving it: a row that was cancelled or ran
