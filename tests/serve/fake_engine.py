@@ -71,6 +71,14 @@ class FakeHandle:
             if isinstance(event, Finished):
                 return
 
+    def ready(self) -> list[Delta | Finished]:
+        ready = []
+        while not self._async_queue.empty():
+            if self.broken:
+                raise RuntimeError("the fake engine's event stream broke")
+            ready.append(self._async_queue.get_nowait())
+        return ready
+
     def iter_events(self) -> Iterator[Delta | Finished]:
         while True:
             event = self._queue.get()

@@ -15,7 +15,7 @@ from dvlm.decode.stepper import Stepper
 from tests.serve.test_app import sse_events, user
 from tests.serve.test_errors import assert_error, body, wait_for
 
-STEP_DELAY_S = 0.2  # per engine step: an ar answer of 30 tokens takes 6 s, far past a 1 s timeout
+STEP_DELAY_S = 0.2  # per engine step: an ar answer of 30 tokens takes 6 s, far past a 2 s timeout
 
 
 def test_the_timeout_counts_from_the_request_s_arrival(serve, served):
@@ -47,11 +47,11 @@ def slow_steps(monkeypatch):
 def test_the_engine_ends_a_running_request_past_its_timeout(serve_engine, slow_steps):
     """The engine, not the HTTP layer's last-resort deadline, ends them (finish_reason "timeout" in the
     metrics, where a deadline cut-off would count a cancel); the rows leave the batch."""
-    server = serve_engine(request_timeout_s=1.0)
+    server = serve_engine(request_timeout_s=2.0)
     # The built-in model describes this image in 31 tokens: at least 6 s of steps.
     request = body(messages=user("Describe the image.", probe_image(112)), max_tokens=64, decoder="ar")
     assert_error(server.http.post("/v1/chat/completions", json=request), 504,
-                 "the request ran past the server's timeout of 1 s", "timeout")
+                 "the request ran past the server's timeout of 2 s", "timeout")
     events = sse_events(server.http.post("/v1/chat/completions", json={**request, "stream": True}).text)
     assert any(json.loads(e)["choices"][0]["delta"].get("content") for e in events[1:-2])  # it was streaming
     assert json.loads(events[-2])["error"]["code"] == "timeout" and events[-1] == "[DONE]"

@@ -178,3 +178,17 @@ def test_requests_that_end_before_their_prefill_count_nothing(engines):
                 {"prompt_tokens": 8, "completion_tokens": 0, "total_tokens": 8}, reason, "", [])
     finally:
         engine.shutdown()
+
+
+def test_a_request_that_is_not_streamed_gets_only_its_finished(engines):
+    """No Delta events (the HTTP layer would drop them), the same answer and usage."""
+    engine = engines()
+    streamed = list(engine.submit(EngineRequest(id="s", prompt=prompt(PROMPT), decoder="block", block_size=4,
+                                                max_new_tokens=12)).iter_events())
+    whole = list(engine.submit(EngineRequest(id="w", prompt=prompt(PROMPT), decoder="block", block_size=4,
+                                             max_new_tokens=12, stream=False)).iter_events())
+    assert [type(e).__name__ for e in streamed] == ["Delta", "Delta", "Delta", "Finished"]
+    assert [type(e).__name__ for e in whole] == ["Finished"]
+    assert usage_of(whole[-1]) == usage_of(streamed[-1]) == (
+        {"prompt_tokens": 8, "completion_tokens": 12, "total_tokens": 20}, "length",
+        "7 0 5 10 3 8 1 6 11 4 9 2", [7, 0, 5, 10, 3, 8, 1, 6, 11, 4, 9, 2])

@@ -34,7 +34,7 @@ from starlette.requests import ClientDisconnect
 from dvlm.serve.errors import CLIENT_GONE, APIError, bad_request, error_body, queue_full, too_large, unavailable
 from dvlm.serve.images import ImagePolicy
 from dvlm.serve.metrics import CONTENT_TYPE, ServeMetrics
-from dvlm.serve.prepare import prepare
+from dvlm.serve.prepare import Prepared, prepare
 from dvlm.serve.relay import Run, timeout_error
 from dvlm.serve.requests import EngineRequest, EngineStoppedError, QueueFullError
 from dvlm.serve.schemas import ChatCompletionRequest, validation_message
@@ -192,18 +192,24 @@ async def _chat_completions(request: Request, state: ServerState) -> Response:
     state.check_open()
     with state.admission():
         raw = await until_closing(state, read_body(request, state.settings.max_body_bytes))
-        body = await state.run_blocking(parse_request, raw)
-        if body.model != state.model.name:
-            raise APIError(404, f"the model {body.model!r} does not exist; this server serves {state.model.name!r} "
-                           "(GET /v1/models)", code="model_not_found", param="model")
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        prepared = await state.run_blocking(prepare, body, request_id, state.model, state.settings, state.policy)
+        # One hop to a worker thread for all the blocking work: parsing, images, the prompt's encoding.
+        body, prepared = await state.run_blocking(parse_and_prepare, raw, state)
         state.check_open()  # a shutdown may have begun while the request was being prepared
         handle = submit(state, with_time_left(prepared.request, state.settings, arrived))
     run = Run(state, handle, prepared, body, arrived)
     if body.stream:
         return run.streaming_response()
     return await run.complete(request)
+
+
+def parse_and_prepare(raw: bytes, state: ServerState) -> tuple[ChatCompletionRequest, Prepared]:
+    """The request parsed, checked and encoded (blocking: runs in a worker thread)."""
+    body = parse_request(raw)
+    if body.model != state.model.name:
+        raise APIError(404, f"the model {body.model!r} does not exist; this server serves {state.model.name!r} "
+                       "(GET /v1/models)", code="model_not_found", param="model")
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    return body, prepare(body, request_id, state.model, state.settings, state.policy)
 
 
 def parse_request(raw: bytes) -> ChatCompletionRequest:

@@ -317,11 +317,13 @@ class Engine:
         self._forget_if_empty(group)
 
     def _send(self, entry: Entry, piece: str, now: float) -> None:
+        if entry.first_delta is None:
+            entry.first_delta = now
+        if not entry.request.stream:  # the Finished carries the whole answer
+            return
         tokens = entry.text.incremental.tokens
         entry.handle.deliver(Delta(piece, tokens[entry.text.sent_tokens:]))
         entry.text.sent_tokens = len(tokens)
-        if entry.first_delta is None:
-            entry.first_delta = now
 
     def _finish_row(self, group: Group, row_id: int, reason: str | None, error: str | None = None) -> None:
         """End a row that left its batch: its output (finish reason `reason`, else the stepper's),
@@ -329,13 +331,14 @@ class Engine:
         entry = group.entries[row_id]
         now = self._clock()
         output = group.stepper.output(row_id, entry.timings(group.stepper.timer.seconds, now))
-        text, tokens, stopped = entry.text.final(output.tokens)
+        text, tokens, stopped = entry.text.final(output.tokens, output.text)
         group.stepper.forget([row_id])
         del group.entries[row_id]
         output.text, output.tokens = text, tokens
         output.finish_reason = "stop" if stopped and reason is None else (reason or output.finish_reason)
         if rest := entry.text.unsent(text):
-            entry.handle.deliver(Delta(rest, tokens[entry.text.sent_tokens:]))
+            if entry.request.stream:
+                entry.handle.deliver(Delta(rest, tokens[entry.text.sent_tokens:]))
             if entry.first_delta is None:
                 entry.first_delta = now
         self._finish(entry, output, error, stop_string=stopped and output.finish_reason == "stop")

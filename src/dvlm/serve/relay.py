@@ -44,6 +44,7 @@ class Run:
         self.arrived = arrived
         self.created = int(time.time())
         self.finished: Finished | None = None
+        self.first_text = False  # a Delta with text has arrived
         timeout = state.settings.request_timeout_s
         self.deadline = None if timeout is None else arrived + timeout + TIMEOUT_GRACE_S
 
@@ -51,10 +52,10 @@ class Run:
     def id(self) -> str:
         return self.prepared.request.id
 
-    async def events(self) -> AsyncIterator[Delta | Finished]:
-        """The engine's events up to Finished; a 504 APIError if the engine overruns the deadline."""
+    async def batches(self) -> AsyncIterator[list[Delta | Finished]]:
+        """The engine's events up to Finished, each with the ones already waiting behind it (sent in
+        one write); a 504 APIError if the engine overruns the deadline."""
         events = self.handle.events().__aiter__()
-        first = True
         while self.finished is None:
             remaining = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
             try:
@@ -66,12 +67,17 @@ class Run:
             except StopAsyncIteration as err:
                 raise APIError(500, "the engine ended the request without a result", type="server_error",
                                code="engine_error") from err
-            if isinstance(event, Finished):
-                self._record_finished(event)
-            elif first and event.text:
-                first = False
-                self.state.metrics.time_to_first_token.observe(time.monotonic() - self.arrived)
-            yield event
+            batch = [event] if isinstance(event, Finished) else [event, *self.handle.ready()]
+            for item in batch:
+                self._record(item)
+            yield batch
+
+    def _record(self, event: Delta | Finished) -> None:
+        if isinstance(event, Finished):
+            self._record_finished(event)
+        elif event.text and not self.first_text:
+            self.first_text = True
+            self.state.metrics.time_to_first_token.observe(time.monotonic() - self.arrived)
 
     def _record_finished(self, finished: Finished) -> None:
         self.finished = finished
@@ -117,34 +123,44 @@ class Run:
                                             dvlm_body(self.prepared.settings, self.finished)))
 
     async def _collect(self) -> None:
-        async for _ in self.events():
+        async for _ in self.batches():
             pass
 
     async def stream(self) -> AsyncIterator[str]:
         """SSE: a role chunk, one chunk per committed text, a final chunk (finish reason, `dvlm`), the
-        usage chunk if asked for, `[DONE]`; an error event instead of the final chunk on failure."""
+        usage chunk if asked for, `[DONE]`; an error event instead of the final chunk on failure.
+        Chunks that are ready together go out in one write (the ending always does)."""
+        ending = ""
         try:
             yield self._sse(self._chunk({"role": "assistant", "content": ""}))
-            async for event in self.events():
-                if isinstance(event, Delta) and event.text:
-                    yield self._sse(self._chunk({"content": event.text}))
-            error = self.error()
-            if error is not None:
-                yield self._sse(error.body())
-            else:
-                finished = self.finished
-                yield self._sse(self._chunk({}, finished.output.finish_reason,
-                                            dvlm=dvlm_body(self.prepared.settings, finished)))
-                if self.include_usage:
-                    yield self._sse(self._chunk(None, usage=usage(finished)))
+            async for batch in self.batches():
+                texts = "".join(self._sse(self._chunk({"content": event.text})) for event in batch
+                                if isinstance(event, Delta) and event.text)
+                if self.finished is None:
+                    if texts:
+                        yield texts
+                else:
+                    ending = texts + self._ending()
         except APIError as err:
-            yield self._sse(err.body())
+            ending += self._sse(err.body())
         except Exception as err:  # an engine bug: the client still gets a proper end of stream
             log.error("streaming %s failed", self.id, exc_info=err)
-            yield self._sse(error_body("internal server error", "server_error", "internal_error"))
+            ending += self._sse(error_body("internal server error", "server_error", "internal_error"))
         finally:
             self.release()
-        yield "data: [DONE]\n\n"
+        yield ending + "data: [DONE]\n\n"
+
+    def _ending(self) -> str:
+        """The final chunk and the usage chunk, or the error event that replaces them."""
+        error = self.error()
+        if error is not None:
+            return self._sse(error.body())
+        finished = self.finished
+        settings = self.prepared.settings
+        text = self._sse(self._chunk({}, finished.output.finish_reason, dvlm=dvlm_body(settings, finished)))
+        if self.include_usage:
+            text += self._sse(self._chunk(None, usage=usage(finished)))
+        return text
 
     def release(self) -> None:
         """Cancel the request unless it finished: its client went away (its row is freed at the next

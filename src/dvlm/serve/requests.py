@@ -6,7 +6,8 @@ prefills new requests, merges them into the running batch between blocks, advanc
 block per step, and reports each request's progress as events on its `RequestHandle`:
 
     handle = engine.submit(request)          # QueueFullError when the queue is full
-    async for event in handle.events():      # Delta ... Delta, then exactly one Finished
+    async for event in handle.events():      # Delta ... Delta, then exactly one Finished (only the
+        ...                                  # Finished for a request with stream=False)
         ...
     handle.cancel()                          # the row leaves the batch at the next block boundary
 
@@ -57,6 +58,7 @@ class EngineRequest:
     max_new_tokens: int = 128  # per row
     stop: tuple[str, ...] = ()  # per row: the answer ends before the first of these strings
     timeout_s: float | None = None  # per row: wall-clock limit from submission
+    stream: bool = True  # Delta events wanted (False: only the Finished, which holds the whole answer)
 
     @property
     def group_key(self) -> tuple:
@@ -134,5 +136,6 @@ class EngineObserver:
 #   class RequestHandle:
 #       id: str
 #       async def events(self) -> AsyncIterator[Delta | Finished]   # for the event loop it was submitted from
+#       def ready(self) -> list[Delta | Finished]   # delivered, not read yet by events(); never waits
 #       def iter_events(self) -> Iterator[Delta | Finished]          # blocking, for threads and tests
 #       def cancel(self) -> None                     # idempotent; ends with Finished "cancelled"
