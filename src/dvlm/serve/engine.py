@@ -40,19 +40,13 @@ from collections.abc import Callable
 
 import torch
 
-from dvlm.config import ConfigError, DecodeConfig
-from dvlm.decode.ar import ARStepper
-from dvlm.decode.block import BlockStepper
+from dvlm.config import ConfigError
 from dvlm.decode.output import GenerationOutput
-from dvlm.decode.settings import GroupSettings, RowSettings
-from dvlm.decode.speculative import SpecStepper
-from dvlm.decode.stepper import Stepper
 from dvlm.model.loaded import LoadedModel
 from dvlm.serve.answer_text import AnswerText
-from dvlm.serve.entries import Entry, Group, bare_output, describe, partial_output
+from dvlm.serve.entries import STEPPERS, Entry, Group, bare_output, describe, partial_output, request_settings
 from dvlm.serve.handle import RequestHandle
 from dvlm.serve.requests import (
-    SERVED_DECODERS,
     Delta,
     EngineObserver,
     EngineRequest,
@@ -63,8 +57,6 @@ from dvlm.serve.requests import (
 
 log = logging.getLogger(__name__)
 
-STEPPERS: dict[str, type[Stepper]] = {"ar": ARStepper, "block": BlockStepper, "spec": SpecStepper}
-assert tuple(STEPPERS) == SERVED_DECODERS
 SHUTTING_DOWN = "server shutting down"
 
 
@@ -119,7 +111,7 @@ class Engine:
         handle = RequestHandle(request.id, self._wake)
         entry = Entry(request, handle, self._clock())
         try:
-            entry.key, entry.group, entry.row = self._settings(request)
+            entry.key, entry.group, entry.row = request_settings(self.lm, request)
         except ConfigError as err:
             entry.invalid = str(err)
         with self._lock:
@@ -137,7 +129,7 @@ class Engine:
     def check(self, request: EngineRequest) -> None:
         """Raise ConfigError (a ValueError) when the model cannot serve the request's settings, as
         `submit` would end it with an "error" Finished: lets the HTTP layer answer 400 first."""
-        self._settings(request)
+        request_settings(self.lm, request)
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Refuse new requests, end every in-flight one with an "error" Finished ("server shutting
@@ -162,19 +154,6 @@ class Engine:
     def _wake(self) -> None:
         with self._lock:
             self._lock.notify()
-
-    def _settings(self, request: EngineRequest) -> tuple[tuple, GroupSettings, RowSettings]:
-        """(group key, group settings, row settings) of a request, the model's defaults filled in;
-        ConfigError when it cannot be served."""
-        if request.decoder not in STEPPERS:
-            raise ConfigError(f"decoder {request.decoder!r} is not served; choose one of {', '.join(STEPPERS)}")
-        cfg = DecodeConfig(decoder=request.decoder, max_new_tokens=request.max_new_tokens,
-                           block_size=request.block_size, threshold=request.threshold, steps=request.steps,
-                           temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
-                           seed=request.seed)
-        group, row = STEPPERS[request.decoder].settings_for(self.lm, cfg)
-        # sub_block_size and fuse_commit are not request fields: one value per decoder, no need to key on them.
-        return (request.decoder, group.block_size, group.steps), group, row
 
     # The loop thread.
 

@@ -1,17 +1,39 @@
 """What the engine keeps per request (`Entry`, from submission to its Finished) and per group of
-requests sharing one stepper (`Group`), and the outputs of requests that end outside a step."""
+requests sharing one stepper (`Group`), a request's settings resolved against the model, and the
+outputs of requests that end outside a step."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from dvlm.config import ConfigError, DecodeConfig
+from dvlm.decode.ar import ARStepper
+from dvlm.decode.block import BlockStepper
 from dvlm.decode.output import GenerationOutput
 from dvlm.decode.settings import GroupSettings, RowSettings
+from dvlm.decode.speculative import SpecStepper
 from dvlm.decode.stepper import Stepper
+from dvlm.model.loaded import LoadedModel
 from dvlm.serve.answer_text import AnswerText
 from dvlm.serve.handle import RequestHandle
-from dvlm.serve.requests import EngineRequest
+from dvlm.serve.requests import SERVED_DECODERS, EngineRequest
+
+STEPPERS: dict[str, type[Stepper]] = {"ar": ARStepper, "block": BlockStepper, "spec": SpecStepper}
+assert tuple(STEPPERS) == SERVED_DECODERS
+
+
+def request_settings(lm: LoadedModel, request: EngineRequest) -> tuple[tuple, GroupSettings, RowSettings]:
+    """(group key, group settings, row settings) of a request, the model's defaults filled in;
+    ConfigError when it cannot be served."""
+    if request.decoder not in STEPPERS:
+        raise ConfigError(f"decoder {request.decoder!r} is not served; choose one of {', '.join(STEPPERS)}")
+    cfg = DecodeConfig(decoder=request.decoder, max_new_tokens=request.max_new_tokens,
+                       block_size=request.block_size, threshold=request.threshold, steps=request.steps,
+                       temperature=request.temperature, top_k=request.top_k, top_p=request.top_p, seed=request.seed)
+    group, row = STEPPERS[request.decoder].settings_for(lm, cfg)
+    # sub_block_size and fuse_commit are not request fields: one value per decoder, no need to key on them.
+    return (request.decoder, group.block_size, group.steps), group, row
 
 
 @dataclass
