@@ -842,7 +842,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, verb in VERBS.items():
         sub = verbs.add_parser(name, help=verb.help, description=verb.help)
         verb.arguments(sub)
-        sub.set_defaults(run=verb.run)
+        sub.set_defaults(run=verb.run, parser=sub)
     return parser
 
 
@@ -854,7 +854,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the `dvlm` command; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = build_parser().parse_args(argv)
+        args, unknown = build_parser().parse_known_args(argv)
+        if unknown:  # reported by the verb, in one line, like its other usage errors
+            args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as stop:  # --help, --version and usage errors: argparse has printed them
         return stop.code if isinstance(stop.code, int) else 2
     args.argv = argv  # `dvlm train --num-processes` runs the same command again under the launcher

@@ -36,6 +36,8 @@ START_TIMEOUT_S = 120
     (["--request-timeout", "-1"], "--request-timeout must be > 0"),
     (["--max-body-mb", "0"], "--max-body-mb must be > 0"),
     (["--max-body-mb", "1e-300"], "--max-body-mb must be > 0 (one byte at least), got 1e-300"),
+    (["--port", "eighty"], "argument --port: invalid int value: 'eighty' (see dvlm serve --help)"),
+    (["--max-batch", "2", "--bogus"], "unrecognized arguments: --bogus (see dvlm serve --help)"),
     (["--api-key="], "--api-key (or DVLM_API_KEY) is empty"),
     (["--allow-local-images", "/nonexistent/dir"], "--allow-local-images: /nonexistent/dir is not a directory"),
 ])
