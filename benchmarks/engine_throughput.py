@@ -8,13 +8,17 @@ step, and whether every answer equals the sequential one (greedy: it must).
 
 Usage: python benchmarks/engine_throughput.py [--model tiny-dvlm] [--decoder block] [--requests 32]
        [--concurrency 1 4 16] [--max-new-tokens 48] [--task shapes-caption]
+       python benchmarks/engine_throughput.py --model random-0.5b --requests 32 --max-new-tokens 32
+`random-0.5b`: serve_load.py's random model with Qwen2.5-0.5B's language-model shape (built once).
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import torch
 
@@ -25,6 +29,7 @@ from dvlm.eval.harness import sample_prompt
 from dvlm.serve.engine import Engine
 from dvlm.serve.requests import EngineObserver, EngineRequest, Finished
 from dvlm.tasks.builtin import get_task
+from serve_load import RANDOM_SHAPES, random_model  # noqa: E402 (benchmarks/ is this script's folder)
 
 
 class StepRows(EngineObserver):
@@ -68,6 +73,8 @@ def through_engine(lm, requests, concurrency: int) -> tuple[list[list[int]], flo
 
 
 def load(name: str):
+    if name in RANDOM_SHAPES:
+        return dvlm.load(random_model(name, Path(tempfile.gettempdir()) / "dvlm-bench-models")), name
     try:
         return dvlm.load(name), name
     except (FileNotFoundError, ValueError) as err:
@@ -101,10 +108,16 @@ def main() -> None:
     print("| run | tokens/s | vs sequential generate | mean rows per step | answers equal |")
     print("|---|---|---|---|---|")
     print(f"| sequential generate | {tokens / base:.1f} | 1.00x | 1.0 | yes |")
+    walls = {}
     for concurrency in args.concurrency:
-        got, wall, rows = through_engine(lm, requests, concurrency)
+        got, walls[concurrency], rows = through_engine(lm, requests, concurrency)
         same = "yes" if got == expected else f"no ({sum(a != b for a, b in zip(got, expected))} differ)"
-        print(f"| engine, {concurrency} in flight | {tokens / wall:.1f} | {base / wall:.2f}x | {rows:.1f} | {same} |")
+        print(f"| engine, {concurrency} in flight | {tokens / walls[concurrency]:.1f} | {base / walls[concurrency]:.2f}x "
+              f"| {rows:.1f} | {same} |")
+    if 1 in walls:
+        print(f"engine at 1 in flight: {100 * (walls[1] / base - 1):+.1f}% time over sequential generate")
+        for concurrency in (c for c in walls if c != 1):
+            print(f"engine at {concurrency} in flight: {walls[1] / walls[concurrency]:.2f}x its tokens/s at 1")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_TIMEOUT_S = 300  # a mutation that makes decoding loop forever counts as caught
+WEIGHTS = Path("dvlm", "zoo", "weights")
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,9 @@ IMAGES = "tests/data/test_images.py"
 CONFIG_LIMITS = "tests/test_config_limits.py"
 POSITIONS = "tests/decode/test_position_limits.py"
 STEP_DATA = "tests/train/test_step_data.py"
+LIMITS = "tests/serve/test_limits.py"
+FAILURES = "tests/serve/test_engine_failures.py"
+USAGE = "tests/serve/test_usage.py"
 
 MUTATIONS = [
     # -- training -----------------------------------------------------------------------------
@@ -363,10 +367,6 @@ MUTATIONS = [
     Mutation("image-bytes-limit-exclusive", "data/images.py",
              "if size > limits.max_bytes:", "if size >= limits.max_bytes:",
              (IMAGES,), "an image of exactly max_bytes is refused"),
-    Mutation("data-url-padding-counted", "data/images.py",
-             '_check_bytes(_base64_size(payload), "<data URL>", limits)',
-             '_check_bytes(len(payload) * 3 // 4, "<data URL>", limits)',
-             (IMAGES,), "a data URL of exactly max_bytes is refused for its base64 padding"),
     *[Mutation(f"limit-{name}", path, old, new, (CONFIG_LIMITS,), bug) for name, path, old, new, bug in [
         ("seed", "config.py", "not 0 <= seed < SEED_LIMIT", "not 0 <= seed <= SEED_LIMIT", "seed 2**32 accepted"),
         ("eps-max", "config.py", "self.eps_max <= 1.0:", "self.eps_max < 1.0:", "eps_max=1 refused"),
@@ -439,6 +439,82 @@ MUTATIONS = [
     Mutation("stop-token-not-recorded", "decode/rows.py",
              'row.finish, row.stop_token = "stop", tok', 'row.finish = "stop"',
              (PUBLISHED,), "GenerationOutput does not say which end token ended the answer"),
+    # -- the server's limits, at their boundaries ----------------------------------------------
+    Mutation("batch-admits-one-more", "serve/engine.py",
+             "if ends_now or free > 0:", "if ends_now or free >= 0:",
+             (LIMITS,), "a group admits max_batch_size + 1 rows"),
+    Mutation("engine-queue-holds-one-more", "serve/engine.py",
+             "if len(self._waiting) >= self.max_queue:", "if len(self._waiting) > self.max_queue:",
+             (LIMITS,), "the engine's queue takes max_queue + 1 requests"),
+    Mutation("max-queue-admits-one-more", "serve/app.py",
+             "if waiting >= self.settings.max_queue:", "if waiting > self.settings.max_queue:",
+             (LIMITS,), "--max-queue + 1 requests may wait to start"),
+    Mutation("max-images-itself-refused", "serve/prepare.py",
+             "if count > max_images:", "if count >= max_images:",
+             (LIMITS,), "a request with exactly --max-images images is refused"),
+    Mutation("max-tokens-itself-refused", "serve/prepare.py",
+             "requested is not None and requested > settings.max_tokens:",
+             "requested is not None and requested >= settings.max_tokens:",
+             (LIMITS,), "max_tokens equal to --max-tokens is refused"),
+    Mutation("max-prompt-tokens-itself-refused", "serve/prepare.py",
+             "len(encoded) > settings.max_prompt_tokens:", "len(encoded) >= settings.max_prompt_tokens:",
+             (LIMITS,), "a prompt of exactly --max-prompt-tokens is refused"),
+    Mutation("last-position-unusable", "serve/prepare.py",
+             "if room < 1:", "if room < 2:",
+             (LIMITS,), "a prompt leaving one position for the answer is refused"),
+    Mutation("answer-filling-the-positions-refused", "serve/prepare.py",
+             "if requested > room:", "if requested >= room:",
+             (LIMITS,), "max_tokens equal to the positions left is refused"),
+    Mutation("declared-body-of-the-limit-refused", "serve/app.py",
+             "int(declared) > limit:", "int(declared) >= limit:",
+             (LIMITS,), "a body of exactly --max-body-mb (Content-Length) is refused"),
+    Mutation("read-body-of-the-limit-refused", "serve/app.py",
+             "if size > limit:", "if size >= limit:",
+             (LIMITS,), "a chunked body of exactly --max-body-mb is refused"),
+    Mutation("image-of-the-byte-limit-refused", "serve/images.py",
+             "if size > limits.max_bytes:", "if size >= limits.max_bytes:",
+             (LIMITS,), "an image of exactly the byte limit is refused"),
+    Mutation("data-url-padding-counted", "data/images.py",
+             "return (len(text) - start) // 4 * 3 - text[max(start, len(text) - 2):].count(\"=\")",
+             "return (len(text) - start) * 3 // 4",
+             (LIMITS, IMAGES), "a data URL's base64 padding counts as image bytes"),
+    Mutation("three-stop-strings", "serve/schemas.py",
+             "Field(None, max_length=MAX_STOP_STRINGS)", "Field(None, max_length=MAX_STOP_STRINGS - 1)",
+             (LIMITS,), "four stop strings are refused"),
+    Mutation("bearer-case-sensitive", "serve/app.py",
+             'if scheme.lower() != "bearer" or', 'if scheme != "Bearer" or',
+             (LIMITS,), "the Bearer scheme is matched case-sensitively (RFC 9110: case-insensitive)"),
+    Mutation("block-size-unbounded", "config.py",
+             "if self.block_size is not None and self.block_size > largest:",
+             "if self.block_size is not None and self.block_size > 1000 * largest:",
+             ("tests/decode/test_settings.py",), "block_size=100000 reaches the model"),
+    # -- the server's failure paths, timeouts, usage -------------------------------------------
+    Mutation("failure-path-raises", "serve/engine.py",
+             "            except Exception as err:\n                failure = failure or err",
+             "            except ZeroDivisionError as err:\n                failure = failure or err",
+             (FAILURES,), "ending a failed group's requests raises the failure again (the loop dies, requests hang)"),
+    Mutation("health-ignores-a-dead-engine", "serve/app.py",
+             "if not state.engine.alive:", "if False:",
+             ("tests/serve/test_lifecycle.py::test_health_is_503_once_the_engine_loop_is_gone",),
+             "/health answers 200 with the engine loop gone"),
+    Mutation("usage-counts-an-unproduced-end-token", "serve/requests.py",
+             'ended_by_end_token = self.output.finish_reason == "stop" and not self.stop_string',
+             'ended_by_end_token = self.output.finish_reason == "stop"',
+             (USAGE,), "an answer cut by a stop string counts an end token the model never produced"),
+    Mutation("timeout-unchecked-at-the-answer-s-end", "serve/engine.py",
+             "self._end_rows(group, ended, now)", 'self._end_rows(group, ended, float("-inf"))',
+             (USAGE,), "a request past its timeout gets its answer when the step that passed it completes it"),
+    Mutation("timeout-from-submission", "serve/app.py",
+             "handle = submit(state, with_time_left(prepared.request, state.settings, arrived))",
+             "handle = submit(state, prepared.request)",
+             ("tests/serve/test_timeouts.py",), "--request-timeout does not count reading and preparing the request"),
+    Mutation("symlink-loop-unhandled", "serve/images.py",
+             "except (OSError, RuntimeError) as err:  # a symlink loop", "except OSError as err:  # a symlink loop",
+             ("tests/serve/test_images.py",), "a symlink loop in the image folder is a 500"),
+    Mutation("non-finite-options-accepted", "cli.py",
+             "if not math.isfinite(value):", "if False:",
+             ("tests/serve/test_cli_serve.py::test_non_finite_numbers_are_a_one_line_usage_error",),
+             "dvlm serve --max-body-mb inf: a traceback"),
 ]
 
 
@@ -489,6 +565,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="dvlm-mutants-") as tmp:
         tree = Path(tmp) / "src"
         shutil.copytree(ROOT / "src", tree, ignore=shutil.ignore_patterns("weights", "__pycache__"))
+        # The built-in models, linked rather than copied: the server's tests encode with tiny-dvlm.
+        (tree / WEIGHTS).symlink_to(ROOT / "src" / WEIGHTS, target_is_directory=True)
         for m in selected:  # every patch must apply before anything runs
             _patched(tree, m)
         _check_imports_from(tree)
@@ -500,7 +578,7 @@ def main() -> int:
         rows = []
         for m in selected:
             work = Path(tmp) / m.name / "src"
-            shutil.copytree(tree, work)
+            shutil.copytree(tree, work, symlinks=True)
             (work / "dvlm" / m.path).write_text(_patched(tree, m))
             start = time.monotonic()
             passed, why = _run_tests(work, m.tests)

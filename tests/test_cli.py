@@ -336,7 +336,7 @@ def test_train_invalid_yaml_config(capsys, tmp_path, fast_checkpoint):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--temperature", "nan"], "DecodeConfig.temperature=nan is not valid: expected a finite number"),
+    (["--temperature", "nan"], "argument --temperature: must be a finite number, got 'nan'"),
     (["--seed", str(2**64)], "seed must be in [0, 2**32)"),
     (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
 ])

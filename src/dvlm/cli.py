@@ -22,13 +22,14 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import math
 import os
 import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NoReturn
 
 import dvlm
 from dvlm.atomic import WriteError
@@ -61,6 +62,17 @@ DTYPE_HELP = ("compute dtype (default: auto = the checkpoint's own dtype on CUDA
 
 class CLIError(Exception):
     """A usage problem the CLI itself detects (printed as one line, exit status 2)."""
+
+
+def real(text: str) -> float:
+    """The argparse type of every real-valued option: a finite number (inf and nan are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 # Errors a user can cause and fix; anything else is a bug and keeps its traceback.
@@ -160,7 +172,7 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
                    help="put samples of similar length in the same steps (less padding)")
     p.add_argument("--report-to", choices=("tensorboard",),
                    help="also log loss parts, lr, tokens/s and block size to TensorBoard (RUN/tensorboard)")
-    p.add_argument("--lr", type=float, metavar="F", help="peak learning rate")
+    p.add_argument("--lr", type=real, metavar="F", help="peak learning rate")
     p.add_argument("--dtype", choices=("float32", "bfloat16"),
                    help="compute dtype (default: float32; bfloat16: autocast, master weights stay float32; on a CPU "
                         "without AVX512-BF16 or AMX bfloat16 runs slower than float32)")
@@ -272,9 +284,9 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="block decoding: unmask sub-blocks of S positions left to right")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
                    help="answer length limit (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default: %(default)s)")
+    p.add_argument("--temperature", type=real, default=0.0, metavar="T", help="0 = greedy (default: %(default)s)")
     p.add_argument("--top-k", type=int, metavar="K", help="sample from the K most likely tokens only")
-    p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling probability mass")
+    p.add_argument("--top-p", type=real, metavar="P", help="nucleus sampling probability mass")
     p.add_argument("--seed", type=int, metavar="S", help="seed of the sampling generator")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print the full GenerationOutput as JSON")
@@ -323,7 +335,7 @@ def add_block_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, metavar="N",
                    help="block size for block and spec decoding (default: the model's)")
     policy = p.add_mutually_exclusive_group()
-    policy.add_argument("--threshold", type=float, metavar="T",
+    policy.add_argument("--threshold", type=real, metavar="T",
                         help="block decoding: unmask every position with confidence >= T")
     policy.add_argument("--steps", type=int, metavar="S", help="block decoding: fixed denoising steps per block")
 
@@ -562,9 +574,9 @@ def split_list(text: str, flag: str) -> list[str]:
 
 def parse_number(text: str, kind: type, flag: str) -> Any:
     try:
-        return kind(text)
-    except ValueError as err:
-        raise CLIError(f"{flag}: {text!r} is not {'an integer' if kind is int else 'a number'}") from err
+        return int(text) if kind is int else real(text)
+    except (ValueError, argparse.ArgumentTypeError) as err:
+        raise CLIError(f"{flag}: {text!r} is not {'an integer' if kind is int else 'a finite number'}") from err
 
 
 def describe_device(device: Any) -> str:
@@ -611,7 +623,7 @@ def zoo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work-dir", metavar="DIR",
                    help="data, runs and stage stamps (default: OUT/.zoo-build); rerunning with the same "
                         "directory skips the stages an earlier build finished")
-    p.add_argument("--scale", type=float, default=1.0, help="fraction of the recipe's steps and data (default: 1)")
+    p.add_argument("--scale", type=real, default=1.0, help="fraction of the recipe's steps and data (default: 1)")
 
 
 def zoo(args: argparse.Namespace) -> None:
@@ -688,7 +700,7 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, metavar="N",
                    help="block size of requests that give none (default: the model's)")
     policy = p.add_mutually_exclusive_group()
-    policy.add_argument("--threshold", type=float, metavar="T",
+    policy.add_argument("--threshold", type=real, metavar="T",
                         help="confidence threshold of block decoding for requests that give none "
                              "(default: the model's)")
     policy.add_argument("--steps", type=int, metavar="S",
@@ -702,9 +714,9 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=512, metavar="N",
                    help="largest max_tokens a request may ask for, and the answer limit when it gives none "
                         "(default: %(default)s)")
-    p.add_argument("--request-timeout", type=float, default=600.0, metavar="S",
+    p.add_argument("--request-timeout", type=real, default=600.0, metavar="S",
                    help="wall-clock limit of one request in seconds (default: %(default)s)")
-    p.add_argument("--max-body-mb", type=float, default=48.0, metavar="MB",
+    p.add_argument("--max-body-mb", type=real, default=48.0, metavar="MB",
                    help="largest request body in MiB; data: URL images travel inside it (default: %(default)s)")
     p.add_argument("--max-images", type=int, default=16, metavar="N",
                    help="most images per request (default: %(default)s)")
@@ -730,15 +742,16 @@ def serve_settings(args: argparse.Namespace) -> Any:
         local = Path(args.allow_local_images).expanduser()
         if not local.is_dir():
             raise CLIError(f"--allow-local-images: {local} is not a directory")
-    if not args.max_body_mb > 0:
-        raise CLIError(f"--max-body-mb must be > 0, got {args.max_body_mb:g}")
+    max_body_bytes = int(args.max_body_mb * MIB)
+    if max_body_bytes < 1:
+        raise CLIError(f"--max-body-mb must be > 0 (one byte at least), got {args.max_body_mb:g}")
     api_key = args.api_key if args.api_key is not None else os.environ.get("DVLM_API_KEY") or None
     try:
         return ServeSettings(
             api_key=api_key, decoder=args.decoder, block_size=args.block_size, threshold=args.threshold,
             steps=args.steps, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
             max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
-            request_timeout_s=args.request_timeout, max_body_bytes=int(args.max_body_mb * MIB),
+            request_timeout_s=args.request_timeout, max_body_bytes=max_body_bytes,
             max_images=args.max_images, allow_local_images=local, allow_remote_images=args.allow_remote_images,
             compile=args.compile, **cache_sizes(args))
     except ConfigError as err:
@@ -816,7 +829,7 @@ def chat_arguments(p: argparse.ArgumentParser) -> None:
     add_block_arguments(p)
     p.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
                    help="answer length limit (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default: %(default)s)")
+    p.add_argument("--temperature", type=real, default=0.0, metavar="T", help="0 = greedy (default: %(default)s)")
     p.add_argument("--verbose", action="store_true", help="print each answer's tokens, forwards and reused prompt "
                                                           "tokens on stderr")
     add_cache_arguments(p, "the conversation's")
@@ -827,10 +840,10 @@ def chat_arguments(p: argparse.ArgumentParser) -> None:
 def add_cache_arguments(p: argparse.ArgumentParser, whose: str) -> None:
     from dvlm.decode.prompts import PREFIX_CACHE_MB, VISION_CACHE_MB
 
-    p.add_argument("--vision-cache-mb", type=float, default=VISION_CACHE_MB, metavar="MB",
+    p.add_argument("--vision-cache-mb", type=real, default=VISION_CACHE_MB, metavar="MB",
                    help=f"memory for {whose} image features, so an image is encoded once (MiB; 0: off; "
                         "default: %(default)s)")
-    p.add_argument("--prefix-cache-mb", type=float, default=PREFIX_CACHE_MB, metavar="MB",
+    p.add_argument("--prefix-cache-mb", type=real, default=PREFIX_CACHE_MB, metavar="MB",
                    help=f"memory for the keys/values of {whose} earlier prompts and answers, so a prompt that "
                         "starts with them prefills only the rest (MiB; 0: off; default: %(default)s)")
 
@@ -912,14 +925,22 @@ def quiet_hf_progress() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+class VerbParser(argparse.ArgumentParser):
+    """A verb's parser: a usage error is one line, `dvlm VERB: error: ...` (exit status 2), like
+    every other refusal; `--help` shows the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dvlm", description=dvlm.__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"dvlm {dvlm.__version__}")
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=VerbParser)
     for name, verb in VERBS.items():
         sub = verbs.add_parser(name, help=verb.help, description=verb.help)
         verb.arguments(sub)
-        sub.set_defaults(run=verb.run)
+        sub.set_defaults(run=verb.run, parser=sub)
     return parser
 
 
@@ -931,7 +952,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the `dvlm` command; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = build_parser().parse_args(argv)
+        args, unknown = build_parser().parse_known_args(argv)
+        if unknown:  # reported by the verb, in one line, like its other usage errors
+            args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as stop:  # --help, --version and usage errors: argparse has printed them
         return stop.code if isinstance(stop.code, int) else 2
     args.argv = argv  # `dvlm train --num-processes` runs the same command again under the launcher

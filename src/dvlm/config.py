@@ -43,6 +43,13 @@ DEFAULT_THRESHOLD = 0.9
 SEED_LIMIT = 2**32
 """Seeds are in [0, SEED_LIMIT): derived per-step seeds stay inside torch's 64-bit generator range."""
 
+MAX_BLOCK_SIZE = 256
+"""Largest block size a decode may ask for: 8x the largest the papers decode with (32). A block is
+the query of a forward, and its attention masks grow with its square."""
+
+MAX_QUADRATIC_BLOCK_SIZE = 64
+"""Largest block size of `spec-quadratic`, whose passes hold B + B*B positions (4160 at 64)."""
+
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
@@ -352,6 +359,9 @@ class DecodeConfig:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.block_size is not None and self.block_size < 1:
             raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
+        largest = MAX_QUADRATIC_BLOCK_SIZE if self.decoder == "spec-quadratic" else MAX_BLOCK_SIZE
+        if self.block_size is not None and self.block_size > largest:
+            raise ConfigError(f"block_size must be <= {largest} with decoder {self.decoder!r}, got {self.block_size}")
         if self.threshold is not None and self.steps is not None:
             raise ConfigError("give either threshold or steps, not both")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:

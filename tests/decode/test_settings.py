@@ -142,3 +142,13 @@ def test_in_a_batch_each_row_is_timed_until_it_finished():
     assert totals == sorted(totals) and len(set(totals)) == 3  # the first row finished first
     assert totals[-1] < 1e9  # every row's own clock, not the batch timer's total
     assert all(t["prefill_s"] == 0.0 for t in timings)  # the batch's phases are shared
+
+
+@pytest.mark.parametrize("decoder, largest", [("block", 256), ("spec", 256), ("ar", 256), ("spec-quadratic", 64)])
+def test_block_sizes_are_bounded_at_validation(decoder, largest):
+    """A block is one forward's query: block_size=100000 used to reach the model and try to allocate
+    10 GB. The largest allowed is accepted, one more is refused before anything runs."""
+    assert DecodeConfig(decoder=decoder, block_size=largest).block_size == largest
+    with pytest.raises(ConfigError, match=f"^block_size must be <= {largest} with decoder '{decoder}', "
+                                          f"got {largest + 1}$"):
+        DecodeConfig(decoder=decoder, block_size=largest + 1)

@@ -10,7 +10,8 @@ Tests steer it: `full` (submit raises QueueFullError), `block_delay_s` (slow ste
 (every row ends with an error), `hang` (rows never advance: only cancel, timeout or shutdown end
 them; `hang_if(request)` for some rows only), `honour_timeouts` (False: a broken engine that lets
 requests overrun), `broken_events` (the event stream raises: an engine bug), and read back
-`submitted`, `cancelled` and the observer calls.
+`submitted`, `cancelled` and the observer calls. `die()` ends its loop thread as a crashed
+engine's would (every request in flight ends with an error; `alive` turns False).
 """
 
 from __future__ import annotations
@@ -70,6 +71,14 @@ class FakeHandle:
             if isinstance(event, Finished):
                 return
 
+    def ready(self) -> list[Delta | Finished]:
+        ready = []
+        while not self._async_queue.empty():
+            if self.broken:
+                raise RuntimeError("the fake engine's event stream broke")
+            ready.append(self._async_queue.get_nowait())
+        return ready
+
     def iter_events(self) -> Iterator[Delta | Finished]:
         while True:
             event = self._queue.get()
@@ -117,6 +126,7 @@ class FakeEngine:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
+        self._dying = False
         self._thread: threading.Thread | None = None
 
     # -- the Engine interface ---------------------------------------------------------------
@@ -131,7 +141,7 @@ class FakeEngine:
         except RuntimeError:
             loop = None
         with self._lock:
-            if self._stopping:
+            if self._stopping or self._dying:
                 raise EngineStoppedError("the engine is shutting down")
             if self.full or len(self._pending) >= self.max_queue:
                 raise QueueFullError(self.max_queue, retry_after_s=2.5)
@@ -159,13 +169,22 @@ class FakeEngine:
     def running_rows(self) -> int:
         return len(self._running)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def die(self) -> None:
+        self._dying = True
+        self._wake.set()
+        self._thread.join(10)
+
     # -- the loop -----------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
             self._wake.wait(0.005)
             self._wake.clear()
             with self._lock:
-                if self._stopping:
+                if self._stopping or self._dying:
                     rows = [*self._pending, *self._running]
                     self._pending.clear()
                     self._running.clear()
@@ -179,7 +198,7 @@ class FakeEngine:
                 self._step(rows)
                 time.sleep(self.block_delay_s)
         for row in rows:
-            self._finish(row, "error", SHUTDOWN_ERROR)
+            self._finish(row, "error", "engine failure: the loop died" if self._dying else SHUTDOWN_ERROR)
 
     def _step(self, rows: list[_Row]) -> None:
         for row in rows:
@@ -211,11 +230,11 @@ class FakeEngine:
             row.first_token = row.first_token or time.monotonic()
             row.text = text
         if stop_at >= 0 or row.emitted == len(row.answer):
-            self._finish(row, "stop")
+            self._finish(row, "stop", stop_string=stop_at >= 0)
         elif row.emitted >= row.request.max_new_tokens:
             self._finish(row, "length")
 
-    def _finish(self, row: _Row, reason: str, error: str | None = None) -> None:
+    def _finish(self, row: _Row, reason: str, error: str | None = None, stop_string: bool = False) -> None:
         with self._lock:
             if row in self._running:
                 self._running.remove(row)
@@ -227,6 +246,7 @@ class FakeEngine:
                                   settings={"decoder": req.decoder, "block_size": req.block_size})
         now = time.monotonic()
         finished = Finished(output, error=error, queue_seconds=(row.started or now) - row.submitted,
-                            first_token_seconds=None if row.first_token is None else row.first_token - row.submitted)
+                            first_token_seconds=None if row.first_token is None else row.first_token - row.submitted,
+                            stop_string=stop_string)
         self.observer.on_finished(req, finished)
         row.handle.push(finished)

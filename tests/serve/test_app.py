@@ -110,7 +110,9 @@ def test_request_settings_reach_the_engine(serve):
     first, second, third = server.engine.submitted
     assert (first.decoder, first.block_size, first.threshold, first.steps) == ("block", 8, 0.7, None)
     assert (first.max_new_tokens, first.temperature, first.top_p, first.top_k, first.seed) == (12, 0.5, 0.8, 5, 7)
-    assert first.stop == ("a", "b") and first.timeout_s == 30.0
+    # The engine gets the time left of --request-timeout, which counts from the request's arrival.
+    assert first.stop == ("a", "b") and 25.0 < first.timeout_s < 30.0
+    assert first.stream is False  # a whole answer: the engine sends no Deltas
     # A request that chooses steps does not inherit the server's threshold (that would be "both").
     assert (second.decoder, second.steps, second.threshold) == ("spec", 4, None)
     # No max_tokens: the server's --max-tokens (the prompt leaves room for it).

@@ -35,6 +35,9 @@ START_TIMEOUT_S = 120
     (["--max-tokens", "0"], "--max-tokens must be >= 1, got 0"),
     (["--request-timeout", "-1"], "--request-timeout must be > 0"),
     (["--max-body-mb", "0"], "--max-body-mb must be > 0"),
+    (["--max-body-mb", "1e-300"], "--max-body-mb must be > 0 (one byte at least), got 1e-300"),
+    (["--port", "eighty"], "argument --port: invalid int value: 'eighty' (see dvlm serve --help)"),
+    (["--max-batch", "2", "--bogus"], "unrecognized arguments: --bogus (see dvlm serve --help)"),
     (["--api-key="], "--api-key (or DVLM_API_KEY) is empty"),
     (["--allow-local-images", "/nonexistent/dir"], "--allow-local-images: /nonexistent/dir is not a directory"),
     (["--prefix-cache-mb", "-0.5"], "--prefix-cache-mb must be >= 0 (0: off), got -0.5"),
@@ -44,6 +47,31 @@ def test_settings_are_refused_in_one_line_before_anything_starts(capsys, argv, m
     code, out, err = run(capsys, "serve", *argv)
     assert code == 2 and out == ""
     assert message in one_line_error(err, "serve")
+
+
+def real_options() -> list[tuple[str, str]]:
+    """(verb, option) of every real-valued option of every verb."""
+    verbs = next(a for a in cli.build_parser()._actions if a.dest == "verb").choices
+    return [(name, action.option_strings[0]) for name, sub in verbs.items() for action in sub._actions
+            if action.type is cli.real]
+
+
+def test_every_real_valued_option_is_one_argument_type():
+    options = real_options()
+    assert ("serve", "--max-body-mb") in options and ("serve", "--request-timeout") in options
+    assert ("train", "--lr") in options and ("generate", "--temperature") in options
+    for verb, sub in next(a for a in cli.build_parser()._actions if a.dest == "verb").choices.items():
+        assert not [a.dest for a in sub._actions if a.type is float], verb  # none left on the plain float
+
+
+@pytest.mark.parametrize("verb, option", real_options())
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf", "1e999"])
+def test_non_finite_numbers_are_a_one_line_usage_error(capsys, verb, option, value):
+    """`dvlm serve --max-body-mb inf` used to end in an OverflowError traceback."""
+    code, out, err = run(capsys, verb, f"{option}={value}")
+    assert code == 2 and out == ""
+    assert one_line_error(err, verb) == (f"dvlm {verb}: error: argument {option}: must be a finite number, "
+                                         f"got {value!r} (see dvlm {verb} --help)")
 
 
 def test_a_taken_port_is_one_line(capsys, monkeypatch):
@@ -157,3 +185,29 @@ def test_the_process_serves_then_sigterm_ends_streams_with_an_error_and_exits_cl
     assert code == 0, err
     assert out.strip().splitlines()[-1] == "dvlm serve: stopped"
     assert "Traceback" not in err
+
+
+def test_sigterm_during_a_long_forward_exits_cleanly(tmp_path):
+    """The real engine mid-step (inside torch) when SIGTERM comes and no client waits any more: the
+    process used to exit around the running step and die with SIGABRT (status -6) after printing
+    "dvlm serve: stopped"; it must let the step finish and exit with 0."""
+    mark = tmp_path / "step-began"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DVLM_TEST_STEP_S": "4",
+           "DVLM_TEST_STEP_MARK": str(mark)}
+    proc = subprocess.Popen([sys.executable, "-m", "tests.serve.slow_serve", "serve", "--port", "0"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    line = read_line(proc, START_TIMEOUT_S)
+    assert " at http://127.0.0.1:" in line, line + proc.stderr.read()
+    url = line.split(" at ")[1].split(" ")[0]
+    body = {"model": "tiny-dvlm", "messages": HI, "stream": True, "max_tokens": 64}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        deadline = time.monotonic() + 60
+        while not mark.exists():
+            assert time.monotonic() < deadline, "no engine step began"
+            time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # the client has gone; the step has seconds to run
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.strip().splitlines()[-1] == "dvlm serve: stopped"
+    assert "terminate called" not in err and "Traceback" not in err

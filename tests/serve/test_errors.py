@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import http.client
 import json
+import logging
+import socket
 import time
 
 import openai
 import pytest
 
 from dvlm.config import ConfigError, DecodeConfig
-from dvlm.data.images import ImageLimits
+from dvlm.data.images import MIB, ImageLimits
 from tests.serve.conftest import MODEL_NAME
 from tests.serve.test_app import data_url
 
@@ -60,6 +63,7 @@ BAD_REQUESTS = {
     "fractional steps": (body(steps=2.5), library_message(steps=2.5)),
     "threshold and steps": (body(threshold=0.5, steps=2), library_message(threshold=0.5, steps=2)),
     "block_size zero": (body(block_size=0), library_message(block_size=0)),
+    "block_size huge": (body(decoder="spec", block_size=100_000), library_message(decoder="spec", block_size=100_000)),
     "seed out of range": (body(seed=2**40), library_message(seed=2**40)),
     "top_p zero": (body(top_p=0), library_message(top_p=0)),
     "unknown decoder": (body(decoder="fast"), "decoder='fast' is not served; choose one of ar, block, spec"),
@@ -151,6 +155,37 @@ def test_oversize_body_is_413(serve):
 
     response = server.http.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
     assert_error(response, 413, "larger than this server's limit")
+    assert_still_serving(server)
+
+
+def test_a_body_far_over_the_limit_sent_whole_before_reading_gets_its_413(serve):
+    """http.client sends the whole body before reading the answer: a 20 MiB plain-text body against
+    a 1 MiB limit used to find the connection reset (the server stopped reading at 4 MiB and closed)."""
+    server = serve(max_body_bytes=MIB)
+    host, port = server.url.removeprefix("http://").split(":")
+    for headers in ({"Content-Type": "text/plain"}, {"Content-Type": "text/plain", "Transfer-Encoding": "chunked"}):
+        connection = http.client.HTTPConnection(host, int(port), timeout=60)
+        payload = b"a" * (20 * MIB)
+        if "Transfer-Encoding" in headers:  # no Content-Length: the limit is found while reading
+            payload = (b"%x\r\n%s\r\n" % (MIB, b"a" * MIB)) * 20 + b"0\r\n\r\n"
+        connection.request("POST", "/v1/chat/completions", body=payload, headers=headers)
+        response = connection.getresponse()
+        assert response.status == 413
+        assert json.loads(response.read())["error"]["message"] == (
+            "the request body is larger than this server's limit of 1048576 bytes (--max-body-mb)")
+        connection.close()
+    assert_still_serving(server)
+
+
+def test_a_client_that_leaves_mid_body_is_no_server_error(serve, caplog):
+    server = serve()
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"model\":")
+        time.sleep(0.2)
+    wait_for(lambda: server.metric("dvlm_http_responses_total", path="/v1/chat/completions", code=499) == 1)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert_still_serving(server)
 
 

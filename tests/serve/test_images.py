@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import io
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -180,3 +181,18 @@ def test_too_many_pixels_is_413_and_a_bad_aspect_ratio_400(image):
     assert error.status == 413 and "too large" in error.message
     error = refused(data_url(Image.new("RGB", (402, 2))), ImagePolicy())
     assert error.status == 400 and "aspect ratio" in error.message
+
+
+@pytest.mark.parametrize("name", ["loop.png", "sub/loop.png/x", "a.png"])
+def test_a_symlink_loop_inside_the_root_is_400_naming_the_image(root, name):
+    """loop.png -> loop.png, and a.png -> b.png -> a.png: used to be a 500 "internal server error"."""
+    (root / "loop.png").symlink_to(root / "loop.png")
+    (root / "sub" / "loop.png").symlink_to(root / "sub" / "loop.png")
+    (root / "a.png").symlink_to(root / "b.png")
+    (root / "b.png").symlink_to(root / "a.png")
+    error = refused(name, ImagePolicy(local_root=root))
+    assert error.status == 400 and error.code == "invalid_image"
+    if sys.version_info < (3, 13):  # Path.resolve raises on a loop
+        assert error.message == f"{WHERE}: {name!r} cannot be resolved (a symlink loop)"
+    else:  # it returns the path unresolved, whose opening fails
+        assert error.message == f"{WHERE}: {name!r}: cannot open it (Too many levels of symbolic links)"

@@ -4,6 +4,8 @@ timeouts, engine failures, shutdown with streams in flight, and what /metrics sh
 from __future__ import annotations
 
 import json
+import signal
+import socket
 import threading
 import time
 from typing import Iterator
@@ -14,6 +16,7 @@ import pytest
 
 from dvlm.serve import relay as relay_module
 from dvlm.serve.metrics import ServeMetrics
+from dvlm.serve.server import GRACEFUL_TIMEOUT_S
 from tests.serve.conftest import MODEL_NAME
 from tests.serve.test_app import sse_events
 from tests.serve.test_errors import HI, assert_error, assert_still_serving, body, wait_for
@@ -156,3 +159,38 @@ def test_each_app_has_its_own_registry(serve):
     assert first.metric("dvlm_requests_total", finish_reason="stop") == 1
     assert second.metric("dvlm_requests_total", finish_reason="stop") == 0
     assert ServeMetrics().registry is not ServeMetrics().registry
+
+
+def test_health_is_503_once_the_engine_loop_is_gone(serve):
+    """A load balancer must stop sending to an instance whose engine can no longer answer."""
+    server = serve()
+    server.engine.hang = True
+    response, events = open_stream(server)
+    wait_for(lambda: server.engine.running_rows == 1)
+    assert server.http.get("/health").json() == {"status": "ok"}
+    server.engine.die()
+    rest = list(events)
+    assert json.loads(rest[0])["error"]["message"] == "generation failed: engine failure: the loop died"
+    response.close()
+    health = server.http.get("/health")
+    assert (health.status_code, health.json()) == (503, {"status": "engine stopped"})
+    assert_error(server.http.post("/v1/chat/completions", json=body()), 503, "not taking requests", "unavailable")
+
+
+def test_shutdown_does_not_wait_for_clients_still_sending_their_bodies(serve):
+    """A client hanging mid-body used to hold the shutdown for uvicorn's whole graceful timeout
+    (15 s), then fail with a traceback; it gets a 503 at once, and the server stops."""
+    server = serve()
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"model\":")
+        wait_for(lambda: server.state.preparing == 1)  # its body is being read
+        server.server.handle_exit(signal.SIGTERM, None)
+        answer = b""
+        while chunk := sock.recv(65536):  # until the server closes the connection
+            answer += chunk
+        answer = answer.decode()
+        assert answer.startswith("HTTP/1.1 503 ") and "the server is shutting down" in answer
+    server.thread.join(GRACEFUL_TIMEOUT_S - 5)
+    assert not server.thread.is_alive(), "the shutdown waited for the hanging client"

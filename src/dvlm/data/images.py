@@ -124,23 +124,22 @@ def _check_bytes(size: int, name: str, limits: ImageLimits) -> None:
                                f"({limits.max_bytes / MIB:g} MiB)")
 
 
+def base64_size(text: str, start: int = 0) -> int:
+    """The bytes the base64 payload `text[start:]` decodes to, without decoding (or copying) it: 3
+    per 4 characters, less its '=' padding (exact for a valid payload; others fail to decode anyway)."""
+    return (len(text) - start) // 4 * 3 - text[max(start, len(text) - 2):].count("=")
+
+
 def _data_url_bytes(url: str, limits: ImageLimits) -> bytes:
     """Payload of ``data:image/<fmt>;base64,<payload>``."""
     header, sep, payload = url.partition(",")
     if not sep or not header.startswith("data:image/") or not header.endswith(";base64"):
         raise ImageError("<data URL>", "expected 'data:image/<format>;base64,<payload>'")
-    _check_bytes(_base64_size(payload), "<data URL>", limits)
+    _check_bytes(base64_size(payload), "<data URL>", limits)
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as err:
         raise ImageError("<data URL>", f"invalid base64 payload ({err})") from err
-
-
-def _base64_size(payload: str) -> int:
-    """Bytes a padded base64 payload decodes to: 3 per 4 characters, less one per `=` of padding
-    (at most 2), so an image of exactly `max_bytes` is not refused for its padding."""
-    padding = min(2, len(payload) - len(payload.rstrip("=")))
-    return len(payload) * 3 // 4 - padding
 
 
 def _fetch(url: str, limits: ImageLimits) -> bytes:

@@ -41,10 +41,9 @@ class AnswerText:
         self.sent = max(self.sent, end)
         return piece
 
-    def final(self, tokens: list[int]) -> tuple[str, list[int], bool]:
-        """(text, tokens, whether a stop string ended it) of the whole answer, from one full
-        decoding: cut before the first stop string, keeping the tokens up to the one that completed it."""
-        text = self._decode(tokens)
+    def final(self, tokens: list[int], text: str) -> tuple[str, list[int], bool]:
+        """(text, tokens, whether a stop string ended it) of the whole answer, from its full decoding
+        `text`: cut before the first stop string, keeping the tokens up to the one that completed it."""
         hit = first_stop(text, self.stop)
         if hit is None:
             return text, tokens, False

@@ -2,7 +2,7 @@
 
     POST /v1/chat/completions   OpenAI chat completions (streamed as SSE or not), dvlm knobs as extra fields
     GET  /v1/models             the one served model
-    GET  /health                200 while serving, 503 once shutting down
+    GET  /health                200 while serving, 503 once shutting down or if the engine's loop has stopped
     GET  /metrics               Prometheus text
 
 A request is read (body size capped), parsed, its images loaded and its chat encoded in a worker
@@ -14,25 +14,28 @@ its request cancelled, which frees its row at the next block boundary.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+import contextlib
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any, AsyncIterator, Callable, Iterator, Protocol, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Protocol, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from dvlm.serve.errors import APIError, bad_request, error_body, queue_full, too_large, unavailable
+from dvlm.serve.errors import CLIENT_GONE, APIError, bad_request, error_body, queue_full, too_large, unavailable
 from dvlm.serve.images import ImagePolicy
 from dvlm.serve.metrics import CONTENT_TYPE, ServeMetrics
-from dvlm.serve.prepare import prepare
-from dvlm.serve.relay import Run
+from dvlm.serve.prepare import Prepared, prepare
+from dvlm.serve.relay import Run, timeout_error
 from dvlm.serve.requests import EngineRequest, EngineStoppedError, QueueFullError
 from dvlm.serve.schemas import ChatCompletionRequest, validation_message
 from dvlm.serve.settings import ServedModel, ServeSettings
@@ -40,9 +43,11 @@ from dvlm.serve.settings import ServedModel, ServeSettings
 log = logging.getLogger("dvlm.serve")
 T = TypeVar("T")
 
-# An oversize body is read (and dropped) up to this multiple of the limit before the 413, so the
-# client, still sending, reads the answer instead of a reset connection; beyond it we just close.
-DRAIN_FACTOR = 4
+# An oversize body is still read (and dropped, chunk by chunk) before the 413 is sent, for at most
+# this long: a client that sends its whole body before reading the answer (http.client, requests,
+# most simple clients) would otherwise find the connection reset, the 413 lost. nginx's lingering
+# close waits as long.
+DRAIN_S = 30.0
 KNOWN_PATHS = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 
@@ -56,6 +61,8 @@ class EngineLike(Protocol):
     def queue_depth(self) -> int: ...
     @property
     def running_rows(self) -> int: ...
+    @property
+    def alive(self) -> bool: ...
 
 
 class ServerState:
@@ -73,8 +80,14 @@ class ServerState:
         self.created = int(time.time())
         self.preparing = 0  # admitted requests not yet submitted (touched on the event loop only)
         self.shutting_down = False
+        self.closing: asyncio.Event | None = None  # set on the event loop when the shutdown begins
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._shutdown_lock = threading.Lock()
         self._engine_stopped = False
+
+    def serving(self) -> None:
+        """Called on the event loop once it serves (the app's lifespan)."""
+        self._loop, self.closing = asyncio.get_running_loop(), asyncio.Event()
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -83,11 +96,15 @@ class ServerState:
         """Refuse new requests and stop the engine, which ends every in-flight request with an error
         (streams get an error event). Idempotent; blocking; callable from any thread."""
         self.shutting_down = True
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the event loop has closed: no body is being read
+                self._loop.call_soon_threadsafe(self.closing.set)
+        # Held while the engine stops: a second caller (the signal's thread, then the app's lifespan)
+        # returns only once it has, so the process never exits with the engine inside a step.
         with self._shutdown_lock:
-            if self._engine_stopped:
-                return
-            self._engine_stopped = True
-        self.engine.shutdown()
+            if not self._engine_stopped:
+                self.engine.shutdown()
+                self._engine_stopped = True
 
     @contextmanager
     def admission(self) -> Iterator[None]:
@@ -129,6 +146,7 @@ def create_app(engine: EngineLike, model: ServedModel, settings: ServeSettings,
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state.serving()
         engine.start()
         try:
             yield
@@ -149,6 +167,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def health() -> JSONResponse:
         if state.shutting_down:
             return JSONResponse({"status": "shutting down"}, status_code=503)
+        if not state.engine.alive:
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
@@ -171,19 +191,25 @@ async def _chat_completions(request: Request, state: ServerState) -> Response:
     state.check_api_key(request)
     state.check_open()
     with state.admission():
-        raw = await read_body(request, state.settings.max_body_bytes)
-        body = await state.run_blocking(parse_request, raw)
-        if body.model != state.model.name:
-            raise APIError(404, f"the model {body.model!r} does not exist; this server serves {state.model.name!r} "
-                           "(GET /v1/models)", code="model_not_found", param="model")
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        prepared = await state.run_blocking(prepare, body, request_id, state.model, state.settings, state.policy)
+        raw = await until_closing(state, read_body(request, state.settings.max_body_bytes))
+        # One hop to a worker thread for all the blocking work: parsing, images, the prompt's encoding.
+        body, prepared = await state.run_blocking(parse_and_prepare, raw, state)
         state.check_open()  # a shutdown may have begun while the request was being prepared
-        handle = submit(state, prepared.request)
+        handle = submit(state, with_time_left(prepared.request, state.settings, arrived))
     run = Run(state, handle, prepared, body, arrived)
     if body.stream:
         return run.streaming_response()
     return await run.complete(request)
+
+
+def parse_and_prepare(raw: bytes, state: ServerState) -> tuple[ChatCompletionRequest, Prepared]:
+    """The request parsed, checked and encoded (blocking: runs in a worker thread)."""
+    body = parse_request(raw)
+    if body.model != state.model.name:
+        raise APIError(404, f"the model {body.model!r} does not exist; this server serves {state.model.name!r} "
+                       "(GET /v1/models)", code="model_not_found", param="model")
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    return body, prepare(body, request_id, state.model, state.settings, state.policy)
 
 
 def parse_request(raw: bytes) -> ChatCompletionRequest:
@@ -191,6 +217,18 @@ def parse_request(raw: bytes) -> ChatCompletionRequest:
         return ChatCompletionRequest.model_validate_json(raw)
     except ValidationError as err:
         raise bad_request(validation_message(err)) from err
+
+
+def with_time_left(request: EngineRequest, settings: ServeSettings, arrived: float) -> EngineRequest:
+    """The request with the time it has left: --request-timeout counts from its arrival, reading
+    and preparing it (images, tokenizing) included; 504 if nothing is left."""
+    limit = settings.request_timeout_s
+    if limit is None:
+        return request
+    left = limit - (time.monotonic() - arrived)
+    if left <= 0:
+        raise timeout_error(limit)
+    return dataclasses.replace(request, timeout_s=left)
 
 
 def submit(state: ServerState, request: EngineRequest) -> Any:
@@ -202,29 +240,54 @@ def submit(state: ServerState, request: EngineRequest) -> Any:
         raise unavailable(f"the server is not taking requests ({err})") from err
 
 
+async def until_closing(state: ServerState, work: Awaitable[T]) -> T:
+    """`work`, unless the server begins to shut down first: a client still sending its body then gets
+    a 503 and a closed connection, instead of holding the shutdown until uvicorn gives up on it."""
+    task, closing = asyncio.ensure_future(work), asyncio.ensure_future(state.closing.wait())
+    try:
+        done, _ = await asyncio.wait({task, closing}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        closing.cancel()
+        if not task.done():
+            task.cancel()
+    if task not in done:
+        error = unavailable("the server is shutting down")
+        error.headers["Connection"] = "close"
+        raise error
+    return task.result()
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, or 413 past `limit` bytes (from Content-Length, else while reading)."""
     declared = request.headers.get("content-length", "")
     stream = request.stream()
     if declared.isdigit() and int(declared) > limit:
-        await _drain(stream, limit * DRAIN_FACTOR)
+        await _drain(stream)
         raise _body_too_large(limit)
     chunks, size = [], 0
-    async for chunk in stream:
-        size += len(chunk)
-        if size > limit:
-            await _drain(stream, limit * DRAIN_FACTOR - size)
-            raise _body_too_large(limit)
-        chunks.append(chunk)
+    try:
+        async for chunk in stream:
+            size += len(chunk)
+            if size > limit:
+                await _drain(stream)
+                raise _body_too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect as err:  # nobody is left to answer; not a server error either
+        raise APIError(CLIENT_GONE, "the client closed the connection before sending its whole body",
+                       code="client_closed") from err
     return b"".join(chunks)
 
 
-async def _drain(stream: AsyncIterator[bytes], budget: int) -> None:
-    """Read and drop the rest of an oversize body (at most `budget` bytes more)."""
-    async for chunk in stream:
-        budget -= len(chunk)
-        if budget < 0:
-            return
+async def _drain(stream: AsyncIterator[bytes]) -> None:
+    """Read and drop the rest of an oversize body, for at most DRAIN_S seconds."""
+    async def drop() -> None:
+        async for _ in stream:
+            pass
+
+    try:
+        await asyncio.wait_for(drop(), DRAIN_S)
+    except (asyncio.TimeoutError, ClientDisconnect):
+        pass  # the 413 still goes out, to a client that may no longer read it
 
 
 def _body_too_large(limit: int) -> APIError:

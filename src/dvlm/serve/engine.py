@@ -3,18 +3,26 @@
 Requests wait in a bounded queue (`QueueFullError` beyond `max_queue`). Each iteration of the loop
 1. ends the requests that were cancelled or ran past their timeout (their rows leave at once);
 2. admits waiting requests into the group of their settings: requests whose settings cannot share
-   a forward (decoder, block size, fixed step count: `group_key`, with the model's defaults
-   filled in) run in separate groups; per-row settings (threshold, sampling: temperature, top-k,
-   top-p, seed; max_new_tokens, stop) share one. A group holds at most `max_batch_size` rows; the admitted
-   requests of a group are prefilled as one small batch, then join its running batch;
+   a forward (decoder, block size, fixed step count: `group_key`, the model's defaults filled in)
+   run in separate groups; per-row settings (threshold, sampling, max_new_tokens, stop) share one.
+   A group holds at most `max_batch_size` rows; the admitted requests of a group are prefilled as
+   one small batch, then join its running batch;
 3. advances every group by one step (one block; one token for ar), round robin, and hands each
    request its newly committed text as a `Delta`; rows that finish (EOS, max_new_tokens, a stop
-   string) leave the batch at once and get their `Finished`.
+   string) leave the batch at once and get their `Finished` (finish_reason "timeout" if their
+   timeout passed during the step, even though the step completed their answer).
 
 The groups are the decoders' own steppers (`dvlm.decode.stepper`): the engine runs the step code
 `generate` runs, so a request's answer equals `generate` of that request alone (invariant 7).
-A failure while serving a group ends that group's requests with finish_reason "error"; the other
-groups go on. Nothing but the loop thread calls the model.
+Nothing but the loop thread calls the model.
+
+Failures stay where they happen. Anything that raises while serving a group (its prefill, a step,
+decoding its text, ending its rows) ends that group's requests with finish_reason "error" and the
+reason; the other groups and the waiting requests go on. Ending a request never raises (an answer
+that cannot even be decoded ends without its text). An exception escaping an iteration ends the
+requests it was serving, and the loop goes on; should the loop thread ever end, every request in
+flight ends, `alive` turns False and `submit` refuses. At interpreter exit the loop finishes its
+step first: a thread frozen inside a torch op kills the process with SIGABRT.
 
 The engine's `caches` (`dvlm.decode.prompts.Caches`: vision features and prompt prefixes, from
 `--vision-cache-mb` and `--prefix-cache-mb`) are shared by its groups: a request whose prompt
@@ -22,34 +30,29 @@ starts with a previous request's prompt and answer starts from their keys/values
 that shows an image already seen reuses its features (`EngineRequest.cache` False: neither).
 
 Per request, `Finished.output` is the request's own: `nfe` counts the forwards that did work for
-its row (so `tokens_per_nfe` is its own), `timings["total_s"]` is its wall-clock time from the
-start of its prefill to its finish, and the other timings (`prefill_s`, `denoise_s`, ...) are the
-seconds its group spent in each phase while the request was in it (shared with its batch).
+its row, `timings["total_s"]` is its time from the start of its prefill to its finish, and the
+other timings (`prefill_s`, ...) are its group's seconds per phase while it was in it.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import torch
 
-from dvlm.config import ConfigError, DecodeConfig
-from dvlm.decode.ar import ARStepper
-from dvlm.decode.block import BlockStepper
+from dvlm.config import ConfigError
 from dvlm.decode.output import GenerationOutput
 from dvlm.decode.prompts import Caches
-from dvlm.decode.settings import GroupSettings, RowSettings
-from dvlm.decode.speculative import SpecStepper
-from dvlm.decode.stepper import Stepper
 from dvlm.model.loaded import LoadedModel
 from dvlm.serve.answer_text import AnswerText
+from dvlm.serve.entries import STEPPERS, Entry, Group, bare_output, describe, partial_output, request_settings
 from dvlm.serve.handle import RequestHandle
 from dvlm.serve.requests import (
-    SERVED_DECODERS,
     Delta,
     EngineObserver,
     EngineRequest,
@@ -60,45 +63,16 @@ from dvlm.serve.requests import (
 
 log = logging.getLogger(__name__)
 
-STEPPERS: dict[str, type[Stepper]] = {"ar": ARStepper, "block": BlockStepper, "spec": SpecStepper}
-assert tuple(STEPPERS) == SERVED_DECODERS
-
-
-@dataclass
-class _Entry:
-    """A request from submission to its Finished."""
-
-    request: EngineRequest
-    handle: RequestHandle
-    submitted: float
-    key: tuple = ()  # the group key, settings resolved
-    group: GroupSettings | None = None
-    row: RowSettings | None = None
-    invalid: str | None = None  # why the request cannot be served
-    row_id: int | None = None  # once started
-    started: float | None = None  # its prefill's start
-    phases: dict[str, float] = field(default_factory=dict)  # its group's phase seconds when it started
-    text: AnswerText | None = None
-    first_delta: float | None = None
-
-    def expired(self, now: float) -> bool:
-        return self.request.timeout_s is not None and now - self.submitted > self.request.timeout_s
-
-
-@dataclass
-class _Group:
-    key: tuple
-    stepper: Stepper
-    entries: dict[int, _Entry] = field(default_factory=dict)  # row id -> request
-    prefill_forwards: int = 0  # forwards of prefills not yet reported to the observer
+SHUTTING_DOWN = "server shutting down"
 
 
 class Engine:
-    """Serves EngineRequests on one model from one loop thread (see the module docstring)."""
+    """Serves EngineRequests on one model from one loop thread (see the module docstring).
+    `clock` gives the seconds that submission times and timeouts are measured in."""
 
     def __init__(self, lm: LoadedModel, *, max_batch_size: int = 16, max_queue: int = 64,
-                 observer: EngineObserver | None = None, compile: bool = False,
-                 caches: Caches | None = None) -> None:
+                 observer: EngineObserver | None = None, compile: bool = False, caches: Caches | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError(f"max_batch_size and max_queue must be >= 1, got {max_batch_size} and {max_queue}")
         self.lm = lm
@@ -107,13 +81,15 @@ class Engine:
         self.max_queue = max_queue
         self.observer = observer or EngineObserver()
         self.caches = caches or Caches()  # touched by the loop thread only (read by /metrics)
+        self._clock = clock
         self._lock = threading.Condition()
-        self._waiting: deque[_Entry] = deque()
-        self._inflight: dict[int, _Entry] = {}  # id(handle) -> entry, every request not yet finished
-        self._groups: dict[tuple, _Group] = {}  # touched by the loop thread only
+        self._waiting: deque[Entry] = deque()
+        self._inflight: dict[int, Entry] = {}  # id(handle) -> entry, every request not yet finished
+        self._groups: dict[tuple, Group] = {}  # touched by the loop thread only
         self._running = 0
         self._turn = 0
         self._stopping = False
+        self._failure: str | None = None  # why the loop thread ended, if it failed
         self._thread: threading.Thread | None = None
 
     @property
@@ -126,22 +102,30 @@ class Engine:
         """Rows in running batches."""
         return self._running
 
+    @property
+    def alive(self) -> bool:
+        """Whether the loop thread is serving: started, not shutting down, and still running."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("the engine was started already")
         self._thread = threading.Thread(target=self._run, name="dvlm-engine", daemon=True)
+        atexit.register(self._stop_at_exit)
         self._thread.start()
 
     def submit(self, request: EngineRequest) -> RequestHandle:
         """Queue a request; thread-safe and never waits for the model. A request the model cannot
         serve with its settings ends at once with finish_reason "error" and the reason."""
         handle = RequestHandle(request.id, self._wake)
-        entry = _Entry(request, handle, time.perf_counter())
+        entry = Entry(request, handle, self._clock())
         try:
-            entry.key, entry.group, entry.row = self._settings(request)
+            entry.key, entry.group, entry.row = request_settings(self.lm, request, self.compile)
         except ConfigError as err:
             entry.invalid = str(err)
         with self._lock:
+            if self._failure is not None:
+                raise EngineStoppedError(f"the engine has stopped ({self._failure})")
             if self._stopping:
                 raise EngineStoppedError("the engine is shutting down and takes no new requests")
             if len(self._waiting) >= self.max_queue:
@@ -154,7 +138,7 @@ class Engine:
     def check(self, request: EngineRequest) -> None:
         """Raise ConfigError (a ValueError) when the model cannot serve the request's settings, as
         `submit` would end it with an "error" Finished: lets the HTTP layer answer 400 first."""
-        self._settings(request)
+        request_settings(self.lm, request, self.compile)
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Refuse new requests, end every in-flight one with an "error" Finished ("server shutting
@@ -167,40 +151,43 @@ class Engine:
         # Requests the loop did not end (never started, or its step outlasted the timeout).
         with self._lock:
             left = list(self._inflight.values())
-        for entry in left:
-            self._finish(entry, self._partial_output(entry, "error"), "server shutting down")
+        self._end_entries(left, "error", SHUTTING_DOWN)
+
+    def _stop_at_exit(self) -> None:
+        """Interpreter exit (atexit runs before daemon threads are frozen): stop, and let the
+        current step finish, however long it takes."""
+        self.shutdown()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
 
     def _wake(self) -> None:
         with self._lock:
             self._lock.notify()
 
-    def _settings(self, request: EngineRequest) -> tuple[tuple, GroupSettings, RowSettings]:
-        """(group key, group settings, row settings) of a request, the model's defaults filled in;
-        ConfigError when it cannot be served."""
-        if request.decoder not in STEPPERS:
-            raise ConfigError(f"decoder {request.decoder!r} is not served; choose one of {', '.join(STEPPERS)}")
-        cfg = DecodeConfig(decoder=request.decoder, max_new_tokens=request.max_new_tokens,
-                           block_size=request.block_size, threshold=request.threshold, steps=request.steps,
-                           temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
-                           seed=request.seed, compile=self.compile)
-        group, row = STEPPERS[request.decoder].settings_for(self.lm, cfg)
-        # sub_block_size and fuse_commit are not request fields: one value per decoder, no need to key on them.
-        return (request.decoder, group.block_size, group.steps), group, row
-
     # The loop thread.
 
     def _run(self) -> None:
+        reason = SHUTTING_DOWN
         try:
             with torch.inference_mode():
-                while self._iterate():
+                while self._iterate_or_recover():
                     pass
-            self._end_all("server shutting down")
-        except BaseException as err:  # a bug in the loop itself: end every request rather than hang them
-            log.exception("the engine loop failed")
+        except BaseException as err:  # not an Exception (those are recovered from): the loop ends here
+            log.critical("the engine loop stopped", exc_info=err)
+            reason = self._failure = f"engine failure: {describe(err)}"
+        finally:
             with self._lock:
                 self._stopping = True
-            self._end_all(f"engine failure: {type(err).__name__}: {err}")
-            raise
+            self._end_all(reason)
+            atexit.unregister(self._stop_at_exit)
+
+    def _iterate_or_recover(self) -> bool:
+        try:
+            return self._iterate()
+        except Exception as err:  # a bug in the loop's own code: end what it was serving, serve the rest
+            log.exception("an engine iteration failed; its running requests end")
+            self._recover(err)
+            return True
 
     def _iterate(self) -> bool:
         """One iteration; False once shutting down."""
@@ -209,13 +196,13 @@ class Engine:
                 self._lock.wait()
             if self._stopping:
                 return False
-            arrivals = self._take_arrivals(time.perf_counter())
-        self._end_cancelled_and_expired(time.perf_counter())
+            arrivals = self._take_arrivals(self._clock())
+        self._end_cancelled_and_expired(self._clock())
         self._admit(arrivals)
         self._step_groups()
         return True
 
-    def _take_arrivals(self, now: float) -> list[_Entry]:
+    def _take_arrivals(self, now: float) -> list[Entry]:
         """Waiting requests that can be admitted now, or ended (under the lock); the rest wait."""
         room = {key: self.max_batch_size - len(group.entries) for key, group in self._groups.items()}
         taken, waiting = [], deque()
@@ -230,61 +217,50 @@ class Engine:
         self._waiting = waiting
         return taken
 
-    def _admit(self, arrivals: list[_Entry]) -> None:
-        by_group: dict[tuple, list[_Entry]] = {}
+    def _admit(self, arrivals: list[Entry]) -> None:
+        by_group: dict[tuple, list[Entry]] = {}
         for entry in arrivals:
             if entry.invalid:
-                self._finish(entry, self._partial_output(entry, "error"), entry.invalid)
+                self._end_entries([entry], "error", entry.invalid)
             elif entry.handle.cancelled:
-                self._finish(entry, self._partial_output(entry, "cancelled"))
-            elif entry.expired(time.perf_counter()):
-                self._finish(entry, self._partial_output(entry, "timeout"), self._timeout_message(entry))
+                self._end_entries([entry], "cancelled")
+            elif entry.expired(self._clock()):
+                self._end_entries([entry], "timeout", entry.timeout_message())
             else:
                 by_group.setdefault(entry.key, []).append(entry)
         for key, entries in by_group.items():
-            group = self._groups.get(key)
-            if group is None:
-                stepper = STEPPERS[entries[0].request.decoder](self.lm, entries[0].group, caches=self.caches)
-                group = self._groups[key] = _Group(key, stepper)
-            self._start_rows(group, entries)
-            self._forget_if_empty(group)
+            self._start_rows(key, entries)
         self._count_running()
 
-    def _start_rows(self, group: _Group, entries: list[_Entry]) -> None:
-        """Prefill the new requests as one batch, then merge them into the group's running batch."""
-        stepper, now = group.stepper, time.perf_counter()
-        phases, forwards = dict(stepper.timer.seconds), stepper.rows.forwards
+    def _start_rows(self, key: tuple, entries: list[Entry]) -> None:
+        """Prefill the new requests as one batch, then merge them into their group's running batch."""
+        group = self._groups.get(key)
         try:
+            if group is None:
+                stepper_cls = STEPPERS[entries[0].request.decoder]
+                group = Group(key, stepper_cls(self.lm, entries[0].group, caches=self.caches))
+            stepper, now = group.stepper, self._clock()
+            phases, forwards = dict(stepper.timer.seconds), stepper.rows.forwards
             started = stepper.start([e.request.prompt for e in entries], [e.row for e in entries],
                                     [e.request.cache for e in entries])
         except Exception as err:  # only these requests fail: the running batch was not touched
             log.exception("prefill failed")
-            for entry in entries:
-                self._finish(entry, self._partial_output(entry, "error"), _describe(err))
+            self._end_entries(entries, "error", describe(err))
             return
+        self._groups[key] = group
         for entry, row_id in zip(entries, started.ids):
             entry.row_id, entry.started, entry.phases = row_id, now, phases
             entry.text = AnswerText(self.lm.processor.decode, entry.request.stop)
             group.entries[row_id] = entry
         group.prefill_forwards += stepper.rows.forwards - forwards
-        try:
-            stepper.join(started)
-        except Exception as err:
-            self._fail_group(group, err)
+        self._guarded(group, lambda: stepper.join(started))
 
     def _end_cancelled_and_expired(self, now: float) -> None:
         for group in list(self._groups.values()):
-            ending = {row_id: entry for row_id, entry in group.entries.items()
-                      if entry.handle.cancelled or entry.expired(now)}
-            if not ending:
-                continue
-            group.stepper.drop(list(ending))
-            for row_id, entry in ending.items():
-                if entry.handle.cancelled:
-                    self._finish_row(group, row_id, "cancelled")
-                else:
-                    self._finish_row(group, row_id, "timeout", self._timeout_message(entry))
-            self._forget_if_empty(group)
+            ending = [row_id for row_id, entry in group.entries.items()
+                      if entry.handle.cancelled or entry.expired(now)]
+            if ending:
+                self._guarded(group, self._end_rows, group, ending, now)
         self._count_running()
 
     def _step_groups(self) -> None:
@@ -296,106 +272,142 @@ class Engine:
         for key in keys[self._turn:] + keys[:self._turn]:
             group = self._groups.get(key)
             if group is not None:
-                self._step(group)
+                self._guarded(group, self._step, group)
         self._count_running()
 
-    def _step(self, group: _Group) -> None:
+    def _step(self, group: Group) -> None:
         rows = group.stepper.num_active
-        try:
-            report = group.stepper.step()
-        except Exception as err:
-            self._fail_group(group, err)
-            return
+        report = group.stepper.step()
         self._observe("on_step", group.key, rows, report.forwards + group.prefill_forwards)
         group.prefill_forwards = 0
-        now = time.perf_counter()
-        stopped = []
+        now = self._clock()
+        ended = list(report.finished)
         for row_id, tokens in report.committed:
             entry = group.entries[row_id]
             piece = entry.text.add(tokens)
             if piece:
                 self._send(entry, piece, now)
             if entry.text.stopped and row_id not in report.finished:
-                stopped.append(row_id)
-        if stopped:  # a stop string ended these answers: their rows leave now
-            group.stepper.drop(stopped)
-        for row_id in report.finished + stopped:
-            self._finish_row(group, row_id, None)
+                ended.append(row_id)  # a stop string ended this answer: its row leaves now
+        # Rows still running past their timeout end at the next iteration's start, before any more work.
+        self._end_rows(group, ended, now)
+
+    def _end_rows(self, group: Group, row_ids: list[int], now: float) -> None:
+        """End rows of a group, the ones still in its batch leaving it: a row that was cancelled or ran
+        past its timeout (at `now`) ends so, the others as their answer did."""
+        group.stepper.drop([row_id for row_id in row_ids if row_id in group.stepper.rows.active])
+        for row_id in row_ids:
+            entry = group.entries[row_id]
+            if entry.handle.cancelled:
+                self._finish_row(group, row_id, "cancelled")
+            elif entry.expired(now):
+                self._finish_row(group, row_id, "timeout", entry.timeout_message())
+            else:
+                self._finish_row(group, row_id, None)
         self._forget_if_empty(group)
 
-    def _send(self, entry: _Entry, piece: str, now: float) -> None:
+    def _send(self, entry: Entry, piece: str, now: float) -> None:
+        if entry.first_delta is None:
+            entry.first_delta = now
+        if not entry.request.stream:  # the Finished carries the whole answer
+            return
         tokens = entry.text.incremental.tokens
         entry.handle.deliver(Delta(piece, tokens[entry.text.sent_tokens:]))
         entry.text.sent_tokens = len(tokens)
-        if entry.first_delta is None:
-            entry.first_delta = now
 
-    def _finish_row(self, group: _Group, row_id: int, reason: str | None, error: str | None = None) -> None:
+    def _finish_row(self, group: Group, row_id: int, reason: str | None, error: str | None = None) -> None:
         """End a row that left its batch: its output (finish reason `reason`, else the stepper's),
         the text not sent yet as a last Delta, then its Finished."""
-        entry = group.entries.pop(row_id)
-        now = time.perf_counter()
-        seconds = group.stepper.timer.seconds
-        timings = {f"{phase}_s": seconds[phase] - entry.phases.get(phase, 0.0) for phase in seconds}
-        timings["total_s"] = now - entry.started
-        output = group.stepper.output(row_id, timings)
+        entry = group.entries[row_id]
+        now = self._clock()
+        output = group.stepper.output(row_id, entry.timings(group.stepper.timer.seconds, now))
+        text, tokens, stopped = entry.text.final(output.tokens, output.text)
         group.stepper.forget([row_id])
-        text, tokens, stopped = entry.text.final(output.tokens)
+        del group.entries[row_id]
         output.text, output.tokens = text, tokens
         output.finish_reason = "stop" if stopped and reason is None else (reason or output.finish_reason)
         if rest := entry.text.unsent(text):
-            entry.handle.deliver(Delta(rest, tokens[entry.text.sent_tokens:]))
+            if entry.request.stream:
+                entry.handle.deliver(Delta(rest, tokens[entry.text.sent_tokens:]))
             if entry.first_delta is None:
                 entry.first_delta = now
-        self._finish(entry, output, error)
+        self._finish(entry, output, error, stop_string=stopped and output.finish_reason == "stop")
 
-    def _fail_group(self, group: _Group, err: Exception) -> None:
-        """A step of this group failed: its requests end with "error"; the group is dropped."""
-        log.exception("serving group %s failed", group.key)
-        for row_id in list(group.entries):
-            entry = group.entries.pop(row_id)
-            self._finish(entry, self._partial_output(entry, "error"), _describe(err))
-        self._groups.pop(group.key, None)
+    def _guarded(self, group: Group, action: Callable[..., None], *args) -> None:
+        """Run `action` on one group's work; if it raises, that group fails, and only that group."""
+        try:
+            action(*args)
+        except Exception as err:
+            self._fail_group(group, err)
+
+    def _fail_group(self, group: Group, err: Exception) -> None:
+        """Serving this group failed: its requests end with "error"; the group (its KV memory) goes."""
+        log.error("serving group %s failed", group.key, exc_info=err)
+        if self._groups.get(group.key) is group:
+            del self._groups[group.key]
+        entries = list(group.entries.values())
+        group.entries.clear()
+        self._end_entries(entries, "error", describe(err))
         self._count_running()
 
-    def _forget_if_empty(self, group: _Group) -> None:
+    def _recover(self, err: Exception) -> None:
+        """After an iteration failed outside any group's work: the groups go (their state is not to be
+        trusted), and every request not still waiting ends with "error"; the waiting ones stay."""
+        self._groups.clear()
+        with self._lock:
+            waiting = {id(entry.handle) for entry in self._waiting}
+            affected = [entry for key, entry in self._inflight.items() if key not in waiting]
+        self._end_entries(affected, "error", describe(err))
+        self._count_running()
+
+    def _forget_if_empty(self, group: Group) -> None:
         """An empty group goes, with its context (its KV memory)."""
         if not group.entries and self._groups.get(group.key) is group:
             del self._groups[group.key]
 
     def _end_all(self, error: str) -> None:
+        """Shutting down: every request still in flight ends with "error". Never raises."""
         for group in list(self._groups.values()):
-            for row_id in list(group.entries):
-                self._finish_row(group, row_id, "error", error)
+            self._guarded(group, self._end_group, group, error)
         self._groups.clear()
         with self._lock:
             waiting, self._waiting = list(self._waiting), deque()
-        for entry in waiting:
-            self._finish(entry, self._partial_output(entry, "error"), error)
+        self._end_entries(waiting, "error", error)
         self._count_running()
+
+    def _end_group(self, group: Group, error: str) -> None:
+        for row_id in list(group.entries):
+            self._finish_row(group, row_id, "error", error)
 
     def _count_running(self) -> None:
         self._running = sum(group.stepper.num_active for group in self._groups.values())
 
-    def _finish(self, entry: _Entry, output: GenerationOutput, error: str | None = None) -> None:
-        start = entry.started if entry.started is not None else time.perf_counter()
+    def _end_entries(self, entries: list[Entry], reason: str, error: str | None = None) -> None:
+        """End requests outside their batch's step with the tokens they committed so far. Never
+        raises: a partial answer that cannot be decoded (the failure being handled may be that very
+        decoding) ends without its text, and that is logged once."""
+        failure = None
+        for entry in entries:
+            try:
+                output = partial_output(entry, reason, self.lm.processor.decode, self._clock())
+            except Exception as err:
+                failure = failure or err
+                output = bare_output(entry, reason, self._clock())
+            self._finish(entry, output, error)
+        if failure is not None:
+            log.error("%d request(s) ended without their partial answers, which could not be decoded: %s",
+                      len(entries), describe(failure))
+
+    def _finish(self, entry: Entry, output: GenerationOutput, error: str | None = None,
+                stop_string: bool = False) -> None:
+        start = entry.started if entry.started is not None else self._clock()
         first = None if entry.first_delta is None else entry.first_delta - entry.submitted
-        finished = Finished(output, error, queue_seconds=start - entry.submitted, first_token_seconds=first)
+        finished = Finished(output, error, queue_seconds=start - entry.submitted, first_token_seconds=first,
+                            stop_string=stop_string)
         with self._lock:
             self._inflight.pop(id(entry.handle), None)
         if entry.handle.deliver(finished):
             self._observe("on_finished", entry.request, finished)
-
-    def _partial_output(self, entry: _Entry, reason: str) -> GenerationOutput:
-        """The output of a request that ends outside its batch's step: the tokens it committed so far."""
-        tokens = list(entry.text.incremental.tokens) if entry.text is not None else []
-        total = 0.0 if entry.started is None else time.perf_counter() - entry.started
-        return GenerationOutput(text=self.lm.processor.decode(tokens), tokens=tokens, finish_reason=reason,
-                                decoder=entry.request.decoder, nfe=0, prompt_tokens=len(entry.request.prompt),
-                                timings={"total_s": total})
-
-    def _timeout_message(self, entry: _Entry) -> str:
-        return f"the request ran past its timeout of {entry.request.timeout_s} s"
 
     def _observe(self, hook: str, *args) -> None:
         try:
@@ -403,6 +415,3 @@ class Engine:
         except Exception:  # an observer must not take the engine down; its failure is logged
             log.exception("engine observer %s failed", hook)
 
-
-def _describe(err: BaseException) -> str:
-    return f"{type(err).__name__}: {err}"

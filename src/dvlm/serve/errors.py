@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+CLIENT_GONE = 499  # nginx's status for a request whose client closed the connection (no one reads it)
+
 
 class APIError(Exception):
     """A request the server refuses or cannot finish, with the status and error object to send."""

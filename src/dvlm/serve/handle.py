@@ -47,6 +47,13 @@ class RequestHandle:
             if isinstance(event, Finished):
                 return
 
+    def ready(self) -> list[Event]:
+        """The events delivered and not read yet by `events()`, without waiting (on its event loop)."""
+        ready = []
+        while not self._async_events.empty():
+            ready.append(self._async_events.get_nowait())
+        return ready
+
     def iter_events(self) -> Iterator[Event]:
         """The events, blocking (for threads and tests)."""
         while True:

@@ -16,6 +16,7 @@ anything else 400; each names the request part it is about.
 
 from __future__ import annotations
 
+import errno
 import http.client
 import os
 import stat
@@ -28,7 +29,15 @@ from pathlib import Path
 
 from PIL import Image
 
-from dvlm.data.images import DEFAULT_LIMITS, MIB, ImageError, ImageLimits, ImageTooLargeError, load_image
+from dvlm.data.images import (
+    DEFAULT_LIMITS,
+    MIB,
+    ImageError,
+    ImageLimits,
+    ImageTooLargeError,
+    base64_size,
+    load_image,
+)
 from dvlm.serve.errors import APIError, bad_request, too_large
 
 READ_CHUNK = 64 * 1024
@@ -98,8 +107,7 @@ def _decode(source: str | bytes, where: str, limits: ImageLimits) -> Image.Image
 
 
 def _check_data_url_size(url: str, limits: ImageLimits, where: str) -> None:
-    payload = len(url) - url.find(",") - 1
-    _check_size(payload * 3 // 4, limits, where)  # base64: 4 characters per 3 bytes
+    _check_size(base64_size(url, url.find(",") + 1), limits, where)
 
 
 def _check_size(size: int, limits: ImageLimits, where: str) -> None:
@@ -126,7 +134,12 @@ def _read_local(raw: str, policy: ImagePolicy, where: str) -> bytes:
                           "--allow-local-images DIR, or send the image as a data: URL)",
                           code="image_not_allowed", param=where)
     path = Path(raw) if Path(raw).is_absolute() else root / raw
-    resolved = path.resolve(strict=False)  # symlinks and '..' of the existing part are resolved
+    try:
+        resolved = path.resolve(strict=False)  # symlinks and '..' of the existing part are resolved
+    except (OSError, RuntimeError) as err:  # a symlink loop (RuntimeError before Python 3.13), ...
+        reason = "a symlink loop" if isinstance(err, RuntimeError) or err.errno == errno.ELOOP else err.strerror
+        raise bad_request(f"{where}: {raw!r} cannot be resolved ({reason})", code="invalid_image",
+                          param=where) from err
     if not resolved.is_relative_to(root):
         raise bad_request(f"{where}: {raw!r} is outside the directory this server may read images from",
                           code="image_not_allowed", param=where)

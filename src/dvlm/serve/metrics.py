@@ -74,9 +74,9 @@ class ServeMetrics(EngineObserver):
         output = finished.output
         self.requests.labels(finish_reason=output.finish_reason).inc()
         self.prompt_tokens.inc(output.prompt_tokens)
-        self.generated_tokens.inc(output.num_tokens)
+        self.generated_tokens.inc(finished.completion_tokens)
         if output.nfe:
-            self.tokens_per_forward.observe(output.tokens_per_nfe)
+            self.tokens_per_forward.observe(finished.completion_tokens / output.nfe)
         self.queue_seconds.observe(finished.queue_seconds)
 
     # -- HTTP layer ---------------------------------------------------------------------------

@@ -40,7 +40,7 @@ def prepare(body: ChatCompletionRequest, request_id: str, model: ServedModel, se
         id=request_id, prompt=encoded, decoder=cfg.decoder, block_size=cfg.block_size, steps=cfg.steps,
         top_k=cfg.top_k, top_p=cfg.top_p, threshold=cfg.threshold, temperature=cfg.temperature, seed=cfg.seed,
         max_new_tokens=cfg.max_new_tokens, stop=tuple(body.stop or ()), timeout_s=settings.request_timeout_s,
-        cache=body.cache)
+        cache=body.cache, stream=body.stream)
     return Prepared(request, effective_settings(cfg, model))
 
 

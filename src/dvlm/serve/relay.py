@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from dvlm.serve.errors import APIError, error_body, unavailable
+from dvlm.serve.errors import CLIENT_GONE, APIError, error_body, unavailable
 from dvlm.serve.prepare import Prepared
 from dvlm.serve.requests import Delta, Finished
 from dvlm.serve.schemas import ChatCompletionRequest, chunk_body, completion_body, dvlm_body, usage
@@ -44,6 +44,7 @@ class Run:
         self.arrived = arrived
         self.created = int(time.time())
         self.finished: Finished | None = None
+        self.first_text = False  # a Delta with text has arrived
         timeout = state.settings.request_timeout_s
         self.deadline = None if timeout is None else arrived + timeout + TIMEOUT_GRACE_S
 
@@ -51,10 +52,10 @@ class Run:
     def id(self) -> str:
         return self.prepared.request.id
 
-    async def events(self) -> AsyncIterator[Delta | Finished]:
-        """The engine's events up to Finished; a 504 APIError if the engine overruns the deadline."""
+    async def batches(self) -> AsyncIterator[list[Delta | Finished]]:
+        """The engine's events up to Finished, each with the ones already waiting behind it (sent in
+        one write); a 504 APIError if the engine overruns the deadline."""
         events = self.handle.events().__aiter__()
-        first = True
         while self.finished is None:
             remaining = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
             try:
@@ -66,12 +67,17 @@ class Run:
             except StopAsyncIteration as err:
                 raise APIError(500, "the engine ended the request without a result", type="server_error",
                                code="engine_error") from err
-            if isinstance(event, Finished):
-                self._record_finished(event)
-            elif first and event.text:
-                first = False
-                self.state.metrics.time_to_first_token.observe(time.monotonic() - self.arrived)
-            yield event
+            batch = [event] if isinstance(event, Finished) else [event, *self.handle.ready()]
+            for item in batch:
+                self._record(item)
+            yield batch
+
+    def _record(self, event: Delta | Finished) -> None:
+        if isinstance(event, Finished):
+            self._record_finished(event)
+        elif event.text and not self.first_text:
+            self.first_text = True
+            self.state.metrics.time_to_first_token.observe(time.monotonic() - self.arrived)
 
     def _record_finished(self, finished: Finished) -> None:
         self.finished = finished
@@ -84,9 +90,7 @@ class Run:
         if reason in ANSWERED:
             return None
         if reason == "timeout":
-            limit = self.state.settings.request_timeout_s
-            return APIError(504, f"the request ran past the server's timeout of {limit:g} s", type="timeout",
-                            code="timeout")
+            return timeout_error(self.state.settings.request_timeout_s)
         if self.state.shutting_down:
             return unavailable("the server is shutting down; retry on another instance")
         detail = self.finished.error or reason
@@ -104,7 +108,7 @@ class Run:
                 collect.cancel()
                 self.release()
         if collect not in done:
-            return Response(status_code=499)  # nobody reads it: the client has gone
+            return Response(status_code=CLIENT_GONE)  # nobody reads it: the client has gone
         try:
             collect.result()
         except APIError:  # the engine overran the deadline
@@ -115,38 +119,48 @@ class Run:
         error = self.error()
         if error is not None:
             raise error
-        output = self.finished.output
-        return JSONResponse(completion_body(self.id, self.created, self.state.model.name, output,
-                                            dvlm_body(self.prepared.settings, output)))
+        return JSONResponse(completion_body(self.id, self.created, self.state.model.name, self.finished,
+                                            dvlm_body(self.prepared.settings, self.finished)))
 
     async def _collect(self) -> None:
-        async for _ in self.events():
+        async for _ in self.batches():
             pass
 
     async def stream(self) -> AsyncIterator[str]:
         """SSE: a role chunk, one chunk per committed text, a final chunk (finish reason, `dvlm`), the
-        usage chunk if asked for, `[DONE]`; an error event instead of the final chunk on failure."""
+        usage chunk if asked for, `[DONE]`; an error event instead of the final chunk on failure.
+        Chunks that are ready together go out in one write (the ending always does)."""
+        ending = ""
         try:
             yield self._sse(self._chunk({"role": "assistant", "content": ""}))
-            async for event in self.events():
-                if isinstance(event, Delta) and event.text:
-                    yield self._sse(self._chunk({"content": event.text}))
-            error = self.error()
-            if error is not None:
-                yield self._sse(error.body())
-            else:
-                output = self.finished.output
-                yield self._sse(self._chunk({}, output.finish_reason, dvlm=dvlm_body(self.prepared.settings, output)))
-                if self.include_usage:
-                    yield self._sse(self._chunk(None, usage=usage(output)))
+            async for batch in self.batches():
+                texts = "".join(self._sse(self._chunk({"content": event.text})) for event in batch
+                                if isinstance(event, Delta) and event.text)
+                if self.finished is None:
+                    if texts:
+                        yield texts
+                else:
+                    ending = texts + self._ending()
         except APIError as err:
-            yield self._sse(err.body())
+            ending += self._sse(err.body())
         except Exception as err:  # an engine bug: the client still gets a proper end of stream
             log.error("streaming %s failed", self.id, exc_info=err)
-            yield self._sse(error_body("internal server error", "server_error", "internal_error"))
+            ending += self._sse(error_body("internal server error", "server_error", "internal_error"))
         finally:
             self.release()
-        yield "data: [DONE]\n\n"
+        yield ending + "data: [DONE]\n\n"
+
+    def _ending(self) -> str:
+        """The final chunk and the usage chunk, or the error event that replaces them."""
+        error = self.error()
+        if error is not None:
+            return self._sse(error.body())
+        finished = self.finished
+        settings = self.prepared.settings
+        text = self._sse(self._chunk({}, finished.output.finish_reason, dvlm=dvlm_body(settings, finished)))
+        if self.include_usage:
+            text += self._sse(self._chunk(None, usage=usage(finished)))
+        return text
 
     def release(self) -> None:
         """Cancel the request unless it finished: its client went away (its row is freed at the next
@@ -165,6 +179,10 @@ class Run:
     @staticmethod
     def _sse(payload: dict[str, Any]) -> str:
         return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+def timeout_error(limit_s: float) -> APIError:
+    return APIError(504, f"the request ran past the server's timeout of {limit_s:g} s", type="timeout", code="timeout")
 
 
 async def _disconnected(request: Request) -> None:

@@ -6,7 +6,8 @@ prefills new requests, merges them into the running batch between blocks, advanc
 block per step, and reports each request's progress as events on its `RequestHandle`:
 
     handle = engine.submit(request)          # QueueFullError when the queue is full
-    async for event in handle.events():      # Delta ... Delta, then exactly one Finished
+    async for event in handle.events():      # Delta ... Delta, then exactly one Finished (only the
+        ...                                  # Finished for a request with stream=False)
         ...
     handle.cancel()                          # the row leaves the batch at the next block boundary
 
@@ -58,6 +59,7 @@ class EngineRequest:
     stop: tuple[str, ...] = ()  # per row: the answer ends before the first of these strings
     timeout_s: float | None = None  # per row: wall-clock limit from submission
     cache: bool = True  # per row: reuse and fill the engine's vision and prefix caches
+    stream: bool = True  # Delta events wanted (False: only the Finished, which holds the whole answer)
 
     @property
     def group_key(self) -> tuple:
@@ -77,12 +79,23 @@ class Delta:
 @dataclass(frozen=True)
 class Finished:
     """The last event of a request. `output.finish_reason` is one of FINISH_REASONS; its text is
-    cut before a stop string when one ended the answer. `error` says why, for "error"/"timeout"."""
+    cut before a stop string when one ended the answer (`stop_string`; its tokens then run through
+    the token that completed the stop string). `error` says why, for "error"/"timeout"."""
 
     output: GenerationOutput
     error: str | None = None
     queue_seconds: float = 0.0  # from submission until the request's prefill started
     first_token_seconds: float | None = None  # from submission until its first Delta
+    stop_string: bool = False  # a stop string ended the answer (finish_reason "stop", no end token produced)
+
+    @property
+    def completion_tokens(self) -> int:
+        """The tokens the answer cost (OpenAI's `usage.completion_tokens`): its tokens, and the
+        end-of-answer token when the model produced the one that ended it. An answer cut by a stop
+        string counts through the token that completed the stop string; tokens its last block
+        committed after that token, and an end token the model never produced, do not count."""
+        ended_by_end_token = self.output.finish_reason == "stop" and not self.stop_string
+        return len(self.output.tokens) + (1 if ended_by_end_token else 0)
 
 
 class EngineObserver:
@@ -118,9 +131,12 @@ class EngineObserver:
 #                                                    # the loop thread ends
 #       queue_depth: int (property)                  # requests submitted, not yet prefilled
 #       running_rows: int (property)                 # rows in running batches
+#       alive: bool (property)                       # the loop is serving (False once stopping, or if
+#                                                    # its thread ended: /health then answers 503)
 #
 #   class RequestHandle:
 #       id: str
 #       async def events(self) -> AsyncIterator[Delta | Finished]   # for the event loop it was submitted from
+#       def ready(self) -> list[Delta | Finished]   # delivered, not read yet by events(); never waits
 #       def iter_events(self) -> Iterator[Delta | Finished]          # blocking, for threads and tests
 #       def cancel(self) -> None                     # idempotent; ends with Finished "cancelled"

@@ -21,7 +21,7 @@ from pydantic import (
 )
 
 from dvlm.data.chat import ROLES
-from dvlm.decode.output import GenerationOutput
+from dvlm.serve.requests import Finished
 
 MAX_STOP_STRINGS = 4  # as OpenAI's API
 
@@ -157,19 +157,20 @@ def _location(loc: tuple[Any, ...]) -> str:
 
 
 # -- responses -----------------------------------------------------------------------------------
-def usage(output: GenerationOutput) -> dict[str, int]:
-    """OpenAI usage; completion tokens count the end-of-answer token a stopped answer produced."""
-    return {"prompt_tokens": output.prompt_tokens, "completion_tokens": output.num_tokens,
-            "total_tokens": output.prompt_tokens + output.num_tokens}
+def usage(finished: Finished) -> dict[str, int]:
+    """OpenAI usage; completion tokens as `Finished.completion_tokens` counts them."""
+    prompt, completion = finished.output.prompt_tokens, finished.completion_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def completion_body(request_id: str, created: int, model: str, output: GenerationOutput,
+def completion_body(request_id: str, created: int, model: str, finished: Finished,
                     dvlm: dict[str, Any]) -> dict[str, Any]:
+    output = finished.output
     return {
         "id": request_id, "object": "chat.completion", "created": created, "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": output.text},
                      "logprobs": None, "finish_reason": output.finish_reason}],
-        "usage": usage(output),
+        "usage": usage(finished),
         "dvlm": dvlm,
     }
 
@@ -183,8 +184,10 @@ def chunk_body(request_id: str, created: int, model: str, delta: dict[str, str] 
             "choices": choices, **extra}
 
 
-def dvlm_body(settings: dict[str, Any], output: GenerationOutput) -> dict[str, Any]:
+def dvlm_body(settings: dict[str, Any], finished: Finished) -> dict[str, Any]:
     """The `dvlm` field: the decoding settings used and what they bought (forwards, tokens per forward,
     prompt tokens whose keys/values the prefix cache gave)."""
-    return {**settings, "nfe": output.nfe, "tokens_per_forward": round(output.tokens_per_nfe, 4),
-            "cached_tokens": output.cached_tokens}
+    nfe = finished.output.nfe
+    per_forward = finished.completion_tokens / nfe if nfe else 0.0
+    return {**settings, "nfe": nfe, "tokens_per_forward": round(per_forward, 4),
+            "cached_tokens": finished.output.cached_tokens}
