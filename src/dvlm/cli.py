@@ -850,7 +850,7 @@ def add_cache_arguments(p: argparse.ArgumentParser, whose: str) -> None:
 
 def cache_sizes(args: argparse.Namespace) -> dict[str, float]:
     for flag, value in (("--vision-cache-mb", args.vision_cache_mb), ("--prefix-cache-mb", args.prefix_cache_mb)):
-        if not 0 <= value < float("inf"):
+        if value < 0:
             raise CLIError(f"{flag} must be >= 0 (0: off), got {value:g}")
     return {"vision_cache_mb": args.vision_cache_mb, "prefix_cache_mb": args.prefix_cache_mb}
 

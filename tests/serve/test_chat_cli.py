@@ -75,7 +75,7 @@ def test_later_turns_reuse_the_conversation(capsys, monkeypatch, scene):
     (["--image", "missing.png"], "cannot load image missing.png: file not found"),
     (["--max-new-tokens", "0"], "max_new_tokens must be >= 1, got 0"),
     (["--prefix-cache-mb", "-1"], "--prefix-cache-mb must be >= 0 (0: off), got -1"),
-    (["--vision-cache-mb", "inf"], "--vision-cache-mb must be >= 0 (0: off), got inf"),
+    (["--vision-cache-mb", "inf"], "argument --vision-cache-mb: must be a finite number, got 'inf'"),
 ])
 def test_bad_settings_are_one_line_errors(capsys, monkeypatch, argv, message):
     monkeypatch.setattr("sys.stdin", io.StringIO(""))

@@ -41,7 +41,7 @@ START_TIMEOUT_S = 120
     (["--api-key="], "--api-key (or DVLM_API_KEY) is empty"),
     (["--allow-local-images", "/nonexistent/dir"], "--allow-local-images: /nonexistent/dir is not a directory"),
     (["--prefix-cache-mb", "-0.5"], "--prefix-cache-mb must be >= 0 (0: off), got -0.5"),
-    (["--vision-cache-mb", "nan"], "--vision-cache-mb must be >= 0 (0: off), got nan"),
+    (["--vision-cache-mb", "nan"], "argument --vision-cache-mb: must be a finite number, got 'nan'"),
 ])
 def test_settings_are_refused_in_one_line_before_anything_starts(capsys, argv, message):
     code, out, err = run(capsys, "serve", *argv)
