@@ -65,6 +65,7 @@ from dvlm.decode.ar import ARStepper
 from dvlm.decode.block import BlockStepper
 from dvlm.decode.compiled import CompiledKVContext, forget_compiled, static_capacity
 from dvlm.decode.prefill import prefill
+from dvlm.decode.prompts import plain_prompts
 from dvlm.decode.speculative import SpecStepper
 from dvlm.eval.harness import evaluate
 from dvlm.model.adapters.mrope import IMAGE_TOKEN_TYPE, TEXT_TOKEN_TYPE, MRopePositions
@@ -200,8 +201,8 @@ def text_prompt(lm: DVLM, length: int = TEXT_PROMPT) -> Encoded:
 @torch.inference_mode()
 def forward_costs(lm: DVLM, prompt: Encoded, context_cls, repeats: int, widths) -> dict[str, float]:
     """Seconds of the prefill and of one peek of Q new tokens over its context."""
-    out = {"prefill": timed(lambda: prefill(lm, [prompt], context_cls), lm.device, PREFILL_REPEATS)}
-    pre = prefill(lm, [prompt], context_cls)
+    out = {"prefill": timed(lambda: prefill(lm, plain_prompts(lm, [prompt]), context_cls), lm.device, PREFILL_REPEATS)}
+    pre = prefill(lm, plain_prompts(lm, [prompt]), context_cls)
     ctx = pre.context
     for q in widths:
         ids = torch.full((1, q), lm.mask_token_id, device=lm.device)
