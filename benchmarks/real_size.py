@@ -357,6 +357,10 @@ def main() -> None:
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     start = time.perf_counter()
     tpf = caption_tokens_per_forward(args.captions, log)
+    # Smallest first: on CPU the peak is the process's (ru_maxrss), so a size measured after a larger
+    # one would report the larger one's.
+    sizes = sorted(dict.fromkeys(sizes), key=lambda s: SIZES[s]["text"]["hidden_size"] ** 2
+                   * SIZES[s]["text"]["num_hidden_layers"])
     results = [measure_size(size, args, device, log) for size in sizes]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(report(results, tpf, name))
