@@ -159,7 +159,10 @@ def free_port() -> int:
 def start_server(model: str, decoder: str, max_batch: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [sys.executable, "-m", "dvlm", "serve", "--model", model, "--port", str(port), "--decoder", decoder,
-               "--max-batch-size", str(max_batch), "--max-queue", "1024"]
+               "--max-batch-size", str(max_batch), "--max-queue", "1024",
+               # The caches off: every level sends the same prompts, which later levels would find kept,
+               # and the direct-call baseline has no cache (benchmarks/multi_turn.py measures the caches).
+               "--prefix-cache-mb", "0", "--vision-cache-mb", "0"]
     # stderr to a file, not a pipe nobody reads while the server runs (a full pipe would block it).
     log = tempfile.TemporaryFile(mode="w+")
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
