@@ -53,9 +53,10 @@ PICTURE_SIDE = 448
 OFF = {"prefix_cache_mb": 0, "vision_cache_mb": 0}
 
 
-def picture() -> Image.Image:
-    """A shapes scene from the built-in task, at 448x448."""
-    scene = get_task("shapes-caption").generate("test", 1, seed=3)[0].images[0]
+def picture(repeat: int = 0) -> Image.Image:
+    """A shapes scene from the built-in task, at 448x448: another one for each repeat, so that no
+    repeat finds an earlier repeat's conversation in the server's prefix cache."""
+    scene = get_task("shapes-caption").generate("test", 1, seed=3 + repeat)[0].images[0]
     return scene.convert("RGB").resize((PICTURE_SIDE, PICTURE_SIDE), Image.BICUBIC)
 
 
@@ -111,9 +112,9 @@ def library_turn(session, question: str, images) -> dict[str, Any]:
 
 def library_runs(lm, decoder: str, options: dict[str, Any], repeats: int) -> dict[str, list[list[dict]]]:
     """Per mode ("on", "off"), per repeat, the 4 turns; the two sessions' turns alternate."""
-    image = picture()
     runs: dict[str, list[list[dict]]] = {"on": [], "off": []}
     for repeat in range(repeats):
+        image = picture(repeat)
         sessions = {"on": lm.chat(decoder=decoder, **options), "off": lm.chat(decoder=decoder, **options, **OFF)}
         order = ["on", "off"] if repeat % 2 == 0 else ["off", "on"]
         turns: dict[str, list[dict]] = {"on": [], "off": []}
@@ -164,7 +165,7 @@ def data_url(image: Image.Image) -> str:
 
 def served_turn(client, model: str, messages: list[dict], knobs: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
-    first, pieces, final = None, [], None
+    first, pieces, final, prompt_tokens = None, [], None, None
     stream = client.chat.completions.create(model=model, messages=messages, temperature=0, stream=True,
                                             stream_options={"include_usage": True}, extra_body=knobs)
     for chunk in stream:
@@ -173,9 +174,11 @@ def served_turn(client, model: str, messages: list[dict], knobs: dict[str, Any])
             pieces.append(chunk.choices[0].delta.content)
         if chunk.choices and chunk.choices[0].finish_reason:
             final = chunk.model_extra.get("dvlm", {})
+        if chunk.usage is not None:
+            prompt_tokens = chunk.usage.prompt_tokens
     total = time.perf_counter() - start
     return {"ttft_s": (first - start) if first else total, "total_s": total,
-            "cached_tokens": (final or {}).get("cached_tokens"), "nfe": (final or {}).get("nfe"), "text": "".join(pieces)}
+            "prompt_tokens": prompt_tokens, "cached_tokens": (final or {}).get("cached_tokens"), "nfe": (final or {}).get("nfe"), "text": "".join(pieces)}
 
 
 def served_runs(model: str, decoder: str, options: dict[str, Any], repeats: int) -> dict[str, list[list[dict]]]:
@@ -190,9 +193,9 @@ def served_runs(model: str, decoder: str, options: dict[str, Any], repeats: int)
                    for mode, (_, url) in servers.items()}
         for client in clients.values():  # warm-up, text only: nothing of the measured conversation is kept
             served_turn(client, model, [{"role": "user", "content": "Hi"}], knobs)
-        image_url = data_url(picture())
         runs: dict[str, list[list[dict]]] = {"on": [], "off": []}
         for repeat in range(repeats):
+            image_url = data_url(picture(repeat))
             history = {mode: [] for mode in runs}
             turns: dict[str, list[dict]] = {mode: [] for mode in runs}
             for i, question in enumerate(QUESTIONS):
