@@ -406,8 +406,7 @@ class Engine:
                             stop_string=stop_string)
         with self._lock:
             self._inflight.pop(id(entry.handle), None)
-        if entry.handle.deliver(finished):
-            self._observe("on_finished", entry.request, finished)
+        entry.handle.deliver(finished, before=lambda: self._observe("on_finished", entry.request, finished))
 
     def _observe(self, hook: str, *args) -> None:
         try:

@@ -62,12 +62,15 @@ class RequestHandle:
             if isinstance(event, Finished):
                 return
 
-    def deliver(self, event: Event) -> bool:
+    def deliver(self, event: Event, before: Callable[[], None] | None = None) -> bool:
         """Hand an event to the consumers (engine side); nothing after the Finished. Returns
-        whether it was delivered."""
+        whether it was delivered. `before` runs first when it will be (the engine counts a Finished
+        in the metrics there, so that a client that has read it finds it counted)."""
         with self._lock:  # one order for both queues, and exactly one Finished
             if self._finished:
                 return False
+            if before is not None:
+                before()
             self._finished = isinstance(event, Finished)
             self._events.put(event)
             if self._loop is not None:
