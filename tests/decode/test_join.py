@@ -187,3 +187,33 @@ def test_per_row_thresholds_in_one_batch(confident_models):
     alone = [decode_alone(lm, "block", cfg, p, r) for p, r in zip(prompts, rows)]
     assert [_stats(o) for o in together] == [_stats(o) for o in alone]
     assert together[0].nfe > together[1].nfe  # the stricter threshold takes more passes
+
+
+@pytest.mark.parametrize("decoder", ["ar", "spec"])
+def test_the_first_token_streams_before_any_decoding_forward(confident_models, decoder):
+    """The token the prefill picks is committed by the next step without a forward (it reaches a
+    listener or a client then, not one forward later), also for a row joining a running batch; the
+    rows running meanwhile commit nothing in that step; later steps commit the token their forward
+    picked. The answers equal the rows decoded alone."""
+    lm = confident_models["fast-dvlm"]
+    cfg = DecodeConfig(decoder=decoder, max_new_tokens=10, block_size=4)
+    group, row = STEPPERS[decoder].settings_for(lm, cfg)
+    running, joining = [_encode(lm, *RUNNING[0])], [_encode(lm, *JOINING)]
+    stepper = STEPPERS[decoder](lm, group)
+    first = stepper.start(running, [row])
+    prefill_forwards = stepper.rows.forwards
+    stepper.join(first)
+    report = stepper.step()
+    assert report.forwards == 0 and stepper.rows.forwards == prefill_forwards
+    assert [(i, len(t)) for i, t in report.committed] == [(first.ids[0], 1)]
+    report = stepper.step()
+    assert report.forwards >= 1 and report.committed[0][0] == first.ids[0]
+    late = stepper.start(joining, [row])
+    stepper.join(late)
+    report = stepper.step()
+    assert report.forwards == 0 and [(i, len(t)) for i, t in report.committed] == [(late.ids[0], 1)]
+    while stepper.num_active:
+        assert stepper.step().forwards >= 1  # no more steps without a forward
+    alone = [decode_alone(lm, decoder, cfg, p, row) for p in running + joining]
+    assert [_stats(stepper.output(i, {})) for i in first.ids + late.ids] == [_stats(o) for o in alone]
+    assert stepper.output(first.ids[0], {}).tokens[0] == alone[0].tokens[0]

@@ -71,7 +71,20 @@ class NextTokens:
 
 
 class NextTokenStepper(Stepper):
-    """Prefill the prompts causally and pick each row's first token (AR and speculative decoding)."""
+    """Prefill the prompts causally and pick each row's first token (AR and speculative decoding).
+
+    A row's next token is committed as soon as it is known, so that it streams before the next
+    forward rather than after it: the first one (from the prefill) in a step of its own that runs
+    no forward, the step after the row joins (`_emit_joined`); later ones at the end of the step
+    whose forward picked them. A token that ends the answer ends the row before any more forward."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._unsent: set[int] = set()  # rows that joined with their first token not committed yet
+
+    def join(self, started) -> None:
+        super().join(started)
+        self._unsent.update(started.ids)
 
     def _prefill(self, prompts: PromptBatch, ids: list[int]) -> NextTokens:
         pre = prefill(self.lm, prompts, self.context_cls, draft=self._draft_in_prefill())
@@ -93,11 +106,35 @@ class NextTokenStepper(Stepper):
         """A causal prefill, then causal commits (AR steps, verify passes): every committed entry."""
         return CAUSAL
 
-    def _emit_known(self, tokens: torch.Tensor) -> tuple[list[tuple[int, list[int]]], list[int]]:
-        """Commit each row's known next token (R,) before any forward: a row it ends (an end
-        token, or its last allowed token) leaves the batch without running one more."""
-        committed, done = self.rows.extend([[t] for t in tokens.tolist()])
+    def _known(self) -> torch.Tensor:
+        """(R,) each active row's known next token."""
+        return self.state.token
+
+    def _emit_known(self, only: set[int] | None = None) -> tuple[list[tuple[int, list[int]]], list[int]]:
+        """Commit each active row's known next token (only the rows `only`, when given): a row it
+        ends (an end token, or its last allowed token) leaves the batch without running one more."""
+        tokens = self._known().tolist()
+        committed, done = self.rows.extend([[t] if only is None or row_id in only else []
+                                            for row_id, t in zip(self.rows.active, tokens)])
         return committed, self._leave_finished(done)
+
+    def _emit_joined(self) -> tuple[list[tuple[int, list[int]]], list[int]] | None:
+        """A step without forward that commits the first tokens of the rows that joined since the
+        last step; None when no row did."""
+        if not self._unsent:
+            return None
+        unsent, self._unsent = self._unsent, set()
+        return self._emit_known(unsent)
+
+    def _then_known(self, committed: list[tuple[int, list[int]]], finished: list[int]):
+        """A step's report after its forward: what it committed, then the next tokens it picked."""
+        if self.state is None:
+            return committed, finished
+        known, ended = self._emit_known()
+        merged: dict[int, list[int]] = {}
+        for row_id, tokens in committed + known:  # each row's tokens in order
+            merged.setdefault(row_id, []).extend(tokens)
+        return list(merged.items()), finished + ended
 
     def _join(self, running: NextTokens, joining: NextTokens) -> NextTokens:
         return running.join(joining)
@@ -107,17 +144,16 @@ class NextTokenStepper(Stepper):
 
 
 class ARStepper(NextTokenStepper):
-    """A step commits each row's known token and, for the rows that go on, runs the forward that
-    picks the next one."""
+    """A step runs the forward that picks each row's next token and commits it."""
 
     decoder = "ar"
 
     def _advance(self) -> tuple[list[tuple[int, list[int]]], list[int]]:
+        if (joined := self._emit_joined()) is not None:
+            return joined
         with self.timer("decode"):
-            committed, finished = self._emit_known(self.state.token)
-            if self.state is not None:
-                self.state = self._forward(self.state)
-        return committed, finished
+            self.state = self._forward(self.state)
+            return self._then_known([], [])
 
     def _forward(self, state: NextTokens) -> NextTokens:
         ctx, token = state.context, state.token

@@ -72,26 +72,17 @@ def first_draft(lm: LoadedModel, block_size: int) -> DraftOf:
 
 
 def _keep_accepted(rows, block: torch.Tensor, accepted: torch.Tensor):
-    """Record the accepted prefixes and commit them after their seed (committed at the step's
-    start); returns rows.extend's (committed, done)."""
+    """Record the accepted prefixes and commit them after their seed (committed when it became
+    known); returns rows.extend's (committed, done)."""
     counts = accepted.tolist()
     rows.record_accepts(counts)
     return rows.extend([b[1:n] for b, n in zip(block.tolist(), counts)])
 
 
-def _merged(*reports: list[tuple[int, list[int]]]) -> list[tuple[int, list[int]]]:
-    """(row id, tokens) lists of one step, each row's tokens in order."""
-    merged: dict[int, list[int]] = {}
-    for report in reports:
-        for row_id, tokens in report:
-            merged.setdefault(row_id, []).extend(tokens)
-    return list(merged.items())
-
-
 class SpecStepper(NextTokenStepper):
-    """A step commits each row's known seed (as an AR step does: a seed that ends the answer ends
-    the row before any forward), then drafts the rows' blocks, verifies them (committing their KV)
-    and keeps the accepted prefixes; the verifier's token after each prefix is the next seed.
+    """A step drafts the rows' blocks after their seeds (committed as soon as known, as in `ar`),
+    verifies them (committing their KV) and keeps the accepted prefixes; the verifier's token after
+    each prefix is the next seed, committed at the step's end.
 
     With `fuse_prefill` a row's first draft is made in its prefill forward (`first_draft`), so its
     first step runs the verify pass only. Such a draft is made without the seed (it drafts two
@@ -107,9 +98,8 @@ class SpecStepper(NextTokenStepper):
         return first_draft(self.lm, self.group.block_size) if self.group.fuse_prefill else None
 
     def _advance(self) -> tuple[list[tuple[int, list[int]]], list[int]]:
-        seeds, finished = self._emit_known(self.state.token)
-        if self.state is None:
-            return seeds, finished
+        if (joined := self._emit_joined()) is not None:
+            return joined
         lm, state, block_size, sampler = self.lm, self.state, self.group.block_size, self._sampler()
         ctx = state.context
         block = _masked_blocks(lm, state.token, block_size)
@@ -134,7 +124,7 @@ class SpecStepper(NextTokenStepper):
         committed, done = _keep_accepted(self.rows, block, accepted)
         rolled = None if redraft is None else self._rolled(redraft[:, 0], state.draft.ready & (accepted == 1), sampler)
         self.state = NextTokens(ctx, seed, state.position + accepted, rolled)
-        return _merged(seeds, committed), finished + self._leave_finished(done)
+        return self._then_known(committed, self._leave_finished(done))
 
     def _rolled(self, redraft: torch.Tensor, use: torch.Tensor, sampler: RowSampler) -> PendingDraft | None:
         """The next block's drafts from a draft of [seed, MASK * (B-1)] (hidden (R, B, D)) where
@@ -219,10 +209,12 @@ class QuadraticStepper(NextTokenStepper):
         self.rows.count_forward_for(ids)
         return DraftedBlocks(start.context, block, start.position, draft_logits)
 
+    def _known(self) -> torch.Tensor:
+        return self.state.block[:, 0]
+
     def _advance(self) -> tuple[list[tuple[int, list[int]]], list[int]]:
-        seeds, finished = self._emit_known(self.state.block[:, 0])
-        if self.state is None:
-            return seeds, finished
+        if (joined := self._emit_joined()) is not None:
+            return joined
         lm, state, block_size, sampler = self.lm, self.state, self.group.block_size, self._sampler()
         ctx, block, position = state.context, state.block, state.position
         offsets = torch.arange(block_size, device=block.device)
@@ -247,7 +239,7 @@ class QuadraticStepper(NextTokenStepper):
         self.rows.count_forward()
         committed, done = _keep_accepted(self.rows, block, accepted)
         self.state = DraftedBlocks(ctx, next_block, position + accepted, draft_logits)
-        return _merged(seeds, committed), finished + self._leave_finished(done)
+        return self._then_known(committed, self._leave_finished(done))
 
 
 @torch.inference_mode()
