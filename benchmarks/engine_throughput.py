@@ -72,11 +72,11 @@ def through_engine(lm, requests, concurrency: int) -> tuple[list[list[int]], flo
     return [results[r.id] for r in requests], wall, sum(steps.rows) / max(len(steps.rows), 1)
 
 
-def load(name: str):
+def load(name: str, dtype: str | None = None):
     if name in RANDOM_SHAPES:
-        return dvlm.load(random_model(name, Path(tempfile.gettempdir()) / "dvlm-bench-models")), name
+        return dvlm.load(random_model(name, Path(tempfile.gettempdir()) / "dvlm-bench-models"), dtype=dtype), name
     try:
-        return dvlm.load(name), name
+        return dvlm.load(name, dtype=dtype), name
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"cannot load {name!r}: {err}") from err
 
@@ -91,8 +91,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--dtype", help="load the model in this dtype (default: the checkpoint's; answers are "
+                        "batch-invariant only in float32)")
     args = parser.parse_args()
-    lm, name = load(args.model)
+    lm, name = load(args.model, args.dtype)
     samples = get_task(args.task).generate("test", args.requests, seed=0)
     prompts = [(sample_prompt(s), s.images) for s in samples]  # laid out as the eval harness does
     options = dict(decoder=args.decoder, block_size=args.block_size, threshold=args.threshold,
