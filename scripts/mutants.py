@@ -277,6 +277,13 @@ MUTATIONS = [
              "agree = (target[:, :-1] == block[:, 1:]).long()",
              "agree = (target[:, :-1] == block[:, 1:]).long()\n    agree[:, -1:] = 0",
              (SCRIPTED, f"{DECODE}/test_speculative.py"), "spec never accepts the block's last draft"),
+    Mutation("draft-rows-copy-other-rows", "model/cache.py",
+             "selected.update(entries[0][rows], entries[1][rows])",
+             "selected.update(entries[0][rows.flip(0)], entries[1][rows.flip(0)])",
+             (JOIN_CACHE, f"{DECODE}/test_speculative.py"), "a draft pass over some rows reads other rows' keys/values"),
+    Mutation("draft-rows-scattered-wrong", "decode/speculative.py",
+             "        logits[rows] = part\n", "        logits[rows.flip(0)] = part\n",
+             (f"{DECODE}/test_speculative.py", JOIN), "the drafts of some rows land in other rows"),
     # -- the compiled decode path ---------------------------------------------------------------
     Mutation("compiled-padding-visible", "decode/compiled.py",
              "full = mask.new_zeros(rows, bucket, capacity)", "full = mask.new_ones(rows, bucket, capacity)",

@@ -129,3 +129,36 @@ def test_join_with_an_empty_context(lm, context_cls):
     both = context_cls(lm.adapter, lm.model, 1, torch.device("cpu"))
     both.join(context_cls(lm.adapter, lm.model, 1, torch.device("cpu")))
     assert both.key_valid.shape == (2, 0)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("capacity", [None, 64])  # DynamicLayer, PreallocatedLayer
+def test_peek_of_some_rows_equals_their_rows_of_a_whole_batch_peek(lm, capacity):
+    """`peek_rows` (spec's draft pass for the rows without a draft) gives those rows' hidden states
+    of a whole-batch peek, over rows of different lengths (a joined context), and leaves the
+    context as it was: its entries, validity and a later commit's results."""
+    def joined():
+        ctx = KVContext(lm.adapter, lm.model, 1, torch.device("cpu"), capacity=capacity)
+        gen = torch.Generator().manual_seed(7)
+        hidden_size = lm.model.config.text_config.hidden_size
+        ctx.commit(torch.randn(1, 6, hidden_size, generator=gen), lm.positions.text(torch.tensor([0]), 6),
+                   torch.ones(1, 6, dtype=torch.bool), torch.zeros(1, 6, dtype=torch.long), "causal")
+        for length in (3, 5):
+            other = KVContext(lm.adapter, lm.model, 1, torch.device("cpu"), capacity=capacity)
+            other.commit(torch.randn(1, length, hidden_size, generator=gen), lm.positions.text(torch.tensor([0]), length),
+                         torch.ones(1, length, dtype=torch.bool), torch.zeros(1, length, dtype=torch.long), "causal")
+            ctx.join(other)
+        return ctx
+
+    ctx = joined()
+    block = torch.randint(0, lm.mask_token_id, (3, 4), generator=torch.Generator().manual_seed(1))
+    query = (lm.adapter.embed(lm.model, block), lm.positions.text(torch.tensor([6, 3, 5]), 4),
+             torch.ones_like(block, dtype=torch.bool), torch.full_like(block, ctx.next_block_id()))
+    whole = ctx.peek(*query, "bidirectional")
+    rows = torch.tensor([0, 2])
+    some = ctx.peek_rows(rows, *query, "bidirectional")
+    assert some.shape[0] == 2 and torch.allclose(some, whole[rows], atol=1e-5)
+    assert not torch.equal(some[1], whole[1])  # row 2's own states, not row 1's
+    assert ctx.length == 6 and all(layer.get_seq_length() == 6 for layer in ctx.cache.layers)
+    reference = joined()
+    assert torch.equal(ctx.commit(*query, "causal"), reference.commit(*query, "causal"))

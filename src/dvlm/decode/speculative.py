@@ -43,11 +43,19 @@ def _masked_blocks(lm: LoadedModel, first: torch.Tensor, block_size: int) -> tor
 def _draft(lm: LoadedModel, ctx, block: torch.Tensor, positions: torch.Tensor, sampler: RowSampler,
            drawing: list[bool] | None = None) -> torch.Tensor:
     """Fill block[:, 1:] in place from one bidirectional pass; returns the draft logits (R, B-1, V).
-    Only the rows `drawing` (None: all) draw from their random streams."""
+    Only the rows `drawing` (None: all) draw, and only they are computed: the others' block
+    positions and logits are left for the caller to fill (zeros)."""
     ids = torch.full_like(block, ctx.next_block_id())
     valid = torch.ones_like(block, dtype=torch.bool)
-    hidden = ctx.peek(lm.adapter.embed(lm.model, block), positions, valid, ids, "bidirectional")
-    logits = lm.adapter.logits(lm.model, hidden[:, :-1])  # output j drafts position j + 1
+    embeds = lm.adapter.embed(lm.model, block)
+    if drawing is None or all(drawing):
+        hidden = ctx.peek(embeds, positions, valid, ids, "bidirectional")
+        logits = lm.adapter.logits(lm.model, hidden[:, :-1])  # output j drafts position j + 1
+    else:  # a batch where some rows have drafts made beforehand: a forward over the others only
+        rows = torch.tensor([i for i, d in enumerate(drawing) if d], device=block.device)
+        part = lm.adapter.logits(lm.model, ctx.peek_rows(rows, embeds, positions, valid, ids, "bidirectional")[:, :-1])
+        logits = part.new_zeros(block.shape[0], *part.shape[1:])
+        logits[rows] = part
     block[:, 1:], _ = sampler.select(logits, drawing)
     return logits
 

@@ -18,6 +18,8 @@ call recomputes the whole prefix from its embeddings. It is the reference that i
 
 from __future__ import annotations
 
+import copy
+
 from typing import Any
 
 import torch
@@ -146,6 +148,19 @@ def joined_layer(first: Any, second: Any, rows: tuple[int, int], width: int) -> 
     return joined
 
 
+def selected_layer(layer: Any, rows: torch.Tensor) -> Any | None:
+    """A new cache layer of `layer`'s type holding copies of the batch rows `rows` (R',) of its
+    entries; None for a layer type this cannot copy (only full-attention DynamicLayer and
+    PreallocatedLayer)."""
+    if type(layer) is not DynamicLayer and type(layer) is not PreallocatedLayer:
+        return None
+    selected = PreallocatedLayer(layer.capacity) if isinstance(layer, PreallocatedLayer) else DynamicLayer()
+    entries = _entries(layer)
+    if entries is not None:
+        selected.update(entries[0][rows], entries[1][rows])
+    return selected
+
+
 def _entries(layer: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A layer's (keys, values), each (R, H, T, hd); None before its first forward."""
     if not layer.is_initialized or layer.get_seq_length() == 0:
@@ -206,6 +221,19 @@ class KVContext:
     def peek(self, embeds, position_ids, query_valid, query_block, kind: str) -> torch.Tensor:
         """Hidden states (R, Q, D) of a block attending to the context; the context is unchanged."""
         return self._forward(embeds, position_ids, query_valid, query_block, kind, keep=0)
+
+    def peek_rows(self, rows: torch.Tensor, embeds, position_ids, query_valid, query_block, kind: str) -> torch.Tensor:
+        """`peek` for the batch rows `rows` (R',) only (the arguments are the whole batch's): their
+        hidden states (R', Q, D), from a forward over copies of those rows' keys/values, so the
+        other rows cost nothing; the context is unchanged. Layers it cannot copy: a whole-batch peek."""
+        layers = [selected_layer(layer, rows) for layer in self.cache.layers]
+        if any(layer is None for layer in layers):
+            return self.peek(embeds, position_ids, query_valid, query_block, kind)[rows]
+        sub = copy.copy(self)
+        sub.cache = copy.copy(self.cache)
+        sub.cache.layers = layers
+        sub.key_valid, sub.key_block = self.key_valid[rows], self.key_block[rows]
+        return sub.peek(embeds[rows], position_ids[:, rows], query_valid[rows], query_block[rows], kind)
 
     def commit(self, embeds, position_ids, query_valid, query_block, kind: str) -> torch.Tensor:
         """Hidden states (R, Q, D) of a block that is appended to the context."""
@@ -336,6 +364,9 @@ class RecomputeContext:
 
     def peek(self, embeds, position_ids, query_valid, query_block, kind: str) -> torch.Tensor:
         return self._forward(embeds, position_ids, query_valid, query_block, kind, keep=False)
+
+    def peek_rows(self, rows: torch.Tensor, embeds, position_ids, query_valid, query_block, kind: str) -> torch.Tensor:
+        return self.peek(embeds, position_ids, query_valid, query_block, kind)[rows]
 
     def commit(self, embeds, position_ids, query_valid, query_block, kind: str) -> torch.Tensor:
         return self._forward(embeds, position_ids, query_valid, query_block, kind, keep=True)
