@@ -29,7 +29,6 @@ import gc
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
 from PIL import Image
 
@@ -45,6 +43,7 @@ import dvlm
 from dvlm.tasks.builtin import get_task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_load import launch_server  # noqa: E402
 from train_layout import build_source, dvlm_command  # noqa: E402
 
 QUESTIONS = ["Describe the image.", "How many shapes are there?", "What colour is the largest shape?",
@@ -129,29 +128,8 @@ def library_runs(lm, decoder: str, options: dict[str, Any], repeats: int) -> dic
 # -- served --------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_server(model: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = dvlm_command("serve", "--model", model, "--port", str(port), "--max-tokens", "4096", *extra)
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600  # a 3B model loads in minutes on a CPU
-    while time.time() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"dvlm serve exited: {server.stderr.read()}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return server, url
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    server.kill()
-    raise RuntimeError("dvlm serve did not become ready in time")
+    return launch_server(["--model", model, "--max-tokens", "4096", *extra], ready_s=600)  # a 3B model loads in minutes
 
 
 def data_url(image: Image.Image) -> str:

@@ -157,17 +157,24 @@ def free_port() -> int:
 
 
 def start_server(model: str, decoder: str, max_batch: int) -> tuple[subprocess.Popen, str]:
+    return launch_server(["--model", model, "--decoder", decoder, "--max-batch-size", str(max_batch),
+                          "--max-queue", "1024",
+                          # The caches off: every level sends the same prompts, which later levels would
+                          # find kept, and the direct-call baseline has no cache (benchmarks/multi_turn.py
+                          # measures the caches).
+                          "--prefix-cache-mb", "0", "--vision-cache-mb", "0"])
+
+
+def launch_server(options: list[str], ready_s: float = 120) -> tuple[subprocess.Popen, str]:
+    """`dvlm serve OPTIONS` on a free loopback port, once its /health answers (within `ready_s`)."""
     port = free_port()
-    command = [sys.executable, "-m", "dvlm", "serve", "--model", model, "--port", str(port), "--decoder", decoder,
-               "--max-batch-size", str(max_batch), "--max-queue", "1024",
-               # The caches off: every level sends the same prompts, which later levels would find kept,
-               # and the direct-call baseline has no cache (benchmarks/multi_turn.py measures the caches).
-               "--prefix-cache-mb", "0", "--vision-cache-mb", "0"]
+    command = [sys.executable, "-m", "dvlm", "serve", "--port", str(port), *options]
     # stderr to a file, not a pipe nobody reads while the server runs (a full pipe would block it).
     log = tempfile.TemporaryFile(mode="w+")
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    deadline = time.time() + ready_s
     while time.time() < deadline:
         if server.poll() is not None:
             log.seek(0)
@@ -178,7 +185,7 @@ def start_server(model: str, decoder: str, max_batch: int) -> tuple[subprocess.P
         except httpx.HTTPError:
             time.sleep(0.3)
     server.kill()
-    raise RuntimeError("dvlm serve did not become ready in 120 s")
+    raise RuntimeError(f"dvlm serve did not become ready in {ready_s:g} s")
 
 
 def serve_levels(setup: Setup, decoder: str, requests: list[Request], levels: list[int]) -> list[dict]:

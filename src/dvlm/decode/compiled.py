@@ -265,10 +265,6 @@ class CompiledKVContext(KVContext):
                 layer.allocate(batch_size, heads, head_dim, self.dtype, device)
         self.compiled = compiled_forward(adapter, model)
 
-    def peek_rows(self, rows: torch.Tensor, embeds, position_ids, query_valid, query_block, kind: str) -> torch.Tensor:
-        """A whole-batch peek (the compiled shapes are the batch's), then the rows `rows`."""
-        return self.peek(embeds, position_ids, query_valid, query_block, kind)[rows]
-
     def _hidden(self, embeds, position_ids, mask: torch.Tensor, keep: int) -> torch.Tensor:
         layers = self.cache.layers
         static = all(isinstance(layer, StaticLayer) and layer.is_initialized for layer in layers)

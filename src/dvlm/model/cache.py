@@ -19,7 +19,6 @@ call recomputes the whole prefix from its embeddings. It is the reference that i
 from __future__ import annotations
 
 import copy
-
 from typing import Any
 
 import torch
@@ -148,12 +147,14 @@ def joined_layer(first: Any, second: Any, rows: tuple[int, int], width: int) -> 
     return joined
 
 
-def selected_layer(layer: Any, rows: torch.Tensor) -> Any | None:
-    """A new cache layer of `layer`'s type holding copies of the batch rows `rows` (R',) of its
-    entries; None for a layer type this cannot copy (only full-attention DynamicLayer and
-    PreallocatedLayer)."""
-    if type(layer) is not DynamicLayer and type(layer) is not PreallocatedLayer:
-        return None
+COPYABLE_LAYERS = (DynamicLayer, PreallocatedLayer)
+"""Cache layer types whose rows `selected_layer` copies (full attention; not the compiled path's
+static buffers)."""
+
+
+def selected_layer(layer: Any, rows: torch.Tensor) -> Any:
+    """A new cache layer of `layer`'s type (one of COPYABLE_LAYERS) holding copies of the batch
+    rows `rows` (R',) of its entries."""
     selected = PreallocatedLayer(layer.capacity) if isinstance(layer, PreallocatedLayer) else DynamicLayer()
     entries = _entries(layer)
     if entries is not None:
@@ -225,13 +226,13 @@ class KVContext:
     def peek_rows(self, rows: torch.Tensor, embeds, position_ids, query_valid, query_block, kind: str) -> torch.Tensor:
         """`peek` for the batch rows `rows` (R',) only (the arguments are the whole batch's): their
         hidden states (R', Q, D), from a forward over copies of those rows' keys/values, so the
-        other rows cost nothing; the context is unchanged. Layers it cannot copy: a whole-batch peek."""
-        layers = [selected_layer(layer, rows) for layer in self.cache.layers]
-        if any(layer is None for layer in layers):
+        other rows cost nothing; the context is unchanged. Layers it cannot copy (the compiled
+        path's static buffers, other attention kinds): a whole-batch peek, then those rows."""
+        if any(type(layer) not in COPYABLE_LAYERS for layer in self.cache.layers):
             return self.peek(embeds, position_ids, query_valid, query_block, kind)[rows]
         sub = copy.copy(self)
         sub.cache = copy.copy(self.cache)
-        sub.cache.layers = layers
+        sub.cache.layers = [selected_layer(layer, rows) for layer in self.cache.layers]
         sub.key_valid, sub.key_block = self.key_valid[rows], self.key_block[rows]
         return sub.peek(embeds[rows], position_ids[:, rows], query_valid[rows], query_block[rows], kind)
 
